@@ -1,0 +1,5 @@
+"""``python -m mergex`` runs the CLI."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,262 @@
+"""The public entry points: :func:`merge`, :func:`plan` and :func:`inspect`."""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import _mergex
+from .config import MergeConfig, load_config
+from .errors import ConfigError
+from .models import Model, TensorInfo
+from .output import OutputFolder, check_output_path
+from .planner import Job, build_job
+from .units import default_ram_budget, default_threads, parse_size
+
+__all__ = ["MergePlan", "MergeResult", "inspect", "merge", "plan"]
+
+ConfigSource = str | os.PathLike[str] | dict[str, Any] | MergeConfig
+Size = int | str
+DEFAULT_SHARD_SIZE = 5_000_000_000
+
+
+@dataclass
+class MergeResult:
+    """What a finished merge did."""
+
+    out_dir: Path
+    files: list[Path]
+    """Every file written into ``out_dir``."""
+    bytes_read: int
+    """Input bytes read, over all passes."""
+    bytes_written: int
+    """Bytes of the safetensors files written."""
+    seconds: float
+    peak_rss: int
+    """Peak resident memory of this process so far, in bytes."""
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class MergePlan:
+    """What a merge will do, without doing it."""
+
+    method: str
+    models: list[Path]
+    tensors: int
+    bytes_read: int
+    """Input bytes read over all passes."""
+    input_bytes: int
+    """Input bytes of the tensors used, read once."""
+    bytes_written: int
+    threads: int
+    ram_budget: int
+    max_chunk_elems: int
+    passes: dict[int, int]
+    """Number of output tensors for each pass count."""
+    shards: list[tuple[str, int, int]]
+    """Output files: (name, bytes, tensors)."""
+    peak_memory: int
+    """Estimated peak resident memory, in bytes."""
+    warnings: list[str] = field(default_factory=list)
+
+
+def _resolve(
+    config: ConfigSource,
+    ram_budget: Size | None,
+    threads: int | None,
+    shard_size: Size | None,
+    seed: int | None,
+) -> tuple[MergeConfig, Job, Any]:
+    cfg = load_config(config)
+    budget = parse_size(ram_budget, "ram_budget") if ram_budget is not None else default_ram_budget()
+    nthreads = default_threads() if threads is None else threads
+    if isinstance(nthreads, bool) or not isinstance(nthreads, int) or nthreads < 1:
+        raise ConfigError(f"threads: expected a positive integer, got {threads!r}")
+    shard = parse_size(shard_size, "shard_size") if shard_size is not None else DEFAULT_SHARD_SIZE
+    run_seed = seed if seed is not None else (cfg.seed or 0)
+    if isinstance(run_seed, bool) or not isinstance(run_seed, int) or not 0 <= run_seed < 2**32:
+        raise ConfigError(f"seed: expected an integer from 0 to 2^32-1, got {seed!r}")
+    job = build_job(cfg, ram_budget=budget, threads=nthreads, shard_size=shard, seed=run_seed)
+    engine = _mergex.MergeJob(json.dumps(job.spec))
+    return cfg, job, engine
+
+
+def plan(
+    config: ConfigSource,
+    *,
+    ram_budget: Size | None = None,
+    threads: int | None = None,
+    shard_size: Size | None = None,
+) -> MergePlan:
+    """Plan a merge without running it: what it reads and writes, chunks, passes, shards
+    and peak memory. Every input header is read and validated.
+
+    Raises:
+        ConfigError, CheckpointError, ModelNotFoundError: As :func:`merge`.
+    """
+    _, job, engine = _resolve(config, ram_budget, threads, shard_size, None)
+    s = json.loads(engine.plan())
+    return MergePlan(
+        method=s["method"],
+        models=[m.path for m in job.models],
+        tensors=s["tensors"],
+        bytes_read=s["bytes_read"],
+        input_bytes=s["input_bytes"],
+        bytes_written=s["bytes_written"],
+        threads=s["threads"],
+        ram_budget=s["ram_budget"],
+        max_chunk_elems=s["max_chunk_elems"],
+        passes={int(k): v for k, v in s["passes"].items()},
+        shards=[tuple(x) for x in s["shards"]],
+        peak_memory=s["peak_memory"],
+        warnings=job.warnings,
+    )
+
+
+ProgressCallback = Callable[[int, int, int, int], None]
+
+
+def _run_engine(engine: Any, out: Path, on_progress: ProgressCallback | None) -> dict[str, Any]:
+    """Run the engine in a worker thread so the main thread stays responsive to Ctrl-C and
+    can draw progress; on KeyboardInterrupt the engine is cancelled and joined."""
+    result: dict[str, Any] = {}
+
+    def work() -> None:
+        try:
+            result["summary"] = json.loads(engine.run(str(out)))
+        except BaseException as e:  # handed to the main thread
+            result["error"] = e
+
+    t = threading.Thread(target=work, name="mergex-engine", daemon=True)
+    t.start()
+    try:
+        while t.is_alive():
+            t.join(0.1)
+            if on_progress is not None:
+                on_progress(*engine.progress())
+    except BaseException:
+        engine.cancel()
+        t.join()
+        raise
+    if "error" in result:
+        raise result["error"]
+    return dict(result["summary"])
+
+
+def _rich_progress(quiet: bool) -> tuple[ProgressCallback | None, Callable[[], None]]:
+    if quiet:
+        return None, lambda: None
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    bar = Progress(
+        TextColumn("[bold]merging[/]"),
+        BarColumn(),
+        DownloadColumn(binary_units=True),
+        TransferSpeedColumn(),
+        TextColumn("{task.fields[tensors]}"),
+        TimeRemainingColumn(),
+        transient=False,
+    )
+    task = bar.add_task("merge", total=None, tensors="")
+    bar.start()
+
+    def update(done: int, total: int, tdone: int, ttotal: int) -> None:
+        bar.update(task, completed=done, total=total or None, tensors=f"{tdone}/{ttotal} tensors")
+
+    return update, bar.stop
+
+
+def merge(
+    config: ConfigSource,
+    out: str | os.PathLike[str],
+    *,
+    ram_budget: Size | None = None,
+    threads: int | None = None,
+    shard_size: Size | None = None,
+    seed: int | None = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> MergeResult:
+    """Merge the models of ``config`` into the folder ``out``.
+
+    The merge streams every tensor in chunks sized from ``ram_budget``; peak memory depends
+    on the budget, not on the models. Output is written to a temporary folder beside ``out``
+    and renamed into place when complete. The GIL is released while the engine runs.
+
+    Args:
+        config: A YAML path, a dict of the same content, or a loaded config.
+        out: The output folder.
+        ram_budget: Bytes or a size such as ``"4GiB"``; default a quarter of the available
+            memory, at most 4 GiB.
+        threads: Worker threads; default the CPUs available.
+        shard_size: Largest output file (tensor bytes), default 5 GB.
+        seed: Seed of the random methods; default the config's ``seed``, else 0.
+        overwrite: Replace an existing output folder written by mergex.
+        progress: Draw a progress bar on the terminal.
+
+    Returns:
+        What was written, read and how long it took.
+
+    Raises:
+        ConfigError: The configuration is invalid, or the output overlaps an input.
+        CheckpointError: An input checkpoint is malformed or does not fit the merge.
+        ModelNotFoundError: A model reference names nothing.
+        OutputExistsError: ``out`` exists and ``overwrite`` is false.
+        MergexIOError: Reading or writing failed.
+        KeyboardInterrupt: Interrupted; the temporary output was removed.
+    """
+    start = time.perf_counter()
+    cfg, job, engine = _resolve(config, ram_budget, threads, shard_size, seed)
+    target = check_output_path(Path(out), [m.path for m in job.models], overwrite)
+    folder = OutputFolder(target)
+    on_progress, stop = _rich_progress(not progress)
+    try:
+        try:
+            summary = _run_engine(engine, folder.tmp, on_progress)
+        finally:
+            stop()
+        folder.write_model_config(job.reference, job.output_dtype, job.total_layers if job.layered else None)
+        tok_ref = cfg.tokenizer_source
+        tok = job.reference if tok_ref in (None, "base") else Model.open(tok_ref, cfg.source_dir)
+        folder.copy_tokenizer(tok, cfg.chat_template)
+        folder.write_run_config(cfg.raw, int(job.spec["seed"]))
+        folder.write_card(cfg.merge_method, job.models, job.base, job.output_dtype)
+        folder.commit()
+    except BaseException:
+        folder.discard()
+        raise
+    files = sorted(target.iterdir())
+    return MergeResult(
+        out_dir=target,
+        files=files,
+        bytes_read=int(summary["bytes_read"]),
+        bytes_written=int(summary["bytes_written"]),
+        seconds=time.perf_counter() - start,
+        peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+        warnings=job.warnings,
+    )
+
+
+def inspect(path: str | os.PathLike[str]) -> list[TensorInfo]:
+    """The tensors of a checkpoint folder or ``.safetensors`` file, validated.
+
+    Raises:
+        CheckpointError: The checkpoint is malformed.
+        ModelNotFoundError: Nothing is at ``path``.
+    """
+    return [TensorInfo(n, d, tuple(s), f, b) for n, d, s, f, b in _mergex.inspect(str(path))]

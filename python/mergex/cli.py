@@ -1,0 +1,212 @@
+"""The ``mergex`` command line: thin Typer commands over the public API.
+
+Errors print one line (``error: …``) and exit 2 for usage and configuration problems,
+1 for everything else, 130 when interrupted; ``-v`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from types import FrameType
+from typing import Annotated, NoReturn
+
+import typer
+
+from .errors import ConfigError, MergexError
+from .methods import Param
+
+app = typer.Typer(
+    name="mergex",
+    help="Merge fine-tuned LLM checkpoints within a fixed RAM budget.",
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+)
+
+Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks on errors.")]
+RamBudget = Annotated[
+    str | None,
+    typer.Option(
+        "--ram-budget",
+        help="Memory budget, e.g. 512MiB or 4GiB [default: 1/4 of available, ≤ 4GiB].",
+    ),
+]
+Threads = Annotated[int | None, typer.Option("--threads", min=1, help="Worker threads [default: all CPUs].")]
+
+
+def _fail(message: str, code: int) -> NoReturn:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return " ".join(text.split())
+
+
+@contextmanager
+def _errors(verbose: bool) -> Iterator[None]:
+    """Turn exceptions into one-line errors and exit codes."""
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except KeyboardInterrupt:
+        if verbose:
+            traceback.print_exc()
+        _fail("interrupted; no output was written", 130)
+    except ConfigError as e:
+        if verbose:
+            traceback.print_exc()
+        _fail(_one_line(e), 2)
+    except (MergexError, OSError) as e:
+        if verbose:
+            traceback.print_exc()
+        _fail(_one_line(e), 1)
+
+
+def _sigterm(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
+@app.command()
+def merge(
+    config: Annotated[Path, typer.Argument(help="The merge configuration (YAML).")],
+    out: Annotated[Path, typer.Argument(help="The output folder.")],
+    ram_budget: RamBudget = None,
+    threads: Threads = None,
+    shard_size: Annotated[str, typer.Option("--shard-size", help="Largest output file, e.g. 5GB.")] = "5GB",
+    seed: Annotated[
+        int | None,
+        typer.Option("--seed", min=0, max=2**32 - 1, help="Seed of random methods [default: 0]."),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing output folder.")
+    ] = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
+    verbose: Verbose = False,
+) -> None:
+    """Merge the models of CONFIG into the folder OUT."""
+    from .api import merge as run_merge
+    from .units import format_size
+
+    signal.signal(signal.SIGTERM, _sigterm)
+    with _errors(verbose):
+        result = run_merge(
+            config,
+            out,
+            ram_budget=ram_budget,
+            threads=threads,
+            shard_size=shard_size,
+            seed=seed,
+            overwrite=overwrite,
+            progress=not quiet and sys.stderr.isatty(),
+        )
+        for w in result.warnings:
+            typer.echo(f"warning: {w}", err=True)
+        if not quiet:
+            rate = result.bytes_read / result.seconds / 1e9 if result.seconds > 0 else 0.0
+            typer.echo(
+                f"wrote {result.out_dir} ({len(result.files)} files, {format_size(result.bytes_written)}) "
+                f"in {result.seconds:.1f} s; read {format_size(result.bytes_read)} at {rate:.2f} GB/s; "
+                f"peak RSS {format_size(result.peak_rss)}"
+            )
+
+
+@app.command()
+def plan(
+    config: Annotated[Path, typer.Argument(help="The merge configuration (YAML).")],
+    ram_budget: RamBudget = None,
+    threads: Threads = None,
+    shard_size: Annotated[str, typer.Option("--shard-size", help="Largest output file, e.g. 5GB.")] = "5GB",
+    verbose: Verbose = False,
+) -> None:
+    """Show what a merge will read and write, its chunks, passes, shards and peak memory."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .api import plan as make_plan
+    from .units import format_size
+
+    with _errors(verbose):
+        p = make_plan(config, ram_budget=ram_budget, threads=threads, shard_size=shard_size)
+        c = Console()
+        c.print(f"[bold]{p.method}[/] merge of {len(p.models)} models, {p.tensors} output tensors")
+        for m in p.models:
+            c.print(f"  reads {m}")
+        passes = ", ".join(
+            f"{n} tensors in {k} pass{'es' if k > 1 else ''}" for k, n in sorted(p.passes.items())
+        )
+        c.print(
+            f"input tensors: {format_size(p.input_bytes)}; "
+            f"read over all passes: {format_size(p.bytes_read)} ({passes})"
+        )
+        c.print(f"output: {format_size(p.bytes_written)} in {len(p.shards)} file(s)")
+        t = Table("file", "bytes", "tensors")
+        for name, size, n in p.shards:
+            t.add_row(name, format_size(size), str(n))
+        c.print(t)
+        c.print(
+            f"RAM budget {format_size(p.ram_budget)}, {p.threads} threads, chunks of up to "
+            f"{p.max_chunk_elems:,} elements; estimated peak memory {format_size(p.peak_memory)}"
+        )
+        for w in p.warnings:
+            c.print(f"[yellow]warning:[/] {w}")
+
+
+@app.command()
+def inspect(
+    path: Annotated[Path, typer.Argument(help="A checkpoint folder or .safetensors file.")],
+    verbose: Verbose = False,
+) -> None:
+    """List the tensors of a checkpoint: name, dtype, shape and bytes."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .api import inspect as read_tensors
+    from .units import format_size
+
+    with _errors(verbose):
+        tensors = read_tensors(path)
+        t = Table("tensor", "dtype", "shape", "bytes")
+        for x in tensors:
+            t.add_row(x.name, x.dtype, str(list(x.shape)), format_size(x.nbytes))
+        c = Console()
+        c.print(t)
+        files = len({x.file for x in tensors})
+        c.print(f"{len(tensors)} tensors, {format_size(sum(x.nbytes for x in tensors))} in {files} file(s)")
+
+
+def _default(p: Param) -> str:
+    if p.default is None:
+        return "optional" if p.name == "scale" else "required"
+    return str(p.default).lower() if isinstance(p.default, bool) else str(p.default)
+
+
+@app.command()
+def methods() -> None:
+    """List the merge methods with their parameters and defaults."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from .methods import METHODS
+
+    t = Table("method", "base", "passes", "parameters (default; * per model)", "status")
+    for m in METHODS.values():
+        params = ", ".join(f"{p.name}{'*' if p.per_model else ''}={_default(p)}" for p in m.params)
+        t.add_row(m.name, m.base, m.passes, params or "-", "ready" if m.available else "planned")
+    Console().print(t)
+
+
+def main() -> None:
+    """Console entry point."""
+    app()
+
+
+if __name__ == "__main__":
+    main()

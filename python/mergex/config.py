@@ -1,0 +1,325 @@
+"""Loading and validating the YAML merge configuration (mergekit's format, CONFIG.md)."""
+
+from __future__ import annotations
+
+import copy
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+from .methods import METHODS, get_method
+
+__all__ = ["MergeConfig", "ModelEntry", "Slice", "SliceSource", "load_config"]
+
+_TOP_KEYS = {
+    "merge_method",
+    "base_model",
+    "models",
+    "slices",
+    "parameters",
+    "dtype",
+    "out_dtype",
+    "tokenizer_source",
+    "chat_template",
+    "seed",
+}
+_DTYPES = {
+    "float32": "F32",
+    "fp32": "F32",
+    "float": "F32",
+    "float16": "F16",
+    "fp16": "F16",
+    "half": "F16",
+    "bfloat16": "BF16",
+    "bf16": "BF16",
+    "float64": "F64",
+    "double": "F64",
+}
+
+ParamValue = Any  # scalar | list[float] | list[{filter, value}]
+
+
+@dataclass
+class ModelEntry:
+    """One entry of ``models``."""
+
+    model: str
+    parameters: dict[str, ParamValue] = field(default_factory=dict)
+
+
+@dataclass
+class SliceSource:
+    """One source of a slice."""
+
+    model: str
+    layer_range: tuple[int, int] | None
+    parameters: dict[str, ParamValue] = field(default_factory=dict)
+
+
+@dataclass
+class Slice:
+    """One entry of ``slices``."""
+
+    sources: list[SliceSource]
+    parameters: dict[str, ParamValue] = field(default_factory=dict)
+
+
+@dataclass
+class MergeConfig:
+    """A validated merge configuration."""
+
+    merge_method: str
+    base_model: str | None = None
+    models: list[ModelEntry] | None = None
+    slices: list[Slice] | None = None
+    parameters: dict[str, ParamValue] = field(default_factory=dict)
+    dtype: str | None = None
+    """Safetensors dtype name (``BF16``…) from ``dtype``."""
+    out_dtype: str | None = None
+    """Safetensors dtype name from ``out_dtype``."""
+    tokenizer_source: str | None = None
+    chat_template: str | None = None
+    seed: int | None = None
+    source_dir: Path | None = None
+    """Folder of the YAML file; relative model paths are also tried against it."""
+    raw: dict[str, Any] = field(default_factory=dict)
+    """The configuration as given, for ``mergex_config.yml``."""
+
+    @property
+    def output_dtype(self) -> str | None:
+        """``out_dtype`` if set, else ``dtype``."""
+        return self.out_dtype or self.dtype
+
+
+def _dtype(value: Any, key: str) -> str:
+    name = str(value).removeprefix("torch.").lower()
+    if name not in _DTYPES:
+        raise ConfigError(f"{key}: unknown dtype {value!r} (use float32, float16 or bfloat16)")
+    return _DTYPES[name]
+
+
+def _check_value(value: Any, where: str) -> None:
+    """Check that a parameter value is a scalar, a gradient or a filtered list."""
+    if isinstance(value, bool | int | float | str):
+        return
+    if isinstance(value, list) and value:
+        if all(isinstance(v, int | float) and not isinstance(v, bool) for v in value):
+            return
+        if all(isinstance(v, dict) for v in value):
+            for i, entry in enumerate(value):
+                unknown = set(entry) - {"filter", "value"}
+                if unknown:
+                    raise ConfigError(f"{where}[{i}]: unknown key {sorted(unknown)[0]!r}")
+                if "value" not in entry:
+                    raise ConfigError(f"{where}[{i}]: missing 'value'")
+                if "filter" in entry and not isinstance(entry["filter"], str):
+                    raise ConfigError(f"{where}[{i}].filter: must be a string")
+                if (
+                    isinstance(entry["value"], list)
+                    and entry["value"]
+                    and all(isinstance(v, dict) for v in entry["value"])
+                ):
+                    raise ConfigError(f"{where}[{i}].value: filtered lists cannot nest")
+                _check_value(entry["value"], f"{where}[{i}].value")
+            return
+    raise ConfigError(
+        f"{where}: expected a number, a gradient (list of numbers) or a list of "
+        f"{{filter, value}} entries, got {value!r}"
+    )
+
+
+def _params(raw: Any, where: str) -> dict[str, ParamValue]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping of parameter names to values")
+    for name, value in raw.items():
+        _check_value(value, f"{where}.{name}")
+    return {str(k): v for k, v in raw.items()}
+
+
+def _model_ref(value: Any, where: str) -> str:
+    if isinstance(value, dict):
+        raise ConfigError(f"{where}: structured model references (with LoRA) are not supported yet")
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"{where}: expected a model path or org/name, got {value!r}")
+    if "+" in value:
+        raise ConfigError(f"{where}: LoRA model references ('model+lora') are not supported yet")
+    return value
+
+
+def _mapping(raw: Any, where: str, allowed: set[str]) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping")
+    unknown = set(raw) - allowed
+    if unknown:
+        key = sorted(map(str, unknown))[0]
+        raise ConfigError(f"{where}: unknown key {key!r}")
+    return raw
+
+
+def _parse(raw: dict[str, Any], source_dir: Path | None) -> MergeConfig:
+    _mapping(raw, "config", _TOP_KEYS)
+    method = raw.get("merge_method")
+    if not isinstance(method, str):
+        raise ConfigError("merge_method: required (one of " + ", ".join(METHODS) + ")")
+    spec = get_method(method)
+    if spec is None:
+        raise ConfigError(f"merge_method: unknown method {method!r} (known: {', '.join(METHODS)})")
+    if not spec.available:
+        supported = ", ".join(m.name for m in METHODS.values() if m.available)
+        raise ConfigError(
+            f"merge_method: {method!r} is not supported yet in this version (supported: {supported})"
+        )
+    has_models, has_slices = "models" in raw, "slices" in raw
+    if has_models == has_slices:
+        raise ConfigError("config: give exactly one of 'models' and 'slices'")
+    cfg = MergeConfig(merge_method=method, source_dir=source_dir, raw=copy.deepcopy(raw))
+    if raw.get("base_model") is not None:
+        cfg.base_model = _model_ref(raw["base_model"], "base_model")
+    cfg.parameters = _params(raw.get("parameters"), "parameters")
+    if has_models:
+        models = raw["models"]
+        if not isinstance(models, list) or not models:
+            raise ConfigError("models: expected a non-empty list")
+        cfg.models = []
+        for i, m in enumerate(models):
+            where = f"models[{i}]"
+            if isinstance(m, str):
+                m = {"model": m}
+            m = _mapping(m, where, {"model", "parameters"})
+            if "model" not in m:
+                raise ConfigError(f"{where}: missing 'model'")
+            cfg.models.append(
+                ModelEntry(
+                    _model_ref(m["model"], f"{where}.model"),
+                    _params(m.get("parameters"), f"{where}.parameters"),
+                )
+            )
+    else:
+        slices = raw["slices"]
+        if not isinstance(slices, list) or not slices:
+            raise ConfigError("slices: expected a non-empty list")
+        cfg.slices = []
+        for i, s in enumerate(slices):
+            where = f"slices[{i}]"
+            s = _mapping(s, where, {"sources", "parameters"})
+            sources = s.get("sources")
+            if not isinstance(sources, list) or not sources:
+                raise ConfigError(f"{where}.sources: expected a non-empty list")
+            parsed = []
+            for j, src in enumerate(sources):
+                w = f"{where}.sources[{j}]"
+                src = _mapping(src, w, {"model", "layer_range", "parameters"})
+                if "model" not in src:
+                    raise ConfigError(f"{w}: missing 'model'")
+                lr = src.get("layer_range")
+                if lr is not None:
+                    ok = (
+                        isinstance(lr, list)
+                        and len(lr) == 2
+                        and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in lr)
+                    )
+                    if not ok or lr[1] <= lr[0]:
+                        raise ConfigError(
+                            f"{w}.layer_range: expected [start, end) with start < end, got {lr!r}"
+                        )
+                    lr = (lr[0], lr[1])
+                parsed.append(
+                    SliceSource(
+                        _model_ref(src["model"], f"{w}.model"),
+                        lr,
+                        _params(src.get("parameters"), f"{w}.parameters"),
+                    )
+                )
+            lengths = {s.layer_range[1] - s.layer_range[0] for s in parsed if s.layer_range}
+            if len(lengths) > 1:
+                raise ConfigError(f"{where}: all sources of a slice must span the same number of layers")
+            cfg.slices.append(Slice(parsed, _params(s.get("parameters"), f"{where}.parameters")))
+    for key in ("dtype", "out_dtype"):
+        if raw.get(key) is not None:
+            setattr(cfg, key, _dtype(raw[key], key))
+    ts = raw.get("tokenizer_source")
+    if ts is not None:
+        if not isinstance(ts, str):
+            raise ConfigError(f"tokenizer_source: expected 'base' or a model reference, got {ts!r}")
+        if ts == "union":
+            raise ConfigError("tokenizer_source: 'union' is not supported yet (use 'base' or a model)")
+        cfg.tokenizer_source = ts
+    ct = raw.get("chat_template")
+    if ct is not None:
+        if not isinstance(ct, str):
+            raise ConfigError("chat_template: expected a string")
+        cfg.chat_template = ct
+    seed = raw.get("seed")
+    if seed is not None:
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
+            raise ConfigError(f"seed: expected an integer from 0 to 2^32-1, got {seed!r}")
+        cfg.seed = seed
+    if spec.base == "required" and cfg.base_model is None:
+        raise ConfigError(f"base_model: {method} needs a base model")
+    _check_param_names(cfg)
+    return cfg
+
+
+def _check_param_names(cfg: MergeConfig) -> None:
+    """Every parameter named anywhere must be one the method takes."""
+    spec = get_method(cfg.merge_method)
+    assert spec is not None
+    known = {p.name for p in spec.params}
+    places: list[tuple[str, dict[str, ParamValue]]] = [("parameters", cfg.parameters)]
+    for i, m in enumerate(cfg.models or []):
+        places.append((f"models[{i}].parameters", m.parameters))
+    for i, sl in enumerate(cfg.slices or []):
+        places.append((f"slices[{i}].parameters", sl.parameters))
+        for j, src in enumerate(sl.sources):
+            places.append((f"slices[{i}].sources[{j}].parameters", src.parameters))
+    for where, params in places:
+        for name in params:
+            if name not in known:
+                takes = ", ".join(sorted(known)) or "none"
+                raise ConfigError(f"{where}.{name}: not a parameter of {spec.name} (it takes: {takes})")
+
+
+def load_config(source: str | os.PathLike[str] | dict[str, Any] | MergeConfig) -> MergeConfig:
+    """Load and validate a merge configuration.
+
+    Args:
+        source: A path to a YAML file, a dict with the same content, or a config already
+            loaded (returned as is).
+
+    Returns:
+        The validated configuration.
+
+    Raises:
+        ConfigError: The YAML cannot be parsed, or a key or value is invalid; the message
+            names the key.
+    """
+    if isinstance(source, MergeConfig):
+        return source
+    if isinstance(source, dict):
+        return _parse(source, None)
+    path = Path(source)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: cannot read: {e}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: invalid YAML{where}: {problem}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    try:
+        return _parse(raw, path.resolve().parent)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None

@@ -1,0 +1,183 @@
+"""The merge methods mergex knows: parameters, defaults, base use and passes.
+
+This is the planner's one table; the Rust engine has the matching kernels. Methods of
+METHODS.md that this version does not run yet are listed with ``available=False`` so that
+configs using them get a clear "not supported yet" error instead of an unknown-method one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+__all__ = ["METHODS", "MethodSpec", "Param", "get_method"]
+
+Scalar = float | bool | str
+
+
+@dataclass(frozen=True)
+class Param:
+    """One parameter of a method."""
+
+    name: str
+    default: Scalar | None
+    """``None`` means required."""
+    per_model: bool
+    doc: str
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """One merge method."""
+
+    name: str
+    base: Literal["none", "required", "optional"]
+    params: tuple[Param, ...]
+    passes: str
+    summary: str
+    available: bool = True
+
+    def param(self, name: str) -> Param | None:
+        """Look up a parameter by name."""
+        return next((p for p in self.params if p.name == name), None)
+
+
+_WEIGHT = Param("weight", None, True, "the model's weight")
+_TASK_GLOBALS = (
+    Param("lambda", 1.0, False, "scale of the merged task vector"),
+    Param("int8_mask", False, False, "accepted for mergekit compatibility; no effect"),
+)
+
+
+def _task(
+    name: str,
+    summary: str,
+    *,
+    normalize: bool,
+    rescale: bool,
+    extra: tuple[Param, ...] = (),
+    passes: str = "2",
+    available: bool = False,
+) -> MethodSpec:
+    return MethodSpec(
+        name,
+        "required",
+        (
+            _WEIGHT,
+            Param("density", 1.0, True, "fraction of the task vector kept"),
+            *extra,
+            Param("normalize", normalize, False, "divide by the summed weights"),
+            Param("rescale", rescale, False, "L1-rescale what the sparsifier kept"),
+            *_TASK_GLOBALS,
+        ),
+        passes,
+        summary,
+        available,
+    )
+
+
+METHODS: dict[str, MethodSpec] = {
+    m.name: m
+    for m in (
+        MethodSpec(
+            "linear",
+            "none",
+            (_WEIGHT, Param("normalize", True, False, "divide by the summed weights")),
+            "1",
+            "weighted average of the models",
+        ),
+        MethodSpec(
+            "task_arithmetic",
+            "required",
+            (
+                _WEIGHT,
+                Param("normalize", False, False, "divide by the summed weights"),
+                Param("rescale", False, False, "no effect without a sparsifier"),
+                *_TASK_GLOBALS,
+            ),
+            "1",
+            "base + λ · Σ w_i (x_i - base)",
+        ),
+        MethodSpec(
+            "passthrough",
+            "none",
+            (Param("scale", None, True, "optional factor applied to the tensor"),),
+            "1",
+            "copy one input per tensor (layer stacking with slices)",
+        ),
+        _task("ties", "TIES: magnitude top-k, sign election", normalize=True, rescale=False),
+        _task("dare_ties", "DARE random drops with sign election", normalize=False, rescale=True),
+        _task("dare_linear", "DARE random drops", normalize=False, rescale=True),
+        _task(
+            "breadcrumbs",
+            "drop the smallest and the largest outliers",
+            normalize=False,
+            rescale=False,
+            extra=(Param("gamma", 0.01, True, "fraction of top outliers dropped"),),
+        ),
+        _task(
+            "breadcrumbs_ties",
+            "breadcrumbs with sign election",
+            normalize=False,
+            rescale=False,
+            extra=(Param("gamma", 0.01, True, "fraction of top outliers dropped"),),
+        ),
+        _task(
+            "della",
+            "DELLA magnitude-ranked random drops, sign election",
+            normalize=True,
+            rescale=True,
+            extra=(Param("epsilon", 0.15, True, "spread of keep probabilities"),),
+        ),
+        _task(
+            "della_linear",
+            "DELLA without sign election",
+            normalize=False,
+            rescale=True,
+            extra=(Param("epsilon", 0.15, True, "spread of keep probabilities"),),
+        ),
+        MethodSpec(
+            "slerp",
+            "required",
+            (Param("t", None, False, "interpolation factor"),),
+            "2",
+            "spherical interpolation of two models",
+            available=False,
+        ),
+        MethodSpec(
+            "nuslerp",
+            "optional",
+            (_WEIGHT,),
+            "2",
+            "spherical interpolation, per row or column",
+            available=False,
+        ),
+        MethodSpec(
+            "multislerp",
+            "optional",
+            (_WEIGHT,),
+            "3+",
+            "spherical barycenter of many models",
+            available=False,
+        ),
+        MethodSpec("karcher", "optional", (), "3+", "Karcher mean on the sphere", available=False),
+        MethodSpec("model_stock", "required", (), "2", "Model Stock interpolation", available=False),
+        MethodSpec("sce", "required", (_WEIGHT,), "3+", "select, calculate, erase", available=False),
+        MethodSpec("ram", "required", (), "1", "reinforced agent merging", available=False),
+        MethodSpec("ramplus_tl", "required", (), "2", "RAM with shared/unique scaling", available=False),
+        MethodSpec(
+            "nearswap",
+            "required",
+            (Param("t", None, False, "similarity threshold"),),
+            "1",
+            "interpolate where models are close",
+            available=False,
+        ),
+        MethodSpec("arcee_fusion", "required", (), "2", "importance-thresholded fusion", available=False),
+    )
+}
+
+
+def get_method(name: str) -> MethodSpec | None:
+    """The method called ``name``, or ``None``."""
+    return METHODS.get(name)

@@ -1,0 +1,168 @@
+"""The output folder: written in a temporary folder beside the target and renamed into
+place only when complete, so that an interrupted merge never leaves something that looks
+finished (CONFIG.md, "Output folder")."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError, MergexIOError, OutputExistsError
+from .models import Model
+
+__all__ = ["OutputFolder", "check_output_path"]
+
+TORCH_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+_TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "generation_config.json",
+)
+_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+
+
+def _inside(child: Path, parent: Path) -> bool:
+    return child == parent or parent in child.parents
+
+
+def check_output_path(out: Path, inputs: list[Path], overwrite: bool) -> Path:
+    """Refuse outputs that would touch an input or clobber a folder that is not ours.
+
+    Raises:
+        ConfigError: The output is, or is inside, or contains an input model.
+        OutputExistsError: The output exists and ``overwrite`` is false, or it exists and
+            does not look like a mergex output.
+    """
+    target = out.expanduser().absolute().resolve()
+    for p in inputs:
+        folder = p.resolve()
+        folder = folder if folder.is_dir() else folder.parent
+        if _inside(target, folder) or _inside(folder, target):
+            raise ConfigError(f"output folder {out} overlaps the input model folder {folder}; choose another")
+    if target.exists() or target.is_symlink():
+        if not overwrite:
+            raise OutputExistsError(f"output {out} already exists (pass --overwrite to replace it)")
+        if not target.is_dir():
+            raise OutputExistsError(f"output {out} exists and is not a folder; not replacing it")
+        if any(target.iterdir()) and not (target / "mergex_config.yml").is_file():
+            raise OutputExistsError(
+                f"output {out} is not empty and has no mergex_config.yml: not replacing a folder "
+                "that mergex did not write"
+            )
+    return target
+
+
+class OutputFolder:
+    """A temporary folder beside the target, committed by renaming."""
+
+    def __init__(self, target: Path) -> None:
+        self.target = target
+        tag = f"{os.getpid()}-{secrets.token_hex(4)}"
+        self.tmp = target.parent / f".{target.name}.mergex-tmp-{tag}"
+        self._old = target.parent / f".{target.name}.mergex-old-{tag}"
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp.mkdir()
+        except OSError as e:
+            raise MergexIOError(f"cannot create the output folder beside {target}: {e}") from None
+
+    def discard(self) -> None:
+        """Remove the temporary folder (after a failure or interruption)."""
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def commit(self) -> None:
+        """Rename the finished folder into place, replacing an old output if allowed."""
+        try:
+            if self.target.exists():
+                self.target.rename(self._old)
+            self.tmp.rename(self.target)
+        except OSError as e:
+            if self._old.exists() and not self.target.exists():
+                self._old.rename(self.target)
+            raise MergexIOError(f"cannot move the finished merge to {self.target}: {e}") from None
+        shutil.rmtree(self._old, ignore_errors=True)
+
+    def write_json(self, name: str, data: Any) -> None:
+        (self.tmp / name).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+    def write_model_config(self, reference: Model, dtype: str, layers: int | None) -> None:
+        """config.json from the reference model, with dtype and layer count updated."""
+        config = dict(reference.config)
+        if not config:
+            return
+        torch_dtype = TORCH_DTYPES.get(dtype, "bfloat16")
+        config["torch_dtype"] = torch_dtype
+        if "dtype" in config:
+            config["dtype"] = torch_dtype
+        if layers is not None:
+            keys = [k for k in _LAYER_KEYS if k in config] or ["num_hidden_layers"]
+            for k in keys:
+                config[k] = layers
+        self.write_json("config.json", config)
+
+    def copy_tokenizer(self, source: Model, chat_template: str | None) -> list[str]:
+        """Copy the tokenizer and generation files of ``source``; returns the names copied."""
+        copied = []
+        for name in _TOKENIZER_FILES:
+            src = source.folder / name
+            if src.is_file():
+                shutil.copyfile(src, self.tmp / name)
+                copied.append(name)
+        if chat_template is not None:
+            path = self.tmp / "tokenizer_config.json"
+            tk = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+            tk["chat_template"] = chat_template
+            self.write_json("tokenizer_config.json", tk)
+        return copied
+
+    def write_run_config(self, raw: dict[str, Any], seed: int) -> None:
+        """mergex_config.yml: the configuration as run, with the seed."""
+        data = dict(raw)
+        data["seed"] = seed
+        text = yaml.safe_dump(data, sort_keys=False, allow_unicode=True)
+        (self.tmp / "mergex_config.yml").write_text(
+            "# Written by mergex: the configuration of this merge, with its seed.\n" + text,
+            encoding="utf-8",
+        )
+
+    def write_card(self, method: str, models: list[Model], base: Model | None, dtype: str) -> None:
+        """A short README.md model card listing the inputs and the method."""
+        lines = [
+            "---",
+            "tags: [merge, mergex]",
+            "---",
+            "",
+            "# Merged model",
+            "",
+            f"This model was merged with [mergex](https://pypi.org/project/mergex/) using the "
+            f"`{method}` method, written as `{TORCH_DTYPES.get(dtype, dtype)}`.",
+            "",
+            "## Inputs",
+            "",
+        ]
+        for m in models:
+            role = " (base)" if base is not None and m.path == base.path else ""
+            lines.append(f"- `{m.ref}`{role}")
+        lines += ["", "The exact configuration is in `mergex_config.yml`.", ""]
+        (self.tmp / "README.md").write_text("\n".join(lines), encoding="utf-8")
+
+
+def describe_error(e: BaseException) -> str:
+    """One line for an unexpected OS error."""
+    if isinstance(e, OSError) and e.filename:
+        return f"{e.filename}: {e.strerror or e}"
+    return str(e)
+
+
+__all__ += ["describe_error"]

@@ -1,0 +1,334 @@
+"""Turning a configuration into an engine job: which output tensors exist, which input
+tensors feed each, and every parameter's value for each tensor (CONFIG.md, METHODS.md §6)."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import MergeConfig
+from .errors import CheckpointError, ConfigError
+from .methods import MethodSpec, get_method
+from .models import Model, TensorInfo
+from .params import NOT_FOUND, layer_index, lookup, rename_layer, to_f32
+
+__all__ = ["Job", "build_job"]
+
+FLOAT_DTYPES = {"F8_E4M3", "F8_E5M2", "F16", "BF16", "F32", "F64"}
+OUTPUT_DTYPES = {"F16", "BF16", "F32", "F64"}
+_BEFORE = ("embed_tokens", "wte", "wpe", "tok_embeddings", "word_embeddings", "embeddings.")
+_EMBEDDING = (
+    "embed_tokens",
+    "lm_head",
+    "wte",
+    "word_embeddings",
+    "tok_embeddings",
+    "embed_out",
+    "output.weight",
+)
+
+
+@dataclass
+class _Source:
+    model: Model
+    layer_range: tuple[int, int] | None
+    params: dict[str, Any]
+    is_base: bool
+    listed: bool = True
+
+
+@dataclass
+class _Slice:
+    sources: list[_Source]
+    params: dict[str, Any]
+    offset: int
+    length: int
+
+    @property
+    def reference(self) -> _Source:
+        return next((s for s in self.sources if s.is_base), self.sources[0])
+
+
+@dataclass
+class Job:
+    """A planned merge: the engine job plus what the output folder needs."""
+
+    spec: dict[str, Any]
+    """The JSON-able job for the Rust engine."""
+    models: list[Model]
+    base: Model | None
+    reference: Model
+    """The model whose config.json the output takes (the base, else the first)."""
+    total_layers: int
+    layered: bool
+    """True when the config uses slices (the layer count may change)."""
+    output_dtype: str
+    warnings: list[str] = field(default_factory=list)
+
+
+def _is_before(name: str) -> bool:
+    return any(k in name for k in _BEFORE)
+
+
+def _is_embedding(name: str) -> bool:
+    return any(k in name for k in _EMBEDDING)
+
+
+class _Planner:
+    def __init__(self, cfg: MergeConfig) -> None:
+        spec = get_method(cfg.merge_method)
+        assert spec is not None  # load_config checked it
+        self.cfg = cfg
+        self.spec: MethodSpec = spec
+        self.uses_base = spec.base != "none"
+        self.models: dict[Path, Model] = {}
+        self.warnings: list[str] = []
+        self.base = self._open(cfg.base_model) if cfg.base_model else None
+
+    def _open(self, ref: str) -> Model:
+        m = Model.open(ref, self.cfg.source_dir)
+        return self.models.setdefault(m.path, m)
+
+    def _is_base(self, m: Model) -> bool:
+        return self.base is not None and m.path == self.base.path
+
+    def slices(self) -> list[_Slice]:
+        cfg = self.cfg
+        out: list[_Slice] = []
+        if cfg.models is not None:
+            sources = [
+                _Source(m, None, e.parameters, False) for e in cfg.models for m in [self._open(e.model)]
+            ]
+            for s in sources:
+                s.is_base = self._is_base(s.model)
+            if self.base is not None and not any(s.is_base for s in sources):
+                sources.append(_Source(self.base, None, {}, True, listed=False))
+            ref = next((s for s in sources if s.is_base), sources[0]).model
+            n = ref.num_layers
+            for s in sources:
+                s.layer_range = (0, n)
+            out.append(_Slice(sources, {}, 0, n))
+            return out
+        assert cfg.slices is not None
+        offset = 0
+        for i, sl in enumerate(cfg.slices):
+            sources = []
+            for src in sl.sources:
+                m = self._open(src.model)
+                sources.append(_Source(m, src.layer_range, src.parameters, self._is_base(m)))
+            if self.uses_base and self.spec.base == "required" and not any(s.is_base for s in sources):
+                raise ConfigError(f"slices[{i}]: the base model must be one of the slice's sources")
+            head = next((s for s in sources if s.is_base), sources[0])
+            if head.layer_range is None:
+                head.layer_range = (0, head.model.num_layers)
+            n = head.layer_range[1] - head.layer_range[0]
+            for s in sources:
+                if s.layer_range is None:
+                    s.layer_range = head.layer_range
+                if s.layer_range[1] > s.model.num_layers:
+                    raise ConfigError(
+                        f"slices[{i}]: layer_range {list(s.layer_range)} of {s.model.ref} goes past "
+                        f"its {s.model.num_layers} layers"
+                    )
+            out.append(_Slice(sources, sl.parameters, offset, n))
+            offset += n
+        return out
+
+    def value(
+        self,
+        name: str,
+        levels: list[tuple[dict[str, Any], str]],
+        p: float,
+        tensor: str,
+        model: Model | None,
+    ) -> float | None:
+        param = self.spec.param(name)
+        assert param is not None
+        v = lookup(levels, name, p)
+        if v is NOT_FOUND:
+            v = param.default
+        if v is None:
+            if name == "scale":
+                return None
+            who = f" of model {model.ref}" if model else ""
+            raise ConfigError(f"parameter '{name}'{who} is required but not set for tensor '{tensor}'")
+        if isinstance(v, bool):
+            return 1.0 if v else 0.0
+        if isinstance(v, int | float):
+            return to_f32(float(v))
+        raise ConfigError(f"parameter '{name}' for tensor '{tensor}': expected a number, got {v!r}")
+
+    def tensor(self, sl: _Slice, out_name: str, in_names: list[str], p: float) -> dict[str, Any] | None:
+        sources = sl.sources
+        infos: list[TensorInfo] = []
+        for s, n in zip(sources, in_names, strict=True):
+            infos.append(s.model.require(n))
+        ref_i = next((i for i, s in enumerate(sources) if s.is_base), 0)
+        ref = infos[ref_i]
+        index = self.model_index
+        if ref.dtype not in FLOAT_DTYPES:
+            src = sources[ref_i]
+            self.warnings.append(f"{out_name}: {ref.dtype} tensor copied from {src.model.ref}, not merged")
+            return {
+                "name": out_name,
+                "dtype": ref.dtype,
+                "shape": list(ref.shape),
+                "copy": True,
+                "inputs": [{"model": index(src.model), "tensor": ref.name}],
+            }
+        out_dtype = self.cfg.output_dtype or (ref.dtype if ref.dtype in OUTPUT_DTYPES else "BF16")
+        base_i = ref_i if self.uses_base and sources[ref_i].is_base else None
+        members = [i for i in range(len(sources)) if i != base_i]
+        if self.spec.name == "passthrough" and len(members) != 1:
+            raise ConfigError(
+                f"passthrough takes exactly one model per tensor; '{out_name}' has {len(members)} "
+                "(use one source per slice)"
+            )
+        shape = ref.shape
+        shapes = {infos[i].shape for i in members} | ({ref.shape} if base_i is not None else set())
+        if len(shapes) > 1:
+            if _is_embedding(out_name) and all(len(s) == 2 for s in shapes):
+                shape = (min(s[0] for s in shapes), min(s[1] for s in shapes))
+                self.warnings.append(
+                    f"{out_name}: shapes differ ({', '.join(str(list(s)) for s in sorted(shapes))}); "
+                    f"using the common block {list(shape)}"
+                )
+            elif base_i is not None:
+                kept = []
+                for i in members:
+                    if infos[i].shape != ref.shape:
+                        self.warnings.append(
+                            f"{out_name}: model {sources[i].model.ref} skipped (shape {list(infos[i].shape)}"
+                            f" differs from the base's {list(ref.shape)})"
+                        )
+                    else:
+                        kept.append(i)
+                members = kept
+            else:
+                a, b = (
+                    members[0],
+                    next(i for i in members if infos[i].shape != infos[members[0]].shape),
+                )
+                raise CheckpointError(
+                    f"tensor '{out_name}': shape {list(infos[b].shape)} in model {sources[b].model.ref} "
+                    f"differs from {list(infos[a].shape)} in model {sources[a].model.ref}"
+                )
+        global_levels = [(sl.params, out_name), (self.cfg.parameters, out_name)]
+        params = {}
+        for prm in self.spec.params:
+            if not prm.per_model:
+                v = self.value(prm.name, global_levels, p, out_name, None)
+                if v is not None:
+                    params[prm.name] = v
+        positions = {i: pos for pos, i in enumerate(j for j in range(len(sources)) if j != base_i)}
+        inputs = []
+        for i in members:
+            s = sources[i]
+            levels = ([(s.params, in_names[i])] if s.listed else []) + global_levels
+            mp = {}
+            for prm in self.spec.params:
+                if prm.per_model:
+                    v = self.value(prm.name, levels, p, out_name, s.model)
+                    if v is not None:
+                        mp[prm.name] = v
+            inputs.append(
+                {
+                    "model": index(s.model),
+                    "tensor": infos[i].name,
+                    "position": positions[i],
+                    "params": mp,
+                }
+            )
+        job: dict[str, Any] = {
+            "name": out_name,
+            "dtype": out_dtype,
+            "shape": list(shape),
+            "inputs": inputs,
+            "params": params,
+        }
+        if base_i is not None:
+            job["base"] = {"model": index(sources[base_i].model), "tensor": infos[base_i].name}
+        if not inputs:
+            raise CheckpointError(f"tensor '{out_name}': no model has the base's shape {list(ref.shape)}")
+        return job
+
+    def model_index(self, m: Model) -> int:
+        if m.path not in self.index:
+            self.index[m.path] = len(self.index)
+        return self.index[m.path]
+
+    def build(self) -> tuple[list[dict[str, Any]], list[_Slice]]:
+        self.index: dict[Path, int] = {}
+        slices = self.slices()
+        tensors: list[dict[str, Any]] = []
+
+        def add(sl: _Slice, name: str, k: int | None) -> None:
+            if k is None:
+                out_name, in_names, p = name, [name] * len(sl.sources), 0.0
+            else:
+                out_name = rename_layer(name, sl.offset + k)
+                in_names = [rename_layer(name, (s.layer_range or (0, 0))[0] + k) for s in sl.sources]
+                p = k / (sl.length - 1) if sl.length > 1 else 1.0
+            t = self.tensor(sl, out_name, in_names, p)
+            if t is not None:
+                tensors.append(t)
+
+        first, last = slices[0], slices[-1]
+        for name in first.reference.model.order:
+            if layer_index(name) is None and _is_before(name):
+                add(first, name, None)
+        for sl in slices:
+            ref = sl.reference
+            start = (ref.layer_range or (0, 0))[0]
+            by_layer: dict[int, list[str]] = {}
+            for name in ref.model.order:
+                li = layer_index(name)
+                if li is not None:
+                    by_layer.setdefault(li, []).append(name)
+            for k in range(sl.length):
+                for name in by_layer.get(start + k, []):
+                    add(sl, name, k)
+        for name in last.reference.model.order:
+            if layer_index(name) is None and not _is_before(name):
+                add(last, name, None)
+        return tensors, slices
+
+
+def build_job(cfg: MergeConfig, *, ram_budget: int, threads: int, shard_size: int, seed: int) -> Job:
+    """Plan a merge: open every model's headers and resolve every tensor's inputs and parameters.
+
+    Raises:
+        ConfigError: A parameter is missing or invalid, or slices are inconsistent.
+        CheckpointError: A tensor is missing or its shapes cannot be merged.
+        ModelNotFoundError: A model reference names nothing.
+    """
+    pl = _Planner(cfg)
+    tensors, slices = pl.build()
+    if not tensors:
+        raise ConfigError("the configuration selects no tensors")
+    paths = sorted(pl.index, key=pl.index.__getitem__)
+    reference = pl.base or slices[0].sources[0].model
+    merged = Counter(t["dtype"] for t in tensors if not t.get("copy"))
+    output_dtype = cfg.output_dtype or (merged.most_common(1)[0][0] if merged else "BF16")
+    spec = {
+        "method": cfg.merge_method,
+        "models": [str(p) for p in paths],
+        "tensors": tensors,
+        "seed": seed,
+        "ram_budget": ram_budget,
+        "threads": threads,
+        "shard_size": shard_size,
+        "metadata": {"mergex_method": cfg.merge_method},
+    }
+    return Job(
+        spec=spec,
+        models=[pl.models[p] for p in paths],
+        base=pl.base,
+        reference=reference,
+        total_layers=sum(s.length for s in slices),
+        layered=cfg.slices is not None,
+        output_dtype=output_dtype,
+        warnings=pl.warnings,
+    )

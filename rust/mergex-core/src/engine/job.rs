@@ -1,0 +1,79 @@
+//! The merge job: what the planner (the Python front end) asks the engine to do, fully
+//! resolved — every output tensor with its inputs and per-tensor parameter values.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use crate::error::{Error, Result};
+
+/// A whole merge.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Job {
+    /// Merge method name (METHODS.md).
+    pub method: String,
+    /// Model checkpoints (folders or files), referenced by index from the tensors.
+    pub models: Vec<PathBuf>,
+    /// Output tensors, in output order.
+    pub tensors: Vec<TensorJob>,
+    /// Seed of the random methods.
+    #[serde(default)]
+    pub seed: u64,
+    /// RAM budget in bytes.
+    pub ram_budget: u64,
+    /// Worker threads.
+    pub threads: usize,
+    /// Largest data size of one output file, in bytes.
+    pub shard_size: u64,
+    /// Extra `__metadata__` entries for every output file.
+    #[serde(default)]
+    pub metadata: BTreeMap<String, String>,
+}
+
+/// One output tensor.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TensorJob {
+    /// Output name.
+    pub name: String,
+    /// Output dtype name (safetensors spelling).
+    pub dtype: String,
+    /// Output shape; inputs must equal it, or (2-D) contain it as their top-left block.
+    pub shape: Vec<u64>,
+    /// Copy the single input byte for byte (non-float tensors).
+    #[serde(default)]
+    pub copy: bool,
+    /// The base model's tensor, for methods that use one.
+    #[serde(default)]
+    pub base: Option<InputRef>,
+    /// The other inputs, in config order.
+    pub inputs: Vec<InputRef>,
+    /// Global parameters for this tensor.
+    #[serde(default)]
+    pub params: BTreeMap<String, f64>,
+}
+
+/// One input tensor of one model.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct InputRef {
+    /// Index into [`Job::models`].
+    pub model: usize,
+    /// Tensor name in that model.
+    pub tensor: String,
+    /// Position of the model among the non-base models in config order (random draws).
+    #[serde(default)]
+    pub position: usize,
+    /// Per-model parameters for this tensor.
+    #[serde(default)]
+    pub params: BTreeMap<String, f64>,
+}
+
+impl Job {
+    /// Parse a job from JSON.
+    pub fn from_json(text: &str) -> Result<Job> {
+        serde_json::from_str(text).map_err(|e| Error::job("job", e.to_string()))
+    }
+}

@@ -1,0 +1,12 @@
+//! The chunked merge engine: plan (open inputs, validate, lay out the output), then run
+//! every output tensor as passes over chunks of element ranges.
+
+pub mod job;
+pub mod plan;
+pub mod progress;
+pub mod read;
+pub mod reduce;
+mod run;
+
+pub use plan::{Engine, PlanSummary};
+pub use run::RunSummary;

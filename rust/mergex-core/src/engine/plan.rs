@@ -1,0 +1,342 @@
+//! Preparing a merge: open and validate every input, decide each tensor's chunk size and
+//! pass count, and compute the output layout — all before any output is written.
+
+use std::collections::{BTreeMap, HashSet};
+use std::path::Path;
+
+use serde::Serialize;
+
+use super::job::{InputRef, Job, TensorJob};
+use super::read::View;
+use super::reduce::BLOCK;
+use crate::error::{Error, Result};
+use crate::format::checkpoint::Checkpoint;
+use crate::format::dtype::Dtype;
+use crate::format::writer::{layout, Layout, OutTensor};
+use crate::methods::{self, BaseUse, MethodInfo, TensorCtx};
+
+/// The smallest RAM budget accepted.
+pub const MIN_RAM_BUDGET: u64 = 64 * 1024;
+/// Largest chunk, in elements: beyond this, bigger chunks buy nothing.
+const MAX_CHUNK: u64 = 1 << 24;
+/// Share of the budget given to chunk buffers; the rest covers page rounding, read-ahead
+/// and allocator slack.
+const WORK_PERCENT: u64 = 85;
+/// Resident memory of the process that does not scale with the budget (interpreter,
+/// libraries, thread stacks), used for the peak-memory estimate.
+pub const FIXED_OVERHEAD: u64 = 96 * 1024 * 1024;
+
+/// One output tensor, ready to run.
+#[derive(Debug)]
+pub(crate) struct Prepared {
+    pub job: TensorJob,
+    pub out: OutTensor,
+    pub copy: bool,
+    pub base: Option<View>,
+    pub inputs: Vec<View>,
+    /// Work in f64 (an input is F64).
+    pub wide: bool,
+    pub chunk: u64,
+    pub passes: usize,
+}
+
+impl Prepared {
+    pub fn numel(&self) -> u64 {
+        self.out.shape.iter().product()
+    }
+
+    pub fn views(&self) -> impl Iterator<Item = &View> {
+        self.base.iter().chain(self.inputs.iter())
+    }
+
+    /// Input bytes one pass reads.
+    pub fn pass_bytes(&self) -> u64 {
+        self.views().map(|v| v.bytes_for(self.numel())).sum()
+    }
+
+    fn per_elem(&self) -> u64 {
+        let work = if self.wide { 8 } else { 4 };
+        let inputs: u64 = self
+            .views()
+            .map(|v| v.entry.dtype.size() as u64 + work)
+            .sum();
+        inputs + work + self.out.dtype.size() as u64
+    }
+}
+
+/// A validated merge, ready to run.
+#[derive(Debug)]
+pub struct Engine {
+    pub(crate) job: Job,
+    pub(crate) method: &'static MethodInfo,
+    pub(crate) tensors: Vec<Prepared>,
+    pub(crate) out: Vec<OutTensor>,
+    pub(crate) layout: Layout,
+}
+
+/// What `mergex plan` shows.
+#[derive(Debug, Serialize)]
+pub struct PlanSummary {
+    /// Method name.
+    pub method: String,
+    /// Output tensors.
+    pub tensors: usize,
+    /// Input bytes read over all passes.
+    pub bytes_read: u64,
+    /// Input bytes of the tensors used, read once.
+    pub input_bytes: u64,
+    /// Output data bytes.
+    pub bytes_written: u64,
+    /// Worker threads.
+    pub threads: usize,
+    /// RAM budget.
+    pub ram_budget: u64,
+    /// Largest chunk, in elements.
+    pub max_chunk_elems: u64,
+    /// Number of tensors per pass count.
+    pub passes: BTreeMap<usize, usize>,
+    /// Output files: (name, bytes, tensors).
+    pub shards: Vec<(String, u64, usize)>,
+    /// Estimated peak resident memory.
+    pub peak_memory: u64,
+}
+
+impl Engine {
+    /// Open and validate everything the job names.
+    pub fn prepare(job: Job) -> Result<Engine> {
+        let method = methods::find(&job.method).ok_or_else(|| {
+            Error::job("merge_method", format!("unknown method '{}'", job.method))
+        })?;
+        if job.threads == 0 {
+            return Err(Error::job("threads", "must be at least 1"));
+        }
+        if job.ram_budget < MIN_RAM_BUDGET {
+            return Err(Error::job(
+                "ram_budget",
+                format!("{} bytes is below the minimum of 64KiB", job.ram_budget),
+            ));
+        }
+        if job.shard_size == 0 {
+            return Err(Error::job("shard_size", "must be positive"));
+        }
+        let models = job
+            .models
+            .iter()
+            .map(|p| Checkpoint::open(p))
+            .collect::<Result<Vec<_>>>()?;
+        let paths: Vec<&Path> = job.models.iter().map(|p| p.as_path()).collect();
+        let mut names = HashSet::new();
+        let mut tensors = Vec::with_capacity(job.tensors.len());
+        for t in &job.tensors {
+            if !names.insert(t.name.as_str()) {
+                return Err(Error::job(
+                    "tensors",
+                    format!("output tensor '{}' appears twice", t.name),
+                ));
+            }
+            tensors.push(prepare_tensor(&job, method, &models, &paths, t)?);
+        }
+        let out: Vec<OutTensor> = tensors.iter().map(|p| p.out.clone()).collect();
+        let layout = layout(&out, job.shard_size, &job.metadata)?;
+        Ok(Engine {
+            job,
+            method,
+            tensors,
+            out,
+            layout,
+        })
+    }
+
+    /// What the merge will read, write and hold in memory.
+    pub fn plan(&self) -> PlanSummary {
+        let mut passes = BTreeMap::new();
+        let mut peak_work = 0u64;
+        for t in &self.tensors {
+            *passes.entry(t.passes).or_insert(0) += 1;
+            peak_work =
+                peak_work.max(t.chunk * t.per_elem() * self.job.threads.min(chunks(t)) as u64);
+        }
+        PlanSummary {
+            method: self.method.name.to_string(),
+            tensors: self.tensors.len(),
+            bytes_read: self
+                .tensors
+                .iter()
+                .map(|t| t.pass_bytes() * t.passes as u64)
+                .sum(),
+            input_bytes: self.tensors.iter().map(Prepared::pass_bytes).sum(),
+            bytes_written: self.layout.total_size,
+            threads: self.job.threads,
+            ram_budget: self.job.ram_budget,
+            max_chunk_elems: self.tensors.iter().map(|t| t.chunk).max().unwrap_or(0),
+            passes,
+            shards: self
+                .layout
+                .shards
+                .iter()
+                .map(|s| (s.file_name.clone(), s.len, s.tensors.len()))
+                .collect(),
+            peak_memory: peak_work + FIXED_OVERHEAD,
+        }
+    }
+}
+
+fn chunks(t: &Prepared) -> usize {
+    t.numel().div_ceil(t.chunk.max(1)) as usize
+}
+
+fn view(models: &[Checkpoint], paths: &[&Path], r: &InputRef, shape: &[u64]) -> Result<View> {
+    let m = models
+        .get(r.model)
+        .ok_or_else(|| Error::job("tensors", format!("model index {} out of range", r.model)))?;
+    let (file, entry) = m.require(&r.tensor)?;
+    View::new(file.clone(), entry.clone(), shape).ok_or_else(|| Error::ShapeMismatch {
+        model: paths
+            .get(r.model)
+            .map(|p| p.to_path_buf())
+            .unwrap_or_default(),
+        tensor: r.tensor.clone(),
+        shape: entry.shape.clone(),
+        expected: shape.to_vec(),
+    })
+}
+
+fn prepare_tensor(
+    job: &Job,
+    method: &'static MethodInfo,
+    models: &[Checkpoint],
+    paths: &[&Path],
+    t: &TensorJob,
+) -> Result<Prepared> {
+    let dtype = Dtype::from_name(&t.dtype).ok_or_else(|| {
+        Error::job(
+            "dtype",
+            format!("tensor '{}': unknown dtype '{}'", t.name, t.dtype),
+        )
+    })?;
+    let base = t
+        .base
+        .as_ref()
+        .map(|r| view(models, paths, r, &t.shape))
+        .transpose()?;
+    let inputs = t
+        .inputs
+        .iter()
+        .map(|r| view(models, paths, r, &t.shape))
+        .collect::<Result<Vec<_>>>()?;
+    if inputs.is_empty() {
+        return Err(Error::job(
+            "tensors",
+            format!("tensor '{}' has no inputs", t.name),
+        ));
+    }
+    let out = OutTensor {
+        name: t.name.clone(),
+        dtype,
+        shape: t.shape.clone(),
+    };
+    let mut p = Prepared {
+        job: t.clone(),
+        out,
+        copy: t.copy,
+        base,
+        inputs,
+        wide: false,
+        chunk: BLOCK,
+        passes: 1,
+    };
+    if t.copy {
+        let src = p.inputs.first().map(|v| v.entry.dtype);
+        if p.inputs.len() != 1
+            || p.base.is_some()
+            || src != Some(dtype)
+            || p.inputs.iter().any(|v| v.entry.shape != t.shape)
+        {
+            return Err(Error::job(
+                "tensors",
+                format!(
+                    "tensor '{}': a copy takes one input of the same dtype and shape",
+                    t.name
+                ),
+            ));
+        }
+    } else {
+        if !dtype.is_output_float() {
+            return Err(Error::job(
+                "dtype",
+                format!(
+                    "tensor '{}': cannot write merged values as {}",
+                    t.name,
+                    dtype.name()
+                ),
+            ));
+        }
+        for (v, r) in p.views().zip(t.base.iter().chain(t.inputs.iter())) {
+            if !v.entry.dtype.is_float() {
+                return Err(Error::NotFloat {
+                    model: paths
+                        .get(r.model)
+                        .map(|p| p.to_path_buf())
+                        .unwrap_or_default(),
+                    tensor: r.tensor.clone(),
+                    dtype: v.entry.dtype.name(),
+                });
+            }
+        }
+        match (method.base, t.base.is_some()) {
+            (BaseUse::Required, false) => {
+                return Err(Error::job(
+                    "base_model",
+                    format!("{} needs a base model", method.name),
+                ))
+            }
+            (BaseUse::None, true) => {
+                return Err(Error::job(
+                    "base_model",
+                    format!("{} takes no base tensor", method.name),
+                ))
+            }
+            _ => {}
+        }
+        let wide = p.views().any(|v| v.entry.dtype == Dtype::F64);
+        p.wide = wide;
+        let ctx = TensorCtx {
+            job: t,
+            models: paths,
+            seed: job.seed,
+        };
+        p.passes = 1 + if p.wide {
+            (method.build_f64)(&ctx)?.stat_passes()
+        } else {
+            (method.build_f32)(&ctx)?.stat_passes()
+        };
+    }
+    p.chunk = chunk_elems(job.ram_budget, job.threads, p.per_elem(), p.numel());
+    Ok(p)
+}
+
+/// Elements per chunk: as many as the budget allows for every thread, a whole number of
+/// reduction blocks, and small enough that a large tensor gives every thread work.
+pub(crate) fn chunk_elems(budget: u64, threads: usize, per_elem: u64, numel: u64) -> u64 {
+    let work = budget / 100 * WORK_PERCENT;
+    let by_budget =
+        (work / (threads as u64 * per_elem.max(1)) / BLOCK * BLOCK).clamp(BLOCK, MAX_CHUNK);
+    let share = numel.div_ceil(threads as u64).div_ceil(BLOCK).max(1) * BLOCK;
+    by_budget.min(share)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunks_follow_the_budget_and_the_thread_count() {
+        // 64KiB, one thread, three f32 inputs: 85% of 64KiB over 32 bytes an element.
+        assert_eq!(chunk_elems(64 * 1024, 1, 32, 1 << 20), 1536);
+        // Never below one block, even when the budget is too small.
+        assert_eq!(chunk_elems(64 * 1024, 8, 10_000, 1 << 20), BLOCK);
+        // A tensor that fits is still split so that both threads get work.
+        assert_eq!(chunk_elems(1 << 30, 2, 32, 10_000), 5120);
+        assert_eq!(chunk_elems(1 << 30, 2, 32, 10), BLOCK);
+    }
+}

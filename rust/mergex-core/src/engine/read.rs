@@ -1,0 +1,121 @@
+//! Reading element ranges of an input tensor, decoded to the working precision.
+
+use std::sync::Arc;
+
+use crate::error::Result;
+use crate::format::file::SafeFile;
+use crate::format::header::TensorEntry;
+use crate::kernels::real::Real;
+
+/// An input tensor seen through the output tensor's shape: the whole tensor, or (for
+/// embeddings of padded vocabularies) its top-left block.
+#[derive(Debug, Clone)]
+pub struct View {
+    /// The file holding the tensor.
+    pub file: Arc<SafeFile>,
+    /// The tensor.
+    pub entry: TensorEntry,
+    /// Columns of the input (last axis), when it is cut to a narrower block.
+    in_cols: u64,
+    /// Columns of the output block; 0 when the view is the whole tensor, contiguous.
+    out_cols: u64,
+}
+
+impl View {
+    /// A view of `entry` as a tensor of `shape`; `None` when `shape` is neither the
+    /// tensor's own nor (2-D) a top-left block of it.
+    pub fn new(file: Arc<SafeFile>, entry: TensorEntry, shape: &[u64]) -> Option<View> {
+        if entry.shape == shape {
+            return Some(View {
+                file,
+                entry,
+                in_cols: 0,
+                out_cols: 0,
+            });
+        }
+        match (entry.shape.as_slice(), shape) {
+            ([r, c], [ro, co]) if ro <= r && co <= c => {
+                let (in_cols, out_cols) = if co == c { (0, 0) } else { (*c, *co) };
+                Some(View {
+                    file,
+                    entry,
+                    in_cols,
+                    out_cols,
+                })
+            }
+            _ => None,
+        }
+    }
+
+    fn elem(&self) -> u64 {
+        self.entry.dtype.size() as u64
+    }
+
+    /// Runs of contiguous source elements `(src_start, out_offset, len)` covering output
+    /// elements `[start, start+len)`.
+    fn runs(
+        &self,
+        start: u64,
+        len: u64,
+        mut f: impl FnMut(u64, usize, u64) -> Result<()>,
+    ) -> Result<()> {
+        if self.out_cols == 0 {
+            return f(start, 0, len);
+        }
+        let (mut j, end) = (start, start + len);
+        while j < end {
+            let (r, c) = (j / self.out_cols, j % self.out_cols);
+            let seg = (self.out_cols - c).min(end - j);
+            f(r * self.in_cols + c, (j - start) as usize, seg)?;
+            j += seg;
+        }
+        Ok(())
+    }
+
+    /// Decode output elements `[start, start + out.len())` into `out`.
+    pub fn read<T: Real>(&self, start: u64, out: &mut [T]) -> Result<()> {
+        let sz = self.elem();
+        let dtype = self.entry.dtype;
+        self.runs(start, out.len() as u64, |src, o, n| {
+            let bytes = self.file.bytes(&self.entry, src * sz, (src + n) * sz)?;
+            if let Some(dst) = out.get_mut(o..o + n as usize) {
+                T::decode(dtype, bytes, dst);
+            }
+            Ok(())
+        })
+    }
+
+    /// The raw bytes of output elements `[start, start+len)` (contiguous views only).
+    pub fn raw(&self, start: u64, len: u64) -> Result<&[u8]> {
+        let sz = self.elem();
+        self.file.bytes(&self.entry, start * sz, (start + len) * sz)
+    }
+
+    /// Source byte span (relative to the tensor) that output elements `[start, start+len)` touch.
+    fn span(&self, start: u64, len: u64) -> (u64, u64) {
+        let sz = self.elem();
+        if self.out_cols == 0 || len == 0 {
+            return (start * sz, (start + len) * sz);
+        }
+        let last = start + len - 1;
+        let src = |j: u64| (j / self.out_cols) * self.in_cols + j % self.out_cols;
+        (src(start) * sz, (src(last) + 1) * sz)
+    }
+
+    /// Bytes read for output elements `[start, start+len)`.
+    pub fn bytes_for(&self, len: u64) -> u64 {
+        len * self.elem()
+    }
+
+    /// Release the pages behind output elements `[start, start+len)`.
+    pub fn release(&self, start: u64, len: u64) {
+        let (b, e) = self.span(start, len);
+        self.file.release(&self.entry, b, e);
+    }
+
+    /// Hint that output elements `[start, start+len)` will be read soon.
+    pub fn prefetch(&self, start: u64, len: u64) {
+        let (b, e) = self.span(start, len);
+        self.file.prefetch(&self.entry, b, e);
+    }
+}

@@ -1,0 +1,231 @@
+//! Running a prepared merge: each output tensor as statistics passes then an output pass,
+//! every pass a parallel sweep over chunks. A chunk reads the same element range of every
+//! input, merges it in the working precision, rounds once to the output dtype and writes it
+//! at its final offset; the input pages it used are then released.
+
+use std::path::Path;
+use std::sync::atomic::Ordering;
+
+use rayon::prelude::*;
+use serde::Serialize;
+
+use super::plan::{Engine, Prepared};
+use super::progress::Progress;
+use crate::error::{Error, Result};
+use crate::format::writer::{write_index, Placement, Writer};
+use crate::kernels::real::Real;
+use crate::methods::{ChunkInputs, Stats, TensorCtx, TensorMerge};
+
+/// What a finished merge reports.
+#[derive(Debug, Serialize)]
+pub struct RunSummary {
+    /// Files written, relative to the output folder.
+    pub files: Vec<String>,
+    /// Input bytes read, over all passes.
+    pub bytes_read: u64,
+    /// Bytes written (all output files).
+    pub bytes_written: u64,
+    /// Output tensors.
+    pub tensors: usize,
+}
+
+/// Per-worker buffers, reused across the chunks a worker runs.
+struct Scratch<T> {
+    inputs: Vec<Vec<T>>,
+    out: Vec<T>,
+    bytes: Vec<u8>,
+}
+
+impl<T: Real> Scratch<T> {
+    fn new() -> Self {
+        Scratch {
+            inputs: Vec::new(),
+            out: Vec::new(),
+            bytes: Vec::new(),
+        }
+    }
+}
+
+impl Engine {
+    /// Write the merged checkpoint into `dir` (an existing, empty folder).
+    pub fn run(&self, dir: &Path, progress: &Progress) -> Result<RunSummary> {
+        let total: u64 = self
+            .tensors
+            .iter()
+            .map(|t| t.pass_bytes() * t.passes as u64)
+            .sum();
+        progress.bytes_total.store(total, Ordering::Relaxed);
+        progress
+            .tensors_total
+            .store(self.tensors.len() as u64, Ordering::Relaxed);
+        let writer = Writer::create(dir, &self.layout)?;
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(self.job.threads)
+            .thread_name(|i| format!("mergex-{i}"))
+            .build()
+            .map_err(|e| Error::job("threads", e.to_string()))?;
+        pool.install(|| -> Result<()> {
+            for (t, place) in self.tensors.iter().zip(&self.layout.placements) {
+                if t.copy {
+                    self.copy_tensor(t, *place, &writer, progress)?;
+                } else if t.wide {
+                    self.merge_tensor::<f64>(t, *place, &writer, progress)?;
+                } else {
+                    self.merge_tensor::<f32>(t, *place, &writer, progress)?;
+                }
+                progress.tensors_done.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(())
+        })?;
+        let mut files: Vec<String> = self
+            .layout
+            .shards
+            .iter()
+            .map(|s| s.file_name.clone())
+            .collect();
+        writer.finish()?;
+        if self.layout.shards.len() > 1 {
+            write_index(dir, &self.out, &self.layout)?;
+            files.push(crate::format::checkpoint::INDEX_NAME.to_string());
+        }
+        Ok(RunSummary {
+            files,
+            bytes_read: total,
+            bytes_written: self.layout.shards.iter().map(|s| s.len).sum(),
+            tensors: self.tensors.len(),
+        })
+    }
+
+    fn chunks(t: &Prepared) -> Vec<(u64, u64)> {
+        let n = t.numel();
+        (0..n.div_ceil(t.chunk))
+            .map(|i| (i * t.chunk, t.chunk.min(n - i * t.chunk)))
+            .collect()
+    }
+
+    fn copy_tensor(
+        &self,
+        t: &Prepared,
+        place: Placement,
+        writer: &Writer,
+        progress: &Progress,
+    ) -> Result<()> {
+        let Some(src) = t.inputs.first() else {
+            return Ok(());
+        };
+        let size = t.out.dtype.size() as u64;
+        Self::chunks(t)
+            .into_par_iter()
+            .try_for_each(|(start, len)| {
+                if progress.is_cancelled() {
+                    return Err(Error::Cancelled);
+                }
+                writer.write_at(
+                    place.shard,
+                    place.offset + start * size,
+                    src.raw(start, len)?,
+                )?;
+                src.release(start, len);
+                progress.add_bytes(src.bytes_for(len));
+                Ok(())
+            })
+    }
+
+    fn merge_tensor<T: Real>(
+        &self,
+        t: &Prepared,
+        place: Placement,
+        writer: &Writer,
+        progress: &Progress,
+    ) -> Result<()>
+    where
+        Self: Build<T>,
+    {
+        let paths: Vec<&Path> = self.job.models.iter().map(|p| p.as_path()).collect();
+        let ctx = TensorCtx {
+            job: &t.job,
+            models: &paths,
+            seed: self.job.seed,
+        };
+        let mut merger = self.build(&ctx)?;
+        let chunks = Self::chunks(t);
+        for pass in 0..merger.stat_passes() {
+            let m = &*merger;
+            let stats = chunks
+                .par_iter()
+                .map_init(Scratch::<T>::new, |s, &(start, len)| {
+                    with_chunk(t, s, start, len, progress, |x, _| m.stat_chunk(pass, x))
+                })
+                .try_reduce(Stats::default, |a, b| Ok(a.merge(b)))?;
+            merger.end_pass(pass, stats)?;
+        }
+        let m = &*merger;
+        let size = t.out.dtype.size() as u64;
+        chunks
+            .par_iter()
+            .try_for_each_init(Scratch::<T>::new, |s, &(start, len)| {
+                with_chunk(t, s, start, len, progress, |x, (out, bytes)| {
+                    m.merge_chunk(x, out);
+                    T::encode(out, t.out.dtype, bytes);
+                    writer.write_at(place.shard, place.offset + start * size, bytes)
+                })
+            })
+    }
+}
+
+/// Read one chunk of every input into `s`, run `f` on it with the output buffers, then
+/// release the input pages and count the bytes.
+fn with_chunk<T: Real, R>(
+    t: &Prepared,
+    s: &mut Scratch<T>,
+    start: u64,
+    len: u64,
+    progress: &Progress,
+    f: impl FnOnce(&ChunkInputs<'_, T>, (&mut [T], &mut [u8])) -> Result<R>,
+) -> Result<R> {
+    if progress.is_cancelled() {
+        return Err(Error::Cancelled);
+    }
+    let n = len as usize;
+    let views: Vec<_> = t.views().collect();
+    s.inputs.resize_with(views.len(), Vec::new);
+    for (v, buf) in views.iter().zip(s.inputs.iter_mut()) {
+        buf.resize(n, T::ZERO);
+        v.read(start, &mut buf[..n])?;
+    }
+    s.out.resize(n, T::ZERO);
+    s.bytes.resize(n * t.out.dtype.size(), 0);
+    let (base, models) = match (&t.base, s.inputs.split_first()) {
+        (Some(_), Some((b, rest))) => (Some(&b[..n]), rest),
+        _ => (None, &s.inputs[..]),
+    };
+    let model_slices: Vec<&[T]> = models.iter().map(|m| &m[..n]).collect();
+    let x = ChunkInputs {
+        start,
+        base,
+        models: &model_slices,
+    };
+    let r = f(&x, (&mut s.out[..n], &mut s.bytes[..]))?;
+    for v in &views {
+        v.release(start, len);
+        progress.add_bytes(v.bytes_for(len));
+    }
+    Ok(r)
+}
+
+/// Picks the f32 or f64 constructor of the method.
+pub(crate) trait Build<T: Real> {
+    fn build(&self, ctx: &TensorCtx<'_>) -> Result<Box<dyn TensorMerge<T>>>;
+}
+
+impl Build<f32> for Engine {
+    fn build(&self, ctx: &TensorCtx<'_>) -> Result<Box<dyn TensorMerge<f32>>> {
+        (self.method.build_f32)(ctx)
+    }
+}
+
+impl Build<f64> for Engine {
+    fn build(&self, ctx: &TensorCtx<'_>) -> Result<Box<dyn TensorMerge<f64>>> {
+        (self.method.build_f64)(ctx)
+    }
+}

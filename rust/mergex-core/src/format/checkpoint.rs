@@ -1,0 +1,217 @@
+//! A model checkpoint: one safetensors file, a folder holding one, or a sharded folder with
+//! `model.safetensors.index.json`.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use super::file::SafeFile;
+use super::header::TensorEntry;
+use crate::error::{Error, Result};
+
+/// The index file name of a sharded checkpoint.
+pub const INDEX_NAME: &str = "model.safetensors.index.json";
+
+const PICKLE_NAMES: &[&str] = &[
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+    "model.pt",
+    "model.bin",
+];
+
+/// An opened checkpoint: its files and where each tensor lives.
+#[derive(Debug)]
+pub struct Checkpoint {
+    root: PathBuf,
+    files: Vec<Arc<SafeFile>>,
+    tensors: HashMap<String, usize>,
+}
+
+impl Checkpoint {
+    /// Open a checkpoint folder or a single `.safetensors` file.
+    pub fn open(path: &Path) -> Result<Self> {
+        let meta = std::fs::metadata(path).map_err(|e| Error::io(path, "open", e))?;
+        if meta.is_file() {
+            if is_pickle_name(path) {
+                return Err(Error::PickleCheckpoint {
+                    path: path.to_path_buf(),
+                });
+            }
+            return Self::from_files(path, vec![path.to_path_buf()], None);
+        }
+        let index = path.join(INDEX_NAME);
+        if index.is_file() {
+            return Self::open_index(path, &index);
+        }
+        let single = path.join("model.safetensors");
+        if single.is_file() {
+            return Self::from_files(path, vec![single], None);
+        }
+        let mut found: Vec<PathBuf> = std::fs::read_dir(path)
+            .map_err(|e| Error::io(path, "list", e))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "safetensors") && p.is_file())
+            .collect();
+        found.sort();
+        if !found.is_empty() {
+            return Self::from_files(path, found, None);
+        }
+        for name in PICKLE_NAMES {
+            if path.join(name).exists() {
+                return Err(Error::PickleCheckpoint {
+                    path: path.join(name),
+                });
+            }
+        }
+        Err(Error::NoCheckpoint {
+            dir: path.to_path_buf(),
+        })
+    }
+
+    fn open_index(dir: &Path, index: &Path) -> Result<Self> {
+        let bad = |message: &str| Error::IndexJson {
+            path: index.to_path_buf(),
+            message: message.into(),
+        };
+        let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, "read", e))?;
+        let json: Value = serde_json::from_str(&text).map_err(|e| bad(&e.to_string()))?;
+        let map = json
+            .get("weight_map")
+            .and_then(Value::as_object)
+            .ok_or_else(|| bad("no 'weight_map' object"))?;
+        let real_dir = dir
+            .canonicalize()
+            .map_err(|e| Error::io(dir, "resolve", e))?;
+        let mut shards: Vec<String> = Vec::new();
+        let mut wanted = BTreeMap::new();
+        for (tensor, shard) in map {
+            let shard = shard
+                .as_str()
+                .ok_or_else(|| bad(&format!("shard of '{tensor}' is not a string")))?;
+            if !shards.iter().any(|s| s == shard) {
+                shards.push(shard.to_string());
+            }
+            wanted.insert(tensor.clone(), shard.to_string());
+        }
+        let mut paths = Vec::with_capacity(shards.len());
+        for shard in &shards {
+            paths.push(shard_path(dir, &real_dir, index, shard)?);
+        }
+        Self::from_files(dir, paths, Some((index, shards, wanted)))
+    }
+
+    fn from_files(
+        root: &Path,
+        paths: Vec<PathBuf>,
+        index: Option<(&Path, Vec<String>, BTreeMap<String, String>)>,
+    ) -> Result<Self> {
+        let files = paths
+            .iter()
+            .map(|p| SafeFile::open(p).map(Arc::new))
+            .collect::<Result<Vec<_>>>()?;
+        let mut tensors = HashMap::new();
+        match index {
+            Some((index, shards, wanted)) => {
+                for (tensor, shard) in wanted {
+                    let i = shards.iter().position(|s| *s == shard).unwrap_or(0);
+                    if files.get(i).and_then(|f| f.tensor(&tensor)).is_none() {
+                        return Err(Error::IndexMismatch {
+                            index: index.to_path_buf(),
+                            tensor,
+                            shard,
+                        });
+                    }
+                    tensors.insert(tensor, i);
+                }
+            }
+            None => {
+                for (i, f) in files.iter().enumerate() {
+                    for t in &f.header().tensors {
+                        if tensors.insert(t.name.clone(), i).is_some() {
+                            return Err(Error::DuplicateTensor {
+                                path: f.path().to_path_buf(),
+                                tensor: t.name.clone(),
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        Ok(Checkpoint {
+            root: root.to_path_buf(),
+            files,
+            tensors,
+        })
+    }
+
+    /// The folder or file this checkpoint was opened from.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The files of the checkpoint.
+    pub fn files(&self) -> &[Arc<SafeFile>] {
+        &self.files
+    }
+
+    /// Find a tensor: the file holding it and its entry.
+    pub fn get(&self, name: &str) -> Option<(&Arc<SafeFile>, &TensorEntry)> {
+        let f = self.files.get(*self.tensors.get(name)?)?;
+        Some((f, f.tensor(name)?))
+    }
+
+    /// Like [`Checkpoint::get`], but a missing tensor is an error naming the files searched.
+    pub fn require(&self, name: &str) -> Result<(&Arc<SafeFile>, &TensorEntry)> {
+        self.get(name).ok_or_else(|| Error::MissingTensor {
+            model: self.root.clone(),
+            tensor: name.to_string(),
+            files: self
+                .files
+                .iter()
+                .map(|f| f.path().display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
+    }
+
+    /// All tensors, in file order then data order.
+    pub fn entries(&self) -> impl Iterator<Item = (&Arc<SafeFile>, &TensorEntry)> {
+        self.files.iter().flat_map(move |f| {
+            f.header()
+                .tensors
+                .iter()
+                .filter(move |t| self.get(&t.name).is_some_and(|(g, _)| Arc::ptr_eq(g, f)))
+                .map(move |t| (f, t))
+        })
+    }
+}
+
+fn is_pickle_name(path: &Path) -> bool {
+    path.extension()
+        .is_some_and(|x| x == "bin" || x == "pt" || x == "pth" || x == "ckpt" || x == "pkl")
+}
+
+/// Resolve a shard name from an index, refusing anything that leaves the model folder.
+fn shard_path(dir: &Path, real_dir: &Path, index: &Path, shard: &str) -> Result<PathBuf> {
+    let outside = || Error::ShardOutsideFolder {
+        index: index.to_path_buf(),
+        shard: shard.to_string(),
+    };
+    let rel = Path::new(shard);
+    if shard.is_empty() || !rel.components().all(|c| matches!(c, Component::Normal(_))) {
+        return Err(outside());
+    }
+    let path = dir.join(rel);
+    let real = path
+        .canonicalize()
+        .map_err(|e| Error::io(&path, "open", e))?;
+    if !real.starts_with(real_dir) {
+        return Err(outside());
+    }
+    if is_pickle_name(&path) {
+        return Err(Error::PickleCheckpoint { path });
+    }
+    Ok(path)
+}

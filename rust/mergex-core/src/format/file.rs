@@ -1,0 +1,154 @@
+//! One safetensors file, memory-mapped, with its validated header.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Read;
+use std::path::{Path, PathBuf};
+
+use memmap2::{Mmap, MmapOptions};
+
+use super::header::{parse_header, Header, TensorEntry, MAX_HEADER_LEN};
+use crate::error::{Error, Result};
+
+/// A memory-mapped safetensors file.
+#[derive(Debug)]
+pub struct SafeFile {
+    path: PathBuf,
+    map: Mmap,
+    header: Header,
+    by_name: HashMap<String, usize>,
+}
+
+impl SafeFile {
+    /// Open `path`, validate its header and map it read-only.
+    pub fn open(path: &Path) -> Result<Self> {
+        let mut file = File::open(path).map_err(|e| Error::io(path, "open", e))?;
+        let file_len = file
+            .metadata()
+            .map_err(|e| Error::io(path, "stat", e))?
+            .len();
+        if file_len < 8 {
+            return Err(Error::FileTooSmall {
+                path: path.to_path_buf(),
+                len: file_len,
+            });
+        }
+        let mut prefix = [0u8; 8];
+        file.read_exact(&mut prefix)
+            .map_err(|e| Error::io(path, "read", e))?;
+        let header_len = u64::from_le_bytes(prefix);
+        if header_len > file_len - 8 || header_len > MAX_HEADER_LEN {
+            return Err(Error::HeaderLength {
+                path: path.to_path_buf(),
+                header_len,
+                file_len,
+            });
+        }
+        let mut json = vec![0u8; header_len as usize];
+        file.read_exact(&mut json)
+            .map_err(|e| Error::io(path, "read", e))?;
+        let header = parse_header(path, &json, file_len - 8 - header_len)?;
+        // SAFETY: the map is read-only and private to this process. mergex never writes to
+        // its inputs; another process truncating the file during a merge could fault the
+        // reads (SIGBUS), which the merge-time size check in `check_unchanged` narrows.
+        let map = unsafe { MmapOptions::new().len(file_len as usize).map(&file) }
+            .map_err(|e| Error::io(path, "map", e))?;
+        let by_name = header
+            .tensors
+            .iter()
+            .enumerate()
+            .map(|(i, t)| (t.name.clone(), i))
+            .collect();
+        Ok(SafeFile {
+            path: path.to_path_buf(),
+            map,
+            header,
+            by_name,
+        })
+    }
+
+    /// The file's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The validated header.
+    pub fn header(&self) -> &Header {
+        &self.header
+    }
+
+    /// Look a tensor up by name.
+    pub fn tensor(&self, name: &str) -> Option<&TensorEntry> {
+        self.by_name
+            .get(name)
+            .and_then(|&i| self.header.tensors.get(i))
+    }
+
+    /// Bytes `[begin, end)` of a tensor's data (offsets relative to the tensor's start).
+    /// The caller keeps the range within the tensor; out-of-range requests return an error.
+    pub fn bytes(&self, t: &TensorEntry, begin: u64, end: u64) -> Result<&[u8]> {
+        let start = self.header.data_start + t.begin + begin;
+        let stop = self.header.data_start + t.begin + end;
+        if end < begin || t.begin + end > t.end {
+            return Err(Error::OffsetsOutOfFile {
+                path: self.path.clone(),
+                tensor: t.name.clone(),
+                begin: t.begin + begin,
+                end: t.begin + end,
+                data_len: t.end,
+            });
+        }
+        self.map
+            .get(start as usize..stop as usize)
+            .ok_or_else(|| Error::OffsetsOutOfFile {
+                path: self.path.clone(),
+                tensor: t.name.clone(),
+                begin: start,
+                end: stop,
+                data_len: self.map.len() as u64,
+            })
+    }
+
+    /// Drop the mapped pages covering `bytes` of a tensor from this process's resident set.
+    /// Pages are widened to page boundaries: a neighbour that still needs one simply faults
+    /// it back in from the page cache, which is correct because the map is never written.
+    pub fn release(&self, t: &TensorEntry, begin: u64, end: u64) {
+        self.advise(t, begin, end, libc::MADV_DONTNEED);
+    }
+
+    /// Ask the kernel to start reading `bytes` of a tensor ahead of use.
+    pub fn prefetch(&self, t: &TensorEntry, begin: u64, end: u64) {
+        self.advise(t, begin, end, libc::MADV_WILLNEED);
+    }
+
+    fn advise(&self, t: &TensorEntry, begin: u64, end: u64, advice: libc::c_int) {
+        let page = page_size();
+        let start = (self.header.data_start + t.begin + begin) as usize / page * page;
+        let stop = ((self.header.data_start + t.begin + end) as usize).min(self.map.len());
+        if stop <= start {
+            return;
+        }
+        let len = (stop - start).div_ceil(page) * page;
+        // SAFETY: [start, start+len) lies within the mapping (rounded up to whole pages,
+        // which the kernel mapped), `start` is page-aligned, and the mapping is read-only
+        // file-backed memory, so MADV_DONTNEED only discards pages that are re-read from
+        // the file on the next access. The return value is advisory and ignored.
+        unsafe {
+            libc::madvise(
+                self.map.as_ptr().add(start) as *mut libc::c_void,
+                len,
+                advice,
+            );
+        }
+    }
+}
+
+fn page_size() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if p > 0 {
+        p as usize
+    } else {
+        4096
+    }
+}

@@ -1,0 +1,7 @@
+//! Reading and writing the safetensors format.
+
+pub mod checkpoint;
+pub mod dtype;
+pub mod file;
+pub mod header;
+pub mod writer;

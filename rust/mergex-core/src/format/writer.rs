@@ -1,0 +1,257 @@
+//! The streaming writer: every header is computed up front from the plan, so each chunk
+//! can be written at its final offset, in any order, by any thread.
+
+use std::collections::BTreeMap;
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+use serde_json::{json, Map, Value};
+
+use super::checkpoint::INDEX_NAME;
+use super::dtype::Dtype;
+use crate::error::{Error, Result};
+
+/// One output tensor as the writer needs it.
+#[derive(Debug, Clone)]
+pub struct OutTensor {
+    /// Name in the output checkpoint.
+    pub name: String,
+    /// Output dtype.
+    pub dtype: Dtype,
+    /// Output shape.
+    pub shape: Vec<u64>,
+}
+
+impl OutTensor {
+    /// Bytes of data.
+    pub fn nbytes(&self) -> u64 {
+        self.shape.iter().product::<u64>() * self.dtype.size() as u64
+    }
+}
+
+/// Where an output tensor's data lives.
+#[derive(Debug, Clone, Copy)]
+pub struct Placement {
+    /// Index of the shard file.
+    pub shard: usize,
+    /// Absolute byte offset of the tensor's data in that file.
+    pub offset: u64,
+}
+
+/// One output file, with its serialized header.
+#[derive(Debug, Clone)]
+pub struct Shard {
+    /// File name within the output folder.
+    pub file_name: String,
+    /// The 8-byte length prefix and the padded JSON header.
+    pub header: Vec<u8>,
+    /// Indices of the tensors it holds, in data order.
+    pub tensors: Vec<usize>,
+    /// Total file length.
+    pub len: u64,
+}
+
+/// The complete output layout.
+#[derive(Debug, Clone)]
+pub struct Layout {
+    /// The files.
+    pub shards: Vec<Shard>,
+    /// Per output tensor, where its data goes.
+    pub placements: Vec<Placement>,
+    /// Sum of all tensors' bytes.
+    pub total_size: u64,
+}
+
+/// Split tensors into shards of at most `shard_size` data bytes (a larger tensor gets a
+/// shard of its own) and serialize each shard's header.
+pub fn layout(
+    tensors: &[OutTensor],
+    shard_size: u64,
+    metadata: &BTreeMap<String, String>,
+) -> Result<Layout> {
+    let mut groups: Vec<Vec<usize>> = vec![Vec::new()];
+    let mut current = 0u64;
+    for (i, t) in tensors.iter().enumerate() {
+        let n = t.nbytes();
+        if let Some(last) = groups.last_mut() {
+            if !last.is_empty() && current + n > shard_size {
+                groups.push(Vec::new());
+                current = 0;
+            }
+        }
+        if let Some(last) = groups.last_mut() {
+            last.push(i);
+        }
+        current += n;
+    }
+    let count = groups.len();
+    let mut placements = vec![
+        Placement {
+            shard: 0,
+            offset: 0
+        };
+        tensors.len()
+    ];
+    let mut shards = Vec::with_capacity(count);
+    for (s, group) in groups.into_iter().enumerate() {
+        let file_name = if count == 1 {
+            "model.safetensors".to_string()
+        } else {
+            format!("model-{:05}-of-{:05}.safetensors", s + 1, count)
+        };
+        let mut header = Map::new();
+        let mut meta = Map::new();
+        meta.insert("format".into(), Value::String("pt".into()));
+        for (k, v) in metadata {
+            meta.insert(k.clone(), Value::String(v.clone()));
+        }
+        header.insert("__metadata__".into(), Value::Object(meta));
+        let mut offset = 0u64;
+        let mut rel = Vec::with_capacity(group.len());
+        for &i in &group {
+            let t = &tensors[i];
+            let end = offset + t.nbytes();
+            header.insert(
+                t.name.clone(),
+                json!({"dtype": t.dtype.name(), "shape": t.shape, "data_offsets": [offset, end]}),
+            );
+            rel.push((i, offset));
+            offset = end;
+        }
+        let mut bytes = serde_json::to_vec(&Value::Object(header))
+            .map_err(|e| Error::job("output header", e.to_string()))?;
+        while bytes.len() % 8 != 0 {
+            bytes.push(b' ');
+        }
+        let data_start = 8 + bytes.len() as u64;
+        let mut full = Vec::with_capacity(bytes.len() + 8);
+        full.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
+        full.extend_from_slice(&bytes);
+        for (i, off) in rel {
+            placements[i] = Placement {
+                shard: s,
+                offset: data_start + off,
+            };
+        }
+        shards.push(Shard {
+            file_name,
+            header: full,
+            tensors: group,
+            len: data_start + offset,
+        });
+    }
+    let total_size = tensors.iter().map(OutTensor::nbytes).sum();
+    Ok(Layout {
+        shards,
+        placements,
+        total_size,
+    })
+}
+
+/// Open output files, already sized, with their headers written.
+#[derive(Debug)]
+pub struct Writer {
+    files: Vec<(PathBuf, File)>,
+}
+
+impl Writer {
+    /// Create every shard of `layout` in `dir` (which must exist).
+    pub fn create(dir: &Path, layout: &Layout) -> Result<Self> {
+        let mut files = Vec::with_capacity(layout.shards.len());
+        for shard in &layout.shards {
+            let path = dir.join(&shard.file_name);
+            let file = File::options()
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .map_err(|e| Error::io(&path, "create", e))?;
+            file.set_len(shard.len)
+                .map_err(|e| Error::io(&path, "resize", e))?;
+            file.write_all_at(&shard.header, 0)
+                .map_err(|e| Error::io(&path, "write", e))?;
+            files.push((path, file));
+        }
+        Ok(Writer { files })
+    }
+
+    /// Write `bytes` at absolute `offset` of shard `shard`.
+    pub fn write_at(&self, shard: usize, offset: u64, bytes: &[u8]) -> Result<()> {
+        let (path, file) = self
+            .files
+            .get(shard)
+            .ok_or_else(|| Error::job("output", format!("no shard {shard}")))?;
+        file.write_all_at(bytes, offset)
+            .map_err(|e| Error::io(path, "write", e))
+    }
+
+    /// Flush everything to disk.
+    pub fn finish(self) -> Result<Vec<PathBuf>> {
+        let mut out = Vec::with_capacity(self.files.len());
+        for (path, file) in self.files {
+            file.sync_all().map_err(|e| Error::io(&path, "sync", e))?;
+            out.push(path);
+        }
+        Ok(out)
+    }
+}
+
+/// Write `model.safetensors.index.json` for a sharded layout.
+pub fn write_index(dir: &Path, tensors: &[OutTensor], layout: &Layout) -> Result<PathBuf> {
+    let mut weight_map = BTreeMap::new();
+    for (t, p) in tensors.iter().zip(&layout.placements) {
+        if let Some(s) = layout.shards.get(p.shard) {
+            weight_map.insert(t.name.clone(), s.file_name.clone());
+        }
+    }
+    let index = json!({"metadata": {"total_size": layout.total_size}, "weight_map": weight_map});
+    let path = dir.join(INDEX_NAME);
+    let text =
+        serde_json::to_string_pretty(&index).map_err(|e| Error::job("index", e.to_string()))?;
+    std::fs::write(&path, text + "\n").map_err(|e| Error::io(&path, "write", e))?;
+    Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(name: &str, n: u64) -> OutTensor {
+        OutTensor {
+            name: name.into(),
+            dtype: Dtype::F32,
+            shape: vec![n],
+        }
+    }
+
+    #[test]
+    fn shards_split_at_the_size_limit() {
+        let ts = [t("a", 10), t("b", 10), t("c", 30), t("d", 1)];
+        let l = layout(&ts, 80, &BTreeMap::new()).unwrap();
+        // a+b = 80 bytes fit; c (120 bytes) alone; d next.
+        assert_eq!(l.shards.len(), 3);
+        assert_eq!(l.shards[0].tensors, vec![0, 1]);
+        assert_eq!(l.shards[1].tensors, vec![2]);
+        assert_eq!(l.shards[2].file_name, "model-00003-of-00003.safetensors");
+        assert_eq!(l.total_size, 204);
+        for s in &l.shards {
+            assert_eq!((s.header.len() - 8) % 8, 0);
+        }
+    }
+
+    #[test]
+    fn header_parses_back() {
+        let ts = [t("a", 3), t("b", 2)];
+        let l = layout(&ts, u64::MAX, &BTreeMap::new()).unwrap();
+        let s = &l.shards[0];
+        let h = crate::format::header::parse_header(
+            Path::new("out"),
+            &s.header[8..],
+            s.len - s.header.len() as u64,
+        )
+        .unwrap();
+        assert_eq!(h.tensors.len(), 2);
+        assert_eq!(h.metadata["format"], "pt");
+        assert_eq!(l.placements[1].offset, s.header.len() as u64 + 12);
+    }
+}

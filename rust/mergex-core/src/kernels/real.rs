@@ -1,0 +1,214 @@
+//! The working-precision scalar: f32 normally, f64 when an input tensor is F64
+//! (METHODS.md §0). Kernels are written once, generic over [`Real`].
+
+use std::fmt::Debug;
+use std::ops::{Add, AddAssign, Div, Mul, Neg, Sub};
+use std::sync::OnceLock;
+
+use crate::format::dtype::{bf16_to_f32, f32_to_bf16, f8_table, Dtype};
+
+/// A floating-point working type.
+pub trait Real:
+    Copy
+    + Debug
+    + Default
+    + Send
+    + Sync
+    + PartialOrd
+    + Add<Output = Self>
+    + AddAssign
+    + Sub<Output = Self>
+    + Mul<Output = Self>
+    + Div<Output = Self>
+    + Neg<Output = Self>
+    + 'static
+{
+    /// Zero.
+    const ZERO: Self;
+    /// One.
+    const ONE: Self;
+    /// Bytes per value.
+    const BYTES: usize;
+    /// Convert a parameter (already rounded to f32 by the planner) or a statistic.
+    fn from_f64(v: f64) -> Self;
+    /// Widen for whole-tensor reductions.
+    fn to_f64(self) -> f64;
+    /// Decode `out.len()` values of `dtype` from little-endian `bytes`.
+    fn decode(dtype: Dtype, bytes: &[u8], out: &mut [Self]);
+    /// Round `vals` once (round-to-nearest-even) to `dtype`, little-endian, into `out`.
+    fn encode(vals: &[Self], dtype: Dtype, out: &mut [u8]);
+}
+
+fn table(dtype: Dtype) -> &'static [f32; 256] {
+    static E4M3: OnceLock<[f32; 256]> = OnceLock::new();
+    static E5M2: OnceLock<[f32; 256]> = OnceLock::new();
+    match dtype {
+        Dtype::F8_E5M2 => E5M2.get_or_init(|| f8_table(Dtype::F8_E5M2)),
+        _ => E4M3.get_or_init(|| f8_table(Dtype::F8_E4M3)),
+    }
+}
+
+/// Decode any float dtype to f32 values through `f`, which receives each decoded f32
+/// (or, for F64, the f64 value).
+macro_rules! decode_into {
+    ($dtype:expr, $bytes:expr, $out:expr, $from32:expr, $from64:expr) => {{
+        let out = $out;
+        match $dtype {
+            Dtype::F32 => {
+                for (o, c) in out.iter_mut().zip($bytes.chunks_exact(4)) {
+                    *o = $from32(f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+                }
+            }
+            Dtype::BF16 => {
+                for (o, c) in out.iter_mut().zip($bytes.chunks_exact(2)) {
+                    *o = $from32(bf16_to_f32(u16::from_le_bytes([c[0], c[1]])));
+                }
+            }
+            Dtype::F16 => {
+                for (o, c) in out.iter_mut().zip($bytes.chunks_exact(2)) {
+                    *o = $from32(half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32());
+                }
+            }
+            Dtype::F64 => {
+                for (o, c) in out.iter_mut().zip($bytes.chunks_exact(8)) {
+                    let mut b = [0u8; 8];
+                    b.copy_from_slice(c);
+                    *o = $from64(f64::from_le_bytes(b));
+                }
+            }
+            Dtype::F8_E4M3 | Dtype::F8_E5M2 => {
+                let t = table($dtype);
+                for (o, &b) in out.iter_mut().zip($bytes.iter()) {
+                    *o = $from32(t[b as usize]);
+                }
+            }
+            // Integer dtypes never reach a kernel: the engine copies them byte for byte.
+            _ => out.fill(Default::default()),
+        }
+    }};
+}
+
+impl Real for f32 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+    const BYTES: usize = 4;
+    #[inline(always)]
+    fn from_f64(v: f64) -> Self {
+        v as f32
+    }
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        self as f64
+    }
+    fn decode(dtype: Dtype, bytes: &[u8], out: &mut [Self]) {
+        decode_into!(dtype, bytes, out, |x: f32| x, |x: f64| x as f32)
+    }
+    fn encode(vals: &[Self], dtype: Dtype, out: &mut [u8]) {
+        match dtype {
+            Dtype::BF16 => {
+                for (c, &v) in out.chunks_exact_mut(2).zip(vals) {
+                    c.copy_from_slice(&f32_to_bf16(v).to_le_bytes());
+                }
+            }
+            Dtype::F16 => {
+                for (c, &v) in out.chunks_exact_mut(2).zip(vals) {
+                    c.copy_from_slice(&half::f16::from_f32(v).to_bits().to_le_bytes());
+                }
+            }
+            Dtype::F64 => {
+                for (c, &v) in out.chunks_exact_mut(8).zip(vals) {
+                    c.copy_from_slice(&(v as f64).to_le_bytes());
+                }
+            }
+            _ => {
+                for (c, &v) in out.chunks_exact_mut(4).zip(vals) {
+                    c.copy_from_slice(&v.to_le_bytes());
+                }
+            }
+        }
+    }
+}
+
+/// Round an f64 to bf16 in one step (no double rounding): truncate to f32, make the
+/// discarded bits sticky in the last f32 bit (round-to-odd), then round that to bf16.
+fn f64_to_bf16(x: f64) -> u16 {
+    let y = x as f32;
+    if !y.is_finite() || y as f64 == x {
+        return f32_to_bf16(y);
+    }
+    let mut bits = y.to_bits();
+    if (y as f64).abs() > x.abs() {
+        bits -= 1; // step toward zero: the truncated value
+    }
+    f32_to_bf16(f32::from_bits(bits | 1))
+}
+
+impl Real for f64 {
+    const ZERO: Self = 0.0;
+    const ONE: Self = 1.0;
+    const BYTES: usize = 8;
+    #[inline(always)]
+    fn from_f64(v: f64) -> Self {
+        v
+    }
+    #[inline(always)]
+    fn to_f64(self) -> f64 {
+        self
+    }
+    fn decode(dtype: Dtype, bytes: &[u8], out: &mut [Self]) {
+        decode_into!(dtype, bytes, out, |x: f32| x as f64, |x: f64| x)
+    }
+    fn encode(vals: &[Self], dtype: Dtype, out: &mut [u8]) {
+        match dtype {
+            Dtype::BF16 => {
+                for (c, &v) in out.chunks_exact_mut(2).zip(vals) {
+                    c.copy_from_slice(&f64_to_bf16(v).to_le_bytes());
+                }
+            }
+            Dtype::F16 => {
+                for (c, &v) in out.chunks_exact_mut(2).zip(vals) {
+                    c.copy_from_slice(&half::f16::from_f64(v).to_bits().to_le_bytes());
+                }
+            }
+            Dtype::F32 => {
+                for (c, &v) in out.chunks_exact_mut(4).zip(vals) {
+                    c.copy_from_slice(&(v as f32).to_le_bytes());
+                }
+            }
+            _ => {
+                for (c, &v) in out.chunks_exact_mut(8).zip(vals) {
+                    c.copy_from_slice(&v.to_le_bytes());
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn f64_to_bf16_has_no_double_rounding() {
+        // Just above the bf16 halfway point between 1.0 and 1+2^-7, but the excess is
+        // below f32 resolution: f64 -> f32 would round to the exact halfway point and
+        // then to even (1.0); the correct single rounding goes up.
+        let x = 1.0 + 2f64.powi(-8) + 2f64.powi(-40);
+        assert_eq!(f64_to_bf16(x), 0x3f81);
+        assert_eq!(f64_to_bf16(-x), 0xbf81);
+        assert_eq!(f64_to_bf16(1.0 + 2f64.powi(-8)), 0x3f80);
+        assert_eq!(f64_to_bf16(1.5), 0x3fc0);
+    }
+
+    #[test]
+    fn encode_decode_round_trip() {
+        let vals = [1.5f32, -2.25, 0.0, 1024.0];
+        for d in [Dtype::F32, Dtype::F16, Dtype::BF16, Dtype::F64] {
+            let mut bytes = vec![0u8; vals.len() * d.size()];
+            f32::encode(&vals, d, &mut bytes);
+            let mut back = [0f32; 4];
+            f32::decode(d, &bytes, &mut back);
+            assert_eq!(back, vals, "{d:?}");
+        }
+    }
+}

@@ -1,0 +1,47 @@
+//! `linear`: a weighted average (METHODS.md §1).
+
+use super::{param, ChunkInputs, TensorCtx, TensorMerge};
+use crate::error::Result;
+use crate::kernels::{axpy, real::Real};
+
+struct Linear<T> {
+    weights: Vec<T>,
+    /// Σ w_i in f32, config order; `None` when not normalizing.
+    divisor: Option<T>,
+}
+
+pub(super) fn build<T: Real>(ctx: &TensorCtx<'_>) -> Result<Box<dyn TensorMerge<T>>> {
+    let weights = (0..ctx.job.inputs.len())
+        .map(|i| ctx.model_param(i, "weight").map(param::<T>))
+        .collect::<Result<Vec<T>>>()?;
+    let divisor = if ctx.flag("normalize")? {
+        let mut sum = T::ZERO;
+        for &w in &weights {
+            sum += w;
+        }
+        if sum == T::ZERO {
+            return Err(ctx.bad_param(
+                "weight",
+                "the weights sum to 0, so normalize would divide by zero",
+            ));
+        }
+        Some(sum)
+    } else {
+        None
+    };
+    Ok(Box::new(Linear { weights, divisor }))
+}
+
+impl<T: Real> TensorMerge<T> for Linear<T> {
+    fn merge_chunk(&self, x: &ChunkInputs<'_, T>, out: &mut [T]) {
+        out.fill(T::ZERO);
+        for (&w, xs) in self.weights.iter().zip(x.models) {
+            axpy(out, w, xs);
+        }
+        if let Some(d) = self.divisor {
+            for o in out.iter_mut() {
+                *o = *o / d;
+            }
+        }
+    }
+}

@@ -1,0 +1,42 @@
+//! `passthrough`: one input per output tensor, optionally scaled (METHODS.md §5).
+
+use super::{param, ChunkInputs, TensorCtx, TensorMerge};
+use crate::error::Result;
+use crate::kernels::real::Real;
+
+struct Passthrough<T> {
+    scale: Option<T>,
+}
+
+pub(super) fn build<T: Real>(ctx: &TensorCtx<'_>) -> Result<Box<dyn TensorMerge<T>>> {
+    if ctx.job.inputs.len() != 1 {
+        return Err(ctx.bad_param(
+            "models",
+            format!(
+                "passthrough takes exactly one input per tensor, got {}",
+                ctx.job.inputs.len()
+            ),
+        ));
+    }
+    Ok(Box::new(Passthrough {
+        scale: ctx.model_param_opt(0, "scale").map(param::<T>),
+    }))
+}
+
+impl<T: Real> TensorMerge<T> for Passthrough<T> {
+    fn merge_chunk(&self, x: &ChunkInputs<'_, T>, out: &mut [T]) {
+        let Some(src) = x.models.first() else { return };
+        match self.scale {
+            Some(s) => {
+                for (o, &v) in out.iter_mut().zip(src.iter()) {
+                    *o = v * s;
+                }
+            }
+            None => {
+                for (o, &v) in out.iter_mut().zip(src.iter()) {
+                    *o = v;
+                }
+            }
+        }
+    }
+}
