@@ -1,7 +1,12 @@
 """Type stubs of the Rust extension (checked against it by mypy.stubtest)."""
 
+from typing import final
+
+__all__ = ["MergeJob", "__version__", "inspect"]
+
 __version__: str
 
+@final
 class MergeJob:
     """A validated merge job: inputs opened, output laid out."""
 

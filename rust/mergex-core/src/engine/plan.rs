@@ -18,7 +18,7 @@ use crate::methods::{self, BaseUse, MethodInfo, TensorCtx};
 /// The smallest RAM budget accepted.
 pub const MIN_RAM_BUDGET: u64 = 64 * 1024;
 /// Largest chunk, in elements: beyond this, bigger chunks buy nothing.
-const MAX_CHUNK: u64 = 1 << 24;
+const MAX_CHUNK: u64 = 1 << 20;
 /// Share of the budget given to chunk buffers; the rest covers page rounding, read-ahead
 /// and allocator slack.
 const WORK_PERCENT: u64 = 85;

@@ -5,6 +5,7 @@
 
 use std::path::Path;
 use std::sync::atomic::Ordering;
+use std::sync::Mutex;
 
 use rayon::prelude::*;
 use serde::Serialize;
@@ -46,6 +47,32 @@ impl<T: Real> Scratch<T> {
     }
 }
 
+/// One [`Scratch`] per pool thread, kept for the whole run: fresh buffers for every chunk
+/// would cost a page fault per 4 KiB of zeroed memory, more than the merge arithmetic.
+struct Scratches<T>(Vec<Mutex<Scratch<T>>>);
+
+impl<T: Real> Scratches<T> {
+    fn new(threads: usize) -> Self {
+        Scratches(
+            (0..threads.max(1))
+                .map(|_| Mutex::new(Scratch::new()))
+                .collect(),
+        )
+    }
+
+    /// Run `f` with this pool thread's scratch. A chunk never waits on other rayon work
+    /// while holding it, so the lock is uncontended.
+    fn with<R>(&self, f: impl FnOnce(&mut Scratch<T>) -> R) -> R {
+        let i = rayon::current_thread_index().unwrap_or(0) % self.0.len();
+        let slot = self.0.get(i).or(self.0.first());
+        match slot.map(|m| m.lock()) {
+            Some(Ok(mut s)) => f(&mut s),
+            Some(Err(poisoned)) => f(&mut poisoned.into_inner()),
+            None => f(&mut Scratch::new()),
+        }
+    }
+}
+
 impl Engine {
     /// Write the merged checkpoint into `dir` (an existing, empty folder).
     pub fn run(&self, dir: &Path, progress: &Progress) -> Result<RunSummary> {
@@ -64,14 +91,18 @@ impl Engine {
             .thread_name(|i| format!("mergex-{i}"))
             .build()
             .map_err(|e| Error::job("threads", e.to_string()))?;
+        let (s32, s64) = (
+            Scratches::<f32>::new(self.job.threads),
+            Scratches::<f64>::new(self.job.threads),
+        );
         pool.install(|| -> Result<()> {
             for (t, place) in self.tensors.iter().zip(&self.layout.placements) {
                 if t.copy {
                     self.copy_tensor(t, *place, &writer, progress)?;
                 } else if t.wide {
-                    self.merge_tensor::<f64>(t, *place, &writer, progress)?;
+                    self.merge_tensor(t, *place, &writer, progress, &s64)?;
                 } else {
-                    self.merge_tensor::<f32>(t, *place, &writer, progress)?;
+                    self.merge_tensor(t, *place, &writer, progress, &s32)?;
                 }
                 progress.tensors_done.fetch_add(1, Ordering::Relaxed);
             }
@@ -137,6 +168,7 @@ impl Engine {
         place: Placement,
         writer: &Writer,
         progress: &Progress,
+        scratch: &Scratches<T>,
     ) -> Result<()>
     where
         Self: Build<T>,
@@ -153,23 +185,25 @@ impl Engine {
             let m = &*merger;
             let stats = chunks
                 .par_iter()
-                .map_init(Scratch::<T>::new, |s, &(start, len)| {
-                    with_chunk(t, s, start, len, progress, |x, _| m.stat_chunk(pass, x))
+                .map(|&(start, len)| {
+                    scratch.with(|s| {
+                        with_chunk(t, s, start, len, progress, |x, _| m.stat_chunk(pass, x))
+                    })
                 })
                 .try_reduce(Stats::default, |a, b| Ok(a.merge(b)))?;
             merger.end_pass(pass, stats)?;
         }
         let m = &*merger;
         let size = t.out.dtype.size() as u64;
-        chunks
-            .par_iter()
-            .try_for_each_init(Scratch::<T>::new, |s, &(start, len)| {
+        chunks.par_iter().try_for_each(|&(start, len)| {
+            scratch.with(|s| {
                 with_chunk(t, s, start, len, progress, |x, (out, bytes)| {
                     m.merge_chunk(x, out);
                     T::encode(out, t.out.dtype, bytes);
                     writer.write_at(place.shard, place.offset + start * size, bytes)
                 })
             })
+        })
     }
 }
 

@@ -190,17 +190,19 @@ fn parse_entry(path: &Path, name: String, value: &Value) -> Result<TensorEntry> 
 /// Sort by offset and check that the tensors tile `[0, data_len)` exactly.
 fn check_layout(path: &Path, tensors: &mut [TensorEntry], data_len: u64) -> Result<()> {
     tensors.sort_by(|a, b| (a.begin, a.end, &a.name).cmp(&(b.begin, b.end, &b.name)));
+    // Out-of-file offsets first, so the message names the tensor at fault rather than
+    // the neighbour whose gap it leaves.
+    if let Some(t) = tensors.iter().find(|t| t.end > data_len) {
+        return Err(Error::OffsetsOutOfFile {
+            path: path.to_path_buf(),
+            tensor: t.name.clone(),
+            begin: t.begin,
+            end: t.end,
+            data_len,
+        });
+    }
     let mut expected = 0u64;
     for t in tensors.iter() {
-        if t.end > data_len {
-            return Err(Error::OffsetsOutOfFile {
-                path: path.to_path_buf(),
-                tensor: t.name.clone(),
-                begin: t.begin,
-                end: t.end,
-                data_len,
-            });
-        }
         if t.begin != expected {
             return Err(Error::OffsetsNotContiguous {
                 path: path.to_path_buf(),

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The whole test suite, from a fresh clone: installs what it needs, then lint, Rust tests,
+# the Python package, type checks and pytest. Usage: bash scripts/test.sh [pytest args...]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+step() { printf '\n==> %s\n' "$*"; }
+
+step "install build and test tools"
+python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
+    "maturin>=1.7,<2" pytest numpy safetensors hypothesis mypy ruff types-PyYAML psutil
+
+step "rust: format and lint"
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+step "rust: tests"
+cargo test -p mergex-core --locked
+
+step "python: build and install mergex"
+python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore --force-reinstall --no-deps .
+python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore .
+
+step "python: lint and types"
+ruff check python tests benches examples
+ruff format --check python tests benches examples
+mypy
+python3 -m mypy.stubtest mergex._mergex
+
+step "python: tests"
+python3 -m pytest -q "$@"

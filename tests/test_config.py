@@ -1,0 +1,308 @@
+"""Configuration semantics (CONFIG.md): gradients, filters, the lookup order, per-layer
+positions, slices, model references, and the planner's shape and dtype rules."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import mergex
+import models
+import numpy as np
+import pytest
+from mergex.params import NOT_FOUND, evaluate, gradient, layer_index, lookup, rename_layer, to_f32
+from mergex.planner import build_job
+
+
+def f32(x: float) -> float:
+    return float(np.float32(x))
+
+
+# --------------------------------------------------------------------------- unit: values
+
+
+def test_gradient_interpolates_over_equal_segments():
+    assert gradient([0.0, 1.0], 0.5) == 0.5
+    assert gradient([1.0, 0.7, 0.1], 0.0) == 1.0
+    assert gradient([1.0, 0.7, 0.1], 1.0) == pytest.approx(0.1)
+    assert gradient([1.0, 0.7, 0.1], 0.25) == pytest.approx(0.85)
+    assert gradient([1.0, 0.7, 0.1], 0.75) == pytest.approx(0.4)
+    assert gradient([0, 0.5, 0.3, 0.7, 1], 0.5) == pytest.approx(0.3)
+    assert gradient([0.25], 0.9) == 0.25
+
+
+def test_filtered_lists_take_the_first_match():
+    value = [{"filter": "self_attn", "value": 0.1}, {"filter": "mlp", "value": [0, 1]}, {"value": 0.5}]
+    assert evaluate(value, "model.layers.3.self_attn.q_proj.weight", 0.0) == 0.1
+    assert evaluate(value, "model.layers.3.mlp.up_proj.weight", 0.25) == 0.25
+    assert evaluate(value, "model.norm.weight", 0.25) == 0.5
+    assert evaluate([{"filter": "*", "value": 2}], "x", 0) == 2
+    assert evaluate([{"filter": "mlp", "value": 1}], "model.norm.weight", 0) is NOT_FOUND
+
+
+def test_lookup_falls_through_levels():
+    levels = [({"weight": [{"filter": "mlp", "value": 3}]}, "a.mlp.w"), ({"weight": 2}, "a.mlp.w")]
+    assert lookup(levels, "weight", 0) == 3
+    levels[0] = ({"weight": [{"filter": "attn", "value": 3}]}, "a.mlp.w")
+    assert lookup(levels, "weight", 0) == 2
+    assert lookup(levels, "density", 0) is NOT_FOUND
+
+
+def test_layer_names():
+    assert layer_index("model.layers.12.mlp.up_proj.weight") == 12
+    assert layer_index("transformer.h.3.attn.c_attn.weight") == 3
+    assert layer_index("blocks.0.norm") == 0
+    assert layer_index("model.norm.weight") is None
+    assert rename_layer("model.layers.12.mlp.up_proj.weight", 4) == "model.layers.4.mlp.up_proj.weight"
+
+
+def test_parameters_round_to_f32():
+    assert to_f32(0.1) == f32(0.1)
+    assert to_f32(1e300) == math.inf
+
+
+# --------------------------------------------------------------------------- config loading
+
+
+@pytest.mark.parametrize(
+    ("cfg", "message"),
+    [
+        ({"merge_method": "linear", "models": [{"model": "a"}], "bogus": 1}, "unknown key 'bogus'"),
+        ({"merge_method": "frobnicate", "models": [{"model": "a"}]}, "unknown method 'frobnicate'"),
+        ({"merge_method": "slerp", "base_model": "a", "models": [{"model": "a"}]}, "not supported yet"),
+        ({"merge_method": "task_arithmetic", "models": [{"model": "a"}]}, "base_model"),
+        ({"merge_method": "linear", "models": [{"model": "a", "parameters": {"density": 0.5}}]}, "density"),
+        ({"merge_method": "linear", "models": [{"model": "a"}], "slices": []}, "exactly one of"),
+        ({"merge_method": "linear", "models": [{"model": "a"}], "out_dtype": "int4"}, "out_dtype"),
+        ({"merge_method": "linear", "models": [{"model": "a"}], "tokenizer_source": "union"}, "union"),
+        (
+            {
+                "merge_method": "linear",
+                "models": [{"model": "a", "parameters": {"weight": [{"value": 1, "x": 2}]}}],
+            },
+            "'x'",
+        ),
+        (
+            {"merge_method": "linear", "models": [{"model": "a", "parameters": {"weight": {"a": 1}}}]},
+            "weight",
+        ),
+        (
+            {"merge_method": "passthrough", "slices": [{"sources": [{"model": "a", "layer_range": [3, 1]}]}]},
+            "layer_range",
+        ),
+    ],
+)
+def test_bad_configs_name_the_key(cfg, message):
+    with pytest.raises(mergex.ConfigError, match=message):
+        mergex.load_config(cfg)
+
+
+def test_yaml_errors_name_the_file_and_line(tmp_path):
+    p = tmp_path / "bad.yml"
+    p.write_text("merge_method: linear\nmodels: [\n")
+    with pytest.raises(mergex.ConfigError, match=r"bad\.yml: invalid YAML \(line"):
+        mergex.load_config(p)
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def _weights(job, out_name):
+    t = next(t for t in job.spec["tensors"] if t["name"] == out_name)
+    return [i["params"]["weight"] for i in t["inputs"]]
+
+
+def _plan(cfg, **kw):
+    return build_job(
+        mergex.load_config(models._plain(cfg)),
+        ram_budget=1 << 20,
+        threads=1,
+        shard_size=1 << 40,
+        seed=0,
+        **kw,
+    )
+
+
+def test_lookup_order_and_layer_positions(make_model):
+    a, b = make_model("a", seed=1), make_model("b", seed=2)  # 3 layers: p = 0, 0.5, 1
+    cfg = {
+        "merge_method": "linear",
+        "models": [
+            {"model": a, "parameters": {"weight": [{"filter": "mlp", "value": [0.0, 1.0]}]}},
+            {"model": b},
+        ],
+        "parameters": {"weight": [{"filter": "self_attn", "value": 0.25}, {"value": [1.0, 3.0]}]},
+    }
+    job = _plan(cfg)
+    # Model level wins where its filter matches; otherwise the top level applies.
+    assert _weights(job, "model.layers.1.mlp.up_proj.weight") == [0.5, 2.0]
+    assert _weights(job, "model.layers.2.mlp.up_proj.weight") == [1.0, 3.0]
+    assert _weights(job, "model.layers.2.self_attn.q_proj.weight") == [0.25, 0.25]
+    # Tensors outside the layers use p = 0.
+    assert _weights(job, "model.norm.weight") == [1.0, 1.0]
+
+
+def test_slice_parameters_and_single_layer_slices(make_model):
+    a, b = make_model("a", seed=1), make_model("b", seed=2)
+    cfg = {
+        "merge_method": "linear",
+        "slices": [
+            {
+                "sources": [{"model": a, "layer_range": [0, 1]}, {"model": b, "layer_range": [0, 1]}],
+                "parameters": {"weight": [0.0, 1.0]},
+            },
+            {
+                "sources": [
+                    {"model": a, "layer_range": [1, 3], "parameters": {"weight": 0.1}},
+                    {"model": b, "layer_range": [1, 3]},
+                ]
+            },
+        ],
+        "parameters": {"weight": 0.7},
+    }
+    job = _plan(cfg)
+    # A one-layer slice sits at p = 1; the slice's parameters beat the top level.
+    assert _weights(job, "model.layers.0.mlp.up_proj.weight") == [1.0, 1.0]
+    assert _weights(job, "model.layers.2.mlp.up_proj.weight") == [f32(0.1), f32(0.7)]
+    # Before-layer tensors come from the first slice (p = 0), after-layer ones from the last.
+    assert _weights(job, "model.embed_tokens.weight") == [0.0, 0.0]
+    assert _weights(job, "lm_head.weight") == [f32(0.1), f32(0.7)]
+    assert job.total_layers == 3
+
+
+def test_missing_required_parameter_names_model_and_tensor(make_model):
+    a = make_model("a")
+    with pytest.raises(
+        mergex.ConfigError, match=r"'weight' of model .*a.* tensor 'model.embed_tokens.weight'"
+    ):
+        _plan({"merge_method": "linear", "models": [{"model": a}]})
+
+
+def test_base_must_be_a_slice_source(make_model):
+    a, b = make_model("a"), make_model("b", seed=1)
+    cfg = {
+        "merge_method": "task_arithmetic",
+        "base_model": a,
+        "slices": [{"sources": [{"model": b, "layer_range": [0, 3], "parameters": {"weight": 1}}]}],
+    }
+    with pytest.raises(mergex.ConfigError, match=r"slices\[0\]: the base model must be one of"):
+        _plan(cfg)
+
+
+def test_frankenmerge_with_overlapping_ranges(make_model, run_merge, out_dir):
+    a, b = make_model("a", seed=1), make_model("b", seed=2)
+    cfg = {
+        "merge_method": "passthrough",
+        "slices": [
+            {"sources": [{"model": a, "layer_range": [0, 2]}]},
+            {"sources": [{"model": b, "layer_range": [1, 3], "parameters": {"scale": 2.0}}]},
+        ],
+    }
+    out = run_merge(cfg, out_dir)
+    assert out.config()["num_hidden_layers"] == 4
+    expect = {0: (a, 0, 1.0), 1: (a, 1, 1.0), 2: (b, 1, 2.0), 3: (b, 2, 2.0)}
+    for k, (m, src, scale) in expect.items():
+        for suffix in ("mlp.up_proj.weight", "self_attn.q_proj.weight", "input_layernorm.weight"):
+            want = m.tensors[f"model.layers.{src}.{suffix}"] * np.float32(scale)
+            models.assert_tensor_equal(out, f"model.layers.{k}.{suffix}", want, "BF16")
+    models.assert_tensor_equal(
+        out, "model.embed_tokens.weight", a.tensors["model.embed_tokens.weight"], "BF16"
+    )
+    # After-layer tensors go through the last slice's source, with its parameters.
+    models.assert_tensor_equal(out, "lm_head.weight", b.tensors["lm_head.weight"] * np.float32(2), "BF16")
+    assert sorted(n for n in out.raw if "layers." in n) == sorted(
+        f"model.layers.{k}.{s}"
+        for k in range(4)
+        for s in ("mlp.up_proj.weight", "self_attn.q_proj.weight", "input_layernorm.weight")
+    )
+
+
+def test_relative_paths_resolve_against_the_config_folder(make_model, tmp_path, out_dir, monkeypatch):
+    make_model("a", seed=1)
+    (tmp_path / "cfg.yml").write_text(
+        "merge_method: linear\nmodels:\n  - model: a\n    parameters: {weight: 1}\n"
+    )
+    monkeypatch.chdir(out_dir.parent)
+    result = mergex.merge(tmp_path / "cfg.yml", out_dir, progress=False, ram_budget="1MiB")
+    assert (result.out_dir / "model.safetensors").is_file()
+
+
+def test_models_resolve_from_the_hugging_face_cache(make_model, tmp_path, out_dir, monkeypatch):
+    cache = tmp_path / "hf"
+    snap = cache / "models--acme--tiny" / "snapshots" / "abc123"
+    snap.parent.mkdir(parents=True)
+    make_model("src", seed=3).path.rename(snap)
+    (cache / "models--acme--tiny" / "refs").mkdir()
+    (cache / "models--acme--tiny" / "refs" / "main").write_text("abc123")
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    cfg = {"merge_method": "linear", "models": [{"model": "acme/tiny", "parameters": {"weight": 1}}]}
+    mergex.merge(cfg, out_dir, progress=False)
+    assert (out_dir / "model.safetensors").is_file()
+    cfg["models"][0]["model"] = "acme/other"
+    with pytest.raises(mergex.ModelNotFoundError, match="not in the Hugging Face cache"):
+        mergex.plan(cfg)
+
+
+def test_padded_vocabularies_are_cut_to_the_common_block(make_model, run_merge, out_dir):
+    a = make_model("a", seed=1)
+    b = make_model("b", seed=2, vocab=models.VOCAB + 13)
+    cfg = {"merge_method": "linear", "models": [{"model": a}, {"model": b}], "parameters": {"weight": 1.0}}
+    plan = mergex.plan(models._plain(cfg))
+    assert any("embed_tokens" in w and "common block" in w for w in plan.warnings)
+    out = run_merge(cfg, out_dir)
+    for name in ("model.embed_tokens.weight", "lm_head.weight"):
+        xa, xb = a.tensors[name], b.tensors[name][: models.VOCAB]
+        want = (np.float32(1) * xa + np.float32(1) * xb) / np.float32(2)
+        models.assert_tensor_equal(out, name, want, "BF16")
+
+
+def test_tied_embeddings_feed_lm_head(make_model, run_merge, out_dir):
+    a = make_model("a", seed=1)
+    shapes = models.llama_shapes()
+    tensors = models.random_tensors(shapes, "bf16", 5)
+    del tensors["lm_head.weight"]
+    cfg_json = models.model_config(models.LAYERS, "bf16", tie_word_embeddings=True)
+    b = models.write_model(a.path.parent / "tied", tensors, "bf16", config=cfg_json)
+    cfg = {"merge_method": "linear", "models": [{"model": a}, {"model": b}], "parameters": {"weight": 1.0}}
+    out = run_merge(cfg, out_dir)
+    want = (a.tensors["lm_head.weight"] + b.tensors["model.embed_tokens.weight"]) / np.float32(2)
+    models.assert_tensor_equal(out, "lm_head.weight", want, "BF16")
+
+
+def test_integer_tensors_are_copied_and_f64_and_f8_inputs_merge(tmp_path, run_merge, out_dir):
+    rng = np.random.default_rng(0)
+    ids = np.arange(1000, dtype=np.int64)
+    x64 = [rng.standard_normal(3000) for _ in range(2)]
+    f8 = [rng.integers(0, 0x7E, 4000, dtype=np.uint8) for _ in range(2)]
+    paths = []
+    for k in range(2):
+        p = tmp_path / f"m{k}"
+        p.mkdir()
+        models.write_safetensors(
+            p / "model.safetensors",
+            {
+                "position_ids": ("I64", (1000,), (ids + k).tobytes()),
+                "w64": ("F64", (3000,), x64[k].tobytes()),
+                "w8": ("F8_E4M3", (4000,), f8[k].tobytes()),
+            },
+            {"format": "pt"},
+        )
+        (p / "config.json").write_text(json.dumps({"model_type": "toy"}))
+        paths.append(p)
+    cfg = {"merge_method": "linear", "models": [{"model": p} for p in paths], "parameters": {"weight": 1.0}}
+    out = run_merge(cfg, out_dir)
+    assert out.dtype("position_ids") == "I64"
+    assert np.array_equal(np.frombuffer(out.raw["position_ids"][2], np.int64), ids)
+    # F64 inputs are merged in f64 and written as F64.
+    assert out.dtype("w64") == "F64"
+    assert np.array_equal(np.frombuffer(out.raw["w64"][2], np.float64), (x64[0] + x64[1]) / 2.0)
+
+    def e4m3(b):
+        s = np.where(b & 0x80, -1.0, 1.0)
+        e = (b >> 3) & 0xF
+        m = (b & 7).astype(np.float64)
+        v = np.where(e == 0, m / 8 * 2.0**-6, (1 + m / 8) * 2.0 ** (e.astype(np.float64) - 7))
+        return (s * v).astype(np.float32)
+
+    want = (e4m3(f8[0]) + e4m3(f8[1])) / np.float32(2)
+    models.assert_tensor_equal(out, "w8", want, "BF16")

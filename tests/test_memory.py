@@ -1,0 +1,152 @@
+"""The RAM budget holds: peak RSS of the CLI process, measured from outside.
+
+Three f32 models of 96 MiB each (288 MiB of input, 9x the 32 MiB budget) are merged by a
+``mergex merge`` subprocess; its peak resident set size comes from ``wait4``. Memory-mapped
+input pages that stay resident count in RSS, so an engine that maps and touches every input
+without releasing pages fails here, as does one that holds whole tensors.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import models
+import numpy as np
+import reference as ref
+
+MiB = 1 << 20
+BUDGET = 32 * MiB
+SLACK = 200 * MiB  # interpreter, imports, thread stacks, allocator slop
+SHAPE = (6144, 1024)  # 6.3M elements, 24 MiB in f32
+NAMES = [
+    "model.embed_tokens.weight",
+    "model.layers.0.mlp.up_proj.weight",
+    "model.layers.1.mlp.up_proj.weight",
+    "lm_head.weight",
+]
+
+
+def write_big_model(path: Path, seed: int) -> int:
+    """A f32 model folder written tensor by tensor (the test process stays small)."""
+    path.mkdir(parents=True)
+    nbytes = SHAPE[0] * SHAPE[1] * 4
+    header = {"__metadata__": {"format": "pt"}}
+    for i, name in enumerate(NAMES):
+        header[name] = {
+            "dtype": "F32",
+            "shape": list(SHAPE),
+            "data_offsets": [i * nbytes, (i + 1) * nbytes],
+        }
+    hbytes = json.dumps(header).encode()
+    hbytes += b" " * (-len(hbytes) % 8)
+    rng = np.random.default_rng(seed)
+    with open(path / "model.safetensors", "wb") as f:
+        f.write(struct.pack("<Q", len(hbytes)) + hbytes)
+        for _ in NAMES:
+            rng.standard_normal(SHAPE, dtype=np.float32).tofile(f)
+    cfg = models.model_config(layers=2, dtype="f32", hidden_size=SHAPE[1], vocab_size=SHAPE[0])
+    (path / "config.json").write_text(json.dumps(cfg))
+    return nbytes * len(NAMES)
+
+
+def tensor_view(folder: Path, name: str) -> np.ndarray:
+    """A memory map of one tensor of a safetensors file (f32 only)."""
+    f = folder / "model.safetensors"
+    with open(f, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(n))
+    info = header[name]
+    assert info["dtype"] == "F32"
+    a, _b = info["data_offsets"]
+    return np.memmap(f, dtype="<f4", mode="r", offset=8 + n + a, shape=tuple(info["shape"]))
+
+
+# Runs the command and prints its peak RSS (KiB) as read by wait4. The launcher matters:
+# Linux keeps the largest RSS a process had *before* exec in its ru_maxrss, and a child
+# spawned straight from pytest starts out as a copy of (or shares) pytest's address space,
+# so its ru_maxrss would be at least pytest's own RSS. A child of this small launcher
+# starts from the launcher's few MiB instead.
+LAUNCHER = """
+import os, subprocess, sys
+proc = subprocess.Popen(sys.argv[1:])
+_pid, status, usage = os.wait4(proc.pid, 0)
+print(usage.ru_maxrss)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
+def peak_rss(cmd: list[str], cwd: Path) -> tuple[int, int, str]:
+    """Run ``cmd``; return (exit code, its peak RSS in bytes, stderr)."""
+    res = subprocess.run(
+        [sys.executable, "-c", LAUNCHER, *cmd],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        timeout=600,
+    )
+    lines = res.stdout.split()
+    assert lines, f"launcher printed nothing; stderr:\n{res.stderr}"
+    return res.returncode, int(lines[-1]) * 1024, res.stderr  # KiB on Linux
+
+
+def test_peak_rss_within_budget(tmp_path):
+    weights = [0.5, 0.3, 0.2]
+    total_in = 0
+    folders = []
+    for k in range(3):
+        folder = tmp_path / f"big{k}"
+        total_in += write_big_model(folder, seed=100 + k)
+        folders.append(folder)
+    assert total_in >= 5 * BUDGET, "inputs must be at least 5x the budget to mean anything"
+
+    cfg = {
+        "merge_method": "linear",
+        "models": [
+            {"model": str(f), "parameters": {"weight": w}} for f, w in zip(folders, weights, strict=True)
+        ],
+        "out_dtype": "float32",
+    }
+    cfg_path = models.dump_yaml(cfg, tmp_path / "merge.yml")
+    out = tmp_path / "merged"
+    cmd = [
+        *models.mergex_cmd(),
+        "merge",
+        str(cfg_path),
+        str(out),
+        "--ram-budget",
+        "32MiB",
+        "--quiet",
+    ]
+    rc, rss, stderr = peak_rss(cmd, tmp_path)
+    assert rc == 0, stderr
+
+    _rc, baseline, _ = peak_rss([sys.executable, "-c", "import mergex, mergex.cli"], tmp_path)
+    # The measurement sees memory a child really touches ...
+    _rc, hog, _ = peak_rss([sys.executable, "-c", "b = b'x' * (300 << 20)"], tmp_path)
+    assert hog >= 300 * MiB, f"measured {hog / MiB:.0f} MiB for a 300 MiB allocation"
+    # ... and is not inflated by this (pytest) process's own size.
+    assert baseline < 150 * MiB, f"python + import mergex measured at {baseline / MiB:.0f} MiB"
+    msg = (
+        f"peak RSS {rss / MiB:.1f} MiB (python + imports alone: {baseline / MiB:.1f} MiB), "
+        f"budget {BUDGET / MiB:.0f} MiB, inputs {total_in / MiB:.0f} MiB"
+    )
+    print(msg)
+    assert rss < BUDGET + SLACK, msg
+    assert rss < 0.8 * total_in, msg
+
+    # And the merge is right (spot checks at both ends of every tensor).
+    for name in NAMES:
+        got = tensor_view(out, name).reshape(-1)
+        xs = [tensor_view(f, name).reshape(-1) for f in folders]
+        for sl in (
+            slice(0, 4096),
+            slice(got.size - 4096, got.size),
+            slice(3_000_000, 3_004_096),
+        ):
+            want = ref.linear([np.array(x[sl]) for x in xs], weights)
+            np.testing.assert_array_equal(np.array(got[sl]), want, err_msg=name)
