@@ -56,8 +56,8 @@ def _task(
     normalize: bool,
     rescale: bool,
     extra: tuple[Param, ...] = (),
-    passes: str = "2",
-    available: bool = False,
+    passes: str = "3",
+    available: bool = True,
 ) -> MethodSpec:
     return MethodSpec(
         name,
@@ -106,8 +106,8 @@ METHODS: dict[str, MethodSpec] = {
             "copy one input per tensor (layer stacking with slices)",
         ),
         _task("ties", "TIES: magnitude top-k, sign election", normalize=True, rescale=False),
-        _task("dare_ties", "DARE random drops with sign election", normalize=False, rescale=True),
-        _task("dare_linear", "DARE random drops", normalize=False, rescale=True),
+        _task("dare_ties", "DARE random drops with sign election", normalize=False, rescale=True, passes="2"),
+        _task("dare_linear", "DARE random drops", normalize=False, rescale=True, passes="2"),
         _task(
             "breadcrumbs",
             "drop the smallest and the largest outliers",
@@ -128,6 +128,7 @@ METHODS: dict[str, MethodSpec] = {
             normalize=True,
             rescale=True,
             extra=(Param("epsilon", 0.15, True, "spread of keep probabilities"),),
+            passes="2",
         ),
         _task(
             "della_linear",
@@ -135,6 +136,7 @@ METHODS: dict[str, MethodSpec] = {
             normalize=False,
             rescale=True,
             extra=(Param("epsilon", 0.15, True, "spread of keep probabilities"),),
+            passes="2",
         ),
         MethodSpec(
             "slerp",

@@ -36,9 +36,7 @@ pub enum Error {
         source: std::io::Error,
     },
     /// A file is shorter than the 8-byte safetensors length prefix.
-    #[error(
-        "{path}: not a safetensors file: {len} bytes is shorter than the 8-byte header length"
-    )]
+    #[error("{path}: not a safetensors file: {len} bytes is shorter than the 8-byte header length")]
     FileTooSmall {
         /// The file.
         path: PathBuf,
@@ -240,9 +238,7 @@ impl Error {
     /// The family this error belongs to.
     pub fn kind(&self) -> ErrorKind {
         match self {
-            Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => {
-                ErrorKind::NotFound
-            }
+            Error::Io { source, .. } if source.kind() == std::io::ErrorKind::NotFound => ErrorKind::NotFound,
             Error::Io { .. } => ErrorKind::Io,
             Error::InvalidJob { .. } | Error::InvalidParameter { .. } => ErrorKind::Config,
             Error::Cancelled => ErrorKind::Cancelled,
@@ -251,17 +247,10 @@ impl Error {
     }
 
     pub(crate) fn io(path: impl Into<PathBuf>, op: &'static str, source: std::io::Error) -> Self {
-        Error::Io {
-            path: path.into(),
-            op,
-            source,
-        }
+        Error::Io { path: path.into(), op, source }
     }
 
     pub(crate) fn job(field: impl Into<String>, message: impl Into<String>) -> Self {
-        Error::InvalidJob {
-            field: field.into(),
-            message: message.into(),
-        }
+        Error::InvalidJob { field: field.into(), message: message.into() }
     }
 }

@@ -28,22 +28,13 @@ impl MergeJob {
         let engine = py
             .detach(move || Job::from_json(&job_json).and_then(Engine::prepare))
             .map_err(|e| to_py(py, e))?;
-        Ok(MergeJob {
-            engine,
-            progress: Arc::new(Progress::default()),
-        })
+        Ok(MergeJob { engine, progress: Arc::new(Progress::default()) })
     }
 
     /// The plan summary, as JSON.
     fn plan(&self, py: Python<'_>) -> PyResult<String> {
         serde_json::to_string(&self.engine.plan()).map_err(|e| {
-            to_py(
-                py,
-                mergex_core::Error::InvalidJob {
-                    field: "plan".into(),
-                    message: e.to_string(),
-                },
-            )
+            to_py(py, mergex_core::Error::InvalidJob { field: "plan".into(), message: e.to_string() })
         })
     }
 
@@ -51,17 +42,9 @@ impl MergeJob {
     /// The GIL is released for the whole run, so other Python threads (progress display,
     /// Ctrl-C handling) keep going.
     fn run(&self, py: Python<'_>, out_dir: PathBuf) -> PyResult<String> {
-        let summary = py
-            .detach(|| self.engine.run(&out_dir, &self.progress))
-            .map_err(|e| to_py(py, e))?;
+        let summary = py.detach(|| self.engine.run(&out_dir, &self.progress)).map_err(|e| to_py(py, e))?;
         serde_json::to_string(&summary).map_err(|e| {
-            to_py(
-                py,
-                mergex_core::Error::InvalidJob {
-                    field: "summary".into(),
-                    message: e.to_string(),
-                },
-            )
+            to_py(py, mergex_core::Error::InvalidJob { field: "summary".into(), message: e.to_string() })
         })
     }
 
@@ -79,10 +62,7 @@ impl MergeJob {
 /// Tensors of a checkpoint (folder or file): (name, dtype, shape, file, bytes), in file order.
 #[pyfunction]
 #[allow(clippy::type_complexity)]
-fn inspect(
-    py: Python<'_>,
-    path: PathBuf,
-) -> PyResult<Vec<(String, String, Vec<u64>, String, u64)>> {
+fn inspect(py: Python<'_>, path: PathBuf) -> PyResult<Vec<(String, String, Vec<u64>, String, u64)>> {
     py.detach(move || {
         let ckpt = Checkpoint::open(&path)?;
         Ok(ckpt

@@ -38,6 +38,8 @@ pub(crate) struct Prepared {
     pub wide: bool,
     pub chunk: u64,
     pub passes: usize,
+    /// Chunks hold whole groups of this many elements.
+    pub align: u64,
 }
 
 impl Prepared {
@@ -56,10 +58,7 @@ impl Prepared {
 
     fn per_elem(&self) -> u64 {
         let work = if self.wide { 8 } else { 4 };
-        let inputs: u64 = self
-            .views()
-            .map(|v| v.entry.dtype.size() as u64 + work)
-            .sum();
+        let inputs: u64 = self.views().map(|v| v.entry.dtype.size() as u64 + work).sum();
         inputs + work + self.out.dtype.size() as u64
     }
 }
@@ -104,9 +103,8 @@ pub struct PlanSummary {
 impl Engine {
     /// Open and validate everything the job names.
     pub fn prepare(job: Job) -> Result<Engine> {
-        let method = methods::find(&job.method).ok_or_else(|| {
-            Error::job("merge_method", format!("unknown method '{}'", job.method))
-        })?;
+        let method = methods::find(&job.method)
+            .ok_or_else(|| Error::job("merge_method", format!("unknown method '{}'", job.method)))?;
         if job.threads == 0 {
             return Err(Error::job("threads", "must be at least 1"));
         }
@@ -119,32 +117,19 @@ impl Engine {
         if job.shard_size == 0 {
             return Err(Error::job("shard_size", "must be positive"));
         }
-        let models = job
-            .models
-            .iter()
-            .map(|p| Checkpoint::open(p))
-            .collect::<Result<Vec<_>>>()?;
+        let models = job.models.iter().map(|p| Checkpoint::open(p)).collect::<Result<Vec<_>>>()?;
         let paths: Vec<&Path> = job.models.iter().map(|p| p.as_path()).collect();
         let mut names = HashSet::new();
         let mut tensors = Vec::with_capacity(job.tensors.len());
         for t in &job.tensors {
             if !names.insert(t.name.as_str()) {
-                return Err(Error::job(
-                    "tensors",
-                    format!("output tensor '{}' appears twice", t.name),
-                ));
+                return Err(Error::job("tensors", format!("output tensor '{}' appears twice", t.name)));
             }
             tensors.push(prepare_tensor(&job, method, &models, &paths, t)?);
         }
         let out: Vec<OutTensor> = tensors.iter().map(|p| p.out.clone()).collect();
         let layout = layout(&out, job.shard_size, &job.metadata)?;
-        Ok(Engine {
-            job,
-            method,
-            tensors,
-            out,
-            layout,
-        })
+        Ok(Engine { job, method, tensors, out, layout })
     }
 
     /// What the merge will read, write and hold in memory.
@@ -153,17 +138,12 @@ impl Engine {
         let mut peak_work = 0u64;
         for t in &self.tensors {
             *passes.entry(t.passes).or_insert(0) += 1;
-            peak_work =
-                peak_work.max(t.chunk * t.per_elem() * self.job.threads.min(chunks(t)) as u64);
+            peak_work = peak_work.max(t.chunk * t.per_elem() * self.job.threads.min(chunks(t)) as u64);
         }
         PlanSummary {
             method: self.method.name.to_string(),
             tensors: self.tensors.len(),
-            bytes_read: self
-                .tensors
-                .iter()
-                .map(|t| t.pass_bytes() * t.passes as u64)
-                .sum(),
+            bytes_read: self.tensors.iter().map(|t| t.pass_bytes() * t.passes as u64).sum(),
             input_bytes: self.tensors.iter().map(Prepared::pass_bytes).sum(),
             bytes_written: self.layout.total_size,
             threads: self.job.threads,
@@ -191,10 +171,7 @@ fn view(models: &[Checkpoint], paths: &[&Path], r: &InputRef, shape: &[u64]) -> 
         .ok_or_else(|| Error::job("tensors", format!("model index {} out of range", r.model)))?;
     let (file, entry) = m.require(&r.tensor)?;
     View::new(file.clone(), entry.clone(), shape).ok_or_else(|| Error::ShapeMismatch {
-        model: paths
-            .get(r.model)
-            .map(|p| p.to_path_buf())
-            .unwrap_or_default(),
+        model: paths.get(r.model).map(|p| p.to_path_buf()).unwrap_or_default(),
         tensor: r.tensor.clone(),
         shape: entry.shape.clone(),
         expected: shape.to_vec(),
@@ -208,33 +185,14 @@ fn prepare_tensor(
     paths: &[&Path],
     t: &TensorJob,
 ) -> Result<Prepared> {
-    let dtype = Dtype::from_name(&t.dtype).ok_or_else(|| {
-        Error::job(
-            "dtype",
-            format!("tensor '{}': unknown dtype '{}'", t.name, t.dtype),
-        )
-    })?;
-    let base = t
-        .base
-        .as_ref()
-        .map(|r| view(models, paths, r, &t.shape))
-        .transpose()?;
-    let inputs = t
-        .inputs
-        .iter()
-        .map(|r| view(models, paths, r, &t.shape))
-        .collect::<Result<Vec<_>>>()?;
+    let dtype = Dtype::from_name(&t.dtype)
+        .ok_or_else(|| Error::job("dtype", format!("tensor '{}': unknown dtype '{}'", t.name, t.dtype)))?;
+    let base = t.base.as_ref().map(|r| view(models, paths, r, &t.shape)).transpose()?;
+    let inputs = t.inputs.iter().map(|r| view(models, paths, r, &t.shape)).collect::<Result<Vec<_>>>()?;
     if inputs.is_empty() {
-        return Err(Error::job(
-            "tensors",
-            format!("tensor '{}' has no inputs", t.name),
-        ));
+        return Err(Error::job("tensors", format!("tensor '{}' has no inputs", t.name)));
     }
-    let out = OutTensor {
-        name: t.name.clone(),
-        dtype,
-        shape: t.shape.clone(),
-    };
+    let out = OutTensor { name: t.name.clone(), dtype, shape: t.shape.clone() };
     let mut p = Prepared {
         job: t.clone(),
         out,
@@ -244,6 +202,7 @@ fn prepare_tensor(
         wide: false,
         chunk: BLOCK,
         passes: 1,
+        align: 1,
     };
     if t.copy {
         let src = p.inputs.first().map(|v| v.entry.dtype);
@@ -254,30 +213,20 @@ fn prepare_tensor(
         {
             return Err(Error::job(
                 "tensors",
-                format!(
-                    "tensor '{}': a copy takes one input of the same dtype and shape",
-                    t.name
-                ),
+                format!("tensor '{}': a copy takes one input of the same dtype and shape", t.name),
             ));
         }
     } else {
         if !dtype.is_output_float() {
             return Err(Error::job(
                 "dtype",
-                format!(
-                    "tensor '{}': cannot write merged values as {}",
-                    t.name,
-                    dtype.name()
-                ),
+                format!("tensor '{}': cannot write merged values as {}", t.name, dtype.name()),
             ));
         }
         for (v, r) in p.views().zip(t.base.iter().chain(t.inputs.iter())) {
             if !v.entry.dtype.is_float() {
                 return Err(Error::NotFloat {
-                    model: paths
-                        .get(r.model)
-                        .map(|p| p.to_path_buf())
-                        .unwrap_or_default(),
+                    model: paths.get(r.model).map(|p| p.to_path_buf()).unwrap_or_default(),
                     tensor: r.tensor.clone(),
                     dtype: v.entry.dtype.name(),
                 });
@@ -285,44 +234,47 @@ fn prepare_tensor(
         }
         match (method.base, t.base.is_some()) {
             (BaseUse::Required, false) => {
-                return Err(Error::job(
-                    "base_model",
-                    format!("{} needs a base model", method.name),
-                ))
+                return Err(Error::job("base_model", format!("{} needs a base model", method.name)))
             }
             (BaseUse::None, true) => {
-                return Err(Error::job(
-                    "base_model",
-                    format!("{} takes no base tensor", method.name),
-                ))
+                return Err(Error::job("base_model", format!("{} takes no base tensor", method.name)))
             }
             _ => {}
         }
         let wide = p.views().any(|v| v.entry.dtype == Dtype::F64);
         p.wide = wide;
-        let ctx = TensorCtx {
-            job: t,
-            models: paths,
-            seed: job.seed,
-        };
-        p.passes = 1 + if p.wide {
-            (method.build_f64)(&ctx)?.stat_passes()
+        let ctx = TensorCtx { job: t, models: paths, seed: job.seed, ram_budget: job.ram_budget };
+        let (passes, align) = if p.wide {
+            let m = (method.build_f64)(&ctx)?;
+            (m.planned_passes(), m.align())
         } else {
-            (method.build_f32)(&ctx)?.stat_passes()
+            let m = (method.build_f32)(&ctx)?;
+            (m.planned_passes(), m.align())
         };
+        p.passes = 1 + passes;
+        p.align = align.max(1);
     }
-    p.chunk = chunk_elems(job.ram_budget, job.threads, p.per_elem(), p.numel());
+    p.chunk = chunk_elems(job.ram_budget, job.threads, p.per_elem(), p.numel(), p.align);
     Ok(p)
 }
 
 /// Elements per chunk: as many as the budget allows for every thread, a whole number of
-/// reduction blocks, and small enough that a large tensor gives every thread work.
-pub(crate) fn chunk_elems(budget: u64, threads: usize, per_elem: u64, numel: u64) -> u64 {
+/// units (reduction blocks, and whole row groups for row-wise methods), and small enough
+/// that a large tensor gives every thread work.
+pub(crate) fn chunk_elems(budget: u64, threads: usize, per_elem: u64, numel: u64, align: u64) -> u64 {
+    let unit = lcm(BLOCK, align.max(1));
     let work = budget / 100 * WORK_PERCENT;
-    let by_budget =
-        (work / (threads as u64 * per_elem.max(1)) / BLOCK * BLOCK).clamp(BLOCK, MAX_CHUNK);
-    let share = numel.div_ceil(threads as u64).div_ceil(BLOCK).max(1) * BLOCK;
-    by_budget.min(share)
+    let by_budget = (work / (threads as u64 * per_elem.max(1))).min(MAX_CHUNK.max(unit)) / unit * unit;
+    let share = numel.div_ceil(threads as u64).div_ceil(unit).max(1) * unit;
+    by_budget.max(unit).min(share)
+}
+
+fn lcm(a: u64, b: u64) -> u64 {
+    let (mut x, mut y) = (a, b);
+    while y != 0 {
+        (x, y) = (y, x % y);
+    }
+    a / x * b
 }
 
 #[cfg(test)]
@@ -332,11 +284,14 @@ mod tests {
     #[test]
     fn chunks_follow_the_budget_and_the_thread_count() {
         // 64KiB, one thread, three f32 inputs: 85% of 64KiB over 32 bytes an element.
-        assert_eq!(chunk_elems(64 * 1024, 1, 32, 1 << 20), 1536);
+        assert_eq!(chunk_elems(64 * 1024, 1, 32, 1 << 20, 1), 1536);
         // Never below one block, even when the budget is too small.
-        assert_eq!(chunk_elems(64 * 1024, 8, 10_000, 1 << 20), BLOCK);
+        assert_eq!(chunk_elems(64 * 1024, 8, 10_000, 1 << 20, 1), BLOCK);
         // A tensor that fits is still split so that both threads get work.
-        assert_eq!(chunk_elems(1 << 30, 2, 32, 10_000), 5120);
-        assert_eq!(chunk_elems(1 << 30, 2, 32, 10), BLOCK);
+        assert_eq!(chunk_elems(1 << 30, 2, 32, 10_000, 1), 5120);
+        assert_eq!(chunk_elems(1 << 30, 2, 32, 10, 1), BLOCK);
+        // Row groups: whole rows and whole blocks (lcm(896, 256) = 1792).
+        assert_eq!(chunk_elems(64 * 1024, 1, 32, 1 << 20, 896), 1792);
+        assert_eq!(chunk_elems(1 << 30, 1, 32, 1 << 30, 896) % 1792, 0);
     }
 }

@@ -26,22 +26,12 @@ impl View {
     /// tensor's own nor (2-D) a top-left block of it.
     pub fn new(file: Arc<SafeFile>, entry: TensorEntry, shape: &[u64]) -> Option<View> {
         if entry.shape == shape {
-            return Some(View {
-                file,
-                entry,
-                in_cols: 0,
-                out_cols: 0,
-            });
+            return Some(View { file, entry, in_cols: 0, out_cols: 0 });
         }
         match (entry.shape.as_slice(), shape) {
             ([r, c], [ro, co]) if ro <= r && co <= c => {
                 let (in_cols, out_cols) = if co == c { (0, 0) } else { (*c, *co) };
-                Some(View {
-                    file,
-                    entry,
-                    in_cols,
-                    out_cols,
-                })
+                Some(View { file, entry, in_cols, out_cols })
             }
             _ => None,
         }
@@ -53,12 +43,7 @@ impl View {
 
     /// Runs of contiguous source elements `(src_start, out_offset, len)` covering output
     /// elements `[start, start+len)`.
-    fn runs(
-        &self,
-        start: u64,
-        len: u64,
-        mut f: impl FnMut(u64, usize, u64) -> Result<()>,
-    ) -> Result<()> {
+    fn runs(&self, start: u64, len: u64, mut f: impl FnMut(u64, usize, u64) -> Result<()>) -> Result<()> {
         if self.out_cols == 0 {
             return f(start, 0, len);
         }

@@ -26,13 +26,7 @@ pub struct ExactSum {
 
 impl Default for ExactSum {
     fn default() -> Self {
-        ExactSum {
-            limbs: vec![0; LIMBS],
-            pending: 0,
-            nan: false,
-            pos_inf: false,
-            neg_inf: false,
-        }
+        ExactSum { limbs: vec![0; LIMBS], pending: 0, nan: false, pos_inf: false, neg_inf: false }
     }
 }
 
@@ -55,11 +49,7 @@ impl ExactSum {
         let bits = x.to_bits();
         let exp = ((bits >> 52) & 0x7ff) as i32;
         let frac = bits & ((1u64 << 52) - 1);
-        let (mant, e) = if exp == 0 {
-            (frac, -1074)
-        } else {
-            (frac | (1u64 << 52), exp - 1075)
-        };
+        let (mant, e) = if exp == 0 { (frac, -1074) } else { (frac | (1u64 << 52), exp - 1075) };
         let pos = (e + BIAS) as u32;
         let limb = (pos / LIMB_BITS) as usize;
         let wide = (mant as u128) << (pos % LIMB_BITS);

@@ -35,15 +35,13 @@ struct Scratch<T> {
     inputs: Vec<Vec<T>>,
     out: Vec<T>,
     bytes: Vec<u8>,
+    /// This worker's share of the current statistics pass.
+    stats: Stats,
 }
 
 impl<T: Real> Scratch<T> {
     fn new() -> Self {
-        Scratch {
-            inputs: Vec::new(),
-            out: Vec::new(),
-            bytes: Vec::new(),
-        }
+        Scratch { inputs: Vec::new(), out: Vec::new(), bytes: Vec::new(), stats: Stats::default() }
     }
 }
 
@@ -53,11 +51,18 @@ struct Scratches<T>(Vec<Mutex<Scratch<T>>>);
 
 impl<T: Real> Scratches<T> {
     fn new(threads: usize) -> Self {
-        Scratches(
-            (0..threads.max(1))
-                .map(|_| Mutex::new(Scratch::new()))
-                .collect(),
-        )
+        Scratches((0..threads.max(1)).map(|_| Mutex::new(Scratch::new())).collect())
+    }
+
+    /// Take and merge every worker's statistics (exact merges: order does not matter).
+    fn take_stats(&self) -> Stats {
+        self.0.iter().fold(Stats::default(), |acc, m| {
+            let taken = match m.lock() {
+                Ok(mut s) => std::mem::take(&mut s.stats),
+                Err(p) => std::mem::take(&mut p.into_inner().stats),
+            };
+            acc.merge(taken)
+        })
     }
 
     /// Run `f` with this pool thread's scratch. A chunk never waits on other rayon work
@@ -76,25 +81,16 @@ impl<T: Real> Scratches<T> {
 impl Engine {
     /// Write the merged checkpoint into `dir` (an existing, empty folder).
     pub fn run(&self, dir: &Path, progress: &Progress) -> Result<RunSummary> {
-        let total: u64 = self
-            .tensors
-            .iter()
-            .map(|t| t.pass_bytes() * t.passes as u64)
-            .sum();
+        let total: u64 = self.tensors.iter().map(|t| t.pass_bytes() * t.passes as u64).sum();
         progress.bytes_total.store(total, Ordering::Relaxed);
-        progress
-            .tensors_total
-            .store(self.tensors.len() as u64, Ordering::Relaxed);
+        progress.tensors_total.store(self.tensors.len() as u64, Ordering::Relaxed);
         let writer = Writer::create(dir, &self.layout)?;
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(self.job.threads)
             .thread_name(|i| format!("mergex-{i}"))
             .build()
             .map_err(|e| Error::job("threads", e.to_string()))?;
-        let (s32, s64) = (
-            Scratches::<f32>::new(self.job.threads),
-            Scratches::<f64>::new(self.job.threads),
-        );
+        let (s32, s64) = (Scratches::<f32>::new(self.job.threads), Scratches::<f64>::new(self.job.threads));
         pool.install(|| -> Result<()> {
             for (t, place) in self.tensors.iter().zip(&self.layout.placements) {
                 if t.copy {
@@ -108,12 +104,7 @@ impl Engine {
             }
             Ok(())
         })?;
-        let mut files: Vec<String> = self
-            .layout
-            .shards
-            .iter()
-            .map(|s| s.file_name.clone())
-            .collect();
+        let mut files: Vec<String> = self.layout.shards.iter().map(|s| s.file_name.clone()).collect();
         writer.finish()?;
         if self.layout.shards.len() > 1 {
             write_index(dir, &self.out, &self.layout)?;
@@ -129,9 +120,7 @@ impl Engine {
 
     fn chunks(t: &Prepared) -> Vec<(u64, u64)> {
         let n = t.numel();
-        (0..n.div_ceil(t.chunk))
-            .map(|i| (i * t.chunk, t.chunk.min(n - i * t.chunk)))
-            .collect()
+        (0..n.div_ceil(t.chunk)).map(|i| (i * t.chunk, t.chunk.min(n - i * t.chunk))).collect()
     }
 
     fn copy_tensor(
@@ -145,21 +134,15 @@ impl Engine {
             return Ok(());
         };
         let size = t.out.dtype.size() as u64;
-        Self::chunks(t)
-            .into_par_iter()
-            .try_for_each(|(start, len)| {
-                if progress.is_cancelled() {
-                    return Err(Error::Cancelled);
-                }
-                writer.write_at(
-                    place.shard,
-                    place.offset + start * size,
-                    src.raw(start, len)?,
-                )?;
-                src.release(start, len);
-                progress.add_bytes(src.bytes_for(len));
-                Ok(())
-            })
+        Self::chunks(t).into_par_iter().try_for_each(|(start, len)| {
+            if progress.is_cancelled() {
+                return Err(Error::Cancelled);
+            }
+            writer.write_at(place.shard, place.offset + start * size, src.raw(start, len)?)?;
+            src.release(start, len);
+            progress.add_bytes(src.bytes_for(len));
+            Ok(())
+        })
     }
 
     fn merge_tensor<T: Real>(
@@ -174,30 +157,33 @@ impl Engine {
         Self: Build<T>,
     {
         let paths: Vec<&Path> = self.job.models.iter().map(|p| p.as_path()).collect();
-        let ctx = TensorCtx {
-            job: &t.job,
-            models: &paths,
-            seed: self.job.seed,
-        };
+        let ctx =
+            TensorCtx { job: &t.job, models: &paths, seed: self.job.seed, ram_budget: self.job.ram_budget };
         let mut merger = self.build(&ctx)?;
         let chunks = Self::chunks(t);
-        for pass in 0..merger.stat_passes() {
+        let mut pass = 0;
+        while merger.wants_pass() {
+            pass += 1;
+            if pass >= t.passes {
+                // The data forced a pass the plan did not count.
+                progress.bytes_total.fetch_add(t.pass_bytes(), Ordering::Relaxed);
+            }
             let m = &*merger;
-            let stats = chunks
-                .par_iter()
-                .map(|&(start, len)| {
-                    scratch.with(|s| {
-                        with_chunk(t, s, start, len, progress, |x, _| m.stat_chunk(pass, x))
-                    })
-                })
-                .try_reduce(Stats::default, |a, b| Ok(a.merge(b)))?;
-            merger.end_pass(pass, stats)?;
+            chunks.par_iter().try_for_each(|&(start, len)| {
+                scratch.with(|s| with_chunk(t, s, start, len, progress, |x, _, stats| m.stat_chunk(x, stats)))
+            })?;
+            merger.end_pass(scratch.take_stats())?;
+        }
+        if pass + 1 < t.passes {
+            // Fewer passes than planned: take the unread ones off the total.
+            let unread = (t.passes - pass - 1) as u64 * t.pass_bytes();
+            progress.bytes_total.fetch_sub(unread, Ordering::Relaxed);
         }
         let m = &*merger;
         let size = t.out.dtype.size() as u64;
         chunks.par_iter().try_for_each(|&(start, len)| {
             scratch.with(|s| {
-                with_chunk(t, s, start, len, progress, |x, (out, bytes)| {
+                with_chunk(t, s, start, len, progress, |x, (out, bytes), _| {
                     m.merge_chunk(x, out);
                     T::encode(out, t.out.dtype, bytes);
                     writer.write_at(place.shard, place.offset + start * size, bytes)
@@ -215,7 +201,7 @@ fn with_chunk<T: Real, R>(
     start: u64,
     len: u64,
     progress: &Progress,
-    f: impl FnOnce(&ChunkInputs<'_, T>, (&mut [T], &mut [u8])) -> Result<R>,
+    f: impl FnOnce(&mut ChunkInputs<'_, T>, (&mut [T], &mut [u8]), &mut Stats) -> Result<R>,
 ) -> Result<R> {
     if progress.is_cancelled() {
         return Err(Error::Cancelled);
@@ -229,17 +215,12 @@ fn with_chunk<T: Real, R>(
     }
     s.out.resize(n, T::ZERO);
     s.bytes.resize(n * t.out.dtype.size(), 0);
-    let (base, models) = match (&t.base, s.inputs.split_first()) {
+    let (base, models): (Option<&[T]>, &mut [Vec<T>]) = match (&t.base, s.inputs.split_first_mut()) {
         (Some(_), Some((b, rest))) => (Some(&b[..n]), rest),
-        _ => (None, &s.inputs[..]),
+        _ => (None, &mut s.inputs[..]),
     };
-    let model_slices: Vec<&[T]> = models.iter().map(|m| &m[..n]).collect();
-    let x = ChunkInputs {
-        start,
-        base,
-        models: &model_slices,
-    };
-    let r = f(&x, (&mut s.out[..n], &mut s.bytes[..]))?;
+    let mut x = ChunkInputs { start, base, models: models.iter_mut().map(|m| &mut m[..n]).collect() };
+    let r = f(&mut x, (&mut s.out[..n], &mut s.bytes[..]), &mut s.stats)?;
     for v in &views {
         v.release(start, len);
         progress.add_bytes(v.bytes_for(len));

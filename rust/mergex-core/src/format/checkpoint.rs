@@ -14,12 +14,7 @@ use crate::error::{Error, Result};
 /// The index file name of a sharded checkpoint.
 pub const INDEX_NAME: &str = "model.safetensors.index.json";
 
-const PICKLE_NAMES: &[&str] = &[
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-    "model.pt",
-    "model.bin",
-];
+const PICKLE_NAMES: &[&str] = &["pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.bin"];
 
 /// An opened checkpoint: its files and where each tensor lives.
 #[derive(Debug)]
@@ -35,9 +30,7 @@ impl Checkpoint {
         let meta = std::fs::metadata(path).map_err(|e| Error::io(path, "open", e))?;
         if meta.is_file() {
             if is_pickle_name(path) {
-                return Err(Error::PickleCheckpoint {
-                    path: path.to_path_buf(),
-                });
+                return Err(Error::PickleCheckpoint { path: path.to_path_buf() });
             }
             return Self::from_files(path, vec![path.to_path_buf()], None);
         }
@@ -60,36 +53,23 @@ impl Checkpoint {
         }
         for name in PICKLE_NAMES {
             if path.join(name).exists() {
-                return Err(Error::PickleCheckpoint {
-                    path: path.join(name),
-                });
+                return Err(Error::PickleCheckpoint { path: path.join(name) });
             }
         }
-        Err(Error::NoCheckpoint {
-            dir: path.to_path_buf(),
-        })
+        Err(Error::NoCheckpoint { dir: path.to_path_buf() })
     }
 
     fn open_index(dir: &Path, index: &Path) -> Result<Self> {
-        let bad = |message: &str| Error::IndexJson {
-            path: index.to_path_buf(),
-            message: message.into(),
-        };
+        let bad = |message: &str| Error::IndexJson { path: index.to_path_buf(), message: message.into() };
         let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, "read", e))?;
         let json: Value = serde_json::from_str(&text).map_err(|e| bad(&e.to_string()))?;
-        let map = json
-            .get("weight_map")
-            .and_then(Value::as_object)
-            .ok_or_else(|| bad("no 'weight_map' object"))?;
-        let real_dir = dir
-            .canonicalize()
-            .map_err(|e| Error::io(dir, "resolve", e))?;
+        let map =
+            json.get("weight_map").and_then(Value::as_object).ok_or_else(|| bad("no 'weight_map' object"))?;
+        let real_dir = dir.canonicalize().map_err(|e| Error::io(dir, "resolve", e))?;
         let mut shards: Vec<String> = Vec::new();
         let mut wanted = BTreeMap::new();
         for (tensor, shard) in map {
-            let shard = shard
-                .as_str()
-                .ok_or_else(|| bad(&format!("shard of '{tensor}' is not a string")))?;
+            let shard = shard.as_str().ok_or_else(|| bad(&format!("shard of '{tensor}' is not a string")))?;
             if !shards.iter().any(|s| s == shard) {
                 shards.push(shard.to_string());
             }
@@ -107,21 +87,14 @@ impl Checkpoint {
         paths: Vec<PathBuf>,
         index: Option<(&Path, Vec<String>, BTreeMap<String, String>)>,
     ) -> Result<Self> {
-        let files = paths
-            .iter()
-            .map(|p| SafeFile::open(p).map(Arc::new))
-            .collect::<Result<Vec<_>>>()?;
+        let files = paths.iter().map(|p| SafeFile::open(p).map(Arc::new)).collect::<Result<Vec<_>>>()?;
         let mut tensors = HashMap::new();
         match index {
             Some((index, shards, wanted)) => {
                 for (tensor, shard) in wanted {
                     let i = shards.iter().position(|s| *s == shard).unwrap_or(0);
                     if files.get(i).and_then(|f| f.tensor(&tensor)).is_none() {
-                        return Err(Error::IndexMismatch {
-                            index: index.to_path_buf(),
-                            tensor,
-                            shard,
-                        });
+                        return Err(Error::IndexMismatch { index: index.to_path_buf(), tensor, shard });
                     }
                     tensors.insert(tensor, i);
                 }
@@ -139,11 +112,7 @@ impl Checkpoint {
                 }
             }
         }
-        Ok(Checkpoint {
-            root: root.to_path_buf(),
-            files,
-            tensors,
-        })
+        Ok(Checkpoint { root: root.to_path_buf(), files, tensors })
     }
 
     /// The folder or file this checkpoint was opened from.
@@ -167,12 +136,7 @@ impl Checkpoint {
         self.get(name).ok_or_else(|| Error::MissingTensor {
             model: self.root.clone(),
             tensor: name.to_string(),
-            files: self
-                .files
-                .iter()
-                .map(|f| f.path().display().to_string())
-                .collect::<Vec<_>>()
-                .join(", "),
+            files: self.files.iter().map(|f| f.path().display().to_string()).collect::<Vec<_>>().join(", "),
         })
     }
 
@@ -189,24 +153,18 @@ impl Checkpoint {
 }
 
 fn is_pickle_name(path: &Path) -> bool {
-    path.extension()
-        .is_some_and(|x| x == "bin" || x == "pt" || x == "pth" || x == "ckpt" || x == "pkl")
+    path.extension().is_some_and(|x| x == "bin" || x == "pt" || x == "pth" || x == "ckpt" || x == "pkl")
 }
 
 /// Resolve a shard name from an index, refusing anything that leaves the model folder.
 fn shard_path(dir: &Path, real_dir: &Path, index: &Path, shard: &str) -> Result<PathBuf> {
-    let outside = || Error::ShardOutsideFolder {
-        index: index.to_path_buf(),
-        shard: shard.to_string(),
-    };
+    let outside = || Error::ShardOutsideFolder { index: index.to_path_buf(), shard: shard.to_string() };
     let rel = Path::new(shard);
     if shard.is_empty() || !rel.components().all(|c| matches!(c, Component::Normal(_))) {
         return Err(outside());
     }
     let path = dir.join(rel);
-    let real = path
-        .canonicalize()
-        .map_err(|e| Error::io(&path, "open", e))?;
+    let real = path.canonicalize().map_err(|e| Error::io(&path, "open", e))?;
     if !real.starts_with(real_dir) {
         return Err(outside());
     }

@@ -94,10 +94,7 @@ impl Dtype {
 
     /// Whether values of this dtype are merged (floating point); others are copied through.
     pub fn is_float(self) -> bool {
-        matches!(
-            self,
-            Dtype::F8_E4M3 | Dtype::F8_E5M2 | Dtype::F16 | Dtype::BF16 | Dtype::F32 | Dtype::F64
-        )
+        matches!(self, Dtype::F8_E4M3 | Dtype::F8_E5M2 | Dtype::F16 | Dtype::BF16 | Dtype::F32 | Dtype::F64)
     }
 
     /// Whether mergex can write merged values in this dtype.
@@ -131,11 +128,7 @@ pub fn f8_e4m3_to_f32(b: u8) -> f32 {
     if exp == 0x0f && (b & 0x07) == 0x07 {
         return f32::NAN;
     }
-    let mag = if exp == 0 {
-        man / 8.0 * 2f32.powi(-6)
-    } else {
-        (1.0 + man / 8.0) * 2f32.powi(exp - 7)
-    };
+    let mag = if exp == 0 { man / 8.0 * 2f32.powi(-6) } else { (1.0 + man / 8.0) * 2f32.powi(exp - 7) };
     sign * mag
 }
 
@@ -202,13 +195,7 @@ mod tests {
 
     #[test]
     fn names_round_trip() {
-        for d in [
-            Dtype::BOOL,
-            Dtype::F8_E4M3,
-            Dtype::BF16,
-            Dtype::F64,
-            Dtype::I64,
-        ] {
+        for d in [Dtype::BOOL, Dtype::F8_E4M3, Dtype::BF16, Dtype::F64, Dtype::I64] {
             assert_eq!(Dtype::from_name(d.name()), Some(d));
         }
         assert_eq!(Dtype::from_name("F4"), None);

@@ -23,48 +23,26 @@ impl SafeFile {
     /// Open `path`, validate its header and map it read-only.
     pub fn open(path: &Path) -> Result<Self> {
         let mut file = File::open(path).map_err(|e| Error::io(path, "open", e))?;
-        let file_len = file
-            .metadata()
-            .map_err(|e| Error::io(path, "stat", e))?
-            .len();
+        let file_len = file.metadata().map_err(|e| Error::io(path, "stat", e))?.len();
         if file_len < 8 {
-            return Err(Error::FileTooSmall {
-                path: path.to_path_buf(),
-                len: file_len,
-            });
+            return Err(Error::FileTooSmall { path: path.to_path_buf(), len: file_len });
         }
         let mut prefix = [0u8; 8];
-        file.read_exact(&mut prefix)
-            .map_err(|e| Error::io(path, "read", e))?;
+        file.read_exact(&mut prefix).map_err(|e| Error::io(path, "read", e))?;
         let header_len = u64::from_le_bytes(prefix);
         if header_len > file_len - 8 || header_len > MAX_HEADER_LEN {
-            return Err(Error::HeaderLength {
-                path: path.to_path_buf(),
-                header_len,
-                file_len,
-            });
+            return Err(Error::HeaderLength { path: path.to_path_buf(), header_len, file_len });
         }
         let mut json = vec![0u8; header_len as usize];
-        file.read_exact(&mut json)
-            .map_err(|e| Error::io(path, "read", e))?;
+        file.read_exact(&mut json).map_err(|e| Error::io(path, "read", e))?;
         let header = parse_header(path, &json, file_len - 8 - header_len)?;
         // SAFETY: the map is read-only and private to this process. mergex never writes to
         // its inputs; another process truncating the file during a merge could fault the
         // reads (SIGBUS), which the merge-time size check in `check_unchanged` narrows.
         let map = unsafe { MmapOptions::new().len(file_len as usize).map(&file) }
             .map_err(|e| Error::io(path, "map", e))?;
-        let by_name = header
-            .tensors
-            .iter()
-            .enumerate()
-            .map(|(i, t)| (t.name.clone(), i))
-            .collect();
-        Ok(SafeFile {
-            path: path.to_path_buf(),
-            map,
-            header,
-            by_name,
-        })
+        let by_name = header.tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
+        Ok(SafeFile { path: path.to_path_buf(), map, header, by_name })
     }
 
     /// The file's path.
@@ -79,9 +57,7 @@ impl SafeFile {
 
     /// Look a tensor up by name.
     pub fn tensor(&self, name: &str) -> Option<&TensorEntry> {
-        self.by_name
-            .get(name)
-            .and_then(|&i| self.header.tensors.get(i))
+        self.by_name.get(name).and_then(|&i| self.header.tensors.get(i))
     }
 
     /// Bytes `[begin, end)` of a tensor's data (offsets relative to the tensor's start).
@@ -98,15 +74,13 @@ impl SafeFile {
                 data_len: t.end,
             });
         }
-        self.map
-            .get(start as usize..stop as usize)
-            .ok_or_else(|| Error::OffsetsOutOfFile {
-                path: self.path.clone(),
-                tensor: t.name.clone(),
-                begin: start,
-                end: stop,
-                data_len: self.map.len() as u64,
-            })
+        self.map.get(start as usize..stop as usize).ok_or_else(|| Error::OffsetsOutOfFile {
+            path: self.path.clone(),
+            tensor: t.name.clone(),
+            begin: start,
+            end: stop,
+            data_len: self.map.len() as u64,
+        })
     }
 
     /// Drop the mapped pages covering `bytes` of a tensor from this process's resident set.
@@ -134,11 +108,7 @@ impl SafeFile {
         // file-backed memory, so MADV_DONTNEED only discards pages that are re-read from
         // the file on the next access. The return value is advisory and ignored.
         unsafe {
-            libc::madvise(
-                self.map.as_ptr().add(start) as *mut libc::c_void,
-                len,
-                advice,
-            );
+            libc::madvise(self.map.as_ptr().add(start) as *mut libc::c_void, len, advice);
         }
     }
 }

@@ -63,10 +63,7 @@ impl<'de> Deserialize<'de> for Entries {
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
                 f.write_str("a JSON object")
             }
-            fn visit_map<A: MapAccess<'de>>(
-                self,
-                mut m: A,
-            ) -> std::result::Result<Entries, A::Error> {
+            fn visit_map<A: MapAccess<'de>>(self, mut m: A) -> std::result::Result<Entries, A::Error> {
                 let mut v = Vec::new();
                 while let Some((k, val)) = m.next_entry::<String, Value>()? {
                     v.push((k, val));
@@ -81,26 +78,16 @@ impl<'de> Deserialize<'de> for Entries {
 /// Parse and validate the header bytes (the JSON after the 8-byte length) of `path`,
 /// whose data section is `data_len` bytes long.
 pub fn parse_header(path: &Path, json: &[u8], data_len: u64) -> Result<Header> {
-    let text = std::str::from_utf8(json).map_err(|e| Error::HeaderJson {
-        path: path.to_path_buf(),
-        message: format!("not UTF-8 ({e})"),
-    })?;
-    let entries: Entries =
-        serde_json::from_str(text.trim_end_matches([' ', '\0'])).map_err(|e| {
-            Error::HeaderJson {
-                path: path.to_path_buf(),
-                message: e.to_string(),
-            }
-        })?;
+    let text = std::str::from_utf8(json)
+        .map_err(|e| Error::HeaderJson { path: path.to_path_buf(), message: format!("not UTF-8 ({e})") })?;
+    let entries: Entries = serde_json::from_str(text.trim_end_matches([' ', '\0']))
+        .map_err(|e| Error::HeaderJson { path: path.to_path_buf(), message: e.to_string() })?;
     let mut seen = HashSet::new();
     let mut tensors = Vec::with_capacity(entries.0.len());
     let mut metadata = BTreeMap::new();
     for (name, value) in entries.0 {
         if !seen.insert(name.clone()) {
-            return Err(Error::DuplicateTensor {
-                path: path.to_path_buf(),
-                tensor: name,
-            });
+            return Err(Error::DuplicateTensor { path: path.to_path_buf(), tensor: name });
         }
         if name == "__metadata__" {
             metadata = parse_metadata(path, &value)?;
@@ -109,11 +96,7 @@ pub fn parse_header(path: &Path, json: &[u8], data_len: u64) -> Result<Header> {
         tensors.push(parse_entry(path, name, &value)?);
     }
     check_layout(path, &mut tensors, data_len)?;
-    Ok(Header {
-        tensors,
-        metadata,
-        data_start: 8 + json.len() as u64,
-    })
+    Ok(Header { tensors, metadata, data_start: 8 + json.len() as u64 })
 }
 
 fn parse_metadata(path: &Path, value: &Value) -> Result<BTreeMap<String, String>> {
@@ -122,22 +105,13 @@ fn parse_metadata(path: &Path, value: &Value) -> Result<BTreeMap<String, String>
         message: "__metadata__ must map strings to strings".into(),
     };
     let obj = value.as_object().ok_or_else(bad)?;
-    obj.iter()
-        .map(|(k, v)| Ok((k.clone(), v.as_str().ok_or_else(bad)?.to_string())))
-        .collect()
+    obj.iter().map(|(k, v)| Ok((k.clone(), v.as_str().ok_or_else(bad)?.to_string()))).collect()
 }
 
 fn parse_entry(path: &Path, name: String, value: &Value) -> Result<TensorEntry> {
-    let bad = |field| Error::BadTensorEntry {
-        path: path.to_path_buf(),
-        tensor: name.clone(),
-        field,
-    };
+    let bad = |field| Error::BadTensorEntry { path: path.to_path_buf(), tensor: name.clone(), field };
     let obj = value.as_object().ok_or_else(|| bad("dtype"))?;
-    let dtype_name = obj
-        .get("dtype")
-        .and_then(Value::as_str)
-        .ok_or_else(|| bad("dtype"))?;
+    let dtype_name = obj.get("dtype").and_then(Value::as_str).ok_or_else(|| bad("dtype"))?;
     let dtype = Dtype::from_name(dtype_name).ok_or_else(|| Error::UnknownDtype {
         path: path.to_path_buf(),
         tensor: name.clone(),
@@ -150,24 +124,18 @@ fn parse_entry(path: &Path, name: String, value: &Value) -> Result<TensorEntry> 
         .iter()
         .map(|d| d.as_u64().ok_or_else(|| bad("shape")))
         .collect::<Result<Vec<u64>>>()?;
-    let offsets = obj
-        .get("data_offsets")
-        .and_then(Value::as_array)
-        .ok_or_else(|| bad("data_offsets"))?;
+    let offsets = obj.get("data_offsets").and_then(Value::as_array).ok_or_else(|| bad("data_offsets"))?;
     let (begin, end) = match offsets.as_slice() {
-        [b, e] => (
-            b.as_u64().ok_or_else(|| bad("data_offsets"))?,
-            e.as_u64().ok_or_else(|| bad("data_offsets"))?,
-        ),
+        [b, e] => {
+            (b.as_u64().ok_or_else(|| bad("data_offsets"))?, e.as_u64().ok_or_else(|| bad("data_offsets"))?)
+        }
         _ => return Err(bad("data_offsets")),
     };
     if end < begin {
         return Err(bad("data_offsets"));
     }
-    let expected = shape
-        .iter()
-        .try_fold(dtype.size() as u64, |acc, &d| acc.checked_mul(d))
-        .unwrap_or(u64::MAX);
+    let expected =
+        shape.iter().try_fold(dtype.size() as u64, |acc, &d| acc.checked_mul(d)).unwrap_or(u64::MAX);
     if expected != end - begin {
         return Err(Error::ShapeSize {
             path: path.to_path_buf(),
@@ -178,13 +146,7 @@ fn parse_entry(path: &Path, name: String, value: &Value) -> Result<TensorEntry> 
             actual: end - begin,
         });
     }
-    Ok(TensorEntry {
-        name,
-        dtype,
-        shape,
-        begin,
-        end,
-    })
+    Ok(TensorEntry { name, dtype, shape, begin, end })
 }
 
 /// Sort by offset and check that the tensors tile `[0, data_len)` exactly.
@@ -214,10 +176,7 @@ fn check_layout(path: &Path, tensors: &mut [TensorEntry], data_len: u64) -> Resu
         expected = t.end;
     }
     if expected != data_len {
-        return Err(Error::TrailingData {
-            path: path.to_path_buf(),
-            extra: data_len - expected,
-        });
+        return Err(Error::TrailingData { path: path.to_path_buf(), extra: data_len - expected });
     }
     Ok(())
 }
@@ -246,34 +205,21 @@ mod tests {
     #[test]
     fn rejects_bad_layouts() {
         let gap = r#"{"a":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}}"#;
-        assert!(matches!(
-            parse(gap, 8),
-            Err(Error::OffsetsNotContiguous { .. })
-        ));
+        assert!(matches!(parse(gap, 8), Err(Error::OffsetsNotContiguous { .. })));
         let outside = r#"{"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]}}"#;
-        assert!(matches!(
-            parse(outside, 8),
-            Err(Error::OffsetsOutOfFile { .. })
-        ));
+        assert!(matches!(parse(outside, 8), Err(Error::OffsetsOutOfFile { .. })));
         let size = r#"{"a":{"dtype":"F32","shape":[3],"data_offsets":[0,8]}}"#;
         assert!(matches!(parse(size, 8), Err(Error::ShapeSize { .. })));
         let trailing = r#"{"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]}}"#;
-        assert!(matches!(
-            parse(trailing, 12),
-            Err(Error::TrailingData { .. })
-        ));
+        assert!(matches!(parse(trailing, 12), Err(Error::TrailingData { .. })));
         let dup = r#"{"a":{"dtype":"U8","shape":[1],"data_offsets":[0,1]},"a":{"dtype":"U8","shape":[1],"data_offsets":[1,2]}}"#;
         assert!(matches!(parse(dup, 2), Err(Error::DuplicateTensor { .. })));
         let dtype = r#"{"a":{"dtype":"Q4","shape":[1],"data_offsets":[0,1]}}"#;
         assert!(matches!(parse(dtype, 1), Err(Error::UnknownDtype { .. })));
-        let overflow =
-            r#"{"a":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,8]}}"#;
+        let overflow = r#"{"a":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,8]}}"#;
         assert!(matches!(parse(overflow, 8), Err(Error::ShapeSize { .. })));
         let neg = r#"{"a":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}}"#;
-        assert!(matches!(
-            parse(neg, 4),
-            Err(Error::BadTensorEntry { field: "shape", .. })
-        ));
+        assert!(matches!(parse(neg, 4), Err(Error::BadTensorEntry { field: "shape", .. })));
         assert!(matches!(parse("[1,2]", 0), Err(Error::HeaderJson { .. })));
         assert!(matches!(parse("{", 0), Err(Error::HeaderJson { .. })));
     }

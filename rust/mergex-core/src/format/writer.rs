@@ -65,11 +65,7 @@ pub struct Layout {
 
 /// Split tensors into shards of at most `shard_size` data bytes (a larger tensor gets a
 /// shard of its own) and serialize each shard's header.
-pub fn layout(
-    tensors: &[OutTensor],
-    shard_size: u64,
-    metadata: &BTreeMap<String, String>,
-) -> Result<Layout> {
+pub fn layout(tensors: &[OutTensor], shard_size: u64, metadata: &BTreeMap<String, String>) -> Result<Layout> {
     let mut groups: Vec<Vec<usize>> = vec![Vec::new()];
     let mut current = 0u64;
     for (i, t) in tensors.iter().enumerate() {
@@ -86,13 +82,7 @@ pub fn layout(
         current += n;
     }
     let count = groups.len();
-    let mut placements = vec![
-        Placement {
-            shard: 0,
-            offset: 0
-        };
-        tensors.len()
-    ];
+    let mut placements = vec![Placement { shard: 0, offset: 0 }; tensors.len()];
     let mut shards = Vec::with_capacity(count);
     for (s, group) in groups.into_iter().enumerate() {
         let file_name = if count == 1 {
@@ -129,24 +119,12 @@ pub fn layout(
         full.extend_from_slice(&(bytes.len() as u64).to_le_bytes());
         full.extend_from_slice(&bytes);
         for (i, off) in rel {
-            placements[i] = Placement {
-                shard: s,
-                offset: data_start + off,
-            };
+            placements[i] = Placement { shard: s, offset: data_start + off };
         }
-        shards.push(Shard {
-            file_name,
-            header: full,
-            tensors: group,
-            len: data_start + offset,
-        });
+        shards.push(Shard { file_name, header: full, tensors: group, len: data_start + offset });
     }
     let total_size = tensors.iter().map(OutTensor::nbytes).sum();
-    Ok(Layout {
-        shards,
-        placements,
-        total_size,
-    })
+    Ok(Layout { shards, placements, total_size })
 }
 
 /// Open output files, already sized, with their headers written.
@@ -166,10 +144,8 @@ impl Writer {
                 .create_new(true)
                 .open(&path)
                 .map_err(|e| Error::io(&path, "create", e))?;
-            file.set_len(shard.len)
-                .map_err(|e| Error::io(&path, "resize", e))?;
-            file.write_all_at(&shard.header, 0)
-                .map_err(|e| Error::io(&path, "write", e))?;
+            file.set_len(shard.len).map_err(|e| Error::io(&path, "resize", e))?;
+            file.write_all_at(&shard.header, 0).map_err(|e| Error::io(&path, "write", e))?;
             files.push((path, file));
         }
         Ok(Writer { files })
@@ -177,12 +153,9 @@ impl Writer {
 
     /// Write `bytes` at absolute `offset` of shard `shard`.
     pub fn write_at(&self, shard: usize, offset: u64, bytes: &[u8]) -> Result<()> {
-        let (path, file) = self
-            .files
-            .get(shard)
-            .ok_or_else(|| Error::job("output", format!("no shard {shard}")))?;
-        file.write_all_at(bytes, offset)
-            .map_err(|e| Error::io(path, "write", e))
+        let (path, file) =
+            self.files.get(shard).ok_or_else(|| Error::job("output", format!("no shard {shard}")))?;
+        file.write_all_at(bytes, offset).map_err(|e| Error::io(path, "write", e))
     }
 
     /// Flush everything to disk.
@@ -206,8 +179,7 @@ pub fn write_index(dir: &Path, tensors: &[OutTensor], layout: &Layout) -> Result
     }
     let index = json!({"metadata": {"total_size": layout.total_size}, "weight_map": weight_map});
     let path = dir.join(INDEX_NAME);
-    let text =
-        serde_json::to_string_pretty(&index).map_err(|e| Error::job("index", e.to_string()))?;
+    let text = serde_json::to_string_pretty(&index).map_err(|e| Error::job("index", e.to_string()))?;
     std::fs::write(&path, text + "\n").map_err(|e| Error::io(&path, "write", e))?;
     Ok(path)
 }
@@ -217,11 +189,7 @@ mod tests {
     use super::*;
 
     fn t(name: &str, n: u64) -> OutTensor {
-        OutTensor {
-            name: name.into(),
-            dtype: Dtype::F32,
-            shape: vec![n],
-        }
+        OutTensor { name: name.into(), dtype: Dtype::F32, shape: vec![n] }
     }
 
     #[test]

@@ -20,10 +20,7 @@ pub(super) fn build<T: Real>(ctx: &TensorCtx<'_>) -> Result<Box<dyn TensorMerge<
             sum += w;
         }
         if sum == T::ZERO {
-            return Err(ctx.bad_param(
-                "weight",
-                "the weights sum to 0, so normalize would divide by zero",
-            ));
+            return Err(ctx.bad_param("weight", "the weights sum to 0, so normalize would divide by zero"));
         }
         Some(sum)
     } else {
@@ -33,9 +30,9 @@ pub(super) fn build<T: Real>(ctx: &TensorCtx<'_>) -> Result<Box<dyn TensorMerge<
 }
 
 impl<T: Real> TensorMerge<T> for Linear<T> {
-    fn merge_chunk(&self, x: &ChunkInputs<'_, T>, out: &mut [T]) {
+    fn merge_chunk(&self, x: &mut ChunkInputs<'_, T>, out: &mut [T]) {
         out.fill(T::ZERO);
-        for (&w, xs) in self.weights.iter().zip(x.models) {
+        for (&w, xs) in self.weights.iter().zip(x.models.iter()) {
             axpy(out, w, xs);
         }
         if let Some(d) = self.divisor {

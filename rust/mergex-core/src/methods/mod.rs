@@ -4,17 +4,21 @@
 
 mod linear;
 mod passthrough;
+pub mod random;
+pub mod select;
+pub mod sparsify;
 mod task_vector;
 
 use std::path::Path;
 
 use crate::engine::job::TensorJob;
-use crate::engine::reduce::ExactSum;
+use crate::engine::reduce::{block_sum, ExactSum};
 use crate::error::{Error, Result};
 use crate::kernels::real::Real;
 
 /// What one chunk of an output tensor reads: the same element range of every input,
-/// decoded to the working precision.
+/// decoded to the working precision. Methods may overwrite the models' buffers in place
+/// (they are re-read for every pass).
 #[derive(Debug)]
 pub struct ChunkInputs<'a, T> {
     /// Flat index of the first element.
@@ -22,16 +26,20 @@ pub struct ChunkInputs<'a, T> {
     /// The base model's values, when the method uses a base.
     pub base: Option<&'a [T]>,
     /// The other models' values, in config order.
-    pub models: &'a [&'a [T]],
+    pub models: Vec<&'a mut [T]>,
 }
 
-/// Partial statistics of a pass; merged across chunks in any order with the same result.
+/// Partial statistics of a pass, accumulated per worker and merged at the end of the pass.
+/// Every field merges exactly (exact sums, integer counts, collections sorted before use),
+/// so the result does not depend on chunking, threads or completion order.
 #[derive(Debug, Clone, Default)]
 pub struct Stats {
     /// Exact sums (norms, dot products, …), method-defined meaning per slot.
     pub sums: Vec<ExactSum>,
-    /// Integer counts (histograms, kept elements, …).
-    pub counts: Vec<u64>,
+    /// Histograms per slot (allocated on first use).
+    pub hists: Vec<Vec<u64>>,
+    /// Collected pairs per slot (candidates, per-chunk counts).
+    pub items: Vec<Vec<(u64, u64)>>,
 }
 
 impl Stats {
@@ -43,35 +51,107 @@ impl Stats {
         for (a, b) in self.sums.iter_mut().zip(&other.sums) {
             a.merge(b);
         }
-        if self.counts.len() < other.counts.len() {
-            self.counts.resize(other.counts.len(), 0);
+        if self.hists.len() < other.hists.len() {
+            self.hists.resize(other.hists.len(), Vec::new());
         }
-        for (a, b) in self.counts.iter_mut().zip(&other.counts) {
-            *a += b;
+        for (a, b) in self.hists.iter_mut().zip(other.hists) {
+            if a.is_empty() {
+                *a = b;
+            } else {
+                for (x, y) in a.iter_mut().zip(&b) {
+                    *x += y;
+                }
+            }
+        }
+        if self.items.len() < other.items.len() {
+            self.items.resize(other.items.len(), Vec::new());
+        }
+        for (a, b) in self.items.iter_mut().zip(other.items) {
+            a.extend(b);
         }
         self
     }
+
+    /// The exact sum in slot `i`.
+    pub fn sum(&mut self, i: usize) -> &mut ExactSum {
+        if self.sums.len() <= i {
+            self.sums.resize(i + 1, ExactSum::default());
+        }
+        &mut self.sums[i]
+    }
+
+    /// The histogram of slot `i`, allocated with [`select::BINS`] bins on first use.
+    pub fn hist(&mut self, i: usize) -> &mut Vec<u64> {
+        if self.hists.len() <= i {
+            self.hists.resize(i + 1, Vec::new());
+        }
+        let h = &mut self.hists[i];
+        if h.is_empty() {
+            h.resize(select::BINS, 0);
+        }
+        h
+    }
+
+    /// The collected pairs of slot `i`.
+    pub fn items(&mut self, i: usize) -> &mut Vec<(u64, u64)> {
+        if self.items.len() <= i {
+            self.items.resize(i + 1, Vec::new());
+        }
+        &mut self.items[i]
+    }
+
+    /// Take the histogram of slot `i` (all zeros if never filled).
+    pub fn take_hist(&mut self, i: usize) -> Vec<u64> {
+        let h = self.hists.get_mut(i).map(std::mem::take).unwrap_or_default();
+        if h.is_empty() {
+            vec![0; select::BINS]
+        } else {
+            h
+        }
+    }
+
+    /// Take the pairs of slot `i`.
+    pub fn take_items(&mut self, i: usize) -> Vec<(u64, u64)> {
+        self.items.get_mut(i).map(std::mem::take).unwrap_or_default()
+    }
+
+    /// The value of exact sum `i` (0 if never added to).
+    pub fn total(&self, i: usize) -> f64 {
+        self.sums.get(i).map(ExactSum::value).unwrap_or(0.0)
+    }
 }
 
-/// The per-tensor state of a method.
+/// The per-tensor state of a method. The engine runs statistics passes while
+/// [`TensorMerge::wants_pass`] says so, then one output pass.
 pub trait TensorMerge<T: Real>: Send + Sync {
-    /// Statistics passes needed before the output pass.
-    fn stat_passes(&self) -> usize {
+    /// Statistics passes expected before the output pass (for plans and progress); data
+    /// may force more (see [`TensorMerge::wants_pass`]).
+    fn planned_passes(&self) -> usize {
         0
     }
 
-    /// Statistics of one chunk in pass `pass`.
-    fn stat_chunk(&self, _pass: usize, _x: &ChunkInputs<'_, T>) -> Result<Stats> {
-        Ok(Stats::default())
+    /// Whether another statistics pass is needed now.
+    fn wants_pass(&self) -> bool {
+        false
     }
 
-    /// Take the merged statistics of pass `pass`.
-    fn end_pass(&mut self, _pass: usize, _stats: Stats) -> Result<()> {
+    /// Chunks must hold whole groups of this many elements (rows, for row-wise methods).
+    fn align(&self) -> u64 {
+        1
+    }
+
+    /// Accumulate one chunk's statistics of the current pass into `acc`.
+    fn stat_chunk(&self, _x: &mut ChunkInputs<'_, T>, _acc: &mut Stats) -> Result<()> {
+        Ok(())
+    }
+
+    /// Take the merged statistics of the pass just finished.
+    fn end_pass(&mut self, _stats: Stats) -> Result<()> {
         Ok(())
     }
 
     /// Compute the output values of one chunk.
-    fn merge_chunk(&self, x: &ChunkInputs<'_, T>, out: &mut [T]);
+    fn merge_chunk(&self, x: &mut ChunkInputs<'_, T>, out: &mut [T]);
 }
 
 /// Everything a method may look at when it sets up one output tensor.
@@ -83,21 +163,19 @@ pub struct TensorCtx<'a> {
     pub models: &'a [&'a Path],
     /// Random seed.
     pub seed: u64,
+    /// RAM budget of the merge, for in-memory statistics.
+    pub ram_budget: u64,
 }
 
 impl TensorCtx<'_> {
     /// A global parameter, which the planner must have resolved.
     pub fn global(&self, name: &str) -> Result<f64> {
-        self.job
-            .params
-            .get(name)
-            .copied()
-            .ok_or_else(|| Error::InvalidParameter {
-                name: name.into(),
-                tensor: self.job.name.clone(),
-                model: None,
-                message: "missing".into(),
-            })
+        self.job.params.get(name).copied().ok_or_else(|| Error::InvalidParameter {
+            name: name.into(),
+            tensor: self.job.name.clone(),
+            model: None,
+            message: "missing".into(),
+        })
     }
 
     /// A global flag (non-zero is true).
@@ -108,24 +186,17 @@ impl TensorCtx<'_> {
     /// A per-model parameter of the `i`-th non-base input.
     pub fn model_param(&self, i: usize, name: &str) -> Result<f64> {
         let input = self.job.inputs.get(i);
-        input
-            .and_then(|m| m.params.get(name).copied())
-            .ok_or_else(|| Error::InvalidParameter {
-                name: name.into(),
-                tensor: self.job.name.clone(),
-                model: input
-                    .and_then(|m| self.models.get(m.model))
-                    .map(|p| p.to_path_buf()),
-                message: "missing".into(),
-            })
+        input.and_then(|m| m.params.get(name).copied()).ok_or_else(|| Error::InvalidParameter {
+            name: name.into(),
+            tensor: self.job.name.clone(),
+            model: input.and_then(|m| self.models.get(m.model)).map(|p| p.to_path_buf()),
+            message: "missing".into(),
+        })
     }
 
     /// An optional per-model parameter.
     pub fn model_param_opt(&self, i: usize, name: &str) -> Option<f64> {
-        self.job
-            .inputs
-            .get(i)
-            .and_then(|m| m.params.get(name).copied())
+        self.job.inputs.get(i).and_then(|m| m.params.get(name).copied())
     }
 
     /// An error about a parameter of this tensor.
@@ -163,27 +234,61 @@ pub struct MethodInfo {
     pub build_f64: Build<f64>,
 }
 
+/// Declares the f32/f64 builders of task-family members.
+macro_rules! family {
+    ($($name:ident => $family:path),* $(,)?) => {
+        $(
+            fn $name<T: Real>(ctx: &TensorCtx<'_>) -> Result<Box<dyn TensorMerge<T>>> {
+                task_vector::build($family, ctx)
+            }
+        )*
+    };
+}
+
+family! {
+    task_arithmetic => task_vector::TASK_ARITHMETIC,
+    ties => task_vector::TIES,
+    dare_ties => task_vector::DARE_TIES,
+    dare_linear => task_vector::DARE_LINEAR,
+    breadcrumbs => task_vector::BREADCRUMBS,
+    breadcrumbs_ties => task_vector::BREADCRUMBS_TIES,
+    della => task_vector::DELLA,
+    della_linear => task_vector::DELLA_LINEAR,
+}
+
+/// One table entry.
+macro_rules! method {
+    ($name:literal, $base:expr, $build:ident) => {
+        MethodInfo { name: $name, base: $base, build_f32: $build::<f32>, build_f64: $build::<f64> }
+    };
+}
+
 /// The method table.
 pub static METHODS: &[MethodInfo] = &[
-    MethodInfo {
-        name: "linear",
-        base: BaseUse::None,
-        build_f32: linear::build,
-        build_f64: linear::build,
-    },
-    MethodInfo {
-        name: "task_arithmetic",
-        base: BaseUse::Required,
-        build_f32: task_vector::build_task_arithmetic,
-        build_f64: task_vector::build_task_arithmetic,
-    },
-    MethodInfo {
-        name: "passthrough",
-        base: BaseUse::None,
-        build_f32: passthrough::build,
-        build_f64: passthrough::build,
-    },
+    method!("linear", BaseUse::None, linear_build),
+    method!("passthrough", BaseUse::None, passthrough_build),
+    method!("task_arithmetic", BaseUse::Required, task_arithmetic),
+    method!("ties", BaseUse::Required, ties),
+    method!("dare_ties", BaseUse::Required, dare_ties),
+    method!("dare_linear", BaseUse::Required, dare_linear),
+    method!("breadcrumbs", BaseUse::Required, breadcrumbs),
+    method!("breadcrumbs_ties", BaseUse::Required, breadcrumbs_ties),
+    method!("della", BaseUse::Required, della),
+    method!("della_linear", BaseUse::Required, della_linear),
 ];
+
+fn linear_build<T: Real>(ctx: &TensorCtx<'_>) -> Result<Box<dyn TensorMerge<T>>> {
+    linear::build(ctx)
+}
+
+fn passthrough_build<T: Real>(ctx: &TensorCtx<'_>) -> Result<Box<dyn TensorMerge<T>>> {
+    passthrough::build(ctx)
+}
+
+/// Add `Σ |v|` over `values` to `acc`, the chunk-invariant way (see [`block_sum`]).
+pub(crate) fn reduce_abs(values: impl IntoIterator<Item = f64>, acc: &mut ExactSum) {
+    block_sum(values.into_iter().map(f64::abs), acc)
+}
 
 /// Look a method up by name.
 pub fn find(name: &str) -> Option<&'static MethodInfo> {

@@ -12,19 +12,14 @@ pub(super) fn build<T: Real>(ctx: &TensorCtx<'_>) -> Result<Box<dyn TensorMerge<
     if ctx.job.inputs.len() != 1 {
         return Err(ctx.bad_param(
             "models",
-            format!(
-                "passthrough takes exactly one input per tensor, got {}",
-                ctx.job.inputs.len()
-            ),
+            format!("passthrough takes exactly one input per tensor, got {}", ctx.job.inputs.len()),
         ));
     }
-    Ok(Box::new(Passthrough {
-        scale: ctx.model_param_opt(0, "scale").map(param::<T>),
-    }))
+    Ok(Box::new(Passthrough { scale: ctx.model_param_opt(0, "scale").map(param::<T>) }))
 }
 
 impl<T: Real> TensorMerge<T> for Passthrough<T> {
-    fn merge_chunk(&self, x: &ChunkInputs<'_, T>, out: &mut [T]) {
+    fn merge_chunk(&self, x: &mut ChunkInputs<'_, T>, out: &mut [T]) {
         let Some(src) = x.models.first() else { return };
         match self.scale {
             Some(s) => {

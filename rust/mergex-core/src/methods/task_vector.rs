@@ -1,61 +1,290 @@
-//! The generalized task-arithmetic pipeline (METHODS.md §2): task vectors δ_i = x_i − b,
-//! weighted, summed, optionally normalized by the summed weights, scaled by λ, added back
-//! to the base. Sparsifiers and the sign election plug in here as further stages.
+//! The generalized task-arithmetic pipeline (METHODS.md §2) shared by task_arithmetic,
+//! ties, dare_ties, dare_linear, breadcrumbs, breadcrumbs_ties, della and della_linear:
+//! task vectors δ_i = x_i − b, sparsified per model (optionally L1-rescaled), weighted,
+//! combined with or without the TIES sign election, normalized, scaled by λ, added to b.
 
-use super::{param, ChunkInputs, TensorCtx, TensorMerge};
-use crate::error::Result;
-use crate::kernels::{axpy_delta, real::Real};
+use super::reduce_abs;
+use super::sparsify::{Kind, Setup, Sparsifier};
+use super::{param, ChunkInputs, Stats, TensorCtx, TensorMerge};
+use crate::error::{Error, Result};
+use crate::kernels::real::Real;
 
-struct TaskVector<T> {
-    weights: Vec<T>,
-    /// Σ w_i (f32, config order), or 1 where |Σ w_i| < 1e-8; `None` without normalize.
-    divisor: Option<T>,
-    lambda: T,
+/// The switches that tell the family's methods apart.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Family {
+    sparsify: Kind,
+    consensus: bool,
 }
 
-pub(super) fn build_task_arithmetic<T: Real>(
-    ctx: &TensorCtx<'_>,
-) -> Result<Box<dyn TensorMerge<T>>> {
-    if ctx.job.base.is_none() {
-        return Err(ctx.bad_param("base_model", "task_arithmetic needs a base model"));
+pub(super) const TASK_ARITHMETIC: Family = Family { sparsify: Kind::None, consensus: false };
+pub(super) const TIES: Family = Family { sparsify: Kind::Magnitude, consensus: true };
+pub(super) const DARE_TIES: Family = Family { sparsify: Kind::Random, consensus: true };
+pub(super) const DARE_LINEAR: Family = Family { sparsify: Kind::Random, consensus: false };
+pub(super) const BREADCRUMBS: Family = Family { sparsify: Kind::Outliers, consensus: false };
+pub(super) const BREADCRUMBS_TIES: Family = Family { sparsify: Kind::Outliers, consensus: true };
+pub(super) const DELLA: Family = Family { sparsify: Kind::Della, consensus: true };
+pub(super) const DELLA_LINEAR: Family = Family { sparsify: Kind::Della, consensus: false };
+
+/// Sum slots per model: ‖δ‖₁ and ‖δ ⊙ mask‖₁.
+const L1_ALL: usize = 0;
+const L1_KEPT: usize = 1;
+
+struct TaskVector<T> {
+    family: Family,
+    weights: Vec<T>,
+    lambda: T,
+    normalize: bool,
+    rescale: bool,
+    sparsifiers: Vec<Sparsifier>,
+    /// Rescale factor per model (1 until known).
+    scales: Vec<T>,
+    /// Σ w_i without consensus (f32, config order), 1 where |Σ w_i| < 1e-8.
+    divisor: T,
+    /// Statistics passes done.
+    pass: usize,
+    /// L1 of the kept elements of selections computed.
+    selected_l1: bool,
+    /// ‖δ_i‖₁ per model, from the first pass.
+    l1_all: Vec<f64>,
+    align: u64,
+}
+
+/// Build one member of the family for one tensor.
+pub(super) fn build<T: Real>(family: Family, ctx: &TensorCtx<'_>) -> Result<Box<dyn TensorMerge<T>>> {
+    let job = ctx.job;
+    if job.base.is_none() {
+        return Err(ctx.bad_param("base_model", "this method needs a base model"));
     }
-    let weights = (0..ctx.job.inputs.len())
-        .map(|i| ctx.model_param(i, "weight").map(param::<T>))
-        .collect::<Result<Vec<T>>>()?;
-    let divisor = if ctx.flag("normalize")? {
-        let mut sum = T::ZERO;
-        for &w in &weights {
-            sum += w;
+    let m = job.inputs.len();
+    let selectors = 2 * m.max(1) as u64;
+    // A quarter of the budget may hold selection candidates (16 bytes each).
+    let gather_cap = (ctx.ram_budget / 4 / 16 / selectors).max(4096);
+    let mut weights = Vec::with_capacity(m);
+    let mut sparsifiers = Vec::with_capacity(m);
+    let mut align = 1;
+    for (i, input) in job.inputs.iter().enumerate() {
+        weights.push(param::<T>(ctx.model_param(i, "weight")?));
+        if family.sparsify == Kind::None {
+            sparsifiers.push(Sparsifier::All);
+            continue;
         }
-        let tiny = T::from_f64(1e-8);
-        Some(if sum < tiny && -sum < tiny {
-            T::ONE
-        } else {
-            sum
-        })
-    } else {
-        None
-    };
+        let d = f32_param(ctx.model_param(i, "density")?);
+        if d < 0.0 || d.is_nan() {
+            return Err(model_error(ctx, i, "density", format!("must be at least 0, got {d}")));
+        }
+        let gamma = f32_param(ctx.model_param_opt(i, "gamma").unwrap_or(0.0));
+        if gamma < 0.0 || gamma.is_nan() {
+            return Err(model_error(ctx, i, "gamma", format!("must be at least 0, got {gamma}")));
+        }
+        let eps = f32_param(ctx.model_param_opt(i, "epsilon").unwrap_or(0.0));
+        if family.sparsify == Kind::Della && d < 1.0 && !(d - eps > 0.0 && d + eps < 1.0) {
+            return Err(model_error(
+                ctx,
+                i,
+                "epsilon",
+                format!("della needs 0 < density − epsilon and density + epsilon < 1, got density {d}, epsilon {eps}"),
+            ));
+        }
+        let setup = Setup {
+            tensor: &job.name,
+            shape: &job.shape,
+            seed: ctx.seed,
+            position: input.position,
+            gather_cap,
+            key_bits: T::KEY_BITS,
+        };
+        let s = Sparsifier::new(family.sparsify, d, gamma, eps, setup);
+        if let Sparsifier::Della { rows, .. } = &s {
+            align = rows.group();
+        }
+        sparsifiers.push(s);
+    }
+    let mut sum = T::ZERO;
+    for &w in &weights {
+        sum += w;
+    }
+    let tiny = T::from_f64(1e-8);
+    let divisor = if sum < tiny && -sum < tiny { T::ONE } else { sum };
     Ok(Box::new(TaskVector {
+        family,
         weights,
-        divisor,
         lambda: param(ctx.global("lambda")?),
+        normalize: ctx.flag("normalize")?,
+        rescale: ctx.flag("rescale")?,
+        scales: vec![T::ONE; m],
+        sparsifiers,
+        divisor,
+        pass: 0,
+        selected_l1: false,
+        l1_all: vec![0.0; m],
+        align,
     }))
 }
 
-impl<T: Real> TensorMerge<T> for TaskVector<T> {
-    fn merge_chunk(&self, x: &ChunkInputs<'_, T>, out: &mut [T]) {
-        let Some(base) = x.base else { return };
-        out.fill(T::ZERO);
-        for (&w, xs) in self.weights.iter().zip(x.models) {
-            axpy_delta(out, w, xs, base);
+fn f32_param(v: f64) -> f64 {
+    v as f32 as f64
+}
+
+fn model_error(ctx: &TensorCtx<'_>, i: usize, name: &str, message: String) -> Error {
+    Error::InvalidParameter {
+        name: name.into(),
+        tensor: ctx.job.name.clone(),
+        model: ctx.job.inputs.get(i).and_then(|r| ctx.models.get(r.model)).map(|p| p.to_path_buf()),
+        message,
+    }
+}
+
+impl<T: Real> TaskVector<T> {
+    fn rescaling(&self) -> bool {
+        self.rescale && self.sparsifiers.iter().any(Sparsifier::drops)
+    }
+
+    fn selecting(&self) -> bool {
+        self.sparsifiers.iter().any(Sparsifier::pending)
+    }
+
+    /// Selections resolved but the L1 of what they keep still unknown.
+    fn needs_selected_l1(&self) -> bool {
+        self.rescaling() && !self.selected_l1 && self.sparsifiers.iter().any(Sparsifier::is_selection)
+    }
+
+    /// The L1 rescale factor ‖δ‖₁ / ‖δ ⊙ mask‖₁, rounded to f32 (1 if either is tiny).
+    fn scale_from(&mut self, i: usize, stats: &Stats) {
+        let all = self.l1_all.get(i).copied().unwrap_or(0.0);
+        let kept = stats.total(2 * i + L1_KEPT);
+        if let Some(s) = self.scales.get_mut(i) {
+            *s = if all < 1e-7 || kept < 1e-7 { T::ONE } else { T::from_f64((all / kept) as f32 as f64) };
         }
-        for (o, &b) in out.iter_mut().zip(base) {
-            let mut mixed = *o;
-            if let Some(d) = self.divisor {
-                mixed = mixed / d;
+    }
+}
+
+/// δ_i = x_i − b in place.
+fn deltas<T: Real>(x: &mut ChunkInputs<'_, T>) {
+    let Some(base) = x.base else { return };
+    for m in x.models.iter_mut() {
+        for (v, &b) in m.iter_mut().zip(base) {
+            *v = *v - b;
+        }
+    }
+}
+
+impl<T: Real> TensorMerge<T> for TaskVector<T> {
+    fn planned_passes(&self) -> usize {
+        let selection = if self.selecting() { 2 } else { 0 };
+        let l1 = if self.rescaling() { 1 } else { 0 };
+        if selection > 0 {
+            selection + if self.needs_selected_l1() { 1 } else { 0 }
+        } else {
+            l1
+        }
+    }
+
+    fn wants_pass(&self) -> bool {
+        (self.pass == 0 && self.rescaling()) || self.selecting() || self.needs_selected_l1()
+    }
+
+    fn align(&self) -> u64 {
+        self.align
+    }
+
+    fn stat_chunk(&self, x: &mut ChunkInputs<'_, T>, acc: &mut Stats) -> Result<()> {
+        deltas(x);
+        let first = self.pass == 0;
+        let selected_l1 = !self.selecting() && self.needs_selected_l1();
+        let mut mask = Vec::new();
+        for (i, (delta, sp)) in x.models.iter().zip(&self.sparsifiers).enumerate() {
+            let delta: &[T] = delta;
+            if self.rescaling() && first {
+                reduce_abs(delta.iter().map(|&v| v.to_f64()), acc.sum(2 * i + L1_ALL));
             }
-            *o = b + mixed * self.lambda;
+            sp.collect(i, x.start, delta, acc);
+            let random = matches!(sp, Sparsifier::Random { .. } | Sparsifier::Della { .. });
+            if self.rescaling() && ((first && random) || (selected_l1 && sp.is_selection())) {
+                sp.mask(x.start, delta, &mut mask);
+                let kept = delta.iter().zip(&mask).map(|(&v, &k)| if k { v.to_f64() } else { 0.0 });
+                reduce_abs(kept, acc.sum(2 * i + L1_KEPT));
+            }
+        }
+        Ok(())
+    }
+
+    fn end_pass(&mut self, mut stats: Stats) -> Result<()> {
+        let selected_l1 = !self.selecting() && self.needs_selected_l1();
+        let first = self.pass == 0;
+        if first && self.rescaling() {
+            // ‖δ‖₁ of every model comes from the first pass.
+            self.l1_all = (0..self.sparsifiers.len()).map(|i| stats.total(2 * i + L1_ALL)).collect();
+        }
+        for i in 0..self.sparsifiers.len() {
+            let sp = &mut self.sparsifiers[i];
+            sp.advance(i, &mut stats);
+            let random = matches!(sp, Sparsifier::Random { .. } | Sparsifier::Della { .. });
+            let is_sel = sp.is_selection();
+            if self.rescale && ((first && random) || (selected_l1 && is_sel)) {
+                self.scale_from(i, &stats);
+            }
+        }
+        if selected_l1 {
+            self.selected_l1 = true;
+        }
+        self.pass += 1;
+        Ok(())
+    }
+
+    fn merge_chunk(&self, x: &mut ChunkInputs<'_, T>, out: &mut [T]) {
+        let Some(base) = x.base else { return };
+        deltas(x);
+        let mut mask = Vec::new();
+        for ((delta, sp), (&w, &s)) in
+            x.models.iter_mut().zip(&self.sparsifiers).zip(self.weights.iter().zip(&self.scales))
+        {
+            // W_i = w_i · (δ_i ⊙ mask_i · s_i): kept values rescaled, then weighted.
+            if matches!(sp, Sparsifier::All) {
+                for v in delta.iter_mut() {
+                    *v = w * *v;
+                }
+            } else {
+                sp.mask(x.start, delta, &mut mask);
+                for (v, &k) in delta.iter_mut().zip(&mask) {
+                    *v = if k { w * (*v * s) } else { T::ZERO };
+                }
+            }
+        }
+        let models = &x.models;
+        if self.family.consensus {
+            for (j, (o, &b)) in out.iter_mut().zip(base).enumerate() {
+                let mut total = T::ZERO;
+                for m in models.iter() {
+                    total += m[j];
+                }
+                let positive = total >= T::ZERO;
+                let (mut mixed, mut div) = (T::ZERO, T::ZERO);
+                for (m, &w) in models.iter().zip(&self.weights) {
+                    let v = m[j];
+                    if (positive && v > T::ZERO) || (!positive && v < T::ZERO) {
+                        mixed += v;
+                        div += w;
+                    }
+                }
+                if self.normalize {
+                    mixed = mixed / if div == T::ZERO { T::ONE } else { div };
+                }
+                *o = b + mixed * self.lambda;
+            }
+        } else {
+            out.fill(T::ZERO);
+            for m in models.iter() {
+                for (o, &v) in out.iter_mut().zip(m.iter()) {
+                    *o += v;
+                }
+            }
+            for (o, &b) in out.iter_mut().zip(base) {
+                let mut mixed = *o;
+                if self.normalize {
+                    mixed = mixed / self.divisor;
+                }
+                *o = b + mixed * self.lambda;
+            }
         }
     }
 }

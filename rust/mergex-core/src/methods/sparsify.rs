@@ -1,0 +1,274 @@
+//! The sparsifiers of METHODS.md §3, per model and per tensor: which elements of a task
+//! vector δ are kept. Magnitude-based ones need exact rank cuts (see [`super::select`]);
+//! random ones replay the counter-based draw of [`super::random`].
+
+use super::random::{draw, stream, threshold};
+use super::select::{passes, Selector, Side};
+use super::Stats;
+use crate::kernels::real::Real;
+
+/// Which sparsifier a method uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Keep everything.
+    None,
+    /// Exact top-k by magnitude, lower index first among ties (TIES).
+    Magnitude,
+    /// Drop the smallest and the largest outliers (breadcrumbs).
+    Outliers,
+    /// Keep each element with probability d (DARE).
+    Random,
+    /// Keep with probability rising with the magnitude rank within rows (DELLA).
+    Della,
+}
+
+/// Vectors that DELLA ranks within: `len` elements `inner` apart, in groups of
+/// `len · inner` contiguous elements.
+#[derive(Debug, Clone, Copy)]
+pub struct Rows {
+    /// Elements per vector.
+    pub len: u64,
+    /// Stride between a vector's elements.
+    pub inner: u64,
+}
+
+impl Rows {
+    /// METHODS.md §3: 1-D → one row; 2-D → rows along the last axis; more → along axis 1.
+    pub fn of(shape: &[u64]) -> Rows {
+        match shape {
+            [] => Rows { len: 1, inner: 1 },
+            [n] => Rows { len: *n, inner: 1 },
+            [_, rest @ ..] => Rows { len: rest[0], inner: rest[1..].iter().product() },
+        }
+    }
+
+    /// Elements of one group (the chunk alignment).
+    pub fn group(&self) -> u64 {
+        (self.len * self.inner).max(1)
+    }
+}
+
+/// One model's sparsifier for one tensor.
+#[derive(Debug, Clone)]
+pub enum Sparsifier {
+    /// Keep every element.
+    All,
+    /// Keep no element.
+    Nothing,
+    /// Keep elements between two exact rank cuts (either may be absent).
+    Select {
+        /// Elements must be at or above this cut (`TopK` or `Lower`).
+        lower: Option<Selector>,
+        /// Elements must be at or below this cut (`Upper`).
+        upper: Option<Selector>,
+    },
+    /// DARE: keep iff `draw < threshold`.
+    Random {
+        /// The model's stream.
+        stream: u32,
+        /// `floor(d · 2^32)`.
+        threshold: u64,
+    },
+    /// DELLA: keep probability from the rank within each row.
+    Della {
+        /// The model's stream.
+        stream: u32,
+        /// Density.
+        d: f64,
+        /// Spread.
+        eps: f64,
+        /// Row geometry.
+        rows: Rows,
+    },
+}
+
+/// Inputs to build a sparsifier.
+#[derive(Debug, Clone, Copy)]
+pub struct Setup<'a> {
+    /// Output tensor name (seeds the random stream).
+    pub tensor: &'a str,
+    /// Output shape.
+    pub shape: &'a [u64],
+    /// Seed.
+    pub seed: u64,
+    /// Model position among the non-base models.
+    pub position: usize,
+    /// Largest candidate set a selection may gather in memory.
+    pub gather_cap: u64,
+    /// Width of magnitude keys.
+    pub key_bits: u32,
+}
+
+impl Sparsifier {
+    /// Build from the (f32-rounded) density `d`, `gamma` and `epsilon`.
+    pub fn new(kind: Kind, d: f64, gamma: f64, eps: f64, s: Setup<'_>) -> Sparsifier {
+        if kind == Kind::None || d >= 1.0 {
+            return Sparsifier::All;
+        }
+        let n: u64 = s.shape.iter().product();
+        let floor_n = |f: f64| if f <= 0.0 { 0 } else { ((f * n as f64).floor() as u64).min(n) };
+        let stream = || stream(s.seed as u32, s.tensor, s.position as u32);
+        match kind {
+            Kind::None => Sparsifier::All,
+            Kind::Magnitude => {
+                let k = if d <= 0.0 { 0 } else { floor_n(d).max(1) };
+                match k {
+                    0 => Sparsifier::Nothing,
+                    k if k >= n => Sparsifier::All,
+                    k => Sparsifier::Select {
+                        lower: Some(Selector::new(n - k, Side::TopK, s.key_bits, s.gather_cap)),
+                        upper: None,
+                    },
+                }
+            }
+            Kind::Outliers => {
+                let keep = floor_n(d);
+                let top = floor_n(gamma);
+                let bot = n.saturating_sub(keep + top);
+                if keep == 0 {
+                    return Sparsifier::Nothing;
+                }
+                let lower = (bot > 0).then(|| Selector::new(bot, Side::Lower, s.key_bits, s.gather_cap));
+                let upper = (bot + keep < n)
+                    .then(|| Selector::new(bot + keep - 1, Side::Upper, s.key_bits, s.gather_cap));
+                if lower.is_none() && upper.is_none() {
+                    Sparsifier::All
+                } else {
+                    Sparsifier::Select { lower, upper }
+                }
+            }
+            Kind::Random => Sparsifier::Random { stream: stream(), threshold: threshold(d) },
+            Kind::Della => Sparsifier::Della { stream: stream(), d, eps, rows: Rows::of(s.shape) },
+        }
+    }
+
+    /// Whether a selection still needs passes.
+    pub fn pending(&self) -> bool {
+        match self {
+            Sparsifier::Select { lower, upper } => {
+                lower.as_ref().is_some_and(Selector::pending) || upper.as_ref().is_some_and(Selector::pending)
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether this sparsifier drops anything (so the L1 rescale applies).
+    pub fn drops(&self) -> bool {
+        !matches!(self, Sparsifier::All)
+    }
+
+    /// Whether the kept set is known without statistics (random draws, all, nothing).
+    pub fn is_selection(&self) -> bool {
+        matches!(self, Sparsifier::Select { .. })
+    }
+
+    /// Collect selection statistics of one chunk (slots `2·model` and `2·model + 1`).
+    pub fn collect<T: Real>(&self, model: usize, start: u64, delta: &[T], acc: &mut Stats) {
+        if let Sparsifier::Select { lower, upper } = self {
+            for (i, sel) in [lower, upper].into_iter().enumerate() {
+                if let Some(sel) = sel.as_ref().filter(|s| s.pending()) {
+                    sel.collect(2 * model + i, start, delta.iter().map(|v| v.mag_key()), acc);
+                }
+            }
+        }
+    }
+
+    /// Take a pass's merged selection statistics.
+    pub fn advance(&mut self, model: usize, stats: &mut Stats) {
+        if let Sparsifier::Select { lower, upper } = self {
+            for (i, sel) in [lower, upper].into_iter().enumerate() {
+                if let Some(sel) = sel.as_mut().filter(|s| s.pending()) {
+                    sel.advance(2 * model + i, stats);
+                }
+            }
+        }
+    }
+
+    /// The keep mask of one chunk of δ starting at flat index `start` (selections must be
+    /// resolved; chunks hold whole DELLA groups).
+    pub fn mask<T: Real>(&self, start: u64, delta: &[T], keep: &mut Vec<bool>) {
+        keep.clear();
+        match self {
+            Sparsifier::All => keep.resize(delta.len(), true),
+            Sparsifier::Nothing => keep.resize(delta.len(), false),
+            Sparsifier::Select { lower, upper } => {
+                let lo = lower.as_ref().and_then(Selector::cut);
+                let hi = upper.as_ref().and_then(Selector::cut);
+                let mut lo_ord = lo.map(|c| c.ties_before(start)).unwrap_or(0);
+                let mut hi_ord = hi.map(|c| c.ties_before(start)).unwrap_or(0);
+                keep.extend(delta.iter().map(|v| {
+                    let k = v.mag_key();
+                    let a = lo.is_none_or(|c| passes(c, k, &mut lo_ord, true));
+                    let b = hi.is_none_or(|c| passes(c, k, &mut hi_ord, false));
+                    a && b
+                }));
+            }
+            Sparsifier::Random { stream, threshold } => {
+                keep.extend((0..delta.len() as u64).map(|j| (draw(*stream, start + j) as u64) < *threshold));
+            }
+            Sparsifier::Della { stream, d, eps, rows } => {
+                della_mask(*stream, *d, *eps, *rows, start, delta, keep)
+            }
+        }
+    }
+}
+
+/// DELLA's keep mask over whole groups: rank each vector by magnitude (ascending, lower
+/// index first among ties), keep with probability `d − ε + 2ε(q−1)/(m−1)`.
+fn della_mask<T: Real>(
+    stream: u32,
+    d: f64,
+    eps: f64,
+    rows: Rows,
+    start: u64,
+    delta: &[T],
+    keep: &mut Vec<bool>,
+) {
+    keep.resize(delta.len(), false);
+    let (m, inner) = (rows.len as usize, rows.inner as usize);
+    let group = (m * inner).max(1);
+    let mut order: Vec<(u64, usize)> = Vec::with_capacity(m);
+    for g in (0..delta.len()).step_by(group) {
+        for c in 0..inner {
+            order.clear();
+            for t in 0..m {
+                let i = g + c + t * inner;
+                if let Some(v) = delta.get(i) {
+                    order.push((v.mag_key(), i));
+                }
+            }
+            order.sort_unstable();
+            for (q, &(_, i)) in order.iter().enumerate() {
+                let p = if m <= 1 { d } else { d - eps + 2.0 * eps * q as f64 / (m - 1) as f64 };
+                if let Some(k) = keep.get_mut(i) {
+                    *k = (draw(stream, start + i as u64) as u64) < threshold(p);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rows_follow_the_spec() {
+        let r = Rows::of(&[7]);
+        assert_eq!((r.len, r.inner, r.group()), (7, 1, 7));
+        let r = Rows::of(&[3, 5]);
+        assert_eq!((r.len, r.inner, r.group()), (5, 1, 5));
+        let r = Rows::of(&[2, 3, 4]);
+        assert_eq!((r.len, r.inner, r.group()), (3, 4, 12));
+    }
+
+    #[test]
+    fn della_keeps_more_of_the_larger_magnitudes() {
+        let delta: Vec<f32> = (0..4096).map(|i| (i % 64) as f32).collect();
+        let mut keep = Vec::new();
+        della_mask(stream(0, "t", 0), 0.5, 0.4, Rows { len: 64, inner: 1 }, 0, &delta, &mut keep);
+        let low: usize = keep.iter().enumerate().filter(|(i, &k)| k && i % 64 < 16).count();
+        let high: usize = keep.iter().enumerate().filter(|(i, &k)| k && i % 64 >= 48).count();
+        assert!(high > 2 * low, "{low} {high}");
+    }
+}
