@@ -9,6 +9,7 @@ even, to the output dtype.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -209,3 +210,255 @@ def passthrough(x: np.ndarray, scale: float | None = None) -> np.ndarray:
     if scale is None:
         return x.copy()
     return (x * param_f32(scale)).astype(F32)
+
+
+# --------------------------------------------------------------------------- task-vector family
+#
+# METHODS.md §2 and §3. The random draw is the counter-based hash of §3, written in numpy
+# uint32 arithmetic (multiplication of uint32 arrays wraps modulo 2^32).
+
+U32 = np.uint32
+_MASK32 = 0xFFFFFFFF
+
+
+def mix32(x):
+    """§3 ``mix`` on a uint32 array (or a Python int, returned as an int)."""
+    if isinstance(x, int | np.integer):
+        v = int(x) & _MASK32
+        v ^= v >> 16
+        v = (v * 0x7FEB352D) & _MASK32
+        v ^= v >> 15
+        v = (v * 0x846CA68B) & _MASK32
+        v ^= v >> 16
+        return v
+    v = np.asarray(x, dtype=U32).copy()
+    v ^= v >> U32(16)
+    v *= U32(0x7FEB352D)
+    v ^= v >> U32(15)
+    v *= U32(0x846CA68B)
+    v ^= v >> U32(16)
+    return v
+
+
+def fnv1a32(name: str) -> int:
+    """§3 ``fnv1a`` over the UTF-8 bytes of a tensor name."""
+    h = 0x811C9DC5
+    for byte in name.encode("utf-8"):
+        h ^= byte
+        h = (h * 0x01000193) & _MASK32
+    return h
+
+
+def draw_stream(seed: int, tensor_name: str, model_pos: int) -> int:
+    """§3 ``stream`` for one (seed, output tensor, non-base model position)."""
+    s = mix32(mix32((seed & _MASK32) ^ 0x9E3779B9) ^ fnv1a32(tensor_name))
+    return int(mix32(s ^ ((model_pos + 1) & _MASK32)))
+
+
+def draws(stream: int, index) -> np.ndarray:
+    """§3 ``r_j`` (uint32) for the flat indices ``index`` (any int array, u64 range)."""
+    j = np.asarray(index, dtype=np.uint64)
+    lo = (j & np.uint64(_MASK32)).astype(U32)
+    hi = (j >> np.uint64(32)).astype(U32)
+    return mix32(U32(stream) ^ mix32(lo) ^ mix32(hi ^ U32(0x85EBCA6B)))
+
+
+def keep_threshold(p) -> np.ndarray:
+    """``floor(p · 2^32)`` in f64 (as int64, so p = 1 gives 2^32 and keeps everything)."""
+    return np.floor(np.asarray(p, dtype=np.float64) * 4294967296.0).astype(np.int64)
+
+
+def param64(value: float) -> float:
+    """A parameter rounded to f32, then used in an f64 formula (k = floor(d·n), p)."""
+    return float(np.float32(float(value)))
+
+
+def _order_by_magnitude(a: np.ndarray) -> np.ndarray:
+    """Flat indices sorted by |a| ascending, lower index first among equal magnitudes."""
+    return np.argsort(a, kind="stable")
+
+
+def mask_magnitude(delta: np.ndarray, density: float) -> np.ndarray:
+    """§3 magnitude (ties): the k = max(1, floor(d·n)) largest |δ|, lower index on ties."""
+    d = param64(density)
+    flat = np.abs(np.asarray(delta, dtype=F32)).reshape(-1)
+    n = flat.size
+    if d >= 1.0:
+        return np.ones(np.shape(delta), dtype=bool)
+    k = 0 if d <= 0.0 else max(1, math.floor(d * n))
+    # Descending by |δ|, ascending by index: a stable sort of -|δ|.
+    order = np.argsort(-flat, kind="stable")
+    mask = np.zeros(n, dtype=bool)
+    mask[order[:k]] = True
+    return mask.reshape(np.shape(delta))
+
+
+def mask_magnitude_outliers(delta: np.ndarray, density: float, gamma: float) -> np.ndarray:
+    """§3 magnitude_outliers (breadcrumbs): keep ranks bot … bot+keep-1 of |δ| ascending."""
+    d = param64(density)
+    g = param64(gamma)
+    flat = np.abs(np.asarray(delta, dtype=F32)).reshape(-1)
+    n = flat.size
+    if d >= 1.0:
+        return np.ones(np.shape(delta), dtype=bool)
+    keep = math.floor(d * n)
+    top = math.floor(g * n)
+    bot = max(0, n - keep - top)
+    order = _order_by_magnitude(flat)
+    mask = np.zeros(n, dtype=bool)
+    mask[order[bot : bot + keep]] = True
+    return mask.reshape(np.shape(delta))
+
+
+def mask_random(delta: np.ndarray, density: float, seed: int, tensor_name: str, model_pos: int) -> np.ndarray:
+    """§3 random (DARE): keep j iff r_j < floor(d · 2^32)."""
+    d = param64(density)
+    shape = np.shape(delta)
+    if d >= 1.0:
+        return np.ones(shape, dtype=bool)
+    n = int(np.prod(shape, dtype=np.int64))
+    r = draws(draw_stream(seed, tensor_name, model_pos), np.arange(n, dtype=np.uint64))
+    return (r.astype(np.int64) < keep_threshold(d)).reshape(shape)
+
+
+def della_keep_probability(delta: np.ndarray, density: float, epsilon: float) -> np.ndarray:
+    """§3 della_magprune: p = d - ε + 2ε(q-1)/(m-1) by rank q of |δ| within each row."""
+    d = param64(density)
+    eps = param64(epsilon)
+    a = np.abs(np.asarray(delta, dtype=F32))
+    if a.ndim == 0:
+        a = a.reshape(1)
+    rows = a.reshape(1, -1) if a.ndim == 1 else a.reshape(-1, a.shape[-1])
+    if a.ndim > 2:
+        raise NotImplementedError("ranks along axis 1 for >2-D tensors")
+    m = rows.shape[1]
+    order = np.argsort(rows, axis=1, kind="stable")  # ascending, lower index first on ties
+    q = np.empty(rows.shape, dtype=np.int64)
+    np.put_along_axis(q, order, np.arange(1, m + 1, dtype=np.int64)[None, :], axis=1)
+    if m == 1:
+        p = np.full(rows.shape, d, dtype=np.float64)
+    else:
+        p = (d - eps) + (2.0 * eps * (q - 1).astype(np.float64)) / float(m - 1)
+    return p.reshape(np.shape(delta))
+
+
+def mask_della(
+    delta: np.ndarray, density: float, epsilon: float, seed: int, tensor_name: str, model_pos: int
+) -> np.ndarray:
+    """§3 della_magprune: keep j iff r_j < floor(p_j · 2^32), j the flat index in the tensor."""
+    if param64(density) >= 1.0:
+        return np.ones(np.shape(delta), dtype=bool)
+    p = della_keep_probability(delta, density, epsilon).reshape(-1)
+    r = draws(draw_stream(seed, tensor_name, model_pos), np.arange(p.size, dtype=np.uint64))
+    return (r.astype(np.int64) < keep_threshold(p)).reshape(np.shape(delta))
+
+
+def rescale_factor(delta: np.ndarray, mask: np.ndarray) -> np.float32:
+    """§2 L1 matching: ‖δ‖₁ / ‖δ ⊙ mask‖₁ in f64 (exact sums), rounded to f32; 1 if a norm < 1e-7."""
+    a = np.abs(np.asarray(delta, dtype=F32).astype(np.float64)).reshape(-1)
+    full = math.fsum(a)
+    kept = math.fsum(a[np.asarray(mask).reshape(-1)])
+    if full < 1e-7 or kept < 1e-7:
+        return F32(1.0)
+    return F32(full / kept)
+
+
+# method -> (sparsifier, consensus, normalize default, rescale default)
+TASK_METHODS: dict[str, tuple[str | None, bool, bool, bool]] = {
+    "task_arithmetic": (None, False, False, False),
+    "ties": ("magnitude", True, True, False),
+    "dare_ties": ("random", True, False, True),
+    "dare_linear": ("random", False, False, True),
+    "breadcrumbs": ("magnitude_outliers", False, False, False),
+    "breadcrumbs_ties": ("magnitude_outliers", True, False, False),
+    "della": ("della_magprune", True, True, True),
+    "della_linear": ("della_magprune", False, False, True),
+}
+
+
+def task_mask(
+    method: str,
+    delta: np.ndarray,
+    tensor_name: str,
+    model_pos: int,
+    density: float = 1.0,
+    gamma: float = 0.01,
+    epsilon: float = 0.15,
+    seed: int = 0,
+) -> np.ndarray:
+    """The kept-elements mask of one model's δ for one tensor, by the method's sparsifier."""
+    kind = TASK_METHODS[method][0]
+    if kind is None:
+        return np.ones(np.shape(delta), dtype=bool)
+    if kind == "magnitude":
+        return mask_magnitude(delta, density)
+    if kind == "magnitude_outliers":
+        return mask_magnitude_outliers(delta, density, gamma)
+    if kind == "random":
+        return mask_random(delta, density, seed, tensor_name, model_pos)
+    return mask_della(delta, density, epsilon, seed, tensor_name, model_pos)
+
+
+def task_family(
+    method: str,
+    base: np.ndarray,
+    xs: Sequence[np.ndarray],
+    tensor_name: str,
+    weights: Sequence[float],
+    densities: Sequence[float] | None = None,
+    gammas: Sequence[float] | None = None,
+    epsilons: Sequence[float] | None = None,
+    normalize: bool | None = None,
+    rescale: bool | None = None,
+    lam: float = 1.0,
+    seed: int = 0,
+) -> np.ndarray:
+    """METHODS.md §2 for one tensor: the merged float32 values before output rounding.
+
+    ``xs`` are the non-base models' tensors in config order (their position is the
+    ``model_pos`` of the random draw). Per-model parameter lists default to the method's
+    defaults (density 1, gamma 0.01, epsilon 0.15).
+    """
+    _kind, consensus, norm_default, rescale_default = TASK_METHODS[method]
+    normalize = norm_default if normalize is None else normalize
+    rescale = rescale_default if rescale is None else rescale
+    nm = len(xs)
+    densities = [1.0] * nm if densities is None else list(densities)
+    gammas = [0.01] * nm if gammas is None else list(gammas)
+    epsilons = [0.15] * nm if epsilons is None else list(epsilons)
+
+    b = np.asarray(base, dtype=F32)
+    ws = [param_f32(w) for w in weights]
+    contributions = []
+    for pos, x in enumerate(xs):
+        delta = (np.asarray(x, dtype=F32) - b).astype(F32)
+        mask = task_mask(method, delta, tensor_name, pos, densities[pos], gammas[pos], epsilons[pos], seed)
+        scaled = delta
+        if rescale:
+            scaled = (delta * rescale_factor(delta, mask)).astype(F32)
+        contributions.append(np.where(mask, (ws[pos] * scaled).astype(F32), F32(0.0)).astype(F32))
+
+    if consensus:
+        total = np.zeros(b.shape, dtype=F32)
+        for c in contributions:
+            total = total + c
+        majority_positive = total >= 0
+        mixed = np.zeros(b.shape, dtype=F32)
+        div = np.zeros(b.shape, dtype=F32)
+        for w, c in zip(ws, contributions, strict=True):
+            agree = np.where(majority_positive, c > 0, c < 0)
+            mixed = np.where(agree, mixed + c, mixed).astype(F32)
+            div = np.where(agree, div + w, div).astype(F32)
+        div = np.where(div == 0, F32(1.0), div).astype(F32)
+    else:
+        mixed = np.zeros(b.shape, dtype=F32)
+        div = F32(0.0)
+        for w, c in zip(ws, contributions, strict=True):
+            mixed = (mixed + c).astype(F32)
+            div = F32(div + w)
+        if abs(div) < F32(1e-8):
+            div = F32(1.0)
+    if normalize:
+        mixed = (mixed / div).astype(F32)
+    mixed = (mixed * param_f32(lam)).astype(F32)
+    return (b + mixed).astype(F32)

@@ -42,6 +42,10 @@ class MergeResult:
     peak_rss: int
     """Peak resident memory of this process so far, in bytes."""
     warnings: list[str] = field(default_factory=list)
+    stat_pass_seconds: list[float] = field(default_factory=list)
+    """Wall seconds of the k-th statistics pass, summed over tensors."""
+    output_seconds: float = 0.0
+    """Wall seconds of the output passes."""
 
 
 @dataclass
@@ -249,6 +253,8 @@ def merge(
         seconds=time.perf_counter() - start,
         peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         warnings=job.warnings,
+        stat_pass_seconds=[float(x) for x in summary["stat_pass_seconds"]],
+        output_seconds=float(summary["output_seconds"]),
     )
 
 

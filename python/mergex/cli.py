@@ -116,6 +116,8 @@ def merge(
                 f"in {result.seconds:.1f} s; read {format_size(result.bytes_read)} at {rate:.2f} GB/s; "
                 f"peak RSS {format_size(result.peak_rss)}"
             )
+            passes = [f"statistics {i + 1}: {t:.1f} s" for i, t in enumerate(result.stat_pass_seconds)]
+            typer.echo("passes: " + ", ".join([*passes, f"output: {result.output_seconds:.1f} s"]))
 
 
 @app.command()

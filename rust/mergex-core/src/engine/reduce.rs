@@ -128,23 +128,30 @@ fn ldexp(mut x: f64, mut e: i32) -> f64 {
     x * 2f64.powi(e)
 }
 
-/// Sum `values` the chunk-invariant way: f64 within each [`BLOCK`] (counted from
-/// `first_index`, which must be a multiple of `BLOCK`), block sums exactly.
+/// Sum `values` the chunk-invariant way: in f64 within each [`BLOCK`] (counted from the
+/// first value, whose index must be a multiple of `BLOCK`), block sums exactly. Within a
+/// block, element `i` goes to lane `i % 8` and the lanes are folded in a fixed tree: a
+/// fixed order that does not depend on chunking, with eight independent addition chains
+/// instead of one.
 pub fn block_sum(values: impl IntoIterator<Item = f64>, acc: &mut ExactSum) {
-    let mut block = 0f64;
-    let mut n = 0u64;
+    let mut lanes = [0f64; 8];
+    let mut n = 0usize;
     for v in values {
-        block += v;
+        lanes[n & 7] += v;
         n += 1;
-        if n == BLOCK {
-            acc.add(block);
-            block = 0.0;
+        if n == BLOCK as usize {
+            acc.add(fold(&lanes));
+            lanes = [0.0; 8];
             n = 0;
         }
     }
     if n > 0 {
-        acc.add(block);
+        acc.add(fold(&lanes));
     }
+}
+
+fn fold(l: &[f64; 8]) -> f64 {
+    ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]))
 }
 
 #[cfg(test)]

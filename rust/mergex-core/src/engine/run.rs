@@ -6,6 +6,7 @@
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Mutex;
+use std::time::Instant;
 
 use rayon::prelude::*;
 use serde::Serialize;
@@ -28,6 +29,17 @@ pub struct RunSummary {
     pub bytes_written: u64,
     /// Output tensors.
     pub tensors: usize,
+    /// Wall seconds spent in the k-th statistics pass, summed over tensors.
+    pub stat_pass_seconds: Vec<f64>,
+    /// Wall seconds spent in output passes (and copies).
+    pub output_seconds: f64,
+}
+
+/// Wall time per pass, summed over tensors.
+#[derive(Debug, Default)]
+struct Timings {
+    stats: Vec<f64>,
+    output: f64,
 }
 
 /// Per-worker buffers, reused across the chunks a worker runs.
@@ -91,14 +103,17 @@ impl Engine {
             .build()
             .map_err(|e| Error::job("threads", e.to_string()))?;
         let (s32, s64) = (Scratches::<f32>::new(self.job.threads), Scratches::<f64>::new(self.job.threads));
+        let mut times = Timings::default();
         pool.install(|| -> Result<()> {
             for (t, place) in self.tensors.iter().zip(&self.layout.placements) {
                 if t.copy {
+                    let clock = Instant::now();
                     self.copy_tensor(t, *place, &writer, progress)?;
+                    times.output += clock.elapsed().as_secs_f64();
                 } else if t.wide {
-                    self.merge_tensor(t, *place, &writer, progress, &s64)?;
+                    self.merge_tensor(t, *place, &writer, progress, &s64, &mut times)?;
                 } else {
-                    self.merge_tensor(t, *place, &writer, progress, &s32)?;
+                    self.merge_tensor(t, *place, &writer, progress, &s32, &mut times)?;
                 }
                 progress.tensors_done.fetch_add(1, Ordering::Relaxed);
             }
@@ -112,9 +127,11 @@ impl Engine {
         }
         Ok(RunSummary {
             files,
-            bytes_read: total,
+            bytes_read: progress.bytes_done.load(Ordering::Relaxed),
             bytes_written: self.layout.shards.iter().map(|s| s.len).sum(),
             tensors: self.tensors.len(),
+            stat_pass_seconds: times.stats,
+            output_seconds: times.output,
         })
     }
 
@@ -152,6 +169,7 @@ impl Engine {
         writer: &Writer,
         progress: &Progress,
         scratch: &Scratches<T>,
+        times: &mut Timings,
     ) -> Result<()>
     where
         Self: Build<T>,
@@ -163,6 +181,7 @@ impl Engine {
         let chunks = Self::chunks(t);
         let mut pass = 0;
         while merger.wants_pass() {
+            let clock = Instant::now();
             pass += 1;
             if pass >= t.passes {
                 // The data forced a pass the plan did not count.
@@ -173,6 +192,10 @@ impl Engine {
                 scratch.with(|s| with_chunk(t, s, start, len, progress, |x, _, stats| m.stat_chunk(x, stats)))
             })?;
             merger.end_pass(scratch.take_stats())?;
+            if times.stats.len() < pass {
+                times.stats.resize(pass, 0.0);
+            }
+            times.stats[pass - 1] += clock.elapsed().as_secs_f64();
         }
         if pass + 1 < t.passes {
             // Fewer passes than planned: take the unread ones off the total.
@@ -181,7 +204,8 @@ impl Engine {
         }
         let m = &*merger;
         let size = t.out.dtype.size() as u64;
-        chunks.par_iter().try_for_each(|&(start, len)| {
+        let clock = Instant::now();
+        let written = chunks.par_iter().try_for_each(|&(start, len)| {
             scratch.with(|s| {
                 with_chunk(t, s, start, len, progress, |x, (out, bytes), _| {
                     m.merge_chunk(x, out);
@@ -189,7 +213,9 @@ impl Engine {
                     writer.write_at(place.shard, place.offset + start * size, bytes)
                 })
             })
-        })
+        });
+        times.output += clock.elapsed().as_secs_f64();
+        written
     }
 }
 

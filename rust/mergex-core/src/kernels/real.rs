@@ -54,6 +54,33 @@ fn table(dtype: Dtype) -> &'static [f32; 256] {
     }
 }
 
+/// View little-endian bytes as `u16`s when they are aligned (the common case: the data of
+/// a safetensors file and our own buffers are), so the conversion loops vectorize.
+#[cfg(target_endian = "little")]
+fn as_u16(bytes: &[u8]) -> Option<&[u16]> {
+    // SAFETY: every bit pattern is a valid u16, and align_to only reinterprets the aligned
+    // middle part; we use it only when nothing is left over on either side.
+    let (pre, mid, post) = unsafe { bytes.align_to::<u16>() };
+    (pre.is_empty() && post.is_empty()).then_some(mid)
+}
+
+#[cfg(not(target_endian = "little"))]
+fn as_u16(_: &[u8]) -> Option<&[u16]> {
+    None
+}
+
+#[cfg(target_endian = "little")]
+fn as_u16_mut(bytes: &mut [u8]) -> Option<&mut [u16]> {
+    // SAFETY: as in `as_u16`; writing any u16 leaves valid bytes.
+    let (pre, mid, post) = unsafe { bytes.align_to_mut::<u16>() };
+    (pre.is_empty() && post.is_empty()).then_some(mid)
+}
+
+#[cfg(not(target_endian = "little"))]
+fn as_u16_mut(_: &mut [u8]) -> Option<&mut [u16]> {
+    None
+}
+
 /// Decode any float dtype to f32 values through `f`, which receives each decoded f32
 /// (or, for F64, the f64 value).
 macro_rules! decode_into {
@@ -65,11 +92,18 @@ macro_rules! decode_into {
                     *o = $from32(f32::from_le_bytes([c[0], c[1], c[2], c[3]]));
                 }
             }
-            Dtype::BF16 => {
-                for (o, c) in out.iter_mut().zip($bytes.chunks_exact(2)) {
-                    *o = $from32(bf16_to_f32(u16::from_le_bytes([c[0], c[1]])));
+            Dtype::BF16 => match as_u16($bytes) {
+                Some(h) => {
+                    for (o, &h) in out.iter_mut().zip(h) {
+                        *o = $from32(bf16_to_f32(h));
+                    }
                 }
-            }
+                None => {
+                    for (o, c) in out.iter_mut().zip($bytes.chunks_exact(2)) {
+                        *o = $from32(bf16_to_f32(u16::from_le_bytes([c[0], c[1]])));
+                    }
+                }
+            },
             Dtype::F16 => {
                 for (o, c) in out.iter_mut().zip($bytes.chunks_exact(2)) {
                     *o = $from32(half::f16::from_bits(u16::from_le_bytes([c[0], c[1]])).to_f32());
@@ -119,11 +153,18 @@ impl Real for f32 {
     }
     fn encode(vals: &[Self], dtype: Dtype, out: &mut [u8]) {
         match dtype {
-            Dtype::BF16 => {
-                for (c, &v) in out.chunks_exact_mut(2).zip(vals) {
-                    c.copy_from_slice(&f32_to_bf16(v).to_le_bytes());
+            Dtype::BF16 => match as_u16_mut(out) {
+                Some(h) => {
+                    for (h, &v) in h.iter_mut().zip(vals) {
+                        *h = f32_to_bf16(v);
+                    }
                 }
-            }
+                None => {
+                    for (c, &v) in out.chunks_exact_mut(2).zip(vals) {
+                        c.copy_from_slice(&f32_to_bf16(v).to_le_bytes());
+                    }
+                }
+            },
             Dtype::F16 => {
                 for (c, &v) in out.chunks_exact_mut(2).zip(vals) {
                     c.copy_from_slice(&half::f16::from_f32(v).to_bits().to_le_bytes());

@@ -29,6 +29,24 @@ pub fn draw(stream: u32, j: u64) -> u32 {
     mix(stream ^ mix(j as u32) ^ mix((j >> 32) as u32 ^ 0x85eb_ca6b))
 }
 
+/// The stream-independent half of [`draw`] for elements `start..start+n`:
+/// `mix(lo32(j)) ^ mix(hi32(j) ^ 0x85ebca6b)`, shared by every model of a chunk; then
+/// `draw(stream, j) == mix(stream ^ hashes[j - start])`.
+pub fn index_hashes(start: u64, n: usize, out: &mut Vec<u32>) {
+    out.clear();
+    out.reserve(n);
+    let mut j = start;
+    let end = start + n as u64;
+    while j < end {
+        // Runs within one 2^32 block share the high half.
+        let hi = mix((j >> 32) as u32 ^ 0x85eb_ca6b);
+        let block_end = ((j >> 32) + 1) << 32;
+        let stop = end.min(block_end);
+        out.extend((j..stop).map(|x| mix(x as u32) ^ hi));
+        j = stop;
+    }
+}
+
 /// `floor(p · 2^32)` computed in f64, clamped to the u64 range of a 32-bit draw: element
 /// kept iff `draw < threshold`.
 pub fn threshold(p: f64) -> u64 {
@@ -59,6 +77,17 @@ mod tests {
         let s42 = stream(42, NAME, 0);
         assert_eq!(s42, 0xcf30_6dab);
         assert_eq!(draw(s42, 0), 0x4d92_4e58);
+    }
+
+    #[test]
+    fn hashes_match_draws() {
+        let s = stream(7, NAME, 3);
+        let start = (1u64 << 32) - 5;
+        let mut h = Vec::new();
+        index_hashes(start, 10, &mut h);
+        for (k, &v) in h.iter().enumerate() {
+            assert_eq!(mix(s ^ v), draw(s, start + k as u64));
+        }
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! vector δ are kept. Magnitude-based ones need exact rank cuts (see [`super::select`]);
 //! random ones replay the counter-based draw of [`super::random`].
 
-use super::random::{draw, stream, threshold};
+use super::random::{mix, stream, threshold};
 use super::select::{passes, Selector, Side};
 use super::Stats;
 use crate::kernels::real::Real;
@@ -184,9 +184,15 @@ impl Sparsifier {
         }
     }
 
+    /// Whether [`Sparsifier::mask`] needs the chunk's index hashes.
+    pub fn random(&self) -> bool {
+        matches!(self, Sparsifier::Random { .. } | Sparsifier::Della { .. })
+    }
+
     /// The keep mask of one chunk of δ starting at flat index `start` (selections must be
-    /// resolved; chunks hold whole DELLA groups).
-    pub fn mask<T: Real>(&self, start: u64, delta: &[T], keep: &mut Vec<bool>) {
+    /// resolved; chunks hold whole DELLA groups). `hashes` are the chunk's
+    /// [`super::random::index_hashes`] when [`Sparsifier::random`].
+    pub fn mask<T: Real>(&self, start: u64, delta: &[T], hashes: &[u32], keep: &mut Vec<bool>) {
         keep.clear();
         match self {
             Sparsifier::All => keep.resize(delta.len(), true),
@@ -204,10 +210,10 @@ impl Sparsifier {
                 }));
             }
             Sparsifier::Random { stream, threshold } => {
-                keep.extend((0..delta.len() as u64).map(|j| (draw(*stream, start + j) as u64) < *threshold));
+                keep.extend(hashes.iter().take(delta.len()).map(|&h| (mix(stream ^ h) as u64) < *threshold));
             }
             Sparsifier::Della { stream, d, eps, rows } => {
-                della_mask(*stream, *d, *eps, *rows, start, delta, keep)
+                della_mask(*stream, *d, *eps, *rows, hashes, delta, keep)
             }
         }
     }
@@ -220,7 +226,7 @@ fn della_mask<T: Real>(
     d: f64,
     eps: f64,
     rows: Rows,
-    start: u64,
+    hashes: &[u32],
     delta: &[T],
     keep: &mut Vec<bool>,
 ) {
@@ -240,8 +246,8 @@ fn della_mask<T: Real>(
             order.sort_unstable();
             for (q, &(_, i)) in order.iter().enumerate() {
                 let p = if m <= 1 { d } else { d - eps + 2.0 * eps * q as f64 / (m - 1) as f64 };
-                if let Some(k) = keep.get_mut(i) {
-                    *k = (draw(stream, start + i as u64) as u64) < threshold(p);
+                if let (Some(k), Some(&h)) = (keep.get_mut(i), hashes.get(i)) {
+                    *k = (mix(stream ^ h) as u64) < threshold(p);
                 }
             }
         }
@@ -265,8 +271,9 @@ mod tests {
     #[test]
     fn della_keeps_more_of_the_larger_magnitudes() {
         let delta: Vec<f32> = (0..4096).map(|i| (i % 64) as f32).collect();
-        let mut keep = Vec::new();
-        della_mask(stream(0, "t", 0), 0.5, 0.4, Rows { len: 64, inner: 1 }, 0, &delta, &mut keep);
+        let (mut keep, mut hashes) = (Vec::new(), Vec::new());
+        super::super::random::index_hashes(0, delta.len(), &mut hashes);
+        della_mask(stream(0, "t", 0), 0.5, 0.4, Rows { len: 64, inner: 1 }, &hashes, &delta, &mut keep);
         let low: usize = keep.iter().enumerate().filter(|(i, &k)| k && i % 64 < 16).count();
         let high: usize = keep.iter().enumerate().filter(|(i, &k)| k && i % 64 >= 48).count();
         assert!(high > 2 * low, "{low} {high}");

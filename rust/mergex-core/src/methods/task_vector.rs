@@ -3,6 +3,7 @@
 //! task vectors δ_i = x_i − b, sparsified per model (optionally L1-rescaled), weighted,
 //! combined with or without the TIES sign election, normalized, scaled by λ, added to b.
 
+use super::random::index_hashes;
 use super::reduce_abs;
 use super::sparsify::{Kind, Setup, Sparsifier};
 use super::{param, ChunkInputs, Stats, TensorCtx, TensorMerge};
@@ -191,7 +192,10 @@ impl<T: Real> TensorMerge<T> for TaskVector<T> {
         deltas(x);
         let first = self.pass == 0;
         let selected_l1 = !self.selecting() && self.needs_selected_l1();
-        let mut mask = Vec::new();
+        let (mut mask, mut hashes) = (Vec::new(), Vec::new());
+        if self.rescaling() && first && self.sparsifiers.iter().any(Sparsifier::random) {
+            index_hashes(x.start, x.models.first().map_or(0, |m| m.len()), &mut hashes);
+        }
         for (i, (delta, sp)) in x.models.iter().zip(&self.sparsifiers).enumerate() {
             let delta: &[T] = delta;
             if self.rescaling() && first {
@@ -200,7 +204,7 @@ impl<T: Real> TensorMerge<T> for TaskVector<T> {
             sp.collect(i, x.start, delta, acc);
             let random = matches!(sp, Sparsifier::Random { .. } | Sparsifier::Della { .. });
             if self.rescaling() && ((first && random) || (selected_l1 && sp.is_selection())) {
-                sp.mask(x.start, delta, &mut mask);
+                sp.mask(x.start, delta, &hashes, &mut mask);
                 let kept = delta.iter().zip(&mask).map(|(&v, &k)| if k { v.to_f64() } else { 0.0 });
                 reduce_abs(kept, acc.sum(2 * i + L1_KEPT));
             }
@@ -234,7 +238,10 @@ impl<T: Real> TensorMerge<T> for TaskVector<T> {
     fn merge_chunk(&self, x: &mut ChunkInputs<'_, T>, out: &mut [T]) {
         let Some(base) = x.base else { return };
         deltas(x);
-        let mut mask = Vec::new();
+        let (mut mask, mut hashes) = (Vec::new(), Vec::new());
+        if self.sparsifiers.iter().any(Sparsifier::random) {
+            index_hashes(x.start, out.len(), &mut hashes);
+        }
         for ((delta, sp), (&w, &s)) in
             x.models.iter_mut().zip(&self.sparsifiers).zip(self.weights.iter().zip(&self.scales))
         {
@@ -244,40 +251,58 @@ impl<T: Real> TensorMerge<T> for TaskVector<T> {
                     *v = w * *v;
                 }
             } else {
-                sp.mask(x.start, delta, &mut mask);
+                sp.mask(x.start, delta, &hashes, &mut mask);
                 for (v, &k) in delta.iter_mut().zip(&mask) {
                     *v = if k { w * (*v * s) } else { T::ZERO };
                 }
             }
         }
-        let models = &x.models;
-        if self.family.consensus {
-            for (j, (o, &b)) in out.iter_mut().zip(base).enumerate() {
-                let mut total = T::ZERO;
-                for m in models.iter() {
-                    total += m[j];
-                }
-                let positive = total >= T::ZERO;
-                let (mut mixed, mut div) = (T::ZERO, T::ZERO);
-                for (m, &w) in models.iter().zip(&self.weights) {
-                    let v = m[j];
-                    if (positive && v > T::ZERO) || (!positive && v < T::ZERO) {
-                        mixed += v;
-                        div += w;
-                    }
-                }
-                if self.normalize {
-                    mixed = mixed / if div == T::ZERO { T::ONE } else { div };
-                }
-                *o = b + mixed * self.lambda;
+        // S = Σ W_i, in `out`.
+        out.fill(T::ZERO);
+        for m in x.models.iter() {
+            for (o, &v) in out.iter_mut().zip(m.iter()) {
+                *o += v;
             }
-        } else {
+        }
+        if self.family.consensus {
+            // The sign election, model by model so the loops vectorize: a model agrees where
+            // sign(W_i) is the sign of S (S ≥ 0 counts as +); an exact zero never agrees.
+            // Disagreeing values are zeroed, so the agreeing ones are the nonzero ones.
+            for m in x.models.iter_mut() {
+                for (v, &total) in m.iter_mut().zip(out.iter()) {
+                    let agree = if total >= T::ZERO { *v > T::ZERO } else { *v < T::ZERO };
+                    *v = if agree { *v } else { T::ZERO };
+                }
+            }
+            // mixed = Σ agreeing W_i (config order) into `out`; div = Σ agreeing w_i into
+            // the first model's buffer, once `out` no longer needs it.
             out.fill(T::ZERO);
-            for m in models.iter() {
+            for m in x.models.iter() {
                 for (o, &v) in out.iter_mut().zip(m.iter()) {
                     *o += v;
                 }
             }
+            if self.normalize {
+                let Some((first, rest)) = x.models.split_first_mut() else { return };
+                let w0 = self.weights.first().copied().unwrap_or(T::ZERO);
+                for v in first.iter_mut() {
+                    *v = if *v != T::ZERO { w0 } else { T::ZERO };
+                }
+                for (m, &w) in rest.iter().zip(self.weights.iter().skip(1)) {
+                    for (d, &v) in first.iter_mut().zip(m.iter()) {
+                        *d += if v != T::ZERO { w } else { T::ZERO };
+                    }
+                }
+                for ((o, &b), &d) in out.iter_mut().zip(base).zip(first.iter()) {
+                    let div = if d == T::ZERO { T::ONE } else { d };
+                    *o = b + (*o / div) * self.lambda;
+                }
+            } else {
+                for (o, &b) in out.iter_mut().zip(base) {
+                    *o = b + *o * self.lambda;
+                }
+            }
+        } else {
             for (o, &b) in out.iter_mut().zip(base) {
                 let mut mixed = *o;
                 if self.normalize {
