@@ -69,7 +69,6 @@ def test_parameters_round_to_f32():
     [
         ({"merge_method": "linear", "models": [{"model": "a"}], "bogus": 1}, "unknown key 'bogus'"),
         ({"merge_method": "frobnicate", "models": [{"model": "a"}]}, "unknown method 'frobnicate'"),
-        ({"merge_method": "slerp", "base_model": "a", "models": [{"model": "a"}]}, "not supported yet"),
         ({"merge_method": "task_arithmetic", "models": [{"model": "a"}]}, "base_model"),
         ({"merge_method": "linear", "models": [{"model": "a", "parameters": {"density": 0.5}}]}, "density"),
         ({"merge_method": "linear", "models": [{"model": "a"}], "slices": []}, "exactly one of"),

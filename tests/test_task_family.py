@@ -151,7 +151,8 @@ def wd(weight, density=None, **more):
 
 # name -> (method, per-expert parameters, top-level parameters, base weight if listed, seed)
 CASES = {
-    "ties": ("ties", [wd(0.6, 0.3), wd(0.5, [0.25, 0.75]), wd(-0.3, 0.5)], None, None, 0),
+    # density 0.7 on 24 000 elements: k = floor(f32(0.7)·n) = 16 799 (in f64 it would be 16 800).
+    "ties": ("ties", [wd(0.6, 0.7), wd(0.5, [0.25, 0.75]), wd(-0.3, 0.5)], None, None, 0),
     # density 1 keeps all, 0 keeps nothing, 0.001 keeps max(1, floor(d·n)) (1 on the norms).
     "ties_edges": (
         "ties",
@@ -186,7 +187,7 @@ CASES = {
     ),
     "breadcrumbs": (
         "breadcrumbs",
-        [wd(0.5, 0.8, gamma=0.05), wd(0.3, 0.6), wd(0.2, [0.5, 0.875], gamma=0.1)],
+        [wd(0.5, 0.8, gamma=0.05), wd(0.3, 0.7), wd(0.2, [0.5, 0.875], gamma=0.1)],
         None,
         None,
         0,
@@ -293,6 +294,7 @@ def test_reference_sparsifiers_on_hand_examples():
 
 BIG = (700, 330)  # 231 000 elements: ~150 chunks of the 64KiB budget
 TIES_DENSITY = [
+    {"filter": "input_layernorm", "value": 0.7},  # n = 1000: k = 699, not 700 (f32 density)
     {"filter": "layers.0.", "value": 0.1},
     {"filter": "layers.1.", "value": 0.37},
     {"filter": "layers.2.", "value": 1e-6},  # floor(d·n) = 0 → k = 1
@@ -303,7 +305,7 @@ TIES_DENSITY = [
 def test_ties_keeps_exactly_k_lower_index_first(tmp_path, run_merge, out_dir, mergex_mod):
     rng = np.random.default_rng(5)
     shapes = {f"model.layers.{i}.mlp.up_proj.weight": BIG for i in range(LAYERS)}
-    shapes["model.layers.0.input_layernorm.weight"] = (1001,)
+    shapes["model.layers.0.input_layernorm.weight"] = (1000,)
     shapes["model.norm.weight"] = (5,)
     base_t, x_t = {}, {}
     for n, s in shapes.items():
@@ -328,6 +330,8 @@ def test_ties_keeps_exactly_k_lower_index_first(tmp_path, run_merge, out_dir, me
         got = out.f32(n).reshape(-1)
         density = ref.lookup([{"density": TIES_DENSITY}], "density", n, 0.0)
         k = max(1, math.floor(ref.param64(density) * b.size))
+        if "input_layernorm" in n:
+            assert k == 699  # the f32 density 0.699999988 times 1000, floored
         changed = got != b
         assert changed.sum() == k, f"{n}: {changed.sum()} elements kept, expected k = {k}"
         # Kept elements carry the whole delta (one expert, weight 1, normalized by 1).

@@ -68,6 +68,17 @@ class Job:
     warnings: list[str] = field(default_factory=list)
 
 
+# Models besides the base each method accepts: (at least, at most, in words).
+_COUNTS: dict[str, tuple[int, int | None, str]] = {
+    "passthrough": (1, 1, "exactly one model per tensor (use one source per slice)"),
+    "slerp": (1, 1, "the base model and exactly one other model"),
+    "nearswap": (1, 1, "the base model and exactly one other model"),
+    "arcee_fusion": (1, 1, "the base model and exactly one other model"),
+    "nuslerp": (2, 2, "exactly two models besides the base"),
+    "model_stock": (2, None, "a base model and at least two other models"),
+}
+
+
 def _is_before(name: str) -> bool:
     return any(k in name for k in _BEFORE)
 
@@ -181,11 +192,7 @@ class _Planner:
         out_dtype = self.cfg.output_dtype or (ref.dtype if ref.dtype in OUTPUT_DTYPES else "BF16")
         base_i = ref_i if self.uses_base and sources[ref_i].is_base else None
         members = [i for i in range(len(sources)) if i != base_i]
-        if self.spec.name == "passthrough" and len(members) != 1:
-            raise ConfigError(
-                f"passthrough takes exactly one model per tensor; '{out_name}' has {len(members)} "
-                "(use one source per slice)"
-            )
+        self.check_count(out_name, len(members))
         shape = ref.shape
         shapes = {infos[i].shape for i in members} | ({ref.shape} if base_i is not None else set())
         if len(shapes) > 1:
@@ -253,6 +260,15 @@ class _Planner:
         if not inputs:
             raise CheckpointError(f"tensor '{out_name}': no model has the base's shape {list(ref.shape)}")
         return job
+
+    def check_count(self, tensor: str, others: int) -> None:
+        """The number of models besides the base that the method accepts."""
+        rule = _COUNTS.get(self.spec.name)
+        if rule is None:
+            return
+        low, high, words = rule
+        if others < low or (high is not None and others > high):
+            raise ConfigError(f"{self.spec.name} takes {words}; got {others} for tensor '{tensor}'")
 
     def model_index(self, m: Model) -> int:
         if m.path not in self.index:

@@ -229,6 +229,14 @@ pub enum Error {
         /// What is wrong.
         message: String,
     },
+    /// The inputs of a tensor make the method undefined (e.g. antipodal vectors).
+    #[error("tensor '{tensor}': {message}")]
+    Degenerate {
+        /// The output tensor.
+        tensor: String,
+        /// Why the method cannot proceed.
+        message: String,
+    },
     /// The caller cancelled the merge.
     #[error("merge cancelled")]
     Cancelled,

@@ -2,11 +2,19 @@
 //! the engine drives chunk by chunk: optional statistics passes, then the output pass.
 //! Methods register in [`METHODS`], the one table the engine consults.
 
+mod arcee_fusion;
+pub mod gram;
 mod linear;
+mod model_stock;
+mod nearswap;
 mod passthrough;
+mod ram;
 pub mod random;
+mod sce;
 pub mod select;
+mod slerp;
 pub mod sparsify;
+mod sphere;
 mod task_vector;
 
 use std::path::Path;
@@ -217,6 +225,8 @@ pub enum BaseUse {
     None,
     /// A base model is required.
     Required,
+    /// A base model is used when given.
+    Optional,
 }
 
 type Build<T> = fn(&TensorCtx<'_>) -> Result<Box<dyn TensorMerge<T>>>;
@@ -275,14 +285,45 @@ pub static METHODS: &[MethodInfo] = &[
     method!("breadcrumbs_ties", BaseUse::Required, breadcrumbs_ties),
     method!("della", BaseUse::Required, della),
     method!("della_linear", BaseUse::Required, della_linear),
+    method!("slerp", BaseUse::Required, slerp_build),
+    method!("nuslerp", BaseUse::Optional, nuslerp_build),
+    method!("multislerp", BaseUse::Optional, multislerp_build),
+    method!("karcher", BaseUse::None, karcher_build),
+    method!("model_stock", BaseUse::Required, model_stock_build),
+    method!("sce", BaseUse::Required, sce_build),
+    method!("ram", BaseUse::Required, ram_build),
+    method!("ramplus_tl", BaseUse::Required, ramplus_build),
+    method!("nearswap", BaseUse::Required, nearswap_build),
+    method!("arcee_fusion", BaseUse::Required, arcee_fusion_build),
 ];
 
-fn linear_build<T: Real>(ctx: &TensorCtx<'_>) -> Result<Box<dyn TensorMerge<T>>> {
-    linear::build(ctx)
+/// Declares generic wrappers so that every table entry names a function of one shape.
+macro_rules! wrap {
+    ($($name:ident => $path:path),* $(,)?) => {
+        $(
+            fn $name<T: Real>(ctx: &TensorCtx<'_>) -> Result<Box<dyn TensorMerge<T>>> {
+                $path(ctx)
+            }
+        )*
+    };
 }
 
-fn passthrough_build<T: Real>(ctx: &TensorCtx<'_>) -> Result<Box<dyn TensorMerge<T>>> {
-    passthrough::build(ctx)
+wrap! {
+    slerp_build => slerp::build_slerp,
+    nuslerp_build => slerp::build_nuslerp,
+    multislerp_build => sphere::build_multislerp,
+    karcher_build => sphere::build_karcher,
+    model_stock_build => model_stock::build,
+    sce_build => sce::build,
+    ram_build => ram::build_ram,
+    ramplus_build => ram::build_ramplus,
+    nearswap_build => nearswap::build,
+    arcee_fusion_build => arcee_fusion::build,
+}
+
+wrap! {
+    linear_build => linear::build,
+    passthrough_build => passthrough::build,
 }
 
 /// Add `Σ |v|` over `values` to `acc`, the chunk-invariant way (see [`block_sum`]).

@@ -22,6 +22,8 @@ pub enum Side {
     /// Keep the elements above ascending rank `r` in magnitude, the lowest indices first
     /// among ties (the TIES top-k with `r = n − k`): ordinals `[0, eq − (r − below))`.
     TopK,
+    /// Only the value at the rank matters (quantiles): no tie bookkeeping.
+    Value,
 }
 
 /// How ties are located in the output pass.
@@ -232,6 +234,7 @@ impl Selector {
             Side::Lower => (o, eq),
             Side::Upper => (0, o + 1),
             Side::TopK => (0, eq - o),
+            Side::Value => (0, eq),
         };
         // Zero magnitudes contribute nothing whichever are kept: keep none and skip the
         // ordinal bookkeeping.

@@ -1,0 +1,116 @@
+//! `arcee_fusion` (METHODS.md §5): take the other model's value where its importance —
+//! `|x − b|` times the row's KL divergence between the softmaxes of x and b — is an upper
+//! outlier (`≥ median + 1.5·IQR` over the tensor). The quartiles are exact order
+//! statistics found by radix selection over the chunks (rows whole inside a chunk).
+
+use super::select::{Selector, Side};
+use super::{ChunkInputs, Stats, TensorCtx, TensorMerge};
+use crate::error::Result;
+use crate::kernels::real::Real;
+
+struct Fusion {
+    row: u64,
+    quartiles: [Selector; 3],
+    threshold: Option<f64>,
+}
+
+pub(super) fn build<T: Real>(ctx: &TensorCtx<'_>) -> Result<Box<dyn TensorMerge<T>>> {
+    if ctx.job.base.is_none() || ctx.job.inputs.len() != 1 {
+        return Err(ctx.bad_param(
+            "models",
+            format!(
+                "arcee_fusion takes the base model and exactly one other model, got {} others",
+                ctx.job.inputs.len()
+            ),
+        ));
+    }
+    let shape = &ctx.job.shape;
+    let n: u64 = shape.iter().product();
+    let row = if shape.len() >= 2 { shape.last().copied().unwrap_or(1) } else { n }.max(1);
+    let cap = (ctx.ram_budget / 4 / 16 / 3).max(4096);
+    let last = n.saturating_sub(1) as f64;
+    let q = |f: f64| Selector::new((f * last).floor() as u64, Side::Value, 64, cap);
+    Ok(Box::new(Fusion { row, quartiles: [q(0.25), q(0.5), q(0.75)], threshold: None }))
+}
+
+/// Importance of every element of whole rows, in f64.
+fn importance<T: Real>(b: &[T], x: &[T], row: usize, imp: &mut Vec<f64>) {
+    imp.clear();
+    for (br, xr) in b.chunks(row).zip(x.chunks(row)) {
+        let kl = kl_divergence(xr, br);
+        imp.extend(br.iter().zip(xr).map(|(&bv, &xv)| (xv.to_f64() - bv.to_f64()).abs() * kl));
+    }
+}
+
+/// KL(p ‖ q) with p = softmax(x) + 1e-8, q = softmax(b) + 1e-8, in f64.
+fn kl_divergence<T: Real>(x: &[T], b: &[T]) -> f64 {
+    let softmax = |v: &[T]| -> Vec<f64> {
+        let max = v.iter().map(|t| t.to_f64()).fold(f64::NEG_INFINITY, f64::max);
+        let e: Vec<f64> = v.iter().map(|t| (t.to_f64() - max).exp()).collect();
+        let s: f64 = e.iter().sum();
+        e.into_iter().map(|v| v / s + 1e-8).collect()
+    };
+    let (p, q) = (softmax(x), softmax(b));
+    p.iter().zip(&q).map(|(&p, &q)| p * (p / q).ln()).sum()
+}
+
+impl<T: Real> TensorMerge<T> for Fusion {
+    fn planned_passes(&self) -> usize {
+        2
+    }
+
+    fn wants_pass(&self) -> bool {
+        self.threshold.is_none()
+    }
+
+    fn align(&self) -> u64 {
+        self.row
+    }
+
+    fn stat_chunk(&self, x: &mut ChunkInputs<'_, T>, acc: &mut Stats) -> Result<()> {
+        let (Some(b), Some(m)) = (x.base, x.models.first()) else { return Ok(()) };
+        let mut imp = Vec::new();
+        importance(b, m, self.row as usize, &mut imp);
+        for (slot, sel) in self.quartiles.iter().enumerate() {
+            if sel.pending() {
+                sel.collect(slot, x.start, imp.iter().map(|v| v.to_bits()), acc);
+            }
+        }
+        Ok(())
+    }
+
+    fn end_pass(&mut self, mut stats: Stats) -> Result<()> {
+        for (slot, sel) in self.quartiles.iter_mut().enumerate() {
+            if sel.pending() {
+                sel.advance(slot, &mut stats);
+            }
+        }
+        let values: Vec<f64> =
+            self.quartiles.iter().filter_map(|s| s.cut().map(|c| f64::from_bits(c.key))).collect();
+        if let [q1, median, q3] = values[..] {
+            self.threshold = Some(median + 1.5 * (q3 - q1));
+        }
+        Ok(())
+    }
+
+    fn merge_chunk(&self, x: &mut ChunkInputs<'_, T>, out: &mut [T]) {
+        let (Some(b), Some(m), Some(thr)) = (x.base, x.models.first(), self.threshold) else { return };
+        let mut imp = Vec::new();
+        importance(b, m, self.row as usize, &mut imp);
+        for (((o, &bv), &xv), &i) in out.iter_mut().zip(b).zip(m.iter()).zip(&imp) {
+            *o = if i >= thr { bv + (xv - bv) } else { bv };
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kl_of_equal_rows_is_zero_and_positive_otherwise() {
+        let a = [0.1f32, 0.5, -0.3];
+        assert!(kl_divergence(&a, &a).abs() < 1e-15);
+        assert!(kl_divergence(&a, &[0.4f32, -0.5, 0.3]) > 0.0);
+    }
+}

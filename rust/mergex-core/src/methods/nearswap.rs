@@ -1,0 +1,42 @@
+//! `nearswap` (METHODS.md §5): take the other model's value where it is close to the
+//! base, `w = clamp(t / max(|b − x|, 1e-6), 0, 1)`, `out = w·x + (1 − w)·b`.
+
+use super::{param, ChunkInputs, TensorCtx, TensorMerge};
+use crate::error::Result;
+use crate::kernels::real::Real;
+
+struct NearSwap<T> {
+    t: T,
+}
+
+pub(super) fn build<T: Real>(ctx: &TensorCtx<'_>) -> Result<Box<dyn TensorMerge<T>>> {
+    if ctx.job.base.is_none() || ctx.job.inputs.len() != 1 {
+        return Err(ctx.bad_param(
+            "models",
+            format!(
+                "nearswap takes the base model and exactly one other model, got {} others",
+                ctx.job.inputs.len()
+            ),
+        ));
+    }
+    Ok(Box::new(NearSwap::<T> { t: param(ctx.global("t")?) }))
+}
+
+impl<T: Real> TensorMerge<T> for NearSwap<T> {
+    fn merge_chunk(&self, x: &mut ChunkInputs<'_, T>, out: &mut [T]) {
+        let (Some(b), Some(m)) = (x.base, x.models.first()) else { return };
+        let floor = T::from_f64(1e-6f32 as f64);
+        for ((o, &bv), &xv) in out.iter_mut().zip(b).zip(m.iter()) {
+            let diff = if bv > xv { bv - xv } else { xv - bv };
+            let mut w = self.t / if diff > floor { diff } else { floor };
+            w = if w > T::ONE {
+                T::ONE
+            } else if w > T::ZERO {
+                w
+            } else {
+                T::ZERO
+            };
+            *o = w * xv + (T::ONE - w) * bv;
+        }
+    }
+}

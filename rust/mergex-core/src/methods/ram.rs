@@ -1,0 +1,124 @@
+//! `ram` and `ramplus_tl` (METHODS.md §5): average task-vector elements where several
+//! models are active, keep them whole where one is; `ramplus_tl` scales the unique
+//! elements of each model by how much it shares (a counting pass first).
+
+use super::{ChunkInputs, Stats, TensorCtx, TensorMerge};
+use crate::error::Result;
+use crate::kernels::real::Real;
+
+struct Ram<T> {
+    eps: T,
+    /// ramplus_tl: (r, alpha, ε in f64) and the per-model unique scale once counted.
+    plus: Option<(f64, f64, f64)>,
+    lambdas: Option<Vec<T>>,
+}
+
+pub(super) fn build_ram<T: Real>(ctx: &TensorCtx<'_>) -> Result<Box<dyn TensorMerge<T>>> {
+    base_check(ctx)?;
+    Ok(Box::new(Ram::<T> { eps: eps(ctx)?, plus: None, lambdas: None }))
+}
+
+pub(super) fn build_ramplus<T: Real>(ctx: &TensorCtx<'_>) -> Result<Box<dyn TensorMerge<T>>> {
+    base_check(ctx)?;
+    let f = |n: &str| ctx.global(n).map(|v| v as f32 as f64);
+    Ok(Box::new(Ram::<T> {
+        eps: eps(ctx)?,
+        plus: Some((f("r")?, f("alpha")?, f("epsilon")?)),
+        lambdas: None,
+    }))
+}
+
+fn base_check(ctx: &TensorCtx<'_>) -> Result<()> {
+    if ctx.job.base.is_none() {
+        return Err(ctx.bad_param("base_model", "this method needs a base model"));
+    }
+    Ok(())
+}
+
+fn eps<T: Real>(ctx: &TensorCtx<'_>) -> Result<T> {
+    Ok(T::from_f64(ctx.global("epsilon")? as f32 as f64))
+}
+
+/// Task vectors in place, and per element the number of active models in `count`.
+fn active<T: Real>(x: &mut ChunkInputs<'_, T>, eps: T, count: &mut Vec<u32>) {
+    count.clear();
+    count.resize(x.models.first().map_or(0, |m| m.len()), 0);
+    let Some(base) = x.base else { return };
+    for m in x.models.iter_mut() {
+        for ((v, &b), c) in m.iter_mut().zip(base).zip(count.iter_mut()) {
+            *v = *v - b;
+            let a = *v > eps || -*v > eps;
+            *c += u32::from(a);
+        }
+    }
+}
+
+impl<T: Real> TensorMerge<T> for Ram<T> {
+    fn planned_passes(&self) -> usize {
+        usize::from(self.plus.is_some())
+    }
+
+    fn wants_pass(&self) -> bool {
+        self.plus.is_some() && self.lambdas.is_none()
+    }
+
+    fn stat_chunk(&self, x: &mut ChunkInputs<'_, T>, acc: &mut Stats) -> Result<()> {
+        let mut count = Vec::new();
+        active(x, self.eps, &mut count);
+        // Counts per model: shared (slot 2i) and unique (slot 2i + 1), in `hists[0]`.
+        let k = x.models.len();
+        let h = acc.hists.first_mut().filter(|h| h.len() == 2 * k);
+        let mut local = vec![0u64; 2 * k];
+        for (i, m) in x.models.iter().enumerate() {
+            for (&v, &c) in m.iter().zip(&count) {
+                if v > self.eps || -v > self.eps {
+                    local[2 * i + usize::from(c == 1)] += 1;
+                }
+            }
+        }
+        match h {
+            Some(h) => h.iter_mut().zip(&local).for_each(|(a, b)| *a += b),
+            None => {
+                if acc.hists.is_empty() {
+                    acc.hists.push(Vec::new());
+                }
+                acc.hists[0] = local;
+            }
+        }
+        Ok(())
+    }
+
+    fn end_pass(&mut self, stats: Stats) -> Result<()> {
+        let (r, alpha, eps) = self.plus.unwrap_or((0.0, 0.0, 1e-5));
+        let h = stats.hists.first().cloned().unwrap_or_default();
+        let k = h.len() / 2;
+        self.lambdas = Some(
+            (0..k)
+                .map(|i| {
+                    let (shared, unique) = (h[2 * i] as f64, h[2 * i + 1] as f64);
+                    let rho = shared / unique.max(eps);
+                    T::from_f64((1.0 + r * rho.clamp(0.0, alpha)) as f32 as f64)
+                })
+                .collect(),
+        );
+        Ok(())
+    }
+
+    fn merge_chunk(&self, x: &mut ChunkInputs<'_, T>, out: &mut [T]) {
+        let mut count = Vec::new();
+        active(x, self.eps, &mut count);
+        let Some(base) = x.base else { return };
+        out.fill(T::ZERO);
+        for (i, m) in x.models.iter().enumerate() {
+            let lambda = self.lambdas.as_ref().and_then(|l| l.get(i).copied()).unwrap_or(T::ONE);
+            for ((o, &v), &c) in out.iter_mut().zip(m.iter()).zip(&count) {
+                if v > self.eps || -v > self.eps {
+                    *o += if c == 1 { lambda * v } else { v * (T::ONE / T::from_f64(c as f64)) };
+                }
+            }
+        }
+        for (o, &b) in out.iter_mut().zip(base) {
+            *o = b + *o;
+        }
+    }
+}
