@@ -18,7 +18,7 @@ use crate::methods::{self, BaseUse, MethodInfo, TensorCtx};
 /// The smallest RAM budget accepted.
 pub const MIN_RAM_BUDGET: u64 = 64 * 1024;
 /// Largest chunk, in elements: beyond this, bigger chunks buy nothing.
-const MAX_CHUNK: u64 = 1 << 20;
+const MAX_CHUNK: u64 = 1 << 22;
 /// Share of the budget given to chunk buffers; the rest covers page rounding, read-ahead
 /// and allocator slack.
 const WORK_PERCENT: u64 = 85;
@@ -51,15 +51,25 @@ impl Prepared {
         self.base.iter().chain(self.inputs.iter())
     }
 
+    /// Chunks and sub-blocks are whole numbers of this many elements.
+    pub fn unit(&self) -> u64 {
+        lcm(BLOCK, self.align.max(1))
+    }
+
     /// Input bytes one pass reads.
     pub fn pass_bytes(&self) -> u64 {
         self.views().map(|v| v.bytes_for(self.numel())).sum()
     }
 
+    /// Bytes a chunk holds per element: the mapped input bytes and the encoded output.
     fn per_elem(&self) -> u64 {
+        self.views().map(|v| v.entry.dtype.size() as u64).sum::<u64>() + self.out.dtype.size() as u64
+    }
+
+    /// Bytes of one worker's sub-block buffers (decoded inputs and output).
+    fn sub_block_bytes(&self) -> u64 {
         let work = if self.wide { 8 } else { 4 };
-        let inputs: u64 = self.views().map(|v| v.entry.dtype.size() as u64 + work).sum();
-        inputs + work + self.out.dtype.size() as u64
+        (self.views().count() as u64 + 1) * crate::engine::run::SUB_BLOCK.max(self.unit()) * work
     }
 }
 
@@ -138,7 +148,8 @@ impl Engine {
         let mut peak_work = 0u64;
         for t in &self.tensors {
             *passes.entry(t.passes).or_insert(0) += 1;
-            peak_work = peak_work.max(t.chunk * t.per_elem() * self.job.threads.min(chunks(t)) as u64);
+            let workers = self.job.threads.min(chunks(t)) as u64;
+            peak_work = peak_work.max((t.chunk * t.per_elem() + t.sub_block_bytes()) * workers);
         }
         PlanSummary {
             method: self.method.name.to_string(),
@@ -254,7 +265,9 @@ fn prepare_tensor(
         p.passes = 1 + passes;
         p.align = align.max(1);
     }
-    p.chunk = chunk_elems(job.ram_budget, job.threads, p.per_elem(), p.numel(), p.align);
+    let buffers = p.sub_block_bytes() * job.threads as u64;
+    p.chunk =
+        chunk_elems(job.ram_budget.saturating_sub(buffers), job.threads, p.per_elem(), p.numel(), p.align);
     Ok(p)
 }
 

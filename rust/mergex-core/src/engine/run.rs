@@ -189,7 +189,9 @@ impl Engine {
             }
             let m = &*merger;
             chunks.par_iter().try_for_each(|&(start, len)| {
-                scratch.with(|s| with_chunk(t, s, start, len, progress, |x, _, stats| m.stat_chunk(x, stats)))
+                scratch.with(|s| {
+                    with_chunk(t, s, start, len, progress, false, |x, _, stats| m.stat_chunk(x, stats))
+                })
             })?;
             merger.end_pass(scratch.take_stats())?;
             if times.stats.len() < pass {
@@ -207,11 +209,12 @@ impl Engine {
         let clock = Instant::now();
         let written = chunks.par_iter().try_for_each(|&(start, len)| {
             scratch.with(|s| {
-                with_chunk(t, s, start, len, progress, |x, (out, bytes), _| {
+                with_chunk(t, s, start, len, progress, true, |x, out, _| {
                     m.merge_chunk(x, out);
-                    T::encode(out, t.out.dtype, bytes);
-                    writer.write_at(place.shard, place.offset + start * size, bytes)
-                })
+                    Ok(())
+                })?;
+                let bytes = s.bytes.get(..len as usize * size as usize).unwrap_or_default();
+                writer.write_at(place.shard, place.offset + start * size, bytes)
             })
         });
         times.output += clock.elapsed().as_secs_f64();
@@ -219,39 +222,62 @@ impl Engine {
     }
 }
 
-/// Read one chunk of every input into `s`, run `f` on it with the output buffers, then
-/// release the input pages and count the bytes.
-fn with_chunk<T: Real, R>(
+/// Elements per sub-block: a chunk is merged in sub-blocks small enough that every
+/// input's decoded values stay in the CPU cache between decoding and merging, while reads,
+/// writes and page releases still happen once per (large) chunk.
+pub(crate) const SUB_BLOCK: u64 = 16 * 1024;
+
+/// Run `f` over one chunk, sub-block by sub-block: decode the same element range of every
+/// input, call `f` with the inputs, an output buffer and this worker's statistics, and
+/// (with `encode`) round the output into `s.bytes` at its place in the chunk. Then release
+/// the chunk's input pages and count its bytes.
+fn with_chunk<T: Real>(
     t: &Prepared,
     s: &mut Scratch<T>,
     start: u64,
     len: u64,
     progress: &Progress,
-    f: impl FnOnce(&mut ChunkInputs<'_, T>, (&mut [T], &mut [u8]), &mut Stats) -> Result<R>,
-) -> Result<R> {
+    encode: bool,
+    mut f: impl FnMut(&mut ChunkInputs<'_, T>, &mut [T], &mut Stats) -> Result<()>,
+) -> Result<()> {
     if progress.is_cancelled() {
         return Err(Error::Cancelled);
     }
-    let n = len as usize;
+    let unit = t.unit();
+    let sub = SUB_BLOCK.div_ceil(unit) * unit;
+    let size = t.out.dtype.size();
     let views: Vec<_> = t.views().collect();
     s.inputs.resize_with(views.len(), Vec::new);
-    for (v, buf) in views.iter().zip(s.inputs.iter_mut()) {
-        buf.resize(n, T::ZERO);
-        v.read(start, &mut buf[..n])?;
+    if encode {
+        s.bytes.resize(len as usize * size, 0);
     }
-    s.out.resize(n, T::ZERO);
-    s.bytes.resize(n * t.out.dtype.size(), 0);
-    let (base, models): (Option<&[T]>, &mut [Vec<T>]) = match (&t.base, s.inputs.split_first_mut()) {
-        (Some(_), Some((b, rest))) => (Some(&b[..n]), rest),
-        _ => (None, &mut s.inputs[..]),
-    };
-    let mut x = ChunkInputs { start, base, models: models.iter_mut().map(|m| &mut m[..n]).collect() };
-    let r = f(&mut x, (&mut s.out[..n], &mut s.bytes[..]), &mut s.stats)?;
+    let mut at = start;
+    while at < start + len {
+        let n = sub.min(start + len - at) as usize;
+        for (v, buf) in views.iter().zip(s.inputs.iter_mut()) {
+            buf.resize(n, T::ZERO);
+            v.read(at, &mut buf[..n])?;
+        }
+        s.out.resize(n, T::ZERO);
+        let (base, models): (Option<&[T]>, &mut [Vec<T>]) = match (&t.base, s.inputs.split_first_mut()) {
+            (Some(_), Some((b, rest))) => (Some(&b[..n]), rest),
+            _ => (None, &mut s.inputs[..]),
+        };
+        let mut x = ChunkInputs { start: at, base, models: models.iter_mut().map(|m| &mut m[..n]).collect() };
+        f(&mut x, &mut s.out[..n], &mut s.stats)?;
+        if encode {
+            let off = (at - start) as usize * size;
+            if let Some(dst) = s.bytes.get_mut(off..off + n * size) {
+                T::encode(&s.out[..n], t.out.dtype, dst);
+            }
+        }
+        at += n as u64;
+    }
     for v in &views {
         v.release(start, len);
         progress.add_bytes(v.bytes_for(len));
     }
-    Ok(r)
+    Ok(())
 }
 
 /// Picks the f32 or f64 constructor of the method.
