@@ -462,3 +462,406 @@ def task_family(
         mixed = (mixed / div).astype(F32)
     mixed = (mixed * param_f32(lam)).astype(F32)
     return (b + mixed).astype(F32)
+
+
+# --------------------------------------------------------------------------- spherical and other methods
+#
+# METHODS.md §4 and §5. Whole-tensor reductions (sums of squares, dot products, Gram
+# matrices) in f64 with exactly rounded sums (math.fsum): the engine's blocked f64 sums agree
+# to a few ulps of f64, far below what could change an f32 coefficient. Coefficients are
+# rounded to f32 and applied to the f32 tensors, ``c1 * a + c2 * c`` (two roundings, no FMA).
+
+
+def _f64(x: np.ndarray) -> np.ndarray:
+    return np.asarray(x, dtype=F32).astype(np.float64).reshape(-1)
+
+
+def fdot(a: np.ndarray, b: np.ndarray) -> float:
+    """Σ a·b over the whole tensor in f64, exactly rounded (products of f32 are exact in f64)."""
+    return math.fsum(_f64(a) * _f64(b))
+
+
+def slerp_coefficients(base: np.ndarray, x: np.ndarray, t: float) -> tuple[float, float, float]:
+    """(dot, ca, cc) of §4 slerp in f64: the cosine and the two coefficients before rounding."""
+    a = np.asarray(base, dtype=F32)
+    c = np.asarray(x, dtype=F32)
+    tt = param64(t)
+    na = math.sqrt(fdot(a, a))
+    nc = math.sqrt(fdot(c, c))
+    na = 1.0 if na <= 1e-8 else na
+    nc = 1.0 if nc <= 1e-8 else nc
+    dot = min(1.0, max(-1.0, fdot(a, c) / (na * nc)))
+    if abs(dot) > 0.9995:
+        return dot, 1.0 - tt, tt
+    theta = math.acos(dot)
+    s = math.sin(theta)
+    return dot, math.sin((1.0 - tt) * theta) / s, math.sin(tt * theta) / s
+
+
+def slerp(base: np.ndarray, x: np.ndarray, t: float) -> np.ndarray:
+    """§4 slerp of the base ``a`` toward ``c = x`` over the whole tensor (on the raw tensors)."""
+    _dot, ca, cc = slerp_coefficients(base, x, t)
+    a = np.asarray(base, dtype=F32)
+    c = np.asarray(x, dtype=F32)
+    return (F32(ca) * a + F32(cc) * c).astype(F32)
+
+
+def _vector_sums(v1: np.ndarray, v2: np.ndarray, mode: str):
+    """(Σv1², Σv2², Σv1·v2) per vector, as f64 arrays shaped to broadcast over the tensor."""
+    a, b = np.asarray(v1, dtype=F32), np.asarray(v2, dtype=F32)
+    if mode == "whole" or a.ndim == 1:
+        return (np.array(fdot(a, a)), np.array(fdot(b, b)), np.array(fdot(a, b)))
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    if mode == "rows":
+        a64, b64 = a64.reshape(-1, a.shape[-1]), b64.reshape(-1, a.shape[-1])
+        shape = (*a.shape[:-1], 1)
+
+        def red(p):
+            return np.array([math.fsum(r) for r in p]).reshape(shape)
+
+    elif mode == "columns":
+        if a.ndim != 2:
+            raise NotImplementedError("columns of a tensor with more than two axes")
+        shape = (1, a.shape[1])
+
+        def red(p):
+            return np.array([math.fsum(col) for col in p.T]).reshape(shape)
+
+    else:
+        raise ValueError(mode)
+    return red(a64 * a64), red(b64 * b64), red(a64 * b64)
+
+
+def nuslerp(
+    xs: Sequence[np.ndarray],
+    weights: Sequence[float],
+    base: np.ndarray | None = None,
+    flatten: bool = True,
+    row_wise: bool = False,
+) -> np.ndarray:
+    """§4 nuslerp of two models (of their task vectors with a base)."""
+    if len(xs) != 2:
+        raise ValueError("nuslerp takes exactly two models")
+    w1, w2 = param64(weights[0]), param64(weights[1])
+    t = 0.5 if abs(w1 + w2) < 1e-6 else w2 / (w1 + w2)
+    if base is not None:
+        b = np.asarray(base, dtype=F32)
+        v1 = (np.asarray(xs[0], dtype=F32) - b).astype(F32)
+        v2 = (np.asarray(xs[1], dtype=F32) - b).astype(F32)
+    else:
+        v1, v2 = (np.asarray(x, dtype=F32) for x in xs)
+    mode = "whole" if flatten else ("columns" if row_wise else "rows")
+    s11, s22, s12 = _vector_sums(v1, v2, mode)
+    n1 = np.maximum(np.sqrt(s11), 1e-7)
+    n2 = np.maximum(np.sqrt(s22), 1e-7)
+    cos = np.clip(s12 / (n1 * n2), -1.0, 1.0)
+    linear = 1.0 - cos * cos <= 1e-16
+    theta = np.arccos(cos)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        s = np.sin(theta)
+        c1 = np.where(linear, 1.0 - t, np.sin((1.0 - t) * theta) / s)
+        c2 = np.where(linear, t, np.sin(t * theta) / s)
+    out = (c1.astype(F32) * v1 + c2.astype(F32) * v2).astype(F32)
+    if base is not None:
+        out = (out + b).astype(F32)
+    return out
+
+
+class AntipodalError(ValueError):
+    """multislerp's weighted mean direction is zero with more than two inputs."""
+
+
+def multislerp(
+    xs: Sequence[np.ndarray],
+    weights: Sequence[float],
+    base: np.ndarray | None = None,
+    normalize_weights: bool = True,
+    eps: float = 1e-8,
+) -> np.ndarray:
+    """§4 multislerp, followed literally in f64 (returns f64; compare with a tolerance)."""
+    shape = np.shape(xs[0])
+    if len(xs) == 1:
+        return np.asarray(xs[0], dtype=F32).astype(np.float64)
+    e = param64(eps)
+    w = np.array([param64(v) for v in weights])
+    if normalize_weights:
+        w = w / w.sum()
+    b = None if base is None else _f64(base)
+    vs = [_f64(x) - b if b is not None else _f64(x) for x in xs]
+    ns = [math.sqrt(math.fsum(v * v)) for v in vs]
+    us = [v / (n + e) for v, n in zip(vs, ns, strict=True)]
+    m = sum(wi * u for wi, u in zip(w, us, strict=True))
+    mn = math.sqrt(math.fsum(m * m))
+    if mn < e:
+        if len(xs) == 2:
+            out = w[0] * vs[0] + w[1] * vs[1]
+            return (out if b is None else out + b).reshape(shape)
+        raise AntipodalError("multislerp inputs are antipodal")
+    mh = m / mn
+    tangent = sum(wi * (u - math.fsum(u * mh) * mh) for wi, u in zip(w, us, strict=True))
+    L = math.sqrt(math.fsum(tangent * tangent)) + e
+    r = mh * math.cos(L) + tangent * (math.sin(L) / L)
+    out = r * float(np.dot(w, ns))
+    return (out if b is None else out + b).reshape(shape)
+
+
+def karcher(xs: Sequence[np.ndarray], max_iter: int = 10, tol: float = 1e-5) -> np.ndarray:
+    """§4 karcher mean of all inputs (the base is just one of them), literally in f64."""
+    shape = np.shape(xs[0])
+    tl = param64(tol)
+    k = len(xs)
+    alpha = [1.0 / k] * k
+    vs = [_f64(x) for x in xs]
+    ns = [math.sqrt(math.fsum(v * v)) for v in vs]
+    us = [v / n if n > 0 else np.zeros_like(v) for v, n in zip(vs, ns, strict=True)]
+    valid = [i for i in range(k) if ns[i] > tl]
+    if not valid:
+        return np.zeros(shape)
+    total = sum(alpha[i] for i in valid)
+    a = {i: alpha[i] / total for i in valid}
+    u = sum(a[i] * us[i] for i in valid)
+    un = math.sqrt(math.fsum(u * u))
+    u = us[valid[0]] if un < tl else u / un
+    for _ in range(int(max_iter)):
+        tangent = np.zeros_like(u)
+        for i in valid:
+            cos = min(1.0, max(-1.0, math.fsum(u * us[i])))
+            theta = math.acos(cos)
+            if theta >= tl:
+                tangent = tangent + a[i] * theta / math.sin(theta) * (us[i] - cos * u)
+        tn = math.sqrt(math.fsum(tangent * tangent))
+        if tn < tl:
+            break
+        u = math.cos(tn) * u + math.sin(tn) * tangent / tn
+        u = u / math.sqrt(math.fsum(u * u))
+    scale = sum(alpha[i] * ns[i] for i in range(k))
+    return (scale * u).reshape(shape)
+
+
+def _rows(x: np.ndarray) -> np.ndarray:
+    """Rows along the last axis as a 2-D view (a 1-D tensor is one row)."""
+    x = np.asarray(x)
+    return x.reshape(1, -1) if x.ndim <= 1 else x.reshape(-1, x.shape[-1])
+
+
+def model_stock(base: np.ndarray, xs: Sequence[np.ndarray], filter_wise: bool = False) -> np.ndarray:
+    """§4 model_stock: t from the task vectors' mean pairwise cosine (per tensor or per row)."""
+    b = np.asarray(base, dtype=F32)
+    n = len(xs)
+    if n < 2:
+        raise ValueError("model_stock takes at least two models besides the base")
+    ds = [(np.asarray(x, dtype=F32) - b).astype(F32) for x in xs]
+    if filter_wise and b.ndim > 1:
+        d64 = [_rows(d).astype(np.float64) for d in ds]
+
+        def gram(i, j):
+            return np.array([math.fsum(r) for r in d64[i] * d64[j]])
+
+        rows_shape = (*b.shape[:-1], 1)
+    else:
+
+        def gram(i, j):
+            return np.array([fdot(ds[i], ds[j])])
+
+        rows_shape = ()
+    g = {(i, j): gram(i, j) for i in range(n) for j in range(i, n)}
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    cs = []
+    for i, j in pairs:
+        den = np.maximum(np.sqrt(g[i, i]) * np.sqrt(g[j, j]), 1e-6)
+        cs.append(np.clip(g[i, j] / den, -1.0, 1.0))
+    c = sum(cs) / len(pairs)
+    den = 1.0 + (n - 1) * c
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = np.where(np.abs(den) < 1e-6, 0.0, n * c / den)
+    t32 = t.astype(F32).reshape(rows_shape)
+    acc = np.zeros(b.shape, dtype=F32)
+    for x in xs:
+        acc = (acc + np.asarray(x, dtype=F32)).astype(F32)
+    mean = (acc / F32(n)).astype(F32)
+    return (t32 * mean + (F32(1.0) - t32) * b).astype(F32)
+
+
+def model_stock_t(base: np.ndarray, xs: Sequence[np.ndarray]) -> float:
+    """The whole-tensor t of :func:`model_stock` (f64, before rounding), for assertions."""
+    b = np.asarray(base, dtype=F32)
+    ds = [(np.asarray(x, dtype=F32) - b).astype(F32) for x in xs]
+    n = len(ds)
+    pairs = [(i, j) for i in range(n) for j in range(i + 1, n)]
+    c = 0.0
+    for i, j in pairs:
+        den = max(math.sqrt(fdot(ds[i], ds[i])) * math.sqrt(fdot(ds[j], ds[j])), 1e-6)
+        c += min(1.0, max(-1.0, fdot(ds[i], ds[j]) / den))
+    c /= len(pairs)
+    den = 1.0 + (n - 1) * c
+    return 0.0 if abs(den) < 1e-6 else n * c / den
+
+
+def sce_variance(deltas: Sequence[np.ndarray]) -> np.ndarray:
+    """§5 sce: per-element population variance over models, in f32 (sequential sums)."""
+    n = F32(len(deltas))
+    s = np.zeros(np.shape(deltas[0]), dtype=F32)
+    for d in deltas:
+        s = (s + d).astype(F32)
+    mean = (s / n).astype(F32)
+    var = np.zeros_like(s)
+    for d in deltas:
+        e = (d - mean).astype(F32)
+        var = (var + e * e).astype(F32)
+    return (var / n).astype(F32)
+
+
+def sce_mask(deltas: Sequence[np.ndarray], select_topk: float) -> np.ndarray:
+    """The k = floor(topk · count(var ≠ 0)) largest variances, lower flat index first on ties."""
+    var = sce_variance(deltas).reshape(-1)
+    k = math.floor(param64(select_topk) * int(np.count_nonzero(var)))
+    order = np.argsort(-var, kind="stable")
+    mask = np.zeros(var.size, dtype=bool)
+    mask[order[:k]] = True
+    return mask.reshape(np.shape(deltas[0]))
+
+
+def sce(base: np.ndarray, xs: Sequence[np.ndarray], select_topk: float = 1.0) -> np.ndarray:
+    """§5 sce: variance selection, TIES sum election, mean-square matrix weights."""
+    b = np.asarray(base, dtype=F32)
+    ds = [(np.asarray(x, dtype=F32) - b).astype(F32) for x in xs]
+    if param64(select_topk) < 1.0:
+        mask = sce_mask(ds, select_topk)
+        ds = [np.where(mask, d, F32(0.0)).astype(F32) for d in ds]
+    total = np.zeros(b.shape, dtype=F32)
+    for d in ds:
+        total = (total + d).astype(F32)
+    positive = total >= 0
+    cs = [math.fsum(_f64(d) ** 2) / b.size for d in ds]
+    csum = sum(cs)
+    cn = [1.0 / len(ds)] * len(ds) if csum < 1e-6 else [c / csum for c in cs]
+    num = np.zeros(b.shape, dtype=F32)
+    den = np.zeros(b.shape, dtype=F32)
+    for c, d in zip(cn, ds, strict=True):
+        c32 = F32(c)
+        agree = np.where(positive, d > 0, d < 0)
+        num = np.where(agree, num + c32 * d, num).astype(F32)
+        den = np.where(agree, den + c32, den).astype(F32)
+    return (b + num / np.maximum(den, F32(1e-6))).astype(F32)
+
+
+def ram_activity(base: np.ndarray, xs: Sequence[np.ndarray], epsilon: float = 1e-5):
+    """(deltas, active masks, per-element count) of §5 ram."""
+    b = np.asarray(base, dtype=F32)
+    ds = [(np.asarray(x, dtype=F32) - b).astype(F32) for x in xs]
+    eps = param_f32(epsilon)
+    active = [np.abs(d) > eps for d in ds]
+    count = sum(a.astype(np.int64) for a in active)
+    return ds, active, count
+
+
+def ram(base: np.ndarray, xs: Sequence[np.ndarray], epsilon: float = 1e-5) -> np.ndarray:
+    """§5 ram: average where several task vectors are active, keep where one is."""
+    return ramplus_tl(base, xs, epsilon, lambdas=[F32(1.0)] * len(xs))
+
+
+def ramplus_lambdas(
+    base: np.ndarray, xs: Sequence[np.ndarray], epsilon: float = 1e-5, r: float = 0.1, alpha: float = 0.2
+) -> list[np.float32]:
+    """§5 ramplus_tl: λ_i = 1 + r·clamp(shared_i / max(unique_i, ε), 0, alpha), f64 → f32."""
+    _ds, active, count = ram_activity(base, xs, epsilon)
+    out = []
+    for a in active:
+        shared = int(np.count_nonzero(a & (count > 1)))
+        unique = int(np.count_nonzero(a & (count == 1)))
+        rho = shared / max(unique, param64(epsilon))
+        out.append(F32(1.0 + param64(r) * min(max(rho, 0.0), param64(alpha))))
+    return out
+
+
+def ramplus_tl(
+    base: np.ndarray,
+    xs: Sequence[np.ndarray],
+    epsilon: float = 1e-5,
+    r: float = 0.1,
+    alpha: float = 0.2,
+    lambdas: Sequence[np.float32] | None = None,
+) -> np.ndarray:
+    """§5 ramplus_tl (``lambdas`` all 1 gives plain ram)."""
+    b = np.asarray(base, dtype=F32)
+    ds, active, count = ram_activity(base, xs, epsilon)
+    if lambdas is None:
+        lambdas = ramplus_lambdas(base, xs, epsilon, r, alpha)
+    # count 0 gives inf here, only ever used where no model is active (masked out below).
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        inv = (F32(1.0) / count.astype(F32)).astype(F32)
+    acc = np.zeros(b.shape, dtype=F32)
+    for lam, d, a in zip(lambdas, ds, active, strict=True):
+        unique = d if lam == F32(1.0) else (lam * d).astype(F32)
+        with np.errstate(invalid="ignore", over="ignore"):
+            term = np.where(count == 1, unique, (d * inv).astype(F32))
+        acc = (acc + np.where(a, term, F32(0.0))).astype(F32)
+    return (b + acc).astype(F32)
+
+
+def nearswap(base: np.ndarray, x: np.ndarray, t: float) -> np.ndarray:
+    """§5 nearswap: w = clamp(t / max(|b - x|, 1e-6), 0, 1); out = w x + (1 - w) b."""
+    b = np.asarray(base, dtype=F32)
+    xx = np.asarray(x, dtype=F32)
+    diff = np.abs(b - xx).astype(F32)
+    w = (param_f32(t) / np.maximum(diff, F32(1e-6))).astype(F32)
+    w = np.clip(w, F32(0.0), F32(1.0)).astype(F32)
+    return (w * xx + (F32(1.0) - w) * b).astype(F32)
+
+
+def arcee_importance(base: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """§5 arcee_fusion: imp = |x - b| · KL(row) in f64, flat."""
+    b64 = _rows(np.asarray(base, dtype=F32)).astype(np.float64)
+    x64 = _rows(np.asarray(x, dtype=F32)).astype(np.float64)
+
+    def softmax(v):
+        e = np.exp(v - v.max(axis=1, keepdims=True))
+        return e / e.sum(axis=1, keepdims=True)
+
+    p = softmax(x64) + 1e-8
+    q = softmax(b64) + 1e-8
+    kl = (p * np.log(p / q)).sum(axis=1, keepdims=True)
+    return (np.abs(x64 - b64) * kl).reshape(-1)
+
+
+def arcee_threshold(imp: np.ndarray) -> float:
+    """median + 1.5·(Q3 - Q1), quantile q = the sorted element at floor(q·(n-1))."""
+    s = np.sort(np.asarray(imp).reshape(-1))
+    last = s.size - 1
+
+    def q(f):
+        return float(s[math.floor(f * last)])
+
+    return q(0.5) + 1.5 * (q(0.75) - q(0.25))
+
+
+def arcee_fusion(base: np.ndarray, x: np.ndarray) -> np.ndarray:
+    """§5 arcee_fusion: take x where its importance is an outlier (imp ≥ thr)."""
+    b = np.asarray(base, dtype=F32)
+    xx = np.asarray(x, dtype=F32)
+    imp = arcee_importance(b, xx)
+    take = (imp >= arcee_threshold(imp)).reshape(b.shape)
+    return np.where(take, (b + (xx - b).astype(F32)).astype(F32), b).astype(F32)
+
+
+def arcee_fusion_ties(base: np.ndarray, x: np.ndarray, rel: float = 1e-12) -> tuple[np.ndarray, np.ndarray]:
+    """Elements whose importance is within f64 noise of the threshold, and their other value.
+
+    Such elements are exact ties in real arithmetic (e.g. bf16 inputs in one row, where
+    imp ∝ |x - b| and |x_j - b_j| equals median + 1.5 IQR of the |x - b| values exactly), so
+    which side they fall on depends on the order of the f64 sums (METHODS.md §0). Returns
+    (mask, value had the comparison gone the other way).
+    """
+    b = np.asarray(base, dtype=F32)
+    xx = np.asarray(x, dtype=F32)
+    imp = arcee_importance(b, xx)
+    thr = arcee_threshold(imp)
+    s = np.sort(imp)
+    last = s.size - 1
+    flat_iqr = s[math.floor(0.75 * last)] == s[math.floor(0.25 * last)]
+    # thr = 0 (all imp 0) or thr = the median element itself (IQR 0) compare exactly.
+    near = (np.abs(imp - thr) <= rel * thr) & (thr > 0) & ~(flat_iqr & (imp == thr))
+    mask = near.reshape(b.shape)
+    take = (imp >= thr).reshape(b.shape)
+    other = np.where(take, b, (b + (xx - b).astype(F32)).astype(F32)).astype(F32)
+    return mask, other

@@ -65,7 +65,7 @@ def test_plan_reports_bytes_passes_shards_and_memory(zoo, tmp_path):
     assert "model-00001-of-" in r.stdout
 
 
-@pytest.mark.parametrize("example", ["task_arithmetic", "linear", "frankenmerge"])
+@pytest.mark.parametrize("example", sorted(p.stem for p in (ROOT / "examples").glob("*.yml")))
 def test_shipped_examples_merge(example, tmp_path):
     out = tmp_path / "out"
     r = models.run_cli(["merge", f"examples/{example}.yml", str(out), "--ram-budget", "64KiB"], cwd=ROOT)

@@ -126,6 +126,14 @@ def plan(
     ram_budget: RamBudget = None,
     threads: Threads = None,
     shard_size: Annotated[str, typer.Option("--shard-size", help="Largest output file, e.g. 5GB.")] = "5GB",
+    throughput: Annotated[
+        str | None,
+        typer.Option(
+            "--throughput",
+            help="Measured merge throughput (input bytes per second, e.g. 1.5GB, from benches/bench.py "
+            "or an earlier merge's summary) to project the merge time.",
+        ),
+    ] = None,
     verbose: Verbose = False,
 ) -> None:
     """Show what a merge will read and write, its chunks, passes, shards and peak memory."""
@@ -133,7 +141,7 @@ def plan(
     from rich.table import Table
 
     from .api import plan as make_plan
-    from .units import format_size
+    from .units import format_size, parse_size
 
     with _errors(verbose):
         p = make_plan(config, ram_budget=ram_budget, threads=threads, shard_size=shard_size)
@@ -157,6 +165,13 @@ def plan(
             f"RAM budget {format_size(p.ram_budget)}, {p.threads} threads, chunks of up to "
             f"{p.max_chunk_elems:,} elements; estimated peak memory {format_size(p.peak_memory)}"
         )
+        if throughput is not None:
+            rate = parse_size(throughput, "throughput")
+            seconds = p.bytes_read / rate
+            c.print(
+                f"projected time at {format_size(rate)}/s: {seconds:,.0f} s ({seconds / 3600:.2f} h) "
+                f"for {format_size(p.bytes_read)} read over all passes"
+            )
         for w in p.warnings:
             c.print(f"[yellow]warning:[/] {w}")
 

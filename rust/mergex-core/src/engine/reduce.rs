@@ -109,13 +109,29 @@ impl ExactSum {
         }
         let mut s = self.clone();
         s.normalize();
-        let mut total = 0f64;
-        for (i, &l) in s.limbs.iter().enumerate().rev() {
-            if l != 0 {
-                total += ldexp(l as f64, i as i32 * LIMB_BITS as i32 - BIAS);
-            }
+        // After normalizing, the top limb carries the sign: work on the magnitude.
+        let negative = s.limbs.last().is_some_and(|&l| l < 0);
+        if negative {
+            s.limbs.iter_mut().for_each(|l| *l = -*l);
+            s.normalize();
         }
-        total
+        let Some(h) = s.limbs.iter().rposition(|&l| l != 0) else { return 0.0 };
+        // The top three limbs (96 bits) and a sticky bit for anything below round correctly
+        // to the 53 bits of an f64.
+        let limb = |i: usize| s.limbs.get(i).map_or(0u128, |&l| l as u128 & 0xffff_ffff);
+        let lo = h.saturating_sub(2);
+        let mut m = 0u128;
+        for i in (lo..=h).rev() {
+            m = (m << 32) | limb(i);
+        }
+        let sticky = s.limbs[..lo].iter().any(|&l| l != 0);
+        let m = (m << 1) | u128::from(sticky);
+        let v = ldexp(m as f64, lo as i32 * LIMB_BITS as i32 - BIAS - 1);
+        if negative {
+            -v
+        } else {
+            v
+        }
     }
 }
 
@@ -160,6 +176,30 @@ mod tests {
     use proptest::prelude::*;
 
     #[test]
+    fn negative_and_rounded_totals() {
+        let mut s = ExactSum::default();
+        for v in [-0.25, 1e-30, -1e-30, 0.5, -0.5] {
+            s.add(v);
+        }
+        assert_eq!(s.value(), -0.25);
+        let mut t = ExactSum::default();
+        t.add(-1e300);
+        t.add(-3.0);
+        assert_eq!(t.value(), -1e300);
+        // Correct rounding with a sticky bit: 1 + 2^-53 + 2^-100 rounds up to 1 + 2^-52.
+        let mut u = ExactSum::default();
+        u.add(1.0);
+        u.add(2f64.powi(-53));
+        u.add(2f64.powi(-100));
+        assert_eq!(u.value(), 1.0 + 2f64.powi(-52));
+        // Exactly halfway (no sticky): ties to even, stays 1.
+        let mut w = ExactSum::default();
+        w.add(1.0);
+        w.add(2f64.powi(-53));
+        assert_eq!(w.value(), 1.0);
+    }
+
+    #[test]
     fn exact_where_f64_is_not() {
         let mut s = ExactSum::default();
         for v in [1e20, 1.0, -1e20, 1e-300, 3.0] {
@@ -197,6 +237,15 @@ mod tests {
                 merged.merge(p);
             }
             prop_assert_eq!(whole.value().to_bits(), merged.value().to_bits());
+            // The total is the correctly rounded sum of the block sums.
+            let mut blocks: Vec<f64> = xs.chunks(BLOCK as usize).map(|c| {
+                let mut acc = ExactSum::default();
+                block_sum(c.iter().map(|&x| x as f64), &mut acc);
+                acc.value()
+            }).collect();
+            blocks.sort_by(|a, b| a.abs().total_cmp(&b.abs()));
+            let naive: f64 = blocks.iter().sum();
+            prop_assert!((whole.value() - naive).abs() <= 1e-9 * naive.abs().max(1.0));
         }
     }
 }
