@@ -15,15 +15,7 @@ struct Fusion {
 }
 
 pub(super) fn build<T: Real>(ctx: &TensorCtx<'_>) -> Result<Box<dyn TensorMerge<T>>> {
-    if ctx.job.base.is_none() || ctx.job.inputs.len() != 1 {
-        return Err(ctx.bad_param(
-            "models",
-            format!(
-                "arcee_fusion takes the base model and exactly one other model, got {} others",
-                ctx.job.inputs.len()
-            ),
-        ));
-    }
+    ctx.expect_models(1, Some(1), "arcee_fusion takes the base model and exactly one other model")?;
     let shape = &ctx.job.shape;
     let n: u64 = shape.iter().product();
     let row = if shape.len() >= 2 { shape.last().copied().unwrap_or(1) } else { n }.max(1);

@@ -37,6 +37,18 @@ pub struct ChunkInputs<'a, T> {
     pub models: Vec<&'a mut [T]>,
 }
 
+impl<T: Real> ChunkInputs<'_, T> {
+    /// Replace the models' values by their task vectors `x_i − b`, when there is a base.
+    pub fn to_deltas(&mut self) {
+        let Some(base) = self.base else { return };
+        for m in self.models.iter_mut() {
+            for (v, &b) in m.iter_mut().zip(base) {
+                *v = *v - b;
+            }
+        }
+    }
+}
+
 /// Partial statistics of a pass, accumulated per worker and merged at the end of the pass.
 /// Every field merges exactly (exact sums, integer counts, collections sorted before use),
 /// so the result does not depend on chunking, threads or completion order.
@@ -205,6 +217,16 @@ impl TensorCtx<'_> {
     /// An optional per-model parameter.
     pub fn model_param_opt(&self, i: usize, name: &str) -> Option<f64> {
         self.job.inputs.get(i).and_then(|m| m.params.get(name).copied())
+    }
+
+    /// Check the number of models besides the base: `low..=high` (`words` says it in
+    /// prose for the error).
+    pub fn expect_models(&self, low: usize, high: Option<usize>, words: &str) -> Result<()> {
+        let n = self.job.inputs.len();
+        if n < low || high.is_some_and(|h| n > h) {
+            return Err(self.bad_param("models", format!("{words}; got {n}")));
+        }
+        Ok(())
     }
 
     /// An error about a parameter of this tensor.

@@ -16,12 +16,7 @@ struct ModelStock<T> {
 }
 
 pub(super) fn build<T: Real>(ctx: &TensorCtx<'_>) -> Result<Box<dyn TensorMerge<T>>> {
-    if ctx.job.base.is_none() || ctx.job.inputs.len() < 2 {
-        return Err(ctx.bad_param(
-            "models",
-            format!("model_stock needs a base and at least two other models, got {}", ctx.job.inputs.len()),
-        ));
-    }
+    ctx.expect_models(2, None, "model_stock takes a base model and at least two other models")?;
     let rows = ctx.flag("filter_wise")?.then(|| ctx.job.shape.last().copied().unwrap_or(1).max(1));
     Ok(Box::new(ModelStock::<T> { n: ctx.job.inputs.len(), rows, t: None }))
 }

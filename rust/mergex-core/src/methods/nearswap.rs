@@ -10,15 +10,7 @@ struct NearSwap<T> {
 }
 
 pub(super) fn build<T: Real>(ctx: &TensorCtx<'_>) -> Result<Box<dyn TensorMerge<T>>> {
-    if ctx.job.base.is_none() || ctx.job.inputs.len() != 1 {
-        return Err(ctx.bad_param(
-            "models",
-            format!(
-                "nearswap takes the base model and exactly one other model, got {} others",
-                ctx.job.inputs.len()
-            ),
-        ));
-    }
+    ctx.expect_models(1, Some(1), "nearswap takes the base model and exactly one other model")?;
     Ok(Box::new(NearSwap::<T> { t: param(ctx.global("t")?) }))
 }
 

@@ -9,12 +9,7 @@ struct Passthrough<T> {
 }
 
 pub(super) fn build<T: Real>(ctx: &TensorCtx<'_>) -> Result<Box<dyn TensorMerge<T>>> {
-    if ctx.job.inputs.len() != 1 {
-        return Err(ctx.bad_param(
-            "models",
-            format!("passthrough takes exactly one input per tensor, got {}", ctx.job.inputs.len()),
-        ));
-    }
+    ctx.expect_models(1, Some(1), "passthrough takes exactly one model per tensor")?;
     Ok(Box::new(Passthrough { scale: ctx.model_param_opt(0, "scale").map(param::<T>) }))
 }
 

@@ -43,12 +43,10 @@ fn eps<T: Real>(ctx: &TensorCtx<'_>) -> Result<T> {
 fn active<T: Real>(x: &mut ChunkInputs<'_, T>, eps: T, count: &mut Vec<u32>) {
     count.clear();
     count.resize(x.models.first().map_or(0, |m| m.len()), 0);
-    let Some(base) = x.base else { return };
-    for m in x.models.iter_mut() {
-        for ((v, &b), c) in m.iter_mut().zip(base).zip(count.iter_mut()) {
-            *v = *v - b;
-            let a = *v > eps || -*v > eps;
-            *c += u32::from(a);
+    x.to_deltas();
+    for m in x.models.iter() {
+        for (&v, c) in m.iter().zip(count.iter_mut()) {
+            *c += u32::from(v > eps || -v > eps);
         }
     }
 }

@@ -47,13 +47,8 @@ pub(super) fn build<T: Real>(ctx: &TensorCtx<'_>) -> Result<Box<dyn TensorMerge<
 
 /// Task vectors in place; per element the population variance over models into `var`.
 fn variance<T: Real>(x: &mut ChunkInputs<'_, T>, var: &mut Vec<T>) {
-    let Some(base) = x.base else { return };
     let n = x.models.first().map_or(0, |m| m.len());
-    for m in x.models.iter_mut() {
-        for (v, &b) in m.iter_mut().zip(base) {
-            *v = *v - b;
-        }
-    }
+    x.to_deltas();
     let k = T::from_f64(x.models.len() as f64);
     var.clear();
     var.resize(n, T::ZERO);

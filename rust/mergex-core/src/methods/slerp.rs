@@ -25,15 +25,7 @@ struct Slerp<T> {
 }
 
 pub(super) fn build_slerp<T: Real>(ctx: &TensorCtx<'_>) -> Result<Box<dyn TensorMerge<T>>> {
-    if ctx.job.base.is_none() || ctx.job.inputs.len() != 1 {
-        return Err(ctx.bad_param(
-            "models",
-            format!(
-                "slerp takes the base model and exactly one other model, got {} others",
-                ctx.job.inputs.len()
-            ),
-        ));
-    }
+    ctx.expect_models(1, Some(1), "slerp takes the base model and exactly one other model")?;
     Ok(Box::new(Slerp::<T> { t: f32_of(ctx.global("t")?), coef: None }))
 }
 
@@ -93,12 +85,7 @@ struct Nuslerp<T> {
 }
 
 pub(super) fn build_nuslerp<T: Real>(ctx: &TensorCtx<'_>) -> Result<Box<dyn TensorMerge<T>>> {
-    if ctx.job.inputs.len() != 2 {
-        return Err(ctx.bad_param(
-            "models",
-            format!("nuslerp takes exactly two models besides the base, got {}", ctx.job.inputs.len()),
-        ));
-    }
+    ctx.expect_models(2, Some(2), "nuslerp takes exactly two models besides the base")?;
     let (w1, w2) = (f32_of(ctx.model_param(0, "weight")?), f32_of(ctx.model_param(1, "weight")?));
     let t = if (w1 + w2).abs() < 1e-6 { 0.5 } else { w2 / (w1 + w2) };
     let shape = &ctx.job.shape;
@@ -121,17 +108,6 @@ impl<T: Real> Nuslerp<T> {
     }
 }
 
-/// The task vectors (with a base) or the models' values, in place.
-fn vectors<T: Real>(x: &mut ChunkInputs<'_, T>) {
-    if let Some(b) = x.base {
-        for m in x.models.iter_mut() {
-            for (v, &bv) in m.iter_mut().zip(b) {
-                *v = *v - bv;
-            }
-        }
-    }
-}
-
 impl<T: Real> TensorMerge<T> for Nuslerp<T> {
     fn planned_passes(&self) -> usize {
         usize::from(!matches!(self.mode, Vectors::Rows(_)))
@@ -149,7 +125,7 @@ impl<T: Real> TensorMerge<T> for Nuslerp<T> {
     }
 
     fn stat_chunk(&self, x: &mut ChunkInputs<'_, T>, acc: &mut Stats) -> Result<()> {
-        vectors(x);
+        x.to_deltas();
         let (Some(v1), Some(v2)) = (x.models.first(), x.models.get(1)) else { return Ok(()) };
         match self.mode {
             Vectors::Flat => gram::accumulate(&[&**v1, &**v2], 0, acc),
@@ -186,7 +162,7 @@ impl<T: Real> TensorMerge<T> for Nuslerp<T> {
     }
 
     fn merge_chunk(&self, x: &mut ChunkInputs<'_, T>, out: &mut [T]) {
-        vectors(x);
+        x.to_deltas();
         let (Some(v1), Some(v2)) = (x.models.first(), x.models.get(1)) else { return };
         match (self.mode, &self.coef) {
             (Vectors::Rows(m), _) => {

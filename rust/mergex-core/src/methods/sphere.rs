@@ -36,7 +36,7 @@ impl<T: Real> TensorMerge<T> for Combination<T> {
     }
 
     fn stat_chunk(&self, x: &mut ChunkInputs<'_, T>, acc: &mut Stats) -> Result<()> {
-        to_vectors(x, self.deltas);
+        x.to_deltas();
         let v: Vec<&[T]> = x.models.iter().map(|m| &**m).collect();
         gram::accumulate(&v, 0, acc);
         Ok(())
@@ -50,7 +50,7 @@ impl<T: Real> TensorMerge<T> for Combination<T> {
     }
 
     fn merge_chunk(&self, x: &mut ChunkInputs<'_, T>, out: &mut [T]) {
-        to_vectors(x, self.deltas);
+        x.to_deltas();
         out.fill(T::ZERO);
         for (m, &c) in x.models.iter().zip(self.coef.iter().flatten()) {
             for (o, &v) in out.iter_mut().zip(m.iter()) {
@@ -60,16 +60,6 @@ impl<T: Real> TensorMerge<T> for Combination<T> {
         if let (true, Some(b)) = (self.deltas, x.base) {
             for (o, &bv) in out.iter_mut().zip(b) {
                 *o += bv;
-            }
-        }
-    }
-}
-
-fn to_vectors<T: Real>(x: &mut ChunkInputs<'_, T>, deltas: bool) {
-    if let (true, Some(b)) = (deltas, x.base) {
-        for m in x.models.iter_mut() {
-            for (v, &bv) in m.iter_mut().zip(b) {
-                *v = *v - bv;
             }
         }
     }

@@ -159,16 +159,6 @@ impl<T: Real> TaskVector<T> {
     }
 }
 
-/// δ_i = x_i − b in place.
-fn deltas<T: Real>(x: &mut ChunkInputs<'_, T>) {
-    let Some(base) = x.base else { return };
-    for m in x.models.iter_mut() {
-        for (v, &b) in m.iter_mut().zip(base) {
-            *v = *v - b;
-        }
-    }
-}
-
 impl<T: Real> TensorMerge<T> for TaskVector<T> {
     fn planned_passes(&self) -> usize {
         let selection = if self.selecting() { 2 } else { 0 };
@@ -189,7 +179,7 @@ impl<T: Real> TensorMerge<T> for TaskVector<T> {
     }
 
     fn stat_chunk(&self, x: &mut ChunkInputs<'_, T>, acc: &mut Stats) -> Result<()> {
-        deltas(x);
+        x.to_deltas();
         let first = self.pass == 0;
         let selected_l1 = !self.selecting() && self.needs_selected_l1();
         let (mut mask, mut hashes) = (Vec::new(), Vec::new());
@@ -237,7 +227,7 @@ impl<T: Real> TensorMerge<T> for TaskVector<T> {
 
     fn merge_chunk(&self, x: &mut ChunkInputs<'_, T>, out: &mut [T]) {
         let Some(base) = x.base else { return };
-        deltas(x);
+        x.to_deltas();
         let (mut mask, mut hashes) = (Vec::new(), Vec::new());
         if self.sparsifiers.iter().any(Sparsifier::random) {
             index_hashes(x.start, out.len(), &mut hashes);
