@@ -6,6 +6,7 @@ Errors print one line (``error: …``) and exit 2 for usage and configuration pr
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 import traceback
@@ -56,6 +57,10 @@ def _errors(verbose: bool) -> Iterator[None]:
         yield
     except typer.Exit:
         raise
+    except BrokenPipeError:
+        # stdout was closed early (`mergex inspect … | head`): not an error of ours.
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - silence the interpreter's final flush
+        raise typer.Exit(0) from None
     except KeyboardInterrupt:
         if verbose:
             traceback.print_exc()

@@ -98,9 +98,9 @@ impl View {
         self.file.release(&self.entry, b, e);
     }
 
-    /// Hint that output elements `[start, start+len)` will be read soon.
-    pub fn prefetch(&self, start: u64, len: u64) {
+    /// Map the pages behind output elements `[start, start+len)` now, in one call.
+    pub fn populate(&self, start: u64, len: u64) {
         let (b, e) = self.span(start, len);
-        self.file.prefetch(&self.entry, b, e);
+        self.file.populate(&self.entry, b, e);
     }
 }
