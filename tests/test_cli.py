@@ -108,7 +108,7 @@ def test_interrupt_mid_merge_leaves_nothing(tmp_path, sig):
     cmd = [*models.mergex_cmd(), "merge", str(cfg_path), str(out), "--ram-budget", "64KiB", "--threads", "1"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
-    while not any(parent.glob(".merged.mergex-tmp-*/model.safetensors")):
+    while not any(parent.glob(".merged.mergex-partial/model.safetensors")):
         assert proc.poll() is None, proc.communicate()
         assert time.monotonic() < deadline, "merge never started writing"
         time.sleep(0.02)

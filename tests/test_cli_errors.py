@@ -303,7 +303,7 @@ def test_refuses_existing_output_without_overwrite(tmp_path):
     assert res.returncode in (1, 2), line
     assert "merged" in line and ("overwrite" in line.lower() or "exists" in line.lower()), line
     assert models.file_hashes(out) == before, "the existing output was modified"
-    assert not [p for p in tmp_path.iterdir() if "mergex-tmp" in p.name]
+    assert not [p for p in tmp_path.iterdir() if "mergex-" in p.name]
 
     # With --overwrite the folder is replaced by the new merge.
     res = models.run_cli(["merge", cfg, out, "--overwrite", "--quiet", "--threads", "2"])
@@ -314,7 +314,7 @@ def test_refuses_existing_output_without_overwrite(tmp_path):
         np.testing.assert_array_equal(
             loaded.f32(name), ref.round_to((a.tensors[name] + b.tensors[name]) / np.float32(2), "BF16")
         )
-    assert not [p for p in tmp_path.iterdir() if "mergex-tmp" in p.name]
+    assert not [p for p in tmp_path.iterdir() if "mergex-" in p.name]
 
 
 def test_overwrite_refuses_a_folder_mergex_did_not_write(tmp_path):
@@ -329,7 +329,7 @@ def test_overwrite_refuses_a_folder_mergex_did_not_write(tmp_path):
     assert res.returncode in (1, 2), line
     assert "precious" in line, line
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
-    assert not [p for p in tmp_path.iterdir() if "mergex-tmp" in p.name]
+    assert not [p for p in tmp_path.iterdir() if "mergex-" in p.name]
 
 
 def test_api_existing_output_error_type(tmp_path, mergex_mod):

@@ -316,7 +316,7 @@ def test_config_and_side_files(zoo, mergex_mod, out_dir):
 
     # No temporary folder left beside the output.
     assert [p.name for p in out_dir.parent.iterdir()] == [out_dir.name]
-    assert not [p for p in out_dir.iterdir() if re.search(r"mergex-tmp", p.name)]
+    assert not [p for p in out_dir.iterdir() if re.search(r"mergex-(partial|old)", p.name)]
 
 
 def _values(x):

@@ -2,7 +2,7 @@
 
 from typing import final
 
-__all__ = ["MergeJob", "__version__", "inspect"]
+__all__ = ["MergeJob", "__version__", "checksum", "inspect"]
 
 __version__: str
 
@@ -17,3 +17,4 @@ class MergeJob:
     def cancel(self) -> None: ...
 
 def inspect(path: str) -> list[tuple[str, str, list[int], str, int]]: ...
+def checksum(path: str) -> str: ...

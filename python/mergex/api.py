@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import resource
@@ -78,7 +79,7 @@ def _resolve(
     threads: int | None,
     shard_size: Size | None,
     seed: int | None,
-) -> tuple[MergeConfig, Job, Any]:
+) -> tuple[MergeConfig, Job]:
     cfg = load_config(config)
     budget = parse_size(ram_budget, "ram_budget") if ram_budget is not None else default_ram_budget()
     nthreads = default_threads() if threads is None else threads
@@ -88,9 +89,20 @@ def _resolve(
     run_seed = seed if seed is not None else (cfg.seed or 0)
     if isinstance(run_seed, bool) or not isinstance(run_seed, int) or not 0 <= run_seed < 2**32:
         raise ConfigError(f"seed: expected an integer from 0 to 2^32-1, got {seed!r}")
-    job = build_job(cfg, ram_budget=budget, threads=nthreads, shard_size=shard, seed=run_seed)
-    engine = _mergex.MergeJob(json.dumps(job.spec))
-    return cfg, job, engine
+    return cfg, build_job(cfg, ram_budget=budget, threads=nthreads, shard_size=shard, seed=run_seed)
+
+
+def _fingerprint(job: Job) -> str:
+    """What the output depends on: the job (less budget and threads, which never change the
+    bytes) and every input file's size and modification time."""
+    spec = {k: v for k, v in job.spec.items() if k not in ("ram_budget", "threads", "resume")}
+    files = sorted({t.file for m in job.models for t in m.tensors.values()})
+    stamps = []
+    for f in files:
+        st = os.stat(f)
+        stamps.append([f, st.st_size, st.st_mtime_ns])
+    text = json.dumps([spec, stamps], sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()
 
 
 def plan(
@@ -106,8 +118,8 @@ def plan(
     Raises:
         ConfigError, CheckpointError, ModelNotFoundError: As :func:`merge`.
     """
-    _, job, engine = _resolve(config, ram_budget, threads, shard_size, None)
-    s = json.loads(engine.plan())
+    _, job = _resolve(config, ram_budget, threads, shard_size, None)
+    s = json.loads(_mergex.MergeJob(json.dumps(job.spec)).plan())
     return MergePlan(
         method=s["method"],
         models=[m.path for m in job.models],
@@ -195,6 +207,7 @@ def merge(
     seed: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    resume: bool = False,
 ) -> MergeResult:
     """Merge the models of ``config`` into the folder ``out``.
 
@@ -212,6 +225,9 @@ def merge(
         seed: Seed of the random methods; default the config's ``seed``, else 0.
         overwrite: Replace an existing output folder written by mergex.
         progress: Draw a progress bar on the terminal.
+        resume: Continue a merge into ``out`` that was killed before it finished: the
+            shards it completed are kept after their checksums are verified, the rest are
+            recomputed. Refused if the configuration or inputs changed since.
 
     Returns:
         What was written, read and how long it took.
@@ -225,9 +241,20 @@ def merge(
         KeyboardInterrupt: Interrupted; the temporary output was removed.
     """
     start = time.perf_counter()
-    cfg, job, engine = _resolve(config, ram_budget, threads, shard_size, seed)
+    cfg, job = _resolve(config, ram_budget, threads, shard_size, seed)
     target = check_output_path(Path(out), [m.path for m in job.models], overwrite)
-    folder = OutputFolder(target)
+    fingerprint = _fingerprint(job)
+    folder = OutputFolder(target, fingerprint, resume)
+    try:
+        job.spec["resume"] = {
+            "state_file": str(folder.state),
+            "fingerprint": fingerprint,
+            "done": folder.done,
+        }
+        engine = _mergex.MergeJob(json.dumps(job.spec))
+    except BaseException:
+        folder.discard()
+        raise
     on_progress, stop = _rich_progress(not progress)
     try:
         try:
@@ -252,7 +279,7 @@ def merge(
         bytes_written=int(summary["bytes_written"]),
         seconds=time.perf_counter() - start,
         peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        warnings=job.warnings,
+        warnings=folder.notes + job.warnings,
         stat_pass_seconds=[float(x) for x in summary["stat_pass_seconds"]],
         output_seconds=float(summary["output_seconds"]),
     )

@@ -93,6 +93,10 @@ def merge(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing output folder.")
     ] = False,
+    resume: Annotated[
+        bool,
+        typer.Option("--resume", help="Continue a merge into OUT that was killed: keep its verified shards."),
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
     verbose: Verbose = False,
 ) -> None:
@@ -111,6 +115,7 @@ def merge(
             seed=seed,
             overwrite=overwrite,
             progress=not quiet and sys.stderr.isatty(),
+            resume=resume,
         )
         for w in result.warnings:
             typer.echo(f"warning: {w}", err=True)

@@ -4,6 +4,7 @@ finished (CONFIG.md, "Output folder")."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import secrets
@@ -13,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from . import _mergex
 from .errors import ConfigError, MergexIOError, OutputExistsError
 from .models import Model
 
@@ -63,26 +65,89 @@ def check_output_path(out: Path, inputs: list[Path], overwrite: bool) -> Path:
     return target
 
 
-class OutputFolder:
-    """A temporary folder beside the target, committed by renaming."""
+STATE_NAME = "mergex-resume.json"
+LOCK_NAME = ".mergex.lock"
 
-    def __init__(self, target: Path) -> None:
+
+class OutputFolder:
+    """The unfinished output: a folder beside the target, committed by renaming.
+
+    Its name is fixed (``.OUT.mergex-partial``) so that a merge killed outright can be resumed:
+    the engine records every finished shard with its checksum in ``mergex-resume.json``.
+    A lock file keeps two merges from writing the same output.
+    """
+
+    def __init__(self, target: Path, fingerprint: str, resume: bool) -> None:
         self.target = target
-        tag = f"{os.getpid()}-{secrets.token_hex(4)}"
-        self.tmp = target.parent / f".{target.name}.mergex-tmp-{tag}"
-        self._old = target.parent / f".{target.name}.mergex-old-{tag}"
+        self.tmp = target.parent / f".{target.name}.mergex-partial"
+        self._old = target.parent / f".{target.name}.mergex-old-{os.getpid()}-{secrets.token_hex(4)}"
+        self.state = self.tmp / STATE_NAME
+        self.done: dict[str, str] = {}
+        self.notes: list[str] = []
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            self.tmp.mkdir()
+            self.tmp.mkdir(exist_ok=True)
+            self._lock = open(self.tmp / LOCK_NAME, "a+")  # noqa: SIM115 - held until commit/discard
         except OSError as e:
             raise MergexIOError(f"cannot create the output folder beside {target}: {e}") from None
+        try:
+            fcntl.flock(self._lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self._lock.close()
+            raise OutputExistsError(
+                f"another mergex is writing {target} (its unfinished output is {self.tmp})"
+            ) from None
+        try:
+            self._recover(fingerprint, resume)
+        except BaseException:
+            self._lock.close()
+            raise
+
+    def _recover(self, fingerprint: str, resume: bool) -> None:
+        """Keep the verified shards of an interrupted run (with ``resume``), clear the rest."""
+        previous = [p for p in self.tmp.iterdir() if p.name != LOCK_NAME]
+        if resume and previous:
+            try:
+                state = json.loads(self.state.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                state = {}
+            recorded = state.get("fingerprint") if isinstance(state, dict) else None
+            if recorded is not None and recorded != fingerprint:
+                raise ConfigError(
+                    f"the unfinished merge in {self.tmp} was started with a different configuration or "
+                    "different inputs; run without --resume to start over"
+                )
+            shards = state.get("shards", {}) if isinstance(state, dict) else {}
+            for name, digest in shards.items() if isinstance(shards, dict) else []:
+                path = self.tmp / str(name)
+                if path.is_file() and _mergex.checksum(str(path)) == digest:
+                    self.done[str(name)] = str(digest)
+                else:
+                    self.notes.append(
+                        f"{name} from the interrupted merge failed its checksum; recomputing it"
+                    )
+            self.notes.append(f"resuming: {len(self.done)} finished shard(s) kept from {self.tmp}")
+        elif resume:
+            self.notes.append("nothing to resume: starting the merge from the beginning")
+        elif previous:
+            self.notes.append(f"removed an unfinished merge in {self.tmp} (use --resume to continue one)")
+        for p in self.tmp.iterdir():
+            if p.name == LOCK_NAME or p.name in self.done:
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
 
     def discard(self) -> None:
-        """Remove the temporary folder (after a failure or interruption)."""
+        """Remove the unfinished output (after a failure or interruption)."""
         shutil.rmtree(self.tmp, ignore_errors=True)
+        self._lock.close()
 
     def commit(self) -> None:
         """Rename the finished folder into place, replacing an old output if allowed."""
+        for name in (STATE_NAME, LOCK_NAME):
+            (self.tmp / name).unlink(missing_ok=True)
         try:
             if self.target.exists():
                 self.target.rename(self._old)
@@ -91,6 +156,8 @@ class OutputFolder:
             if self._old.exists() and not self.target.exists():
                 self._old.rename(self.target)
             raise MergexIOError(f"cannot move the finished merge to {self.target}: {e}") from None
+        finally:
+            self._lock.close()
         shutil.rmtree(self._old, ignore_errors=True)
 
     def write_json(self, name: str, data: Any) -> None:

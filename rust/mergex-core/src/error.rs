@@ -237,6 +237,12 @@ pub enum Error {
         /// Why the method cannot proceed.
         message: String,
     },
+    /// An input file was modified while the merge read it.
+    #[error("{path}: the file changed during the merge (size or modification time); its data can no longer be trusted")]
+    InputChanged {
+        /// The file.
+        path: PathBuf,
+    },
     /// The caller cancelled the merge.
     #[error("merge cancelled")]
     Cancelled,

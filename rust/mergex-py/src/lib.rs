@@ -81,10 +81,17 @@ fn inspect(py: Python<'_>, path: PathBuf) -> PyResult<Vec<(String, String, Vec<u
     .map_err(|e| to_py(py, e))
 }
 
+/// XXH3-64 checksum of a file, as 16 hex digits (what resumable merges record per shard).
+#[pyfunction]
+fn checksum(py: Python<'_>, path: PathBuf) -> PyResult<String> {
+    py.detach(move || mergex_core::format::writer::checksum(&path)).map_err(|e| to_py(py, e))
+}
+
 #[pymodule]
 fn _mergex(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<MergeJob>()?;
     m.add_function(wrap_pyfunction!(inspect, m)?)?;
+    m.add_function(wrap_pyfunction!(checksum, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

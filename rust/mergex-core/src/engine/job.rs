@@ -30,6 +30,22 @@ pub struct Job {
     /// Extra `__metadata__` entries for every output file.
     #[serde(default)]
     pub metadata: BTreeMap<String, String>,
+    /// Resumable runs: where to record finished shards, and those already finished.
+    #[serde(default)]
+    pub resume: Option<Resume>,
+}
+
+/// The state of a resumable merge.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Resume {
+    /// File rewritten (atomically) after every finished shard.
+    pub state_file: PathBuf,
+    /// Identifies the configuration and inputs; stored in the state file.
+    pub fingerprint: String,
+    /// Shards already finished and verified: file name → checksum. Not rewritten.
+    #[serde(default)]
+    pub done: BTreeMap<String, String>,
 }
 
 /// One output tensor.

@@ -17,13 +17,17 @@ pub struct SafeFile {
     map: Mmap,
     header: Header,
     by_name: HashMap<String, usize>,
+    /// (length, modification time) when opened, to detect changes during a merge.
+    stamp: (u64, Option<std::time::SystemTime>),
 }
 
 impl SafeFile {
     /// Open `path`, validate its header and map it read-only.
     pub fn open(path: &Path) -> Result<Self> {
         let mut file = File::open(path).map_err(|e| Error::io(path, "open", e))?;
-        let file_len = file.metadata().map_err(|e| Error::io(path, "stat", e))?.len();
+        let meta = file.metadata().map_err(|e| Error::io(path, "stat", e))?;
+        let file_len = meta.len();
+        let stamp = (file_len, meta.modified().ok());
         if file_len < 8 {
             return Err(Error::FileTooSmall { path: path.to_path_buf(), len: file_len });
         }
@@ -42,7 +46,17 @@ impl SafeFile {
         let map = unsafe { MmapOptions::new().len(file_len as usize).map(&file) }
             .map_err(|e| Error::io(path, "map", e))?;
         let by_name = header.tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
-        Ok(SafeFile { path: path.to_path_buf(), map, header, by_name })
+        Ok(SafeFile { path: path.to_path_buf(), map, header, by_name, stamp })
+    }
+
+    /// Fail if the file's length or modification time changed since it was opened: its
+    /// data may no longer be what was validated (or, shrunk, may fault when read).
+    pub fn check_unchanged(&self) -> Result<()> {
+        let meta = std::fs::metadata(&self.path).map_err(|e| Error::io(&self.path, "stat", e))?;
+        if (meta.len(), meta.modified().ok()) != self.stamp {
+            return Err(Error::InputChanged { path: self.path.clone() });
+        }
+        Ok(())
     }
 
     /// The file's path.

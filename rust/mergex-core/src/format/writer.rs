@@ -132,17 +132,23 @@ pub fn layout(tensors: &[OutTensor], shard_size: u64, metadata: &BTreeMap<String
 /// measured slower: the kernel zeroes every newly faulted page before the copy.)
 #[derive(Debug)]
 pub struct Writer {
-    files: Vec<(PathBuf, File)>,
+    /// Every shard's path, and its open file unless it was kept from an earlier run.
+    files: Vec<(PathBuf, Option<File>)>,
 }
 
 impl Writer {
     /// Create every shard of `layout` in `dir` (which must exist). The full size of each
     /// file is allocated now, so a full disk or a file-size limit fails here with an error
     /// rather than in the middle of the merge.
-    pub fn create(dir: &Path, layout: &Layout) -> Result<Self> {
+    pub fn create(dir: &Path, layout: &Layout, keep: &[bool]) -> Result<Self> {
         let mut files = Vec::with_capacity(layout.shards.len());
-        for shard in &layout.shards {
+        for (i, shard) in layout.shards.iter().enumerate() {
             let path = dir.join(&shard.file_name);
+            if keep.get(i).copied().unwrap_or(false) {
+                // Finished by an earlier, interrupted run and verified: left as it is.
+                files.push((path, None));
+                continue;
+            }
             let file = File::options()
                 .write(true)
                 .create_new(true)
@@ -150,27 +156,59 @@ impl Writer {
                 .map_err(|e| Error::io(&path, "create", e))?;
             reserve(&file, shard.len).map_err(|e| Error::io(&path, "allocate", e))?;
             file.write_all_at(&shard.header, 0).map_err(|e| Error::io(&path, "write", e))?;
-            files.push((path, file));
+            files.push((path, Some(file)));
         }
         Ok(Writer { files })
     }
 
     /// Write `bytes` at absolute `offset` of shard `shard`.
     pub fn write_at(&self, shard: usize, offset: u64, bytes: &[u8]) -> Result<()> {
-        let (path, file) =
-            self.files.get(shard).ok_or_else(|| Error::job("output", format!("no shard {shard}")))?;
-        file.write_all_at(bytes, offset).map_err(|e| Error::io(path, "write", e))
+        match self.files.get(shard) {
+            Some((path, Some(file))) => {
+                file.write_all_at(bytes, offset).map_err(|e| Error::io(path, "write", e))
+            }
+            _ => Err(Error::job("output", format!("shard {shard} is not open for writing"))),
+        }
+    }
+
+    /// Flush one shard to disk and return its checksum (see [`checksum`]).
+    pub fn seal(&self, shard: usize) -> Result<String> {
+        match self.files.get(shard) {
+            Some((path, Some(file))) => {
+                file.sync_all().map_err(|e| Error::io(path, "sync", e))?;
+                checksum(path)
+            }
+            _ => Err(Error::job("output", format!("shard {shard} is not open for writing"))),
+        }
     }
 
     /// Flush everything to disk.
     pub fn finish(self) -> Result<Vec<PathBuf>> {
         let mut out = Vec::with_capacity(self.files.len());
         for (path, file) in self.files {
-            file.sync_all().map_err(|e| Error::io(&path, "sync", e))?;
+            if let Some(file) = file {
+                file.sync_all().map_err(|e| Error::io(&path, "sync", e))?;
+            }
             out.push(path);
         }
         Ok(out)
     }
+}
+
+/// A file's checksum: XXH3-64 of its bytes, as 16 hex digits.
+pub fn checksum(path: &Path) -> Result<String> {
+    use std::io::Read;
+    let mut file = File::open(path).map_err(|e| Error::io(path, "open", e))?;
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    let mut buf = vec![0u8; 8 << 20];
+    loop {
+        let n = file.read(&mut buf).map_err(|e| Error::io(path, "read", e))?;
+        if n == 0 {
+            break;
+        }
+        hasher.update(buf.get(..n).unwrap_or_default());
+    }
+    Ok(format!("{:016x}", hasher.digest()))
 }
 
 /// Give `file` its final length with the blocks allocated (`fallocate`), falling back to a
