@@ -3,6 +3,7 @@ disk, a changed input, or a second merge into the same folder end cleanly."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import resource
@@ -166,15 +167,18 @@ def test_full_disk_leaves_nothing(setup, tmp_path):
 def test_second_merge_into_the_same_output_is_refused(setup, tmp_path):
     _root, _paths, cfg, expected = setup
     out = tmp_path / "merged"
-    proc = subprocess.Popen(_merge_cmd(cfg, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     partial = tmp_path / ".merged.mergex-partial"
-    while not (partial / ".mergex.lock").exists():
-        assert proc.poll() is None
-        time.sleep(0.005)
+    partial.mkdir()
+    # Hold the lock as a running merge does.
+    with open(partial / ".mergex.lock", "a+") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        r = subprocess.run(_merge_cmd(cfg, out), capture_output=True, text=True, check=False)
+        assert r.returncode == 1
+        lines = r.stderr.strip().splitlines()
+        assert len(lines) == 1 and "another mergex is writing" in lines[0], r.stderr
+        assert partial.is_dir() and not out.exists(), "the running merge's files were left alone"
     r = subprocess.run(_merge_cmd(cfg, out), capture_output=True, text=True, check=False)
-    assert r.returncode == 1
-    assert "another mergex is writing" in r.stderr
-    assert proc.wait() == 0
+    assert r.returncode == 0, r.stderr
     assert _files(out) == expected
 
 

@@ -5,7 +5,7 @@
 
 use super::random::index_hashes;
 use super::reduce_abs;
-use super::sparsify::{Kind, Setup, Sparsifier};
+use super::sparsify::{sample_ranges, Kind, Setup, Sparsifier};
 use super::{param, ChunkInputs, Stats, TensorCtx, TensorMerge};
 use crate::error::{Error, Result};
 use crate::kernels::real::Real;
@@ -41,8 +41,10 @@ struct TaskVector<T> {
     scales: Vec<T>,
     /// Σ w_i without consensus (f32, config order), 1 where |Σ w_i| < 1e-8.
     divisor: T,
-    /// Statistics passes done.
-    pass: usize,
+    /// Elements of the tensor.
+    n: u64,
+    /// A full statistics pass (not a sample) has been made.
+    full_done: bool,
     /// L1 of the kept elements of selections computed.
     selected_l1: bool,
     /// ‖δ_i‖₁ per model, from the first pass.
@@ -115,7 +117,8 @@ pub(super) fn build<T: Real>(family: Family, ctx: &TensorCtx<'_>) -> Result<Box<
         scales: vec![T::ONE; m],
         sparsifiers,
         divisor,
-        pass: 0,
+        n: job.shape.iter().product(),
+        full_done: false,
         selected_l1: false,
         l1_all: vec![0.0; m],
         align,
@@ -140,6 +143,11 @@ impl<T: Real> TaskVector<T> {
         self.rescale && self.sparsifiers.iter().any(Sparsifier::drops)
     }
 
+    /// The next pass reads only the selections' sample.
+    fn sampling(&self) -> bool {
+        self.sparsifiers.iter().any(Sparsifier::sampling)
+    }
+
     fn selecting(&self) -> bool {
         self.sparsifiers.iter().any(Sparsifier::pending)
     }
@@ -161,7 +169,12 @@ impl<T: Real> TaskVector<T> {
 
 impl<T: Real> TensorMerge<T> for TaskVector<T> {
     fn planned_passes(&self) -> usize {
-        let selection = if self.selecting() { 2 } else { 0 };
+        // A sampled selection usually finishes after one full pass (plus the small sample).
+        let selection = match (self.selecting(), self.sampling()) {
+            (false, _) => 0,
+            (true, true) => 1,
+            (true, false) => 2,
+        };
         let l1 = if self.rescaling() { 1 } else { 0 };
         if selection > 0 {
             selection + if self.needs_selected_l1() { 1 } else { 0 }
@@ -171,7 +184,11 @@ impl<T: Real> TensorMerge<T> for TaskVector<T> {
     }
 
     fn wants_pass(&self) -> bool {
-        (self.pass == 0 && self.rescaling()) || self.selecting() || self.needs_selected_l1()
+        (!self.full_done && self.rescaling()) || self.selecting() || self.needs_selected_l1()
+    }
+
+    fn pass_ranges(&self) -> Option<Vec<(u64, u64)>> {
+        self.sampling().then(|| sample_ranges(self.n))
     }
 
     fn align(&self) -> u64 {
@@ -180,7 +197,7 @@ impl<T: Real> TensorMerge<T> for TaskVector<T> {
 
     fn stat_chunk(&self, x: &mut ChunkInputs<'_, T>, acc: &mut Stats) -> Result<()> {
         x.to_deltas();
-        let first = self.pass == 0;
+        let first = !self.full_done && !self.sampling();
         let selected_l1 = !self.selecting() && self.needs_selected_l1();
         let (mut mask, mut hashes) = (Vec::new(), Vec::new());
         if self.rescaling() && first && self.sparsifiers.iter().any(Sparsifier::random) {
@@ -204,7 +221,8 @@ impl<T: Real> TensorMerge<T> for TaskVector<T> {
 
     fn end_pass(&mut self, mut stats: Stats) -> Result<()> {
         let selected_l1 = !self.selecting() && self.needs_selected_l1();
-        let first = self.pass == 0;
+        let sample = self.sampling();
+        let first = !self.full_done && !sample;
         if first && self.rescaling() {
             // ‖δ‖₁ of every model comes from the first pass.
             self.l1_all = (0..self.sparsifiers.len()).map(|i| stats.total(2 * i + L1_ALL)).collect();
@@ -221,7 +239,7 @@ impl<T: Real> TensorMerge<T> for TaskVector<T> {
         if selected_l1 {
             self.selected_l1 = true;
         }
-        self.pass += 1;
+        self.full_done |= !sample;
         Ok(())
     }
 
