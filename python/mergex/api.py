@@ -26,6 +26,7 @@ __all__ = ["MergePlan", "MergeResult", "inspect", "merge", "plan"]
 ConfigSource = str | os.PathLike[str] | dict[str, Any] | MergeConfig
 Size = int | str
 DEFAULT_SHARD_SIZE = 5_000_000_000
+MAX_THREADS = 1024
 
 
 @dataclass
@@ -83,8 +84,8 @@ def _resolve(
     cfg = load_config(config)
     budget = parse_size(ram_budget, "ram_budget") if ram_budget is not None else default_ram_budget()
     nthreads = default_threads() if threads is None else threads
-    if isinstance(nthreads, bool) or not isinstance(nthreads, int) or nthreads < 1:
-        raise ConfigError(f"threads: expected a positive integer, got {threads!r}")
+    if isinstance(nthreads, bool) or not isinstance(nthreads, int) or not 1 <= nthreads <= MAX_THREADS:
+        raise ConfigError(f"threads: expected an integer from 1 to {MAX_THREADS}, got {threads!r}")
     shard = parse_size(shard_size, "shard_size") if shard_size is not None else DEFAULT_SHARD_SIZE
     run_seed = seed if seed is not None else (cfg.seed or 0)
     if isinstance(run_seed, bool) or not isinstance(run_seed, int) or not 0 <= run_seed < 2**32:

@@ -37,7 +37,9 @@ RamBudget = Annotated[
         help="Memory budget, e.g. 512MiB or 4GiB [default: 1/4 of available, ≤ 4GiB].",
     ),
 ]
-Threads = Annotated[int | None, typer.Option("--threads", min=1, help="Worker threads [default: all CPUs].")]
+Threads = Annotated[
+    int | None, typer.Option("--threads", min=1, max=1024, help="Worker threads [default: all CPUs].")
+]
 
 
 def _fail(message: str, code: int) -> NoReturn:
@@ -231,8 +233,22 @@ def methods() -> None:
 
 
 def main() -> None:
-    """Console entry point."""
-    app()
+    """Console entry point: usage errors are one line too (``error: …``, exit 2)."""
+    try:
+        code = app(standalone_mode=False)
+    except Exception as e:
+        # Typer's (vendored) click exceptions: usage errors carry a message and an exit code.
+        message, exit_code = getattr(e, "format_message", None), getattr(e, "exit_code", None)
+        if message is None or exit_code is None:
+            raise
+        ctx = getattr(e, "ctx", None)
+        if type(e).__name__ == "NoArgsIsHelpError" and ctx is not None:
+            typer.echo(ctx.get_help())
+            sys.exit(0)
+        command = f"mergex {ctx.info_name}" if ctx is not None and ctx.parent is not None else "mergex"
+        typer.echo(f"error: {' '.join(message().split())} (see '{command} --help')", err=True)
+        sys.exit(exit_code or 2)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ use crate::format::dtype::Dtype;
 use crate::format::writer::{layout, Layout, OutTensor};
 use crate::methods::{self, BaseUse, MethodInfo, TensorCtx};
 
+/// The most worker threads accepted (each holds its own buffers).
+pub const MAX_THREADS: usize = 1024;
 /// The smallest RAM budget accepted.
 pub const MIN_RAM_BUDGET: u64 = 64 * 1024;
 /// Largest chunk, in elements: beyond this, bigger chunks buy nothing.
@@ -115,8 +117,11 @@ impl Engine {
     pub fn prepare(job: Job) -> Result<Engine> {
         let method = methods::find(&job.method)
             .ok_or_else(|| Error::job("merge_method", format!("unknown method '{}'", job.method)))?;
-        if job.threads == 0 {
-            return Err(Error::job("threads", "must be at least 1"));
+        if job.threads == 0 || job.threads > MAX_THREADS {
+            return Err(Error::job(
+                "threads",
+                format!("must be from 1 to {MAX_THREADS}, got {}", job.threads),
+            ));
         }
         if job.ram_budget < MIN_RAM_BUDGET {
             return Err(Error::job(
