@@ -9,6 +9,7 @@ import os
 import resource
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -82,13 +83,13 @@ def _shards_recorded(partial: Path) -> int:
         return 0
 
 
-@pytest.mark.parametrize("when", [0, 1, 5, "all"])
+@pytest.mark.parametrize("when", [0, 1, 5, "all but one"])
 def test_sigkill_then_resume_is_byte_identical(setup, tmp_path, when):
     _root, _paths, cfg, expected = setup
     out = tmp_path / "merged"
     partial = tmp_path / ".merged.mergex-partial"
     total = sum(1 for n in expected if n.endswith(".safetensors"))
-    target = total if when == "all" else when
+    target = total - 1 if when == "all but one" else when
     proc = subprocess.Popen(_merge_cmd(cfg, out), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 120
     while _shards_recorded(partial) < target or (target == 0 and not any(partial.glob("*.safetensors"))):
@@ -103,6 +104,27 @@ def test_sigkill_then_resume_is_byte_identical(setup, tmp_path, when):
     assert _files(out) == expected
     assert not partial.exists()
     assert not (out / "mergex-resume.json").exists() and not (out / ".mergex.lock").exists()
+
+
+def test_killed_just_before_the_rename_resumes(setup, tmp_path):
+    """Every shard finished and recorded, killed before the output is renamed into place."""
+    _root, _paths, cfg, expected = setup
+    out = tmp_path / "merged"
+    script = (
+        "import os, sys, mergex.output as o\n"
+        "o.OutputFolder.commit = lambda self: os._exit(9)\n"
+        "from mergex.cli import main\n"
+        "sys.argv = ['mergex'] + sys.argv[1:]\n"
+        "main()\n"
+    )
+    args = _merge_cmd(cfg, out)[len(models.mergex_cmd()) :]
+    r = subprocess.run([sys.executable, "-c", script, *args], capture_output=True, text=True, check=False)
+    assert r.returncode == 9, r.stderr
+    partial = tmp_path / ".merged.mergex-partial"
+    assert _shards_recorded(partial) == sum(n.endswith(".safetensors") for n in expected)
+    r = subprocess.run(_merge_cmd(cfg, out, "--resume"), capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr
+    assert _files(out) == expected
 
 
 def test_resume_recomputes_a_corrupted_shard(setup, tmp_path):

@@ -113,7 +113,7 @@ def _check_value(value: Any, where: str) -> None:
             for i, entry in enumerate(value):
                 unknown = set(entry) - {"filter", "value"}
                 if unknown:
-                    raise ConfigError(f"{where}[{i}]: unknown key {sorted(unknown)[0]!r}")
+                    raise ConfigError(f"{where}[{i}]: unknown key {sorted(map(str, unknown))[0]!r}")
                 if "value" not in entry:
                     raise ConfigError(f"{where}[{i}]: missing 'value'")
                 if "filter" in entry and not isinstance(entry["filter"], str):

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from . import _mergex
-from .errors import ConfigError, MergexIOError, OutputExistsError
+from .errors import CheckpointError, ConfigError, MergexIOError, OutputExistsError
 from .models import Model
 
 __all__ = ["OutputFolder", "check_output_path"]
@@ -188,7 +188,13 @@ class OutputFolder:
                 copied.append(name)
         if chat_template is not None:
             path = self.tmp / "tokenizer_config.json"
-            tk = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+            source_file = source.folder / "tokenizer_config.json"
+            try:
+                tk = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+            except (OSError, ValueError) as e:
+                raise CheckpointError(f"{source_file}: invalid JSON: {e}") from None
+            if not isinstance(tk, dict):
+                raise CheckpointError(f"{source_file}: expected a JSON object")
             tk["chat_template"] = chat_template
             self.write_json("tokenizer_config.json", tk)
         return copied

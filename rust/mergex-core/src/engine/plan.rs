@@ -71,7 +71,9 @@ impl Prepared {
     /// Bytes of one worker's sub-block buffers (decoded inputs and output).
     fn sub_block_bytes(&self) -> u64 {
         let work = if self.wide { 8 } else { 4 };
-        (self.views().count() as u64 + 1) * crate::engine::run::SUB_BLOCK.max(self.unit()) * work
+        (self.views().count() as u64 + 1)
+            .saturating_mul(crate::engine::run::SUB_BLOCK.max(self.unit()))
+            .saturating_mul(work)
     }
 }
 
@@ -154,7 +156,8 @@ impl Engine {
         for t in &self.tensors {
             *passes.entry(t.passes).or_insert(0) += 1;
             let workers = self.job.threads.min(chunks(t)) as u64;
-            peak_work = peak_work.max((t.chunk * t.per_elem() + t.sub_block_bytes()) * workers);
+            let bytes = t.chunk.saturating_mul(t.per_elem()).saturating_add(t.sub_block_bytes());
+            peak_work = peak_work.max(bytes.saturating_mul(workers));
         }
         PlanSummary {
             method: self.method.name.to_string(),
@@ -282,8 +285,9 @@ fn prepare_tensor(
 pub(crate) fn chunk_elems(budget: u64, threads: usize, per_elem: u64, numel: u64, align: u64) -> u64 {
     let unit = lcm(BLOCK, align.max(1));
     let work = budget / 100 * WORK_PERCENT;
-    let by_budget = (work / (threads as u64 * per_elem.max(1))).min(MAX_CHUNK.max(unit)) / unit * unit;
-    let share = numel.div_ceil(threads as u64).div_ceil(unit).max(1) * unit;
+    let by_budget =
+        (work / (threads as u64).saturating_mul(per_elem.max(1))).min(MAX_CHUNK.max(unit)) / unit * unit;
+    let share = numel.div_ceil(threads as u64).div_ceil(unit).max(1).saturating_mul(unit);
     by_budget.max(unit).min(share)
 }
 
@@ -292,7 +296,7 @@ fn lcm(a: u64, b: u64) -> u64 {
     while y != 0 {
         (x, y) = (y, x % y);
     }
-    a / x * b
+    (a / x).saturating_mul(b)
 }
 
 #[cfg(test)]

@@ -97,13 +97,4 @@ impl View {
         let (b, e) = self.span(start, len);
         self.file.release(&self.entry, b, e);
     }
-
-    /// Map the pages behind output elements `[start, start+len)` now, in one call (for
-    /// spans of at least 1 MiB: below that, the call costs more than the faults it saves).
-    pub fn populate(&self, start: u64, len: u64) {
-        let (b, e) = self.span(start, len);
-        if e - b >= 1 << 20 {
-            self.file.populate(&self.entry, b, e);
-        }
-    }
 }

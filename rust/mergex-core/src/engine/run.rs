@@ -312,9 +312,6 @@ fn with_chunk<T: Real>(
     if encode {
         s.bytes.resize(len as usize * size, 0);
     }
-    for v in &views {
-        v.populate(start, len);
-    }
     let mut at = start;
     while at < start + len {
         let n = sub.min(start + len - at) as usize;

@@ -65,7 +65,7 @@ impl Checkpoint {
         let json: Value = serde_json::from_str(&text).map_err(|e| bad(&e.to_string()))?;
         let map =
             json.get("weight_map").and_then(Value::as_object).ok_or_else(|| bad("no 'weight_map' object"))?;
-        let real_dir = dir.canonicalize().map_err(|e| Error::io(dir, "resolve", e))?;
+        let real_dir = allowed_root(dir)?;
         let mut shards: Vec<String> = Vec::new();
         let mut wanted = BTreeMap::new();
         for (tensor, shard) in map {
@@ -154,6 +154,24 @@ impl Checkpoint {
 
 fn is_pickle_name(path: &Path) -> bool {
     path.extension().is_some_and(|x| x == "bin" || x == "pt" || x == "pth" || x == "ckpt" || x == "pkl")
+}
+
+/// The folder a shard's real path must lie in: the model folder itself, or — for a snapshot
+/// of the Hugging Face cache (`models--org--name/snapshots/<rev>`), whose files are symlinks
+/// into `models--org--name/blobs` — that repository's cache folder.
+fn allowed_root(dir: &Path) -> Result<PathBuf> {
+    let real = dir.canonicalize().map_err(|e| Error::io(dir, "resolve", e))?;
+    let parent = real.parent();
+    let is_snapshot = parent.and_then(Path::file_name).is_some_and(|n| n == "snapshots")
+        && parent
+            .and_then(Path::parent)
+            .and_then(Path::file_name)
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with("models--"));
+    Ok(match parent.and_then(Path::parent) {
+        Some(repo) if is_snapshot => repo.to_path_buf(),
+        _ => real,
+    })
 }
 
 /// Resolve a shard name from an index, refusing anything that leaves the model folder.

@@ -77,24 +77,24 @@ impl SafeFile {
     /// Bytes `[begin, end)` of a tensor's data (offsets relative to the tensor's start).
     /// The caller keeps the range within the tensor; out-of-range requests return an error.
     pub fn bytes(&self, t: &TensorEntry, begin: u64, end: u64) -> Result<&[u8]> {
-        let start = self.header.data_start + t.begin + begin;
-        let stop = self.header.data_start + t.begin + end;
-        if end < begin || t.begin + end > t.end {
-            return Err(Error::OffsetsOutOfFile {
-                path: self.path.clone(),
-                tensor: t.name.clone(),
-                begin: t.begin + begin,
-                end: t.begin + end,
-                data_len: t.end,
-            });
-        }
-        self.map.get(start as usize..stop as usize).ok_or_else(|| Error::OffsetsOutOfFile {
+        let out_of_range = || Error::OffsetsOutOfFile {
             path: self.path.clone(),
             tensor: t.name.clone(),
-            begin: start,
-            end: stop,
-            data_len: self.map.len() as u64,
-        })
+            begin: t.begin.saturating_add(begin),
+            end: t.begin.saturating_add(end),
+            data_len: t.end,
+        };
+        let absolute = |rel: u64| {
+            t.begin
+                .checked_add(rel)
+                .filter(|&a| a <= t.end)
+                .and_then(|a| a.checked_add(self.header.data_start))
+        };
+        let (Some(start), Some(stop)) = (absolute(begin), absolute(end)) else { return Err(out_of_range()) };
+        if stop < start {
+            return Err(out_of_range());
+        }
+        self.map.get(start as usize..stop as usize).ok_or_else(out_of_range)
     }
 
     /// Drop the mapped pages covering `bytes` of a tensor from this process's resident set.
@@ -102,15 +102,6 @@ impl SafeFile {
     /// it back in from the page cache, which is correct because the map is never written.
     pub fn release(&self, t: &TensorEntry, begin: u64, end: u64) {
         self.advise(t, begin, end, libc::MADV_DONTNEED);
-    }
-
-    /// Map `bytes` of a tensor into this process now, in one call (`MADV_POPULATE_READ`,
-    /// reading from disk if needed), rather than one page fault per 64 KiB as they are
-    /// touched. Kernels without it ignore the advice.
-    pub fn populate(&self, t: &TensorEntry, begin: u64, end: u64) {
-        /// `MADV_POPULATE_READ` (Linux 5.14).
-        const POPULATE_READ: libc::c_int = 22;
-        self.advise(t, begin, end, POPULATE_READ);
     }
 
     fn advise(&self, t: &TensorEntry, begin: u64, end: u64, advice: libc::c_int) {

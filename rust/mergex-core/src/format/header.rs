@@ -134,8 +134,15 @@ fn parse_entry(path: &Path, name: String, value: &Value) -> Result<TensorEntry> 
     if end < begin {
         return Err(bad("data_offsets"));
     }
-    let expected =
-        shape.iter().try_fold(dtype.size() as u64, |acc, &d| acc.checked_mul(d)).unwrap_or(u64::MAX);
+    // The non-zero dimensions must not overflow either: an empty tensor with huge
+    // dimensions would otherwise slip through (0 · anything = 0) and poison size arithmetic.
+    let nonzero =
+        shape.iter().filter(|&&d| d != 0).try_fold(dtype.size() as u64, |acc, &d| acc.checked_mul(d));
+    let expected = match nonzero {
+        None => u64::MAX,
+        Some(_) if shape.contains(&0) => 0,
+        Some(bytes) => bytes,
+    };
     if expected != end - begin {
         return Err(Error::ShapeSize {
             path: path.to_path_buf(),
