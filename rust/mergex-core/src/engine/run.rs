@@ -219,37 +219,22 @@ impl Engine {
         let mut pass = 0;
         while merger.wants_pass() {
             let clock = Instant::now();
-            let ranges = match merger.pass_ranges() {
-                Some(sample) => {
-                    // A partial pass over a sample: its bytes come on top of the plan's.
-                    let elems: u64 = sample.iter().map(|&(_, len)| len).sum();
-                    progress
-                        .bytes_total
-                        .fetch_add(t.views().map(|v| v.bytes_for(elems)).sum(), Ordering::Relaxed);
-                    sample
-                }
-                None => {
-                    pass += 1;
-                    if pass >= t.passes {
-                        // The data forced a pass the plan did not count.
-                        progress.bytes_total.fetch_add(t.pass_bytes(), Ordering::Relaxed);
-                    }
-                    chunks.clone()
-                }
-            };
+            pass += 1;
+            if pass >= t.passes {
+                // The data forced a pass the plan did not count.
+                progress.bytes_total.fetch_add(t.pass_bytes(), Ordering::Relaxed);
+            }
             let m = &*merger;
-            ranges.par_iter().try_for_each(|&(start, len)| {
+            chunks.par_iter().try_for_each(|&(start, len)| {
                 scratch.with(|s| {
                     with_chunk(t, s, start, len, progress, false, |x, _, stats| m.stat_chunk(x, stats))
                 })
             })?;
             merger.end_pass(scratch.take_stats())?;
-            // A sample's time counts with the full pass that follows it.
-            let slot = pass.max(1);
-            if times.stats.len() < slot {
-                times.stats.resize(slot, 0.0);
+            if times.stats.len() < pass {
+                times.stats.resize(pass, 0.0);
             }
-            times.stats[slot - 1] += clock.elapsed().as_secs_f64();
+            times.stats[pass - 1] += clock.elapsed().as_secs_f64();
         }
         if pass + 1 < t.passes {
             // Fewer passes than planned: take the unread ones off the total.

@@ -155,12 +155,6 @@ pub trait TensorMerge<T: Real>: Send + Sync {
         false
     }
 
-    /// The element ranges the next statistics pass reads, when it reads only part of the
-    /// tensor (a sample); `None` for a full pass over every chunk.
-    fn pass_ranges(&self) -> Option<Vec<(u64, u64)>> {
-        None
-    }
-
     /// Chunks must hold whole groups of this many elements (rows, for row-wise methods).
     fn align(&self) -> u64 {
         1

@@ -72,24 +72,8 @@ impl Cut {
     }
 }
 
-/// Marks, among a band pass's collected pairs, a count of keys above the band.
-const ABOVE: u64 = u64::MAX;
-/// Marks a worker whose band candidates overflowed its share of the memory.
-const OVERFLOW: u64 = u64::MAX - 1;
-
 #[derive(Debug, Clone)]
 enum State {
-    /// Collect the keys of a small sample of the tensor (estimate where the cut falls).
-    Sample {
-        n: u64,
-    },
-    /// One full pass that both histograms the top 16 key bits (the fallback) and gathers
-    /// every key in the estimated band `[lo, hi]` with its index, counting keys above it.
-    Band {
-        n: u64,
-        lo: u64,
-        hi: u64,
-    },
     /// Histogram the next 16 bits of the keys that start with `prefix`.
     Radix {
         level: u32,
@@ -126,18 +110,6 @@ impl Selector {
         Selector { rank, side, key_bits, gather_cap, state: State::Radix { level: 0, prefix: 0, below: 0 } }
     }
 
-    /// Start from a sample of the tensor (`n` elements) instead of a full histogram pass: when
-    /// the sample's band holds the cut, the selection finishes after one full pass.
-    pub fn sampled(mut self, n: u64) -> Selector {
-        self.state = State::Sample { n };
-        self
-    }
-
-    /// The next pass reads only the sample ranges.
-    pub fn sampling(&self) -> bool {
-        matches!(self.state, State::Sample { .. })
-    }
-
     /// Still needs a pass over the data.
     pub fn pending(&self) -> bool {
         !matches!(self.state, State::Done(_))
@@ -159,30 +131,6 @@ impl Selector {
     /// into slot `slot` of `acc`.
     pub fn collect(&self, slot: usize, start: u64, keys: impl Iterator<Item = u64>, acc: &mut Stats) {
         match &self.state {
-            State::Sample { .. } => acc.items(slot).extend(keys.map(|k| (k, 0))),
-            State::Band { lo, hi, .. } => {
-                let keys: Vec<u64> = keys.collect();
-                radix_collect(acc.hist(slot), self.key_bits - LEVEL_BITS, &keys);
-                let items = acc.items(slot);
-                if items.last().is_some_and(|&(k, _)| k == OVERFLOW) {
-                    return;
-                }
-                let mut above = 0u64;
-                for (j, &k) in keys.iter().enumerate() {
-                    if k > *hi {
-                        above += 1;
-                    } else if k >= *lo {
-                        items.push((k, start + j as u64));
-                    }
-                }
-                items.push((ABOVE, above));
-                // Each worker may hold a quarter of the gather allowance; past that the band
-                // was a bad estimate: give up on it (the histogram carries on exactly).
-                if items.len() as u64 > self.gather_cap / 4 {
-                    items.clear();
-                    items.push((OVERFLOW, 0));
-                }
-            }
             State::Radix { level, prefix, .. } => {
                 let shift = self.shift(*level);
                 let hist = acc.hist(slot);
@@ -215,49 +163,41 @@ impl Selector {
     pub fn advance(&mut self, slot: usize, stats: &mut Stats) {
         let state = std::mem::replace(&mut self.state, State::Radix { level: 0, prefix: 0, below: 0 });
         self.state = match state {
-            State::Sample { n } => {
-                let mut keys: Vec<u64> = stats.take_items(slot).into_iter().map(|(k, _)| k).collect();
-                keys.sort_unstable();
-                let m = keys.len();
-                if m == 0 || n == 0 {
-                    State::Radix { level: 0, prefix: 0, below: 0 }
-                } else {
-                    // The sample is runs of neighbouring elements, not independent draws:
-                    // a wide margin (8 binomial standard deviations plus a floor).
-                    let q = self.rank as f64 / n as f64;
-                    let at = (q * m as f64) as usize;
-                    let margin = (8.0 * (m as f64 * q * (1.0 - q)).sqrt()) as usize + 64;
-                    let lo = keys.get(at.saturating_sub(margin)).copied().unwrap_or(0);
-                    let hi = keys.get((at + margin).min(m - 1)).copied().unwrap_or(u64::MAX >> 1);
-                    State::Band { n, lo, hi }
-                }
-            }
-            State::Band { n, .. } => {
-                let items = stats.take_items(slot);
-                let overflow = items.iter().any(|&(k, _)| k == OVERFLOW);
-                let above: u64 = items.iter().filter(|&&(k, _)| k == ABOVE).map(|&(_, c)| c).sum();
-                let mut band: Vec<(u64, u64)> = items.into_iter().filter(|&(k, _)| k < OVERFLOW).collect();
-                let below = n.checked_sub(above + band.len() as u64);
-                match below {
-                    Some(below)
-                        if !overflow && self.rank >= below && self.rank < below + band.len() as u64 =>
-                    {
-                        // The cut is inside the band: finish exactly from the candidates.
-                        stats.take_hist(slot);
-                        band.sort_unstable();
-                        self.finish_from(band, below)
-                    }
-                    // Missed: carry on from the full histogram this pass also built.
-                    _ => self.after_radix(0, 0, 0, &stats.take_hist(slot)),
-                }
-            }
             State::Radix { level, prefix, below } => {
-                self.after_radix(level, prefix, below, &stats.take_hist(slot))
+                let hist = stats.take_hist(slot);
+                let mut cum = below;
+                let mut found = (0u64, 0u64, cum);
+                for (bin, &c) in hist.iter().enumerate() {
+                    if self.rank < cum + c {
+                        found = (bin as u64, c, cum);
+                        break;
+                    }
+                    cum += c;
+                }
+                let (bin, count, below) = found;
+                let prefix = (prefix << LEVEL_BITS) | bin;
+                let next = level + 1;
+                if LEVEL_BITS * next >= self.key_bits {
+                    self.resolve(prefix, below, count)
+                } else if count <= self.gather_cap {
+                    State::Gather { level: next, prefix, below }
+                } else {
+                    State::Radix { level: next, prefix, below }
+                }
             }
             State::Gather { below, .. } => {
                 let mut items = stats.take_items(slot);
                 items.sort_unstable();
-                self.finish_from(items, below)
+                let at = (self.rank - below) as usize;
+                let key = items.get(at).map(|&(k, _)| k).unwrap_or(0);
+                let first = items.partition_point(|&(k, _)| k < key);
+                let ties: Vec<u64> = items.iter().filter(|&&(k, _)| k == key).map(|&(_, i)| i).collect();
+                let eq = ties.len() as u64;
+                let mut cut = self.cut_at(key, below + first as u64, eq);
+                if !cut.all_or_none() {
+                    cut.ties = TieIndex::Sorted(ties);
+                }
+                State::Done(cut)
             }
             State::Ties { mut cut } => {
                 let mut counts = stats.take_items(slot);
@@ -276,44 +216,6 @@ impl Selector {
             }
             done @ State::Done(_) => done,
         };
-    }
-
-    /// After a histogram of level `level` of the keys starting with `prefix` (`below` keys
-    /// lie under that prefix): find the bin holding the rank and go on.
-    fn after_radix(&self, level: u32, prefix: u64, below: u64, hist: &[u64]) -> State {
-        let mut cum = below;
-        let mut found = (0u64, 0u64, cum);
-        for (bin, &c) in hist.iter().enumerate() {
-            if self.rank < cum + c {
-                found = (bin as u64, c, cum);
-                break;
-            }
-            cum += c;
-        }
-        let (bin, count, below) = found;
-        let prefix = (prefix << LEVEL_BITS) | bin;
-        let next = level + 1;
-        if LEVEL_BITS * next >= self.key_bits {
-            self.resolve(prefix, below, count)
-        } else if count <= self.gather_cap {
-            State::Gather { level: next, prefix, below }
-        } else {
-            State::Radix { level: next, prefix, below }
-        }
-    }
-
-    /// Finish from every (key, index) of a key range, sorted, with `below` keys under it.
-    fn finish_from(&self, items: Vec<(u64, u64)>, below: u64) -> State {
-        let at = (self.rank - below) as usize;
-        let key = items.get(at).map(|&(k, _)| k).unwrap_or(0);
-        let first = items.partition_point(|&(k, _)| k < key);
-        let ties: Vec<u64> = items.iter().filter(|&&(k, _)| k == key).map(|&(_, i)| i).collect();
-        let eq = ties.len() as u64;
-        let mut cut = self.cut_at(key, below + first as u64, eq);
-        if !cut.all_or_none() {
-            cut.ties = TieIndex::Sorted(ties);
-        }
-        State::Done(cut)
     }
 
     /// The key is fully known: finish, or count ties per chunk if ordinals matter.
@@ -346,15 +248,6 @@ impl Selector {
     }
 }
 
-/// Level-0 histogram of `keys` (used by the band pass as its fallback).
-fn radix_collect(hist: &mut [u64], shift: u32, keys: &[u64]) {
-    for &k in keys {
-        if let Some(h) = hist.get_mut(((k >> shift) & 0xffff) as usize) {
-            *h += 1;
-        }
-    }
-}
-
 /// Keep decision for one element against a resolved cut, given its tie ordinal counter.
 #[inline]
 pub fn passes(cut: &Cut, key: u64, ordinal: &mut u64, above: bool) -> bool {
@@ -376,19 +269,11 @@ mod tests {
 
     /// Drive a selector over `keys` cut into chunks of `chunk`, as the engine does.
     fn run(keys: &[u64], rank: u64, side: Side, cap: u64, chunk: usize) -> (Cut, usize) {
-        run_sel(Selector::new(rank, side, 32, cap), keys, chunk, 0)
-    }
-
-    /// As [`run`], for a given selector; a sampling pass reads only every `stride`-th chunk.
-    fn run_sel(mut sel: Selector, keys: &[u64], chunk: usize, stride: usize) -> (Cut, usize) {
+        let mut sel = Selector::new(rank, side, 32, cap);
         let mut passes = 0;
         while sel.pending() {
             let mut stats = Stats::default();
-            let sampling = sel.sampling();
             for (c, part) in keys.chunks(chunk).enumerate().rev() {
-                if sampling && c % stride.max(1) != 0 {
-                    continue;
-                }
                 let mut acc = Stats::default();
                 sel.collect(0, (c * chunk) as u64, part.iter().copied(), &mut acc);
                 stats = stats.merge(acc);
@@ -472,34 +357,6 @@ mod tests {
             let got = apply(&keys, &[(&c1, true), (&c2, false)], chunk);
             prop_assert_eq!(got, expected(&keys, Some(lo), Some(hi), None));
         }
-    }
-
-    proptest! {
-        #[test]
-        fn sampled_top_k_is_exact_even_when_the_band_misses(
-            raw in proptest::collection::vec(0u64..60, 1..700),
-            frac in 0.0f64..1.0,
-            chunk in 1usize..80,
-            stride in 1usize..6,
-            cap in prop_oneof![Just(8u64), Just(1_000_000u64)],
-        ) {
-            let keys: Vec<u64> = raw.iter().map(|&k| (k << 11) | 0x1000_0000).collect();
-            let n = keys.len();
-            let k = ((frac * n as f64) as usize).max(1);
-            let sel = Selector::new((n - k) as u64, Side::TopK, 32, cap).sampled(n as u64);
-            let (cut, _) = run_sel(sel, &keys, chunk, stride);
-            let got = apply(&keys, &[(&cut, true)], chunk);
-            prop_assert_eq!(got, expected(&keys, None, None, Some(k)));
-        }
-    }
-
-    #[test]
-    fn a_good_sample_finishes_in_one_full_pass() {
-        let keys: Vec<u64> = (0..200_000u64).map(|i| ((i * 7919) % 100_003) << 8).collect();
-        let sel = Selector::new(150_000, Side::TopK, 32, 1 << 20).sampled(keys.len() as u64);
-        // Sample pass + one full pass.
-        let (_, passes) = run_sel(sel, &keys, 4096, 8);
-        assert_eq!(passes, 2);
     }
 
     #[test]

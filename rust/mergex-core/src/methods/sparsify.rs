@@ -7,20 +7,6 @@ use super::select::{passes, Selector, Side};
 use super::Stats;
 use crate::kernels::real::Real;
 
-/// Tensors of at least this many elements start their magnitude selections from a sample.
-pub const SAMPLE_MIN: u64 = 1 << 22;
-
-/// The sample: `SAMPLE_RUNS` runs of `SAMPLE_RUN` neighbouring elements, evenly spread and
-/// block-aligned; a function of the element count only.
-pub fn sample_ranges(n: u64) -> Vec<(u64, u64)> {
-    const SAMPLE_RUNS: u64 = 64;
-    const SAMPLE_RUN: u64 = 4096;
-    if n < SAMPLE_RUNS * SAMPLE_RUN {
-        return vec![(0, n)];
-    }
-    (0..SAMPLE_RUNS).map(|i| ((i * (n - SAMPLE_RUN) / (SAMPLE_RUNS - 1)) / 256 * 256, SAMPLE_RUN)).collect()
-}
-
 /// Which sparsifier a method uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind {
@@ -120,16 +106,6 @@ impl Sparsifier {
             return Sparsifier::All;
         }
         let n: u64 = s.shape.iter().product();
-        // Large tensors start from a sample that usually lets the selection finish after a
-        // single full pass (see `Selector::sampled`).
-        let selector = |rank: u64, side: Side| {
-            let sel = Selector::new(rank, side, s.key_bits, s.gather_cap);
-            if n >= SAMPLE_MIN {
-                sel.sampled(n)
-            } else {
-                sel
-            }
-        };
         let floor_n = |f: f64| if f <= 0.0 { 0 } else { ((f * n as f64).floor() as u64).min(n) };
         let stream = || stream(s.seed as u32, s.tensor, s.position as u32);
         match kind {
@@ -139,7 +115,10 @@ impl Sparsifier {
                 match k {
                     0 => Sparsifier::Nothing,
                     k if k >= n => Sparsifier::All,
-                    k => Sparsifier::Select { lower: Some(selector(n - k, Side::TopK)), upper: None },
+                    k => Sparsifier::Select {
+                        lower: Some(Selector::new(n - k, Side::TopK, s.key_bits, s.gather_cap)),
+                        upper: None,
+                    },
                 }
             }
             Kind::Outliers => {
@@ -168,17 +147,6 @@ impl Sparsifier {
         match self {
             Sparsifier::Select { lower, upper } => {
                 lower.as_ref().is_some_and(Selector::pending) || upper.as_ref().is_some_and(Selector::pending)
-            }
-            _ => false,
-        }
-    }
-
-    /// Whether the next pass of a selection reads only the sample ranges.
-    pub fn sampling(&self) -> bool {
-        match self {
-            Sparsifier::Select { lower, upper } => {
-                lower.as_ref().is_some_and(Selector::sampling)
-                    || upper.as_ref().is_some_and(Selector::sampling)
             }
             _ => false,
         }

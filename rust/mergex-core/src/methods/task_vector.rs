@@ -5,7 +5,7 @@
 
 use super::random::index_hashes;
 use super::reduce_abs;
-use super::sparsify::{sample_ranges, Kind, Setup, Sparsifier};
+use super::sparsify::{Kind, Setup, Sparsifier};
 use super::{param, ChunkInputs, Stats, TensorCtx, TensorMerge};
 use crate::error::{Error, Result};
 use crate::kernels::real::Real;
@@ -41,10 +41,8 @@ struct TaskVector<T> {
     scales: Vec<T>,
     /// Σ w_i without consensus (f32, config order), 1 where |Σ w_i| < 1e-8.
     divisor: T,
-    /// Elements of the tensor.
-    n: u64,
-    /// A full statistics pass (not a sample) has been made.
-    full_done: bool,
+    /// Statistics passes done.
+    pass: usize,
     /// L1 of the kept elements of selections computed.
     selected_l1: bool,
     /// ‖δ_i‖₁ per model, from the first pass.
@@ -117,8 +115,7 @@ pub(super) fn build<T: Real>(family: Family, ctx: &TensorCtx<'_>) -> Result<Box<
         scales: vec![T::ONE; m],
         sparsifiers,
         divisor,
-        n: job.shape.iter().product(),
-        full_done: false,
+        pass: 0,
         selected_l1: false,
         l1_all: vec![0.0; m],
         align,
@@ -143,11 +140,6 @@ impl<T: Real> TaskVector<T> {
         self.rescale && self.sparsifiers.iter().any(Sparsifier::drops)
     }
 
-    /// The next pass reads only the selections' sample.
-    fn sampling(&self) -> bool {
-        self.sparsifiers.iter().any(Sparsifier::sampling)
-    }
-
     fn selecting(&self) -> bool {
         self.sparsifiers.iter().any(Sparsifier::pending)
     }
@@ -169,12 +161,7 @@ impl<T: Real> TaskVector<T> {
 
 impl<T: Real> TensorMerge<T> for TaskVector<T> {
     fn planned_passes(&self) -> usize {
-        // A sampled selection usually finishes after one full pass (plus the small sample).
-        let selection = match (self.selecting(), self.sampling()) {
-            (false, _) => 0,
-            (true, true) => 1,
-            (true, false) => 2,
-        };
+        let selection = if self.selecting() { 2 } else { 0 };
         let l1 = if self.rescaling() { 1 } else { 0 };
         if selection > 0 {
             selection + if self.needs_selected_l1() { 1 } else { 0 }
@@ -184,11 +171,7 @@ impl<T: Real> TensorMerge<T> for TaskVector<T> {
     }
 
     fn wants_pass(&self) -> bool {
-        (!self.full_done && self.rescaling()) || self.selecting() || self.needs_selected_l1()
-    }
-
-    fn pass_ranges(&self) -> Option<Vec<(u64, u64)>> {
-        self.sampling().then(|| sample_ranges(self.n))
+        (self.pass == 0 && self.rescaling()) || self.selecting() || self.needs_selected_l1()
     }
 
     fn align(&self) -> u64 {
@@ -197,7 +180,7 @@ impl<T: Real> TensorMerge<T> for TaskVector<T> {
 
     fn stat_chunk(&self, x: &mut ChunkInputs<'_, T>, acc: &mut Stats) -> Result<()> {
         x.to_deltas();
-        let first = !self.full_done && !self.sampling();
+        let first = self.pass == 0;
         let selected_l1 = !self.selecting() && self.needs_selected_l1();
         let (mut mask, mut hashes) = (Vec::new(), Vec::new());
         if self.rescaling() && first && self.sparsifiers.iter().any(Sparsifier::random) {
@@ -221,8 +204,7 @@ impl<T: Real> TensorMerge<T> for TaskVector<T> {
 
     fn end_pass(&mut self, mut stats: Stats) -> Result<()> {
         let selected_l1 = !self.selecting() && self.needs_selected_l1();
-        let sample = self.sampling();
-        let first = !self.full_done && !sample;
+        let first = self.pass == 0;
         if first && self.rescaling() {
             // ‖δ‖₁ of every model comes from the first pass.
             self.l1_all = (0..self.sparsifiers.len()).map(|i| stats.total(2 * i + L1_ALL)).collect();
@@ -239,7 +221,7 @@ impl<T: Real> TensorMerge<T> for TaskVector<T> {
         if selected_l1 {
             self.selected_l1 = true;
         }
-        self.full_done |= !sample;
+        self.pass += 1;
         Ok(())
     }
 
