@@ -142,8 +142,8 @@ def plan(
         str | None,
         typer.Option(
             "--throughput",
-            help="Measured merge throughput (input bytes per second, e.g. 1.5GB, from benches/bench.py "
-            "or an earlier merge's summary) to project the merge time.",
+            help="Measured throughput in bytes read per second over all passes, e.g. 2.7GB (the "
+            "'read … at … GB/s' of an earlier merge's summary), to project the merge time.",
         ),
     ] = None,
     verbose: Verbose = False,
