@@ -127,16 +127,22 @@ def test_killed_just_before_the_rename_resumes(setup, tmp_path):
     assert _files(out) == expected
 
 
-def test_resume_recomputes_a_corrupted_shard(setup, tmp_path):
-    _root, _paths, cfg, expected = setup
-    out = tmp_path / "merged"
-    partial = tmp_path / ".merged.mergex-partial"
+def _kill_after(cfg: Path, out: Path, shards: int) -> Path:
+    """Start a merge, SIGKILL it once `shards` shards are recorded; return its partial folder."""
+    partial = out.parent / f".{out.name}.mergex-partial"
     proc = subprocess.Popen(_merge_cmd(cfg, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while _shards_recorded(partial) < 2:
-        assert proc.poll() is None
+    while _shards_recorded(partial) < shards:
+        assert proc.poll() is None, "the merge finished before it could be killed"
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
+    return partial
+
+
+def test_resume_recomputes_a_corrupted_shard(setup, tmp_path):
+    _root, _paths, cfg, expected = setup
+    out = tmp_path / "merged"
+    partial = _kill_after(cfg, out, 2)
     first = partial / "model-00001-of-{:05d}.safetensors".format(
         sum(n.endswith(".safetensors") for n in expected)
     )
@@ -153,13 +159,7 @@ def test_resume_recomputes_a_corrupted_shard(setup, tmp_path):
 def test_resume_refuses_a_different_config(setup, tmp_path):
     _root, paths, cfg, _expected = setup
     out = tmp_path / "merged"
-    partial = tmp_path / ".merged.mergex-partial"
-    proc = subprocess.Popen(_merge_cmd(cfg, out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    while _shards_recorded(partial) < 1:
-        assert proc.poll() is None
-        time.sleep(0.005)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    partial = _kill_after(cfg, out, 1)
     other = _config(paths, tmp_path, "dare_linear")
     r = subprocess.run(_merge_cmd(other, out, "--resume"), capture_output=True, text=True, check=False)
     assert r.returncode == 2
