@@ -210,7 +210,16 @@ impl Sparsifier {
                 }));
             }
             Sparsifier::Random { stream, threshold } => {
-                keep.extend(hashes.iter().take(delta.len()).map(|&h| (mix(stream ^ h) as u64) < *threshold));
+                keep.resize(delta.len(), false);
+                if *threshold > u32::MAX as u64 {
+                    keep.fill(true);
+                } else {
+                    // u32 compares and plain slices: this loop vectorizes.
+                    let t = *threshold as u32;
+                    for (k, &h) in keep.iter_mut().zip(hashes) {
+                        *k = mix(stream ^ h) < t;
+                    }
+                }
             }
             Sparsifier::Della { stream, d, eps, rows } => {
                 della_mask(*stream, *d, *eps, *rows, hashes, delta, keep)

@@ -189,14 +189,13 @@ impl<T: Real> TensorMerge<T> for TaskVector<T> {
         for (i, (delta, sp)) in x.models.iter().zip(&self.sparsifiers).enumerate() {
             let delta: &[T] = delta;
             if self.rescaling() && first {
-                reduce_abs(delta.iter().map(|&v| v.to_f64()), acc.sum(2 * i + L1_ALL));
+                reduce_abs(delta, None, acc.sum(2 * i + L1_ALL));
             }
             sp.collect(i, x.start, delta, acc);
             let random = matches!(sp, Sparsifier::Random { .. } | Sparsifier::Della { .. });
             if self.rescaling() && ((first && random) || (selected_l1 && sp.is_selection())) {
                 sp.mask(x.start, delta, &hashes, &mut mask);
-                let kept = delta.iter().zip(&mask).map(|(&v, &k)| if k { v.to_f64() } else { 0.0 });
-                reduce_abs(kept, acc.sum(2 * i + L1_KEPT));
+                reduce_abs(delta, Some(&mask), acc.sum(2 * i + L1_KEPT));
             }
         }
         Ok(())
