@@ -79,6 +79,16 @@ pub enum Error {
         /// The tensor name.
         tensor: String,
     },
+    /// Two files of one checkpoint (without an index) hold the same tensor.
+    #[error("tensor '{tensor}' is in both {first} and {second}")]
+    DuplicateAcrossFiles {
+        /// The first file holding it.
+        first: PathBuf,
+        /// The second file holding it.
+        second: PathBuf,
+        /// The tensor name.
+        tensor: String,
+    },
     /// A dtype name that safetensors does not define.
     #[error("{path}: tensor '{tensor}': unknown dtype '{dtype}'")]
     UnknownDtype {

@@ -102,9 +102,10 @@ impl Checkpoint {
             None => {
                 for (i, f) in files.iter().enumerate() {
                     for t in &f.header().tensors {
-                        if tensors.insert(t.name.clone(), i).is_some() {
-                            return Err(Error::DuplicateTensor {
-                                path: f.path().to_path_buf(),
+                        if let Some(first) = tensors.insert(t.name.clone(), i) {
+                            return Err(Error::DuplicateAcrossFiles {
+                                first: files.get(first).map(|g| g.path().to_path_buf()).unwrap_or_default(),
+                                second: f.path().to_path_buf(),
                                 tensor: t.name.clone(),
                             });
                         }
@@ -178,7 +179,9 @@ fn allowed_root(dir: &Path) -> Result<PathBuf> {
 fn shard_path(dir: &Path, real_dir: &Path, index: &Path, shard: &str) -> Result<PathBuf> {
     let outside = || Error::ShardOutsideFolder { index: index.to_path_buf(), shard: shard.to_string() };
     let rel = Path::new(shard);
-    if shard.is_empty() || !rel.components().all(|c| matches!(c, Component::Normal(_))) {
+    // Plain relative names only (`./` is harmless); no `..`, no absolute paths.
+    let plain = rel.components().all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
+    if shard.is_empty() || !plain || !rel.components().any(|c| matches!(c, Component::Normal(_))) {
         return Err(outside());
     }
     let path = dir.join(rel);
@@ -190,4 +193,27 @@ fn shard_path(dir: &Path, real_dir: &Path, index: &Path, shard: &str) -> Result<
         return Err(Error::PickleCheckpoint { path });
     }
     Ok(path)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shard_names_stay_inside_the_folder() {
+        let dir = std::env::temp_dir().join(format!("mergex-shard-test-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("sub")).unwrap();
+        std::fs::write(dir.join("a.safetensors"), b"x").unwrap();
+        let real = allowed_root(&dir).unwrap();
+        let index = dir.join(INDEX_NAME);
+        assert!(shard_path(&dir, &real, &index, "a.safetensors").is_ok());
+        assert!(shard_path(&dir, &real, &index, "./a.safetensors").is_ok());
+        for bad in ["../a.safetensors", "sub/../a.safetensors", ".", "", "/etc/passwd"] {
+            assert!(
+                matches!(shard_path(&dir, &real, &index, bad), Err(Error::ShardOutsideFolder { .. })),
+                "{bad}"
+            );
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }
