@@ -64,7 +64,7 @@ impl View {
         self.runs(start, out.len() as u64, |src, o, n| {
             let bytes = self.file.bytes(&self.entry, src * sz, (src + n) * sz)?;
             if let Some(dst) = out.get_mut(o..o + n as usize) {
-                T::decode(dtype, bytes, dst);
+                crate::kernels::real::dispatch::decode(dtype, bytes, dst);
             }
             Ok(())
         })

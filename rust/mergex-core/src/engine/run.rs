@@ -314,7 +314,7 @@ fn with_chunk<T: Real>(
         if encode {
             let off = (at - start) as usize * size;
             if let Some(dst) = s.bytes.get_mut(off..off + n * size) {
-                T::encode(&s.out[..n], t.out.dtype, dst);
+                crate::kernels::real::dispatch::encode(&s.out[..n], t.out.dtype, dst);
             }
         }
         at += n as u64;

@@ -148,9 +148,11 @@ impl Real for f32 {
     fn to_f64(self) -> f64 {
         self as f64
     }
+    #[inline(always)]
     fn decode(dtype: Dtype, bytes: &[u8], out: &mut [Self]) {
         decode_into!(dtype, bytes, out, |x: f32| x, |x: f64| x as f32)
     }
+    #[inline(always)]
     fn encode(vals: &[Self], dtype: Dtype, out: &mut [u8]) {
         match dtype {
             Dtype::BF16 => match as_u16_mut(out) {
@@ -218,9 +220,11 @@ impl Real for f64 {
     fn to_f64(self) -> f64 {
         self
     }
+    #[inline(always)]
     fn decode(dtype: Dtype, bytes: &[u8], out: &mut [Self]) {
         decode_into!(dtype, bytes, out, |x: f32| x as f64, |x: f64| x)
     }
+    #[inline(always)]
     fn encode(vals: &[Self], dtype: Dtype, out: &mut [u8]) {
         match dtype {
             Dtype::BF16 => {
@@ -273,5 +277,51 @@ mod tests {
             f32::decode(d, &bytes, &mut back);
             assert_eq!(back, vals, "{d:?}");
         }
+    }
+}
+
+/// Runtime CPU dispatch of the conversion kernels: the same code compiled for AVX2 where the
+/// CPU has it (detected once), the portable build elsewhere. Results are identical: these
+/// loops have no floating-point reassociation for the wider vectors to change.
+pub mod dispatch {
+    use super::Real;
+    use crate::format::dtype::Dtype;
+
+    #[cfg(target_arch = "x86_64")]
+    fn has_avx2() -> bool {
+        static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *AVX2.get_or_init(|| std::arch::is_x86_feature_detected!("avx2"))
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn decode_avx2<T: Real>(dtype: Dtype, bytes: &[u8], out: &mut [T]) {
+        T::decode(dtype, bytes, out)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn encode_avx2<T: Real>(vals: &[T], dtype: Dtype, out: &mut [u8]) {
+        T::encode(vals, dtype, out)
+    }
+
+    /// [`Real::decode`], AVX2 where available.
+    pub fn decode<T: Real>(dtype: Dtype, bytes: &[u8], out: &mut [T]) {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2() {
+            // SAFETY: the CPU supports AVX2 (checked above).
+            return unsafe { decode_avx2(dtype, bytes, out) };
+        }
+        T::decode(dtype, bytes, out)
+    }
+
+    /// [`Real::encode`], AVX2 where available.
+    pub fn encode<T: Real>(vals: &[T], dtype: Dtype, out: &mut [u8]) {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2() {
+            // SAFETY: the CPU supports AVX2 (checked above).
+            return unsafe { encode_avx2(vals, dtype, out) };
+        }
+        T::encode(vals, dtype, out)
     }
 }
