@@ -166,7 +166,8 @@ pub fn block_sum(values: impl IntoIterator<Item = f64>, acc: &mut ExactSum) {
     }
 }
 
-fn fold(l: &[f64; 8]) -> f64 {
+/// The fixed summation tree of the eight lanes of a block.
+pub(crate) fn fold(l: &[f64; 8]) -> f64 {
     ((l[0] + l[1]) + (l[2] + l[3])) + ((l[4] + l[5]) + (l[6] + l[7]))
 }
 

@@ -3,7 +3,7 @@
 //! sums combined exactly.
 
 use super::Stats;
-use crate::engine::reduce::BLOCK;
+use crate::engine::reduce::{fold, BLOCK};
 use crate::kernels::real::Real;
 
 /// Slot of pair (i, k), i ≤ k, among `first..` sums.
@@ -17,6 +17,15 @@ pub fn slots(k: usize) -> usize {
     k * (k + 1) / 2
 }
 
+/// `x · y` in f64, element `t` in lane `t % 8`, lanes folded in the fixed tree.
+fn lane_dot<T: Real>(x: &[T], y: &[T]) -> f64 {
+    let mut lanes = [0f64; 8];
+    for (t, (&p, &q)) in x.iter().zip(y).enumerate() {
+        lanes[t & 7] += p.to_f64() * q.to_f64();
+    }
+    fold(&lanes)
+}
+
 /// Add the pairwise dot products of `vectors` over one chunk (which starts on a block
 /// boundary) into sums `first..first + slots(k)` of `acc`.
 pub fn accumulate<T: Real>(vectors: &[&[T]], first: usize, acc: &mut Stats) {
@@ -27,13 +36,7 @@ pub fn accumulate<T: Real>(vectors: &[&[T]], first: usize, acc: &mut Stats) {
         for i in 0..k {
             for j in i..k {
                 let (Some(x), Some(y)) = (vectors[i].get(b..e), vectors[j].get(b..e)) else { continue };
-                let mut lanes = [0f64; 8];
-                for (t, (&p, &q)) in x.iter().zip(y).enumerate() {
-                    lanes[t & 7] += p.to_f64() * q.to_f64();
-                }
-                let s = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3]))
-                    + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
-                acc.sum(slot(first, k, i, j)).add(s);
+                acc.sum(slot(first, k, i, j)).add(lane_dot(x, y));
             }
         }
     }
@@ -57,12 +60,7 @@ pub fn local<T: Real>(vectors: &[&[T]]) -> Vec<Vec<f64>> {
     let mut g = vec![vec![0.0; k]; k];
     for i in 0..k {
         for j in i..k {
-            let mut lanes = [0f64; 8];
-            for (t, (&p, &q)) in vectors[i].iter().zip(vectors[j].iter()).enumerate() {
-                lanes[t & 7] += p.to_f64() * q.to_f64();
-            }
-            let s = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3]))
-                + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+            let s = lane_dot(vectors[i], vectors[j]);
             g[i][j] = s;
             g[j][i] = s;
         }

@@ -20,7 +20,7 @@ mod task_vector;
 use std::path::Path;
 
 use crate::engine::job::TensorJob;
-use crate::engine::reduce::{ExactSum, BLOCK};
+use crate::engine::reduce::{fold, ExactSum, BLOCK};
 use crate::error::{Error, Result};
 use crate::kernels::real::Real;
 
@@ -386,9 +386,7 @@ pub(crate) fn reduce_abs<T: Real>(values: &[T], keep: Option<&[bool]>, acc: &mut
                 }
             }
         }
-        acc.add(
-            ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7])),
-        );
+        acc.add(fold(&lanes));
     }
 }
 

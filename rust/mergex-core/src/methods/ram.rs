@@ -7,6 +7,8 @@ use crate::error::Result;
 use crate::kernels::real::Real;
 
 struct Ram<T> {
+    /// Models besides the base.
+    k: usize,
     eps: T,
     /// ramplus_tl: (r, alpha, ε in f64) and the per-model unique scale once counted.
     plus: Option<(f64, f64, f64)>,
@@ -15,13 +17,14 @@ struct Ram<T> {
 
 pub(super) fn build_ram<T: Real>(ctx: &TensorCtx<'_>) -> Result<Box<dyn TensorMerge<T>>> {
     base_check(ctx)?;
-    Ok(Box::new(Ram::<T> { eps: eps(ctx)?, plus: None, lambdas: None }))
+    Ok(Box::new(Ram::<T> { k: ctx.job.inputs.len(), eps: eps(ctx)?, plus: None, lambdas: None }))
 }
 
 pub(super) fn build_ramplus<T: Real>(ctx: &TensorCtx<'_>) -> Result<Box<dyn TensorMerge<T>>> {
     base_check(ctx)?;
     let f = |n: &str| ctx.global(n).map(|v| v as f32 as f64);
     Ok(Box::new(Ram::<T> {
+        k: ctx.job.inputs.len(),
         eps: eps(ctx)?,
         plus: Some((f("r")?, f("alpha")?, f("epsilon")?)),
         lambdas: None,
@@ -63,37 +66,30 @@ impl<T: Real> TensorMerge<T> for Ram<T> {
     fn stat_chunk(&self, x: &mut ChunkInputs<'_, T>, acc: &mut Stats) -> Result<()> {
         let mut count = Vec::new();
         active(x, self.eps, &mut count);
-        // Counts per model: shared (slot 2i) and unique (slot 2i + 1), in `hists[0]`.
-        let k = x.models.len();
-        let h = acc.hists.first_mut().filter(|h| h.len() == 2 * k);
-        let mut local = vec![0u64; 2 * k];
+        // Counts per model, shared (sum 2i) and unique (sum 2i + 1): integers, exact in f64.
         for (i, m) in x.models.iter().enumerate() {
+            let (mut shared, mut unique) = (0u64, 0u64);
             for (&v, &c) in m.iter().zip(&count) {
                 if v > self.eps || -v > self.eps {
-                    local[2 * i + usize::from(c == 1)] += 1;
+                    if c == 1 {
+                        unique += 1;
+                    } else {
+                        shared += 1;
+                    }
                 }
             }
-        }
-        match h {
-            Some(h) => h.iter_mut().zip(&local).for_each(|(a, b)| *a += b),
-            None => {
-                if acc.hists.is_empty() {
-                    acc.hists.push(Vec::new());
-                }
-                acc.hists[0] = local;
-            }
+            acc.sum(2 * i).add(shared as f64);
+            acc.sum(2 * i + 1).add(unique as f64);
         }
         Ok(())
     }
 
     fn end_pass(&mut self, stats: Stats) -> Result<()> {
         let (r, alpha, eps) = self.plus.unwrap_or((0.0, 0.0, 1e-5));
-        let h = stats.hists.first().cloned().unwrap_or_default();
-        let k = h.len() / 2;
         self.lambdas = Some(
-            (0..k)
+            (0..self.k)
                 .map(|i| {
-                    let (shared, unique) = (h[2 * i] as f64, h[2 * i + 1] as f64);
+                    let (shared, unique) = (stats.total(2 * i), stats.total(2 * i + 1));
                     let rho = shared / unique.max(eps);
                     T::from_f64((1.0 + r * rho.clamp(0.0, alpha)) as f32 as f64)
                 })

@@ -192,7 +192,7 @@ impl<T: Real> TensorMerge<T> for TaskVector<T> {
                 reduce_abs(delta, None, acc.sum(2 * i + L1_ALL));
             }
             sp.collect(i, x.start, delta, acc);
-            let random = matches!(sp, Sparsifier::Random { .. } | Sparsifier::Della { .. });
+            let random = sp.random();
             if self.rescaling() && ((first && random) || (selected_l1 && sp.is_selection())) {
                 sp.mask(x.start, delta, &hashes, &mut mask);
                 reduce_abs(delta, Some(&mask), acc.sum(2 * i + L1_KEPT));
@@ -211,7 +211,7 @@ impl<T: Real> TensorMerge<T> for TaskVector<T> {
         for i in 0..self.sparsifiers.len() {
             let sp = &mut self.sparsifiers[i];
             sp.advance(i, &mut stats);
-            let random = matches!(sp, Sparsifier::Random { .. } | Sparsifier::Della { .. });
+            let random = sp.random();
             let is_sel = sp.is_selection();
             if self.rescale && ((first && random) || (selected_l1 && is_sel)) {
                 self.scale_from(i, &stats);
