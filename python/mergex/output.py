@@ -229,13 +229,3 @@ class OutputFolder:
             lines.append(f"- `{m.ref}`{role}")
         lines += ["", "The exact configuration is in `mergex_config.yml`.", ""]
         (self.tmp / "README.md").write_text("\n".join(lines), encoding="utf-8")
-
-
-def describe_error(e: BaseException) -> str:
-    """One line for an unexpected OS error."""
-    if isinstance(e, OSError) and e.filename:
-        return f"{e.filename}: {e.strerror or e}"
-    return str(e)
-
-
-__all__ += ["describe_error"]
