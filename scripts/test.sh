@@ -10,6 +10,10 @@ step "install build and test tools"
 python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
     "maturin>=1.7,<2" pytest numpy safetensors hypothesis mypy ruff types-PyYAML psutil
 
+step "install the torch extra (CPU tests of the torch engine) and transformers"
+python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
+    "torch>=2.2" "transformers>=4.40"
+
 step "rust: format and lint"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings

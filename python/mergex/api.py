@@ -141,14 +141,54 @@ def plan(
 ProgressCallback = Callable[[int, int, int, int], None]
 
 
-def _run_engine(engine: Any, out: Path, on_progress: ProgressCallback | None) -> dict[str, Any]:
+@dataclass
+class _Backend:
+    """Which engine does the arithmetic: the Rust engine, or torch on ``device``."""
+
+    engine: str = "rust"
+    device: str = "cpu"
+    gpu_budget: int | None = None
+
+    def run(self, engine: Any, spec: dict[str, Any], out: Path) -> dict[str, Any]:
+        if self.engine == "rust":
+            return dict(json.loads(engine.run(str(out))))
+        from . import torch_engine
+
+        infos = json.loads(engine.tensors())
+        stream = engine.open_stream(str(out))
+        return torch_engine.run(stream, infos, spec, device=self.device, gpu_budget=self.gpu_budget)
+
+
+def _backend(engine: str | None, device: str | None, gpu_budget: Size | None) -> _Backend:
+    """Check ``engine``/``device``/``gpu_budget``: a CUDA device implies the torch engine;
+    the Rust engine runs on the CPU only."""
+    dev = "cpu" if device is None else str(device)
+    name = engine if engine is not None else ("torch" if dev != "cpu" else "rust")
+    if name not in ("rust", "torch"):
+        raise ConfigError(f"engine: expected rust or torch, got {engine!r}")
+    if name == "rust":
+        if dev != "cpu":
+            raise ConfigError(f"device {dev}: the rust engine runs on the CPU; use --engine torch")
+        if gpu_budget is not None:
+            raise ConfigError("gpu_budget: only the torch engine on a CUDA device uses it")
+        return _Backend()
+    from . import torch_engine
+
+    dev = torch_engine.check_device(dev)
+    budget = parse_size(gpu_budget, "gpu_budget") if gpu_budget is not None else None
+    return _Backend("torch", dev, budget)
+
+
+def _run_engine(
+    engine: Any, out: Path, on_progress: ProgressCallback | None, backend: _Backend, spec: dict[str, Any]
+) -> dict[str, Any]:
     """Run the engine in a worker thread so the main thread stays responsive to Ctrl-C and
     can draw progress; on KeyboardInterrupt the engine is cancelled and joined."""
     result: dict[str, Any] = {}
 
     def work() -> None:
         try:
-            result["summary"] = json.loads(engine.run(str(out)))
+            result["summary"] = backend.run(engine, spec, out)
         except BaseException as e:  # handed to the main thread
             result["error"] = e
 
@@ -209,6 +249,9 @@ def merge(
     overwrite: bool = False,
     progress: bool = True,
     resume: bool = False,
+    engine: str | None = None,
+    device: str | None = None,
+    gpu_budget: Size | None = None,
 ) -> MergeResult:
     """Merge the models of ``config`` into the folder ``out``.
 
@@ -229,6 +272,12 @@ def merge(
         resume: Continue a merge into ``out`` that was killed before it finished: the
             shards it completed are kept after their checksums are verified, the rest are
             recomputed. Refused if the configuration or inputs changed since.
+        engine: ``"rust"`` (the default on the CPU) or ``"torch"``: the same plan, reads
+            and writes, with the arithmetic done by torch (needs ``mergex[torch]``).
+        device: ``"cpu"`` (default), ``"cuda"`` or ``"cuda:N"``; a CUDA device implies the
+            torch engine.
+        gpu_budget: Device memory for chunks (torch on CUDA); default 80% of the free
+            device memory.
 
     Returns:
         What was written, read and how long it took.
@@ -243,6 +292,7 @@ def merge(
     """
     start = time.perf_counter()
     cfg, job = _resolve(config, ram_budget, threads, shard_size, seed)
+    backend = _backend(engine, device, gpu_budget)
     target = check_output_path(Path(out), [m.path for m in job.models], overwrite)
     fingerprint = _fingerprint(job)
     folder = OutputFolder(target, fingerprint, resume)
@@ -252,14 +302,14 @@ def merge(
             "fingerprint": fingerprint,
             "done": folder.done,
         }
-        engine = _mergex.MergeJob(json.dumps(job.spec))
+        core = _mergex.MergeJob(json.dumps(job.spec))
     except BaseException:
         folder.discard()
         raise
     on_progress, stop = _rich_progress(not progress)
     try:
         try:
-            summary = _run_engine(engine, folder.tmp, on_progress)
+            summary = _run_engine(core, folder.tmp, on_progress, backend, job.spec)
         finally:
             stop()
         folder.write_model_config(job.reference, job.output_dtype, job.total_layers if job.layered else None)

@@ -99,6 +99,18 @@ def merge(
         bool,
         typer.Option("--resume", help="Continue a merge into OUT that was killed: keep its verified shards."),
     ] = False,
+    device: Annotated[
+        str,
+        typer.Option("--device", help="cpu, cuda or cuda:N; a CUDA device runs the torch engine."),
+    ] = "cpu",
+    engine: Annotated[
+        str | None,
+        typer.Option("--engine", help="rust or torch (needs mergex[torch]) [default: rust on cpu]."),
+    ] = None,
+    gpu_budget: Annotated[
+        str | None,
+        typer.Option("--gpu-budget", help="Device memory for chunks, e.g. 8GiB [default: 80% of free]."),
+    ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
     verbose: Verbose = False,
 ) -> None:
@@ -118,6 +130,9 @@ def merge(
             overwrite=overwrite,
             progress=not quiet and sys.stderr.isatty(),
             resume=resume,
+            engine=engine,
+            device=device,
+            gpu_budget=gpu_budget,
         )
         for w in result.warnings:
             typer.echo(f"warning: {w}", err=True)

@@ -5,10 +5,13 @@
 mod errors;
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
+use mergex_core::engine::stream::Sink;
 use mergex_core::format::checkpoint::Checkpoint;
+use mergex_core::kernels::real::Real;
 use mergex_core::{Engine, Job, Progress};
+use pyo3::buffer::{Element, PyBuffer};
 use pyo3::prelude::*;
 
 use errors::to_py;
@@ -16,7 +19,7 @@ use errors::to_py;
 /// A validated merge job: inputs opened, output laid out, ready to plan or run.
 #[pyclass(frozen, module = "mergex._mergex")]
 struct MergeJob {
-    engine: Engine,
+    engine: Arc<Engine>,
     progress: Arc<Progress>,
 }
 
@@ -28,7 +31,7 @@ impl MergeJob {
         let engine = py
             .detach(move || Job::from_json(&job_json).and_then(Engine::prepare))
             .map_err(|e| to_py(py, e))?;
-        Ok(MergeJob { engine, progress: Arc::new(Progress::default()) })
+        Ok(MergeJob { engine: Arc::new(engine), progress: Arc::new(Progress::default()) })
     }
 
     /// The plan summary, as JSON.
@@ -48,6 +51,23 @@ impl MergeJob {
         })
     }
 
+    /// The output tensors as the engine prepared them (chunk sizes, passes, inputs), as JSON.
+    fn tensors(&self, py: Python<'_>) -> PyResult<String> {
+        json(py, &self.engine.tensor_infos())
+    }
+
+    /// Create the output files in `out_dir` and return a stream through which another
+    /// engine (the torch path) reads chunks and writes merged values.
+    fn open_stream(&self, py: Python<'_>, out_dir: PathBuf) -> PyResult<Stream> {
+        let sink = py.detach(|| self.engine.open_sink(&out_dir, &self.progress)).map_err(|e| to_py(py, e))?;
+        Ok(Stream {
+            engine: Arc::clone(&self.engine),
+            progress: Arc::clone(&self.progress),
+            sink: Mutex::new(Some(sink)),
+            out_dir,
+        })
+    }
+
     /// (bytes done, bytes total, tensors done, tensors total).
     fn progress(&self) -> (u64, u64, u64, u64) {
         self.progress.snapshot()
@@ -57,6 +77,133 @@ impl MergeJob {
     fn cancel(&self) {
         self.progress.cancel();
     }
+}
+
+/// A merge whose arithmetic runs outside the Rust engine: chunks are decoded by the
+/// engine's reader into caller buffers, and merged values go back through its writer.
+#[pyclass(frozen, module = "mergex._mergex")]
+struct Stream {
+    engine: Arc<Engine>,
+    progress: Arc<Progress>,
+    sink: Mutex<Option<Sink>>,
+    out_dir: PathBuf,
+}
+
+impl Stream {
+    fn with_sink<R>(
+        &self,
+        py: Python<'_>,
+        f: impl FnOnce(&mut Sink) -> mergex_core::Result<R>,
+    ) -> PyResult<R> {
+        let mut guard = self.sink.lock().map_err(|_| closed(py))?;
+        let sink = guard.as_mut().ok_or_else(|| closed(py))?;
+        f(sink).map_err(|e| to_py(py, e))
+    }
+
+    fn read_into<T: Real + Element>(
+        &self,
+        py: Python<'_>,
+        t: usize,
+        start: u64,
+        len: u64,
+        out: &PyBuffer<T>,
+    ) -> PyResult<()> {
+        if out.readonly() || !out.is_c_contiguous() {
+            return Err(bad_buffer(py, "read: the buffer must be writable and contiguous"));
+        }
+        let mut values = vec![T::ZERO; out.item_count()];
+        let (engine, progress) = (&self.engine, &self.progress);
+        py.detach(|| engine.read_chunk(t, start, len, &mut values, progress)).map_err(|e| to_py(py, e))?;
+        out.copy_from_slice(py, &values)
+    }
+
+    fn write_from<T: Real + Element>(
+        &self,
+        py: Python<'_>,
+        t: usize,
+        start: u64,
+        values: &PyBuffer<T>,
+    ) -> PyResult<()> {
+        let mut v = vec![T::ZERO; values.item_count()];
+        values.copy_to_slice(py, &mut v)?;
+        let engine = &self.engine;
+        self.with_sink(py, |sink| py.detach(|| engine.write_chunk(sink, t, start, &v, &mut Vec::new())))
+    }
+}
+
+#[pymethods]
+impl Stream {
+    /// Check that tensor `t`'s input files did not change since they were opened.
+    fn begin(&self, py: Python<'_>, t: usize) -> PyResult<()> {
+        py.detach(|| self.engine.begin_tensor(t)).map_err(|e| to_py(py, e))
+    }
+
+    /// Decode elements `[start, start+len)` of every input of tensor `t` (the base first)
+    /// into `out`, a writable float32 or float64 buffer of views × len elements.
+    fn read(&self, py: Python<'_>, t: usize, start: u64, len: u64, out: &Bound<'_, PyAny>) -> PyResult<()> {
+        if let Ok(b) = PyBuffer::<f32>::get(out) {
+            self.read_into(py, t, start, len, &b)
+        } else {
+            self.read_into(py, t, start, len, &PyBuffer::<f64>::get(out)?)
+        }
+    }
+
+    /// Write merged values (a float32 or float64 buffer) of tensor `t` from element `start`.
+    fn write(&self, py: Python<'_>, t: usize, start: u64, values: &Bound<'_, PyAny>) -> PyResult<()> {
+        if let Ok(b) = PyBuffer::<f32>::get(values) {
+            self.write_from(py, t, start, &b)
+        } else {
+            self.write_from(py, t, start, &PyBuffer::<f64>::get(values)?)
+        }
+    }
+
+    /// Copy tensor `t` (a non-float tensor) byte for byte.
+    fn copy(&self, py: Python<'_>, t: usize) -> PyResult<()> {
+        let (engine, progress) = (&self.engine, &self.progress);
+        self.with_sink(py, |sink| py.detach(|| engine.copy_chunks(sink, t, progress)))
+    }
+
+    /// Tensor `t` is complete (a resumable run seals its shard when it is the last one).
+    fn end(&self, py: Python<'_>, t: usize) -> PyResult<()> {
+        let (engine, progress) = (&self.engine, &self.progress);
+        self.with_sink(py, |sink| py.detach(|| engine.end_tensor(sink, t, progress)))
+    }
+
+    /// Flush everything and write the index; returns the run summary as JSON.
+    fn close(&self, py: Python<'_>) -> PyResult<String> {
+        let sink = self.sink.lock().map_err(|_| closed(py))?.take().ok_or_else(|| closed(py))?;
+        let engine = &self.engine;
+        let files = py.detach(|| engine.close_sink(sink, &self.out_dir)).map_err(|e| to_py(py, e))?;
+        let (done, _, _, _) = self.progress.snapshot();
+        json(
+            py,
+            &serde_json::json!({
+                "files": files,
+                "bytes_read": done,
+                "bytes_written": engine.bytes_written(),
+                "tensors": engine.tensor_infos().len(),
+                "stat_pass_seconds": [],
+                "output_seconds": 0.0,
+            }),
+        )
+    }
+}
+
+fn closed(py: Python<'_>) -> PyErr {
+    to_py(
+        py,
+        mergex_core::Error::InvalidJob { field: "stream".into(), message: "the stream is closed".into() },
+    )
+}
+
+fn bad_buffer(py: Python<'_>, message: &str) -> PyErr {
+    to_py(py, mergex_core::Error::InvalidJob { field: "buffer".into(), message: message.into() })
+}
+
+fn json<S: serde::Serialize>(py: Python<'_>, value: &S) -> PyResult<String> {
+    serde_json::to_string(value).map_err(|e| {
+        to_py(py, mergex_core::Error::InvalidJob { field: "json".into(), message: e.to_string() })
+    })
 }
 
 /// Tensors of a checkpoint (folder or file): (name, dtype, shape, file, bytes), in file order.
@@ -90,6 +237,7 @@ fn checksum(py: Python<'_>, path: PathBuf) -> PyResult<String> {
 #[pymodule]
 fn _mergex(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<MergeJob>()?;
+    m.add_class::<Stream>()?;
     m.add_function(wrap_pyfunction!(inspect, m)?)?;
     m.add_function(wrap_pyfunction!(checksum, m)?)?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;

@@ -7,6 +7,7 @@ pub mod progress;
 pub mod read;
 pub mod reduce;
 mod run;
+pub mod stream;
 
 pub use plan::{Engine, PlanSummary};
 pub use run::RunSummary;

@@ -3,7 +3,6 @@
 //! input, merges it in the working precision, rounds once to the output dtype and writes it
 //! at its final offset; the input pages it used are then released.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::atomic::Ordering;
 use std::sync::Mutex;
@@ -12,11 +11,10 @@ use std::time::Instant;
 use rayon::prelude::*;
 use serde::Serialize;
 
-use super::job::Resume;
 use super::plan::{Engine, Prepared};
 use super::progress::Progress;
 use crate::error::{Error, Result};
-use crate::format::writer::{write_index, Placement, Writer};
+use crate::format::writer::{Placement, Writer};
 use crate::kernels::real::Real;
 use crate::methods::{ChunkInputs, Stats, TensorCtx, TensorMerge};
 
@@ -96,24 +94,8 @@ impl Engine {
     /// Write the merged checkpoint into `dir` (an existing folder; with a resume state, it
     /// may hold the shards an interrupted run finished, which are kept as they are).
     pub fn run(&self, dir: &Path, progress: &Progress) -> Result<RunSummary> {
-        let resume = self.job.resume.as_ref();
-        let keep: Vec<bool> = self
-            .layout
-            .shards
-            .iter()
-            .map(|s| resume.is_some_and(|r| r.done.contains_key(&s.file_name)))
-            .collect();
-        let kept = |t: usize| self.layout.placements.get(t).is_some_and(|p| keep.get(p.shard) == Some(&true));
-        let total: u64 = self
-            .tensors
-            .iter()
-            .enumerate()
-            .filter(|(i, _)| !kept(*i))
-            .map(|(_, t)| t.pass_bytes() * t.passes as u64)
-            .sum();
-        progress.bytes_total.store(total, Ordering::Relaxed);
-        progress.tensors_total.store(self.tensors.len() as u64, Ordering::Relaxed);
-        let writer = Writer::create(dir, &self.layout, &keep)?;
+        let mut sink = self.open_sink(dir, progress)?;
+        let kept: Vec<bool> = self.tensor_infos().iter().map(|i| i.kept).collect();
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(self.job.threads)
             .thread_name(|i| format!("mergex-{i}"))
@@ -121,51 +103,32 @@ impl Engine {
             .map_err(|e| Error::job("threads", e.to_string()))?;
         let (s32, s64) = (Scratches::<f32>::new(self.job.threads), Scratches::<f64>::new(self.job.threads));
         let mut times = Timings::default();
-        let mut sealed: BTreeMap<String, String> = resume.map(|r| r.done.clone()).unwrap_or_default();
         pool.install(|| -> Result<()> {
             for (i, (t, place)) in self.tensors.iter().zip(&self.layout.placements).enumerate() {
-                if kept(i) {
+                if kept.get(i) == Some(&true) {
                     progress.tensors_done.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
-                for v in t.views() {
-                    v.file.check_unchanged()?;
-                }
+                self.begin_tensor(i)?;
+                let writer = sink.writer();
                 if t.copy {
                     let clock = Instant::now();
-                    self.copy_tensor(t, *place, &writer, progress)?;
+                    self.copy_tensor(t, *place, writer, progress)?;
                     times.output += clock.elapsed().as_secs_f64();
                 } else if t.wide {
-                    self.merge_tensor(t, *place, &writer, progress, &s64, &mut times)?;
+                    self.merge_tensor(t, *place, writer, progress, &s64, &mut times)?;
                 } else {
-                    self.merge_tensor(t, *place, &writer, progress, &s32, &mut times)?;
+                    self.merge_tensor(t, *place, writer, progress, &s32, &mut times)?;
                 }
-                progress.tensors_done.fetch_add(1, Ordering::Relaxed);
-                let shard = self.layout.shards.get(place.shard);
-                if let (Some(r), Some(shard)) = (resume, shard) {
-                    if shard.tensors.last() == Some(&i) {
-                        // The shard is complete: flush it and record its checksum, so that an
-                        // interrupted run can keep it.
-                        sealed.insert(shard.file_name.clone(), writer.seal(place.shard)?);
-                        save_state(r, &sealed)?;
-                    }
-                }
+                self.end_tensor(&mut sink, i, progress)?;
             }
             Ok(())
         })?;
-        for v in self.tensors.iter().flat_map(Prepared::views) {
-            v.file.check_unchanged()?;
-        }
-        let mut files: Vec<String> = self.layout.shards.iter().map(|s| s.file_name.clone()).collect();
-        writer.finish()?;
-        if self.layout.shards.len() > 1 {
-            write_index(dir, &self.out, &self.layout)?;
-            files.push(crate::format::checkpoint::INDEX_NAME.to_string());
-        }
+        let files = self.close_sink(sink, dir)?;
         Ok(RunSummary {
             files,
             bytes_read: progress.bytes_done.load(Ordering::Relaxed),
-            bytes_written: self.layout.shards.iter().map(|s| s.len).sum(),
+            bytes_written: self.bytes_written(),
             tensors: self.tensors.len(),
             stat_pass_seconds: times.stats,
             output_seconds: times.output,
@@ -177,7 +140,7 @@ impl Engine {
         (0..n.div_ceil(t.chunk)).map(|i| (i * t.chunk, t.chunk.min(n - i * t.chunk))).collect()
     }
 
-    fn copy_tensor(
+    pub(crate) fn copy_tensor(
         &self,
         t: &Prepared,
         place: Placement,
@@ -257,15 +220,6 @@ impl Engine {
         times.output += clock.elapsed().as_secs_f64();
         written
     }
-}
-
-/// Rewrite the resume state atomically: fingerprint and finished shards with checksums.
-fn save_state(r: &Resume, sealed: &BTreeMap<String, String>) -> Result<()> {
-    let state = serde_json::json!({"fingerprint": r.fingerprint, "shards": sealed});
-    let tmp = r.state_file.with_extension("tmp");
-    let text = serde_json::to_string_pretty(&state).map_err(|e| Error::job("resume", e.to_string()))?;
-    std::fs::write(&tmp, text).map_err(|e| Error::io(&tmp, "write", e))?;
-    std::fs::rename(&tmp, &r.state_file).map_err(|e| Error::io(&r.state_file, "write", e))
 }
 
 /// Elements per sub-block: a chunk is merged in sub-blocks small enough that every

@@ -1,0 +1,200 @@
+"""Exact rank selection over tensors larger than memory, in torch: the key at an
+ascending rank of a tensor's order-preserving keys (e.g. magnitudes), found by radix
+passes over the chunks (16 bits per pass), finished in memory once the candidates fit,
+with ties at the cut broken by flat index. The same states, cuts and tie rules as the
+Rust engine's ``methods/select.rs``.
+
+Use: while ``sel.pending``, call ``sel.collect(start, keys)`` for every chunk of a pass
+and ``sel.advance()`` after it; then ``sel.cut`` decides with :func:`passes`.
+"""
+
+from __future__ import annotations
+
+import bisect
+import enum
+from dataclasses import dataclass, field
+
+import torch
+
+LEVEL_BITS = 16
+BINS = 1 << LEVEL_BITS
+
+
+class Side(enum.Enum):
+    """Which ties at the cut value are kept, as an interval of tie ordinals (the i-th
+    element in flat-index order whose key equals the cut has ordinal i)."""
+
+    LOWER = "lower"
+    """Keep elements at or above ascending rank r (breadcrumbs' lower cut)."""
+    UPPER = "upper"
+    """Keep elements at or below ascending rank r (breadcrumbs' upper cut)."""
+    TOPK = "topk"
+    """Keep the elements above ascending rank r, lowest indices first among ties."""
+    VALUE = "value"
+    """Only the value at the rank matters (quantiles)."""
+
+
+@dataclass
+class Cut:
+    key: int
+    keep: tuple[int, int]
+    """Ordinals of the ties kept: [lo, hi)."""
+    eq: int
+    """Elements whose key equals ``key``."""
+    sorted_ties: list[int] | None = None
+    """Flat indices of every tie, when gathered."""
+    prefix: list[tuple[int, int]] = field(default_factory=list)
+    """(chunk start, ties before it), when counted per chunk."""
+
+    @property
+    def all_or_none(self) -> bool:
+        return self.sorted_ties is None and not self.prefix
+
+    def ties_before(self, start: int) -> int:
+        """Ties at flat indices below ``start`` (a chunk start)."""
+        if self.sorted_ties is not None:
+            return bisect.bisect_left(self.sorted_ties, start)
+        i = bisect.bisect_right(self.prefix, (start, 1 << 64)) - 1
+        if i >= 0 and self.prefix[i][0] == start:
+            return self.prefix[i][1]
+        return 0
+
+
+def passes(cut: Cut, keys: torch.Tensor, start: int, above: bool) -> torch.Tensor:
+    """Keep decisions of one chunk's keys (starting at flat index ``start``): keys
+    beyond the cut (above it, or below it with ``above=False``) and the ties whose ordinal
+    is in ``cut.keep``."""
+    eq = keys == cut.key
+    beyond = keys > cut.key if above else keys < cut.key
+    lo, hi = cut.keep
+    if lo == 0 and hi == cut.eq:
+        return beyond | eq
+    if hi == 0 or lo >= hi:
+        return beyond
+    ordinal = torch.cumsum(eq, 0, dtype=torch.int64) - 1 + cut.ties_before(start)
+    return beyond | (eq & (ordinal >= lo) & (ordinal < hi))
+
+
+class Selector:
+    """Finds the key at ascending rank ``rank`` (0-based) of ``key_bits``-wide keys."""
+
+    def __init__(self, rank: int, side: Side, key_bits: int, gather_cap: int) -> None:
+        self.rank = rank
+        self.side = side
+        self.key_bits = key_bits
+        self.gather_cap = gather_cap
+        self.state = "radix"
+        self.level = 0
+        self.prefix = 0
+        self.below = 0
+        self.cut: Cut | None = None
+        self._hist: torch.Tensor | None = None
+        self._items: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._counts: list[tuple[int, int]] = []
+
+    @property
+    def pending(self) -> bool:
+        return self.state != "done"
+
+    def _shift(self, level: int) -> int:
+        return self.key_bits - LEVEL_BITS * (level + 1)
+
+    def collect(self, start: int, keys: torch.Tensor) -> None:
+        """This pass's statistics from the int64 keys of one chunk starting at ``start``."""
+        if self.state == "radix":
+            shift = self._shift(self.level)
+            k = keys if self.level == 0 else keys[(keys >> (shift + LEVEL_BITS)) == self.prefix]
+            h = torch.bincount(((k >> shift) & 0xFFFF), minlength=BINS)
+            self._hist = h if self._hist is None else self._hist + h
+        elif self.state == "gather":
+            shift = self._shift(self.level - 1)
+            hit = (keys >> shift) == self.prefix
+            idx = torch.nonzero(hit).flatten()
+            self._items.append((keys[idx].cpu(), (idx + start).cpu()))
+        elif self.state == "ties":
+            assert self.cut is not None
+            self._counts.append((start, int((keys == self.cut.key).sum().item())))
+
+    def advance(self) -> None:
+        """Take the statistics of the pass just finished."""
+        if self.state == "radix":
+            hist = self._hist.cpu().tolist() if self._hist is not None else [0] * BINS
+            self._hist = None
+            cum = self.below
+            found = (0, 0, cum)
+            for b, c in enumerate(hist):
+                if self.rank < cum + c:
+                    found = (b, c, cum)
+                    break
+                cum += c
+            b, count, below = found
+            self.prefix = (self.prefix << LEVEL_BITS) | b
+            self.level += 1
+            self.below = below
+            if LEVEL_BITS * self.level >= self.key_bits:
+                self._resolve(self.prefix, below, count)
+            elif count <= self.gather_cap:
+                self.state = "gather"
+        elif self.state == "gather":
+            order = sorted(pair for k, i in self._items for pair in zip(k.tolist(), i.tolist(), strict=True))
+            self._items = []
+            at = self.rank - self.below
+            key = order[at][0] if at < len(order) else 0
+            first = bisect.bisect_left(order, (key, -1))
+            ties = [i for k, i in order if k == key]
+            cut = self._cut_at(key, self.below + first, len(ties))
+            if not _unneeded(cut):
+                cut.sorted_ties = ties
+            self.cut = cut
+            self.state = "done"
+        elif self.state == "ties":
+            assert self.cut is not None
+            before = 0
+            prefix = []
+            for start, n in sorted(self._counts):
+                prefix.append((start, before))
+                before += n
+            self._counts = []
+            self.cut.prefix = prefix
+            self.state = "done"
+
+    def _resolve(self, key: int, below: int, eq: int) -> None:
+        self.cut = self._cut_at(key, below, eq)
+        self.state = "done" if _unneeded(self.cut) else "ties"
+
+    def _cut_at(self, key: int, below: int, eq: int) -> Cut:
+        o = self.rank - below
+        keep = {
+            Side.LOWER: (o, eq),
+            Side.UPPER: (0, o + 1),
+            Side.TOPK: (0, eq - o),
+            Side.VALUE: (0, eq),
+        }[self.side]
+        # Zero magnitudes contribute nothing whichever are kept: keep none, no ordinals.
+        if key == 0 and keep != (0, eq):
+            keep = (0, 0)
+        return Cut(key=key, keep=keep, eq=eq)
+
+
+def _unneeded(cut: Cut) -> bool:
+    lo, hi = cut.keep
+    return lo == 0 and (hi == cut.eq or hi == 0)
+
+
+def mag_keys(values: torch.Tensor) -> torch.Tensor:
+    """Order-preserving int64 keys of ``|values|``: the IEEE bits without the sign (f32 or
+    f64), as in the Rust engine's ``Real::mag_key``."""
+    if values.dtype == torch.float64:
+        return values.view(torch.int64) & 0x7FFF_FFFF_FFFF_FFFF
+    return values.contiguous().view(torch.int32).to(torch.int64) & 0x7FFF_FFFF
+
+
+def key_bits(dtype: torch.dtype) -> int:
+    return 64 if dtype == torch.float64 else 32
+
+
+def key_value(key: int, dtype: torch.dtype) -> float:
+    """The magnitude a key stands for."""
+    if dtype == torch.float64:
+        return float(torch.tensor([key], dtype=torch.int64).view(torch.float64).item())
+    return float(torch.tensor([key], dtype=torch.int32).view(torch.float32).item())

@@ -1,0 +1,225 @@
+//! A merge driven from outside (the torch engine): the same tensors, chunks, passes, pages
+//! released and output layout as [`Engine::run`], with the arithmetic done by the caller.
+//! [`Engine::run`] itself uses the same [`Sink`] for the output side.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+
+use serde::Serialize;
+
+use super::job::Resume;
+use super::plan::{Engine, Prepared};
+use super::progress::Progress;
+use crate::error::{Error, Result};
+use crate::format::writer::{write_index, Writer};
+use crate::kernels::real::Real;
+
+/// The output side of a running merge: open shards, and the shards already finished.
+#[derive(Debug)]
+pub struct Sink {
+    writer: Writer,
+    /// Shards kept from an interrupted run, by index.
+    keep: Vec<bool>,
+    /// Finished shards and their checksums (resumable runs).
+    sealed: BTreeMap<String, String>,
+}
+
+/// What the caller of a stream needs to know about one output tensor.
+#[derive(Debug, Serialize)]
+pub struct TensorInfo {
+    /// Output name.
+    pub name: String,
+    /// Output shape.
+    pub shape: Vec<u64>,
+    /// Output dtype (safetensors spelling).
+    pub dtype: &'static str,
+    /// Copied byte for byte ([`Engine::copy_chunks`]), never merged.
+    pub copy: bool,
+    /// Work in f64.
+    pub wide: bool,
+    /// Elements per chunk, from the budget.
+    pub chunk: u64,
+    /// Chunks must be whole numbers of this many elements (blocks and rows).
+    pub unit: u64,
+    /// Passes the plan counts (statistics passes + 1).
+    pub passes: usize,
+    /// Inputs read per chunk, the base first when there is one.
+    pub views: usize,
+    /// Already written by an interrupted run that is being resumed: skip it.
+    pub kept: bool,
+}
+
+impl Sink {
+    pub(crate) fn writer(&self) -> &Writer {
+        &self.writer
+    }
+}
+
+impl Engine {
+    /// The output tensors, in output order.
+    pub fn tensor_infos(&self) -> Vec<TensorInfo> {
+        self.tensors
+            .iter()
+            .zip(self.kept_flags())
+            .map(|(t, kept)| TensorInfo {
+                name: t.out.name.clone(),
+                shape: t.out.shape.clone(),
+                dtype: t.out.dtype.name(),
+                copy: t.copy,
+                wide: t.wide,
+                chunk: t.chunk,
+                unit: t.unit(),
+                passes: t.passes,
+                views: t.views().count(),
+                kept,
+            })
+            .collect()
+    }
+
+    /// Per tensor: whether its shard was finished by an interrupted run.
+    fn kept_flags(&self) -> Vec<bool> {
+        let done = self.job.resume.as_ref().map(|r| &r.done);
+        let shard_kept = |s: usize| {
+            let shard = self.layout.shards.get(s);
+            shard.is_some_and(|s| done.is_some_and(|d| d.contains_key(&s.file_name)))
+        };
+        self.layout.placements.iter().map(|p| shard_kept(p.shard)).collect()
+    }
+
+    /// Create the output files in `dir` (an existing folder; when resuming, it may hold the
+    /// finished shards, which are kept as they are) and set the progress totals.
+    pub fn open_sink(&self, dir: &Path, progress: &Progress) -> Result<Sink> {
+        let kept = self.kept_flags();
+        let total: u64 = self
+            .tensors
+            .iter()
+            .zip(&kept)
+            .filter(|(_, k)| !**k)
+            .map(|(t, _)| t.pass_bytes() * t.passes as u64)
+            .sum();
+        progress.bytes_total.store(total, Ordering::Relaxed);
+        progress.tensors_total.store(self.tensors.len() as u64, Ordering::Relaxed);
+        let resume = self.job.resume.as_ref();
+        let keep: Vec<bool> = self
+            .layout
+            .shards
+            .iter()
+            .map(|s| resume.is_some_and(|r| r.done.contains_key(&s.file_name)))
+            .collect();
+        let writer = Writer::create(dir, &self.layout, &keep)?;
+        Ok(Sink { writer, keep, sealed: resume.map(|r| r.done.clone()).unwrap_or_default() })
+    }
+
+    pub(crate) fn tensor(&self, t: usize) -> Result<&Prepared> {
+        self.tensors.get(t).ok_or_else(|| Error::job("tensor", format!("no output tensor {t}")))
+    }
+
+    /// Check, before a tensor is merged, that none of its input files changed.
+    pub fn begin_tensor(&self, t: usize) -> Result<()> {
+        for v in self.tensor(t)?.views() {
+            v.file.check_unchanged()?;
+        }
+        Ok(())
+    }
+
+    /// Decode elements `[start, start+len)` of every input of tensor `t` (the base first)
+    /// into `out`, input after input (`out.len()` = views × len), then release their pages.
+    pub fn read_chunk<T: Real>(
+        &self,
+        t: usize,
+        start: u64,
+        len: u64,
+        out: &mut [T],
+        progress: &Progress,
+    ) -> Result<()> {
+        if progress.is_cancelled() {
+            return Err(Error::Cancelled);
+        }
+        let p = self.tensor(t)?;
+        let n = len as usize;
+        if start.checked_add(len).is_none_or(|end| end > p.numel()) || out.len() != p.views().count() * n {
+            return Err(Error::job("chunk", format!("bad chunk {start}+{len} of '{}'", p.out.name)));
+        }
+        for (v, dst) in p.views().zip(out.chunks_mut(n.max(1))) {
+            v.read(start, dst)?;
+            v.release(start, len);
+            progress.add_bytes(v.bytes_for(len));
+        }
+        Ok(())
+    }
+
+    /// Round `values` (elements from `start` of tensor `t`) to the output dtype and write
+    /// them at their final place; `bytes` is scratch.
+    pub fn write_chunk<T: Real>(
+        &self,
+        sink: &Sink,
+        t: usize,
+        start: u64,
+        values: &[T],
+        bytes: &mut Vec<u8>,
+    ) -> Result<()> {
+        let p = self.tensor(t)?;
+        let place =
+            self.layout.placements.get(t).copied().ok_or_else(|| Error::job("tensor", "no placement"))?;
+        if p.copy || start.checked_add(values.len() as u64).is_none_or(|end| end > p.numel()) {
+            return Err(Error::job("chunk", format!("bad output chunk at {start} of '{}'", p.out.name)));
+        }
+        let size = p.out.dtype.size();
+        bytes.resize(values.len() * size, 0);
+        crate::kernels::real::dispatch::encode(values, p.out.dtype, bytes);
+        sink.writer.write_at(place.shard, place.offset + start * size as u64, bytes)
+    }
+
+    /// Copy tensor `t` (a copy tensor) chunk by chunk.
+    pub fn copy_chunks(&self, sink: &Sink, t: usize, progress: &Progress) -> Result<()> {
+        let p = self.tensor(t)?;
+        let place =
+            self.layout.placements.get(t).copied().ok_or_else(|| Error::job("tensor", "no placement"))?;
+        self.copy_tensor(p, place, &sink.writer, progress)
+    }
+
+    /// Tensor `t` is complete: count it and, when that finishes its shard in a resumable
+    /// run, flush the shard and record its checksum.
+    pub fn end_tensor(&self, sink: &mut Sink, t: usize, progress: &Progress) -> Result<()> {
+        progress.tensors_done.fetch_add(1, Ordering::Relaxed);
+        let Some(place) = self.layout.placements.get(t) else { return Ok(()) };
+        let shard = self.layout.shards.get(place.shard);
+        if let (Some(r), Some(shard)) = (self.job.resume.as_ref(), shard) {
+            if shard.tensors.last() == Some(&t) && sink.keep.get(place.shard) != Some(&true) {
+                sink.sealed.insert(shard.file_name.clone(), sink.writer.seal(place.shard)?);
+                save_state(r, &sink.sealed)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Check the inputs one last time, flush the shards and write the index: the files
+    /// written, relative to `dir`.
+    pub fn close_sink(&self, sink: Sink, dir: &Path) -> Result<Vec<String>> {
+        for v in self.tensors.iter().flat_map(Prepared::views) {
+            v.file.check_unchanged()?;
+        }
+        let mut files: Vec<String> = self.layout.shards.iter().map(|s| s.file_name.clone()).collect();
+        sink.writer.finish()?;
+        if self.layout.shards.len() > 1 {
+            write_index(dir, &self.out, &self.layout)?;
+            files.push(crate::format::checkpoint::INDEX_NAME.to_string());
+        }
+        Ok(files)
+    }
+
+    /// Bytes of all output files.
+    pub fn bytes_written(&self) -> u64 {
+        self.layout.shards.iter().map(|s| s.len).sum()
+    }
+}
+
+/// Rewrite the resume state atomically: fingerprint and finished shards with checksums.
+fn save_state(r: &Resume, sealed: &BTreeMap<String, String>) -> Result<()> {
+    let state = serde_json::json!({"fingerprint": r.fingerprint, "shards": sealed});
+    let tmp: PathBuf = r.state_file.with_extension("tmp");
+    let text = serde_json::to_string_pretty(&state).map_err(|e| Error::job("resume", e.to_string()))?;
+    std::fs::write(&tmp, text).map_err(|e| Error::io(&tmp, "write", e))?;
+    std::fs::rename(&tmp, &r.state_file).map_err(|e| Error::io(&r.state_file, "write", e))
+}
