@@ -1,5 +1,6 @@
 //! Reading element ranges of an input tensor, decoded to the working precision.
 
+use std::cell::RefCell;
 use std::sync::Arc;
 
 use crate::error::Result;
@@ -57,16 +58,36 @@ impl View {
         Ok(())
     }
 
+    /// Read the raw bytes of source elements `[src, src+n)` into this thread's buffer and
+    /// hand them to `f`.
+    fn with_raw<R>(&self, src: u64, n: u64, f: impl FnOnce(&[u8]) -> R) -> Result<R> {
+        thread_local! {
+            static RAW: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+        }
+        let sz = self.elem();
+        RAW.with(|raw| {
+            let mut raw = raw.borrow_mut();
+            raw.resize((n * sz) as usize, 0);
+            self.file.read_at(&self.entry, src * sz, &mut raw)?;
+            Ok(f(&raw))
+        })
+    }
+
     /// Decode output elements `[start, start + out.len())` into `out`.
     pub fn read<T: Real>(&self, start: u64, out: &mut [T]) -> Result<()> {
-        let sz = self.elem();
         let dtype = self.entry.dtype;
         self.runs(start, out.len() as u64, |src, o, n| {
-            let bytes = self.file.bytes(&self.entry, src * sz, (src + n) * sz)?;
-            if let Some(dst) = out.get_mut(o..o + n as usize) {
-                crate::kernels::real::dispatch::decode(dtype, bytes, dst);
-            }
-            Ok(())
+            let dst = out.get_mut(o..o + n as usize).unwrap_or_default();
+            self.with_raw(src, n, |bytes| crate::kernels::real::dispatch::decode(dtype, bytes, dst))
+        })
+    }
+
+    /// `acc[j] += w · x[start + j]`: decode and accumulate in one sweep (weighted sums).
+    pub fn accumulate<T: Real>(&self, start: u64, w: T, acc: &mut [T]) -> Result<()> {
+        let dtype = self.entry.dtype;
+        self.runs(start, acc.len() as u64, |src, o, n| {
+            let dst = acc.get_mut(o..o + n as usize).unwrap_or_default();
+            self.with_raw(src, n, |bytes| crate::kernels::real::dispatch::decode_axpy(dtype, bytes, w, dst))
         })
     }
 
@@ -92,7 +113,16 @@ impl View {
         len * self.elem()
     }
 
-    /// Release the pages behind output elements `[start, start+len)`.
+    /// Ask the kernel to start reading output elements `[start, start+len)` from disk now
+    /// (a chunk is announced whole before it is read piece by piece, so cold reads are
+    /// large and queued deep while the merge works through the first pieces).
+    pub fn will_need(&self, start: u64, len: u64) {
+        let (b, e) = self.span(start, len);
+        self.file.will_need(&self.entry, b, e);
+    }
+
+    /// Release the mapped pages behind output elements `[start, start+len)` (after
+    /// [`View::raw`]).
     pub fn release(&self, start: u64, len: u64) {
         let (b, e) = self.span(start, len);
         self.file.release(&self.entry, b, e);

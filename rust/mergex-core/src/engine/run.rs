@@ -16,7 +16,7 @@ use super::progress::Progress;
 use crate::error::{Error, Result};
 use crate::format::writer::{Placement, Writer};
 use crate::kernels::real::Real;
-use crate::methods::{ChunkInputs, Stats, TensorCtx, TensorMerge};
+use crate::methods::{ChunkInputs, Stats, TensorCtx, TensorMerge, WeightedSum};
 
 /// What a finished merge reports.
 #[derive(Debug, Serialize)]
@@ -207,12 +207,16 @@ impl Engine {
         let m = &*merger;
         let size = t.out.dtype.size() as u64;
         let clock = Instant::now();
+        let fused = merger.weighted_sum();
         let written = chunks.par_iter().try_for_each(|&(start, len)| {
             scratch.with(|s| {
-                with_chunk(t, s, start, len, progress, true, |x, out, _| {
-                    m.merge_chunk(x, out);
-                    Ok(())
-                })?;
+                match &fused {
+                    Some(sum) => weighted_chunk(t, s, start, len, progress, sum)?,
+                    None => with_chunk(t, s, start, len, progress, true, |x, out, _| {
+                        m.merge_chunk(x, out);
+                        Ok(())
+                    })?,
+                }
                 let bytes = s.bytes.get(..len as usize * size as usize).unwrap_or_default();
                 writer.write_at(place.shard, place.offset + start * size, bytes)
             })
@@ -229,8 +233,8 @@ pub(crate) const SUB_BLOCK: u64 = 16 * 1024;
 
 /// Run `f` over one chunk, sub-block by sub-block: decode the same element range of every
 /// input, call `f` with the inputs, an output buffer and this worker's statistics, and
-/// (with `encode`) round the output into `s.bytes` at its place in the chunk. Then release
-/// the chunk's input pages and count its bytes.
+/// (with `encode`) round the output into `s.bytes` at its place in the chunk. Then count
+/// the chunk's bytes.
 fn with_chunk<T: Real>(
     t: &Prepared,
     s: &mut Scratch<T>,
@@ -247,6 +251,9 @@ fn with_chunk<T: Real>(
     let sub = SUB_BLOCK.div_ceil(unit) * unit;
     let size = t.out.dtype.size();
     let views: Vec<_> = t.views().collect();
+    for v in &views {
+        v.will_need(start, len);
+    }
     s.inputs.resize_with(views.len(), Vec::new);
     if encode {
         s.bytes.resize(len as usize * size, 0);
@@ -274,7 +281,51 @@ fn with_chunk<T: Real>(
         at += n as u64;
     }
     for v in &views {
-        v.release(start, len);
+        progress.add_bytes(v.bytes_for(len));
+    }
+    Ok(())
+}
+
+/// The output pass of a [`WeightedSum`] over one chunk: each sub-block is accumulated
+/// input by input while decoding, then divided, rounded and placed in `s.bytes`.
+fn weighted_chunk<T: Real>(
+    t: &Prepared,
+    s: &mut Scratch<T>,
+    start: u64,
+    len: u64,
+    progress: &Progress,
+    sum: &WeightedSum<T>,
+) -> Result<()> {
+    if progress.is_cancelled() {
+        return Err(Error::Cancelled);
+    }
+    let sub = SUB_BLOCK.div_ceil(t.unit()) * t.unit();
+    let size = t.out.dtype.size();
+    s.bytes.resize(len as usize * size, 0);
+    for v in t.views() {
+        v.will_need(start, len);
+    }
+    let mut at = start;
+    while at < start + len {
+        let n = sub.min(start + len - at) as usize;
+        s.out.resize(n, T::ZERO);
+        let out = &mut s.out[..n];
+        out.fill(T::ZERO);
+        for (v, &w) in t.views().zip(&sum.weights) {
+            v.accumulate(at, w, out)?;
+        }
+        if let Some(d) = sum.divisor {
+            for o in out.iter_mut() {
+                *o = *o / d;
+            }
+        }
+        let off = (at - start) as usize * size;
+        if let Some(dst) = s.bytes.get_mut(off..off + n * size) {
+            crate::kernels::real::dispatch::encode(out, t.out.dtype, dst);
+        }
+        at += n as u64;
+    }
+    for v in t.views() {
         progress.add_bytes(v.bytes_for(len));
     }
     Ok(())

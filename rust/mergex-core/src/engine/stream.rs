@@ -124,7 +124,7 @@ impl Engine {
     }
 
     /// Decode elements `[start, start+len)` of every input of tensor `t` (the base first)
-    /// into `out`, input after input (`out.len()` = views × len), then release their pages.
+    /// into `out`, input after input (`out.len()` = views × len).
     pub fn read_chunk<T: Real>(
         &self,
         t: usize,
@@ -141,9 +141,11 @@ impl Engine {
         if start.checked_add(len).is_none_or(|end| end > p.numel()) || out.len() != p.views().count() * n {
             return Err(Error::job("chunk", format!("bad chunk {start}+{len} of '{}'", p.out.name)));
         }
+        for v in p.views() {
+            v.will_need(start, len);
+        }
         for (v, dst) in p.views().zip(out.chunks_mut(n.max(1))) {
             v.read(start, dst)?;
-            v.release(start, len);
             progress.add_bytes(v.bytes_for(len));
         }
         Ok(())

@@ -3,6 +3,8 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 use memmap2::{Mmap, MmapOptions};
@@ -14,6 +16,7 @@ use crate::error::{Error, Result};
 #[derive(Debug)]
 pub struct SafeFile {
     path: PathBuf,
+    file: File,
     map: Mmap,
     header: Header,
     by_name: HashMap<String, usize>,
@@ -46,7 +49,7 @@ impl SafeFile {
         let map = unsafe { MmapOptions::new().len(file_len as usize).map(&file) }
             .map_err(|e| Error::io(path, "map", e))?;
         let by_name = header.tensors.iter().enumerate().map(|(i, t)| (t.name.clone(), i)).collect();
-        Ok(SafeFile { path: path.to_path_buf(), map, header, by_name, stamp })
+        Ok(SafeFile { path: path.to_path_buf(), file, map, header, by_name, stamp })
     }
 
     /// Fail if the file's length or modification time changed since it was opened: its
@@ -74,9 +77,9 @@ impl SafeFile {
         self.by_name.get(name).and_then(|&i| self.header.tensors.get(i))
     }
 
-    /// Bytes `[begin, end)` of a tensor's data (offsets relative to the tensor's start).
-    /// The caller keeps the range within the tensor; out-of-range requests return an error.
-    pub fn bytes(&self, t: &TensorEntry, begin: u64, end: u64) -> Result<&[u8]> {
+    /// Absolute file offsets of bytes `[begin, end)` of a tensor's data (relative to the
+    /// tensor's start), checked to lie within the tensor.
+    fn span(&self, t: &TensorEntry, begin: u64, end: u64) -> Result<(u64, u64)> {
         let out_of_range = || Error::OffsetsOutOfFile {
             path: self.path.clone(),
             tensor: t.name.clone(),
@@ -90,11 +93,46 @@ impl SafeFile {
                 .filter(|&a| a <= t.end)
                 .and_then(|a| a.checked_add(self.header.data_start))
         };
-        let (Some(start), Some(stop)) = (absolute(begin), absolute(end)) else { return Err(out_of_range()) };
-        if stop < start {
-            return Err(out_of_range());
+        match (absolute(begin), absolute(end)) {
+            (Some(start), Some(stop)) if stop >= start => Ok((start, stop)),
+            _ => Err(out_of_range()),
         }
-        self.map.get(start as usize..stop as usize).ok_or_else(out_of_range)
+    }
+
+    /// Bytes `[begin, end)` of a tensor's data (offsets relative to the tensor's start),
+    /// through the memory map. Out-of-range requests return an error.
+    pub fn bytes(&self, t: &TensorEntry, begin: u64, end: u64) -> Result<&[u8]> {
+        let (start, stop) = self.span(t, begin, end)?;
+        self.map.get(start as usize..stop as usize).ok_or_else(|| Error::OffsetsOutOfFile {
+            path: self.path.clone(),
+            tensor: t.name.clone(),
+            begin: t.begin.saturating_add(begin),
+            end: t.begin.saturating_add(end),
+            data_len: t.end,
+        })
+    }
+
+    /// Read bytes `[begin, begin + buf.len())` of a tensor's data into `buf` with `pread`:
+    /// a copy from the page cache through the kernel's own mapping, which streams faster
+    /// than faulting our map in page by page and leaves nothing mapped to release. A file
+    /// that shrank since it was opened gives an error here, where the map would fault.
+    pub fn read_at(&self, t: &TensorEntry, begin: u64, buf: &mut [u8]) -> Result<()> {
+        let (start, _) = self.span(t, begin, begin.saturating_add(buf.len() as u64))?;
+        self.file.read_exact_at(buf, start).map_err(|e| Error::io(&self.path, "read", e))
+    }
+
+    /// Start reading bytes `[begin, end)` of a tensor into the page cache (advisory).
+    pub fn will_need(&self, t: &TensorEntry, begin: u64, end: u64) {
+        let Ok((start, stop)) = self.span(t, begin, end) else { return };
+        // SAFETY: posix_fadvise only reads its arguments; the result is advisory.
+        unsafe {
+            libc::posix_fadvise(
+                self.file.as_raw_fd(),
+                start as libc::off_t,
+                (stop - start) as libc::off_t,
+                libc::POSIX_FADV_WILLNEED,
+            );
+        }
     }
 
     /// Drop the mapped pages covering `bytes` of a tensor from this process's resident set.

@@ -280,6 +280,23 @@ mod tests {
     }
 }
 
+/// `acc[j] += w · x[j]` for `x` decoded from `bytes` of `dtype`: the fused decode and
+/// weighted accumulation of a weighted sum. The same operations in the same order as
+/// decoding the whole range and then [`crate::kernels::axpy`], so the result is identical;
+/// decoding piece by piece into a small stack buffer keeps the decoded values in L1
+/// instead of a buffer per input.
+#[inline(always)]
+pub fn decode_axpy<T: Real>(dtype: Dtype, bytes: &[u8], w: T, acc: &mut [T]) {
+    const PIECE: usize = 512;
+    let mut buf = [T::ZERO; PIECE];
+    let size = dtype.size();
+    for (a, b) in acc.chunks_mut(PIECE).zip(bytes.chunks(PIECE * size)) {
+        let x = &mut buf[..a.len()];
+        T::decode(dtype, b, x);
+        crate::kernels::axpy(a, w, x);
+    }
+}
+
 /// Runtime CPU dispatch of the conversion kernels: the same code compiled for AVX2 where the
 /// CPU has it (detected once), the portable build elsewhere. Results are identical: these
 /// loops have no floating-point reassociation for the wider vectors to change.
@@ -303,6 +320,22 @@ pub mod dispatch {
     #[target_feature(enable = "avx2")]
     fn encode_avx2<T: Real>(vals: &[T], dtype: Dtype, out: &mut [u8]) {
         T::encode(vals, dtype, out)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2")]
+    fn decode_axpy_avx2<T: Real>(dtype: Dtype, bytes: &[u8], w: T, acc: &mut [T]) {
+        super::decode_axpy(dtype, bytes, w, acc)
+    }
+
+    /// [`super::decode_axpy`], AVX2 where available.
+    pub fn decode_axpy<T: Real>(dtype: Dtype, bytes: &[u8], w: T, acc: &mut [T]) {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2() {
+            // SAFETY: the CPU supports AVX2 (checked above).
+            return unsafe { decode_axpy_avx2(dtype, bytes, w, acc) };
+        }
+        super::decode_axpy(dtype, bytes, w, acc)
     }
 
     /// [`Real::decode`], AVX2 where available.

@@ -1,6 +1,6 @@
 //! `linear`: a weighted average (METHODS.md §1).
 
-use super::{param, ChunkInputs, TensorCtx, TensorMerge};
+use super::{param, ChunkInputs, TensorCtx, TensorMerge, WeightedSum};
 use crate::error::Result;
 use crate::kernels::{axpy, real::Real};
 
@@ -40,5 +40,9 @@ impl<T: Real> TensorMerge<T> for Linear<T> {
                 *o = *o / d;
             }
         }
+    }
+
+    fn weighted_sum(&self) -> Option<WeightedSum<T>> {
+        Some(WeightedSum { weights: self.weights.clone(), divisor: self.divisor })
     }
 }

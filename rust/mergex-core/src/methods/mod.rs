@@ -172,6 +172,23 @@ pub trait TensorMerge<T: Real>: Send + Sync {
 
     /// Compute the output values of one chunk.
     fn merge_chunk(&self, x: &mut ChunkInputs<'_, T>, out: &mut [T]);
+
+    /// When the output is a plain weighted sum of the inputs, `out = Σ w_i x_i` (÷ d), the
+    /// engine may compute it while decoding, without [`TensorMerge::merge_chunk`]; the
+    /// result must be identical.
+    fn weighted_sum(&self) -> Option<WeightedSum<T>> {
+        None
+    }
+}
+
+/// `out = (Σ_i w_i x_i) / divisor` over the inputs in order (the base first when there
+/// is one), accumulated in the working precision from zero.
+#[derive(Debug, Clone)]
+pub struct WeightedSum<T> {
+    /// One weight per input.
+    pub weights: Vec<T>,
+    /// Divide by this at the end, when set.
+    pub divisor: Option<T>,
 }
 
 /// Everything a method may look at when it sets up one output tensor.
