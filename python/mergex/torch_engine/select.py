@@ -6,6 +6,10 @@ Rust engine's ``methods/select.rs``.
 
 Use: while ``sel.pending``, call ``sel.collect(start, keys)`` for every chunk of a pass
 and ``sel.advance()`` after it; then ``sel.cut`` decides with :func:`passes`.
+
+Keys are int64 tensors holding unsigned keys of ``key_bits`` bits (64-bit keys with the
+top bit set are negative int64 values); ``Cut.key`` is the unsigned Python int.
+:func:`passes` compares keys as signed numbers, so it takes keys below 2^63 (magnitudes).
 """
 
 from __future__ import annotations
@@ -18,6 +22,12 @@ import torch
 
 LEVEL_BITS = 16
 BINS = 1 << LEVEL_BITS
+_U64 = (1 << 64) - 1
+
+
+def _signed(key: int) -> int:
+    """An unsigned 64-bit key as the int64 value with the same bits."""
+    return key - (1 << 64) if key >= 1 << 63 else key
 
 
 class Side(enum.Enum):
@@ -99,21 +109,30 @@ class Selector:
     def _shift(self, level: int) -> int:
         return self.key_bits - LEVEL_BITS * (level + 1)
 
+    def _top(self, keys: torch.Tensor, shift: int) -> torch.Tensor:
+        """The key bits above ``shift``, as an unsigned number: int64 shifts are
+        arithmetic, so 64-bit keys with the top bit set are masked back to their width."""
+        return (keys >> shift) & ((1 << (self.key_bits - shift)) - 1)
+
     def collect(self, start: int, keys: torch.Tensor) -> None:
         """This pass's statistics from the int64 keys of one chunk starting at ``start``."""
         if self.state == "radix":
             shift = self._shift(self.level)
-            k = keys if self.level == 0 else keys[(keys >> (shift + LEVEL_BITS)) == self.prefix]
-            h = torch.bincount(((k >> shift) & 0xFFFF), minlength=BINS)
-            self._hist = h if self._hist is None else self._hist + h
+            k = keys if self.level == 0 else keys[self._top(keys, shift + LEVEL_BITS) == self.prefix]
+            if self._hist is None:
+                self._hist = torch.zeros(BINS, dtype=torch.int64, device=keys.device)
+            bins = (k >> shift) & 0xFFFF
+            # Accumulate in place: a fresh 65,536-bin histogram per chunk costs more than
+            # the chunk's own work at small budgets.
+            self._hist.index_add_(0, bins, torch.ones_like(bins))
         elif self.state == "gather":
             shift = self._shift(self.level - 1)
-            hit = (keys >> shift) == self.prefix
+            hit = self._top(keys, shift) == self.prefix
             idx = torch.nonzero(hit).flatten()
             self._items.append((keys[idx].cpu(), (idx + start).cpu()))
         elif self.state == "ties":
             assert self.cut is not None
-            self._counts.append((start, int((keys == self.cut.key).sum().item())))
+            self._counts.append((start, int((keys == _signed(self.cut.key)).sum().item())))
 
     def advance(self) -> None:
         """Take the statistics of the pass just finished."""
@@ -136,7 +155,8 @@ class Selector:
             elif count <= self.gather_cap:
                 self.state = "gather"
         elif self.state == "gather":
-            order = sorted(pair for k, i in self._items for pair in zip(k.tolist(), i.tolist(), strict=True))
+            pairs = (pair for k, i in self._items for pair in zip(k.tolist(), i.tolist(), strict=True))
+            order = sorted((k & _U64, i) for k, i in pairs)
             self._items = []
             at = self.rank - self.below
             key = order[at][0] if at < len(order) else 0

@@ -25,6 +25,27 @@ pub(super) fn build<T: Real>(ctx: &TensorCtx<'_>) -> Result<Box<dyn TensorMerge<
     Ok(Box::new(Fusion { row, quartiles: [q(0.25), q(0.5), q(0.75)], threshold: None }))
 }
 
+/// A key that orders f64 values numerically: a row's KL can round below zero, making its
+/// importances negative, and they must rank below the positive ones (METHODS.md: the
+/// quartiles of the sorted values). Raw bits would rank them above.
+fn order_key(v: f64) -> u64 {
+    let b = v.to_bits();
+    if b >> 63 != 0 {
+        !b
+    } else {
+        b | 1 << 63
+    }
+}
+
+/// The value of an [`order_key`].
+fn key_value(k: u64) -> f64 {
+    if k >> 63 != 0 {
+        f64::from_bits(k & !(1 << 63))
+    } else {
+        f64::from_bits(!k)
+    }
+}
+
 /// Importance of every element of whole rows, in f64.
 fn importance<T: Real>(b: &[T], x: &[T], row: usize, imp: &mut Vec<f64>) {
     imp.clear();
@@ -65,7 +86,7 @@ impl<T: Real> TensorMerge<T> for Fusion {
         importance(b, m, self.row as usize, &mut imp);
         for (slot, sel) in self.quartiles.iter().enumerate() {
             if sel.pending() {
-                sel.collect(slot, x.start, imp.iter().map(|v| v.to_bits()), acc);
+                sel.collect(slot, x.start, imp.iter().map(|&v| order_key(v)), acc);
             }
         }
         Ok(())
@@ -78,7 +99,7 @@ impl<T: Real> TensorMerge<T> for Fusion {
             }
         }
         let values: Vec<f64> =
-            self.quartiles.iter().filter_map(|s| s.cut().map(|c| f64::from_bits(c.key))).collect();
+            self.quartiles.iter().filter_map(|s| s.cut().map(|c| key_value(c.key))).collect();
         if let [q1, median, q3] = values[..] {
             self.threshold = Some(median + 1.5 * (q3 - q1));
         }
@@ -98,6 +119,16 @@ impl<T: Real> TensorMerge<T> for Fusion {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn order_keys_sort_numerically() {
+        let mut v = [3.5, -1e-300, 0.0, -2.0, 1e-17, -0.0, f64::MIN_POSITIVE, -7.25];
+        let mut keys: Vec<u64> = v.iter().map(|&x| order_key(x)).collect();
+        keys.sort_unstable();
+        v.sort_by(f64::total_cmp);
+        let back: Vec<f64> = keys.iter().map(|&k| key_value(k)).collect();
+        assert_eq!(back.iter().map(|x| x.to_bits()).collect::<Vec<_>>(), v.map(f64::to_bits).to_vec());
+    }
 
     #[test]
     fn kl_of_equal_rows_is_zero_and_positive_otherwise() {

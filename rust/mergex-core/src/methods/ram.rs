@@ -23,10 +23,15 @@ pub(super) fn build_ram<T: Real>(ctx: &TensorCtx<'_>) -> Result<Box<dyn TensorMe
 pub(super) fn build_ramplus<T: Real>(ctx: &TensorCtx<'_>) -> Result<Box<dyn TensorMerge<T>>> {
     base_check(ctx)?;
     let f = |n: &str| ctx.global(n).map(|v| v as f32 as f64);
+    let alpha = f("alpha")?;
+    if alpha.is_nan() || alpha < 0.0 {
+        // ρ is clamped to [0, alpha]: a negative alpha leaves no such interval.
+        return Err(ctx.bad_param("alpha", format!("must be 0 or more, got {alpha}")));
+    }
     Ok(Box::new(Ram::<T> {
         k: ctx.job.inputs.len(),
         eps: eps(ctx)?,
-        plus: Some((f("r")?, f("alpha")?, f("epsilon")?)),
+        plus: Some((f("r")?, alpha, f("epsilon")?)),
         lambdas: None,
     }))
 }

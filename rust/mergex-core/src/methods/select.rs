@@ -133,11 +133,17 @@ impl Selector {
         match &self.state {
             State::Radix { level, prefix, .. } => {
                 let shift = self.shift(*level);
-                let hist = acc.hist(slot);
-                for k in keys {
-                    if *level == 0 || (k >> (shift + LEVEL_BITS)) == *prefix {
-                        if let Some(h) = hist.get_mut(((k >> shift) & 0xffff) as usize) {
-                            *h += 1;
+                let Ok(hist) = <&mut [u64; BINS]>::try_from(acc.hist(slot).as_mut_slice()) else { return };
+                // The bin index is masked to 16 bits, so indexing the fixed-size array
+                // needs no bounds check; the first level (most passes) has no prefix test.
+                if *level == 0 {
+                    for k in keys {
+                        hist[((k >> shift) & 0xffff) as usize] += 1;
+                    }
+                } else {
+                    for k in keys {
+                        if (k >> (shift + LEVEL_BITS)) == *prefix {
+                            hist[((k >> shift) & 0xffff) as usize] += 1;
                         }
                     }
                 }
@@ -246,6 +252,22 @@ impl Selector {
         };
         Cut { key, keep, eq, ties }
     }
+}
+
+/// The keep decisions of a run of keys against a cut whose ties are all kept or all
+/// dropped ([`Cut::all_or_none`]): a plain comparison, without tie ordinals. `None` when
+/// ordinals are needed.
+pub fn plain_cut(cut: &Cut, above: bool) -> Option<impl Fn(u64) -> bool> {
+    if !cut.all_or_none() {
+        return None;
+    }
+    let (key, with_ties) = (cut.key, cut.keep.1 > cut.keep.0);
+    Some(move |k: u64| match (above, with_ties) {
+        (true, true) => k >= key,
+        (true, false) => k > key,
+        (false, true) => k <= key,
+        (false, false) => k < key,
+    })
 }
 
 /// Keep decision for one element against a resolved cut, given its tie ordinal counter.

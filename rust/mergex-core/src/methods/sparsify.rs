@@ -3,7 +3,7 @@
 //! random ones replay the counter-based draw of [`super::random`].
 
 use super::random::{mix, stream, threshold};
-use super::select::{passes, Selector, Side};
+use super::select::{passes, plain_cut, Selector, Side};
 use super::Stats;
 use crate::kernels::real::Real;
 
@@ -200,6 +200,13 @@ impl Sparsifier {
             Sparsifier::Select { lower, upper } => {
                 let lo = lower.as_ref().and_then(Selector::cut);
                 let hi = upper.as_ref().and_then(Selector::cut);
+                if let (Some(c), None) = (lo, hi) {
+                    if let Some(keep_key) = plain_cut(c, true) {
+                        // The usual top-k: one comparison per element, which vectorizes.
+                        keep.extend(delta.iter().map(|v| keep_key(v.mag_key())));
+                        return;
+                    }
+                }
                 let mut lo_ord = lo.map(|c| c.ties_before(start)).unwrap_or(0);
                 let mut hi_ord = hi.map(|c| c.ties_before(start)).unwrap_or(0);
                 keep.extend(delta.iter().map(|v| {

@@ -1,0 +1,450 @@
+"""The torch engine's slerp, nuslerp, multislerp, karcher and model_stock (issue 6) against
+the Rust engine: the same configs, the same inputs, outputs equal to one unit in the last
+place of the output dtype, and bit for bit on all but a sliver of elements (in practice
+all of them: run with ``-s`` for the count).
+
+The inputs are test_methods_more's families, whose tensors plant the situations these
+methods branch on (exactly parallel and opposite vectors, zero-norm inputs, rows and
+columns of different kinds, all-zero tensors). With the smallest RAM budget every tensor
+spans many chunks, so the whole-tensor and per-column statistics are gathered across
+chunks; with a larger one each tensor is a single chunk.
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+from fractions import Fraction
+from pathlib import Path
+
+import models
+import numpy as np
+import pytest
+import test_methods_more as tm
+import torch
+from mergex.errors import CheckpointError, ConfigError
+from mergex.torch_engine.base import Chunk, TensorCtx
+from mergex.torch_engine.methods import spherical as sp
+
+METHODS = ("slerp", "nuslerp", "multislerp", "karcher", "model_stock")
+CASES = [name for name, c in tm.CASES.items() if c.method in METHODS]
+# One case per method and mode, also run with a budget that holds every tensor in one chunk.
+ONE_CHUNK = [
+    "slerp",
+    "nuslerp_base_whole",
+    "nuslerp_rows",
+    "nuslerp_base_columns",
+    "multislerp_base",
+    "karcher_few_iterations",
+    "model_stock_three",
+    "model_stock_three_filter_wise",
+]
+SMALL, LARGE = "64KiB", "8MiB"
+# Elements that may differ from the Rust engine by one ulp (the requirement), as a share of
+# all elements: a rare rounding-tie difference passes, a systematic change of operation
+# order (which moves a sizeable share of elements by an ulp) does not.
+MAX_OFF_BY_ONE = 0.01
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    """test_methods_more's families (same kinds and seeds), written once per module."""
+    cache: dict = {}
+
+    def get(kind_map: str, dtype: str) -> tm.Family:
+        key = (kind_map, dtype)
+        if key not in cache:
+            root = tmp_path_factory.mktemp(f"{kind_map}-{dtype}")
+            cache[key] = tm.build_family(root, tm.MAPS[kind_map], dtype, seed=sorted(tm.MAPS).index(kind_map))
+        return cache[key]
+
+    return get
+
+
+def merge(cfg: dict, out: Path, engine: str, budget: str = SMALL):
+    import mergex
+
+    result = mergex.merge(
+        models._plain(cfg), out, engine=engine, ram_budget=budget, threads=2, progress=False
+    )
+    return result, models.read_output(out)
+
+
+# Per dtype: the signed integer of its size, the magnitude mask, the bits of +inf.
+BITS = {
+    "F64": (np.int64, 0x7FFFFFFFFFFFFFFF, 0x7FF0000000000000),
+    "F32": (np.int32, 0x7FFFFFFF, 0x7F800000),
+    "BF16": (np.int16, 0x7FFF, 0x7F80),
+    "F16": (np.int16, 0x7FFF, 0x7C00),
+}
+
+
+def ordered(raw: bytes, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """Stored values as integers in the order of the floats they encode, so that adjacent
+    floats differ by 1 (+0 and -0 both map to 0); and where they are NaN."""
+    signed, mag, inf = BITS[dtype]
+    i = np.frombuffer(raw, dtype=np.dtype(signed).newbyteorder("<")).astype(np.int64)
+    return np.where(i < 0, -(i & mag), i), (i & mag) > inf
+
+
+def compare(rust: models.Output, torch_out: models.Output) -> tuple[int, int]:
+    """Assert every tensor has the same dtype and shape and values within one ulp (NaNs in
+    the same places); return (elements not bit-identical, elements)."""
+    assert set(torch_out.raw) == set(rust.raw)
+    off = total = 0
+    for name, (dtype, shape, raw) in rust.raw.items():
+        got_dtype, got_shape, got_raw = torch_out.raw[name]
+        assert (got_dtype, got_shape) == (dtype, shape), name
+        (want, nan_w), (got, nan_g) = ordered(raw, dtype), ordered(got_raw, dtype)
+        np.testing.assert_array_equal(nan_g, nan_w, err_msg=f"{name}: NaNs differ")
+        dist = np.abs(got - want)[~nan_w]
+        bad = np.nonzero(dist > 1)[0]
+        assert not bad.size, f"{name} ({dtype}): {bad.size} elements more than one ulp off, first at {bad[0]}"
+        off += int(np.count_nonzero(dist))
+        total += dist.size
+    return off, total
+
+
+@pytest.fixture(scope="module")
+def tally():
+    """Elements not bit-identical to the Rust engine's, per run; printed at the end (-s)."""
+    counts: dict[str, tuple[int, int]] = {}
+    yield counts
+    off = sum(o for o, _ in counts.values())
+    total = sum(t for _, t in counts.values())
+    print(f"\ntorch vs rust: {off} of {total} output elements not bit-identical in {len(counts)} merges")
+    for key, (o, t) in counts.items():
+        if o:
+            print(f"  {key}: {o} of {t}")
+
+
+def run_case(family, tmp_path: Path, name: str, dtype: str, budget: str, tally) -> None:
+    c = tm.CASES[name]
+    f = family(c.kind_map, dtype)
+    cfg, *_ = c.build(f)
+    # float32 output (the working values), and for bf16 inputs also the default bf16 output.
+    outputs = [("f32", {**cfg, "out_dtype": "float32"})] + ([("bf16", cfg)] if dtype == "bf16" else [])
+    for tag, config in outputs:
+        (rust_res, rust), (torch_res, got) = (
+            merge(config, tmp_path / f"{tag}-{engine}", engine, budget) for engine in ("rust", "torch")
+        )
+        # The same passes over the inputs: the same bytes read, the same statistics passes.
+        assert torch_res.bytes_read == rust_res.bytes_read
+        assert len(torch_res.stat_pass_seconds) == len(rust_res.stat_pass_seconds)
+        off, total = compare(rust, got)
+        tally[f"{name} {dtype} inputs, {tag} output, {budget}"] = (off, total)
+        assert off <= MAX_OFF_BY_ONE * total, f"{off} of {total} elements one ulp off"
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "f32"])
+@pytest.mark.parametrize("name", CASES)
+def test_matches_rust_engine(family, tmp_path, tally, name, dtype):
+    run_case(family, tmp_path, name, dtype, SMALL, tally)
+
+
+@pytest.mark.parametrize("name", ONE_CHUNK)
+def test_matches_rust_engine_one_chunk(family, tmp_path, tally, name):
+    run_case(family, tmp_path, name, "bf16", LARGE, tally)
+
+
+def test_cases_cover_every_method_and_mode():
+    assert {tm.CASES[n].method for n in CASES} == set(METHODS)
+    modes = {"nuslerp_base_whole", "nuslerp_rows", "nuslerp_columns", "model_stock_two_filter_wise"}
+    assert modes <= set(CASES)
+    assert set(ONE_CHUNK) <= set(CASES)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["slerp", "nuslerp_base_columns", "model_stock_three_filter_wise", "karcher_base", "multislerp_base"],
+)
+def test_matches_numpy_reference(family, tmp_path, name):
+    c = tm.CASES[name]
+    f = family(c.kind_map, "bf16")
+    cfg, expected, *either = c.build(f)
+    _, out = merge({**cfg, "out_dtype": "float32"}, tmp_path / "f32", "torch")
+    tm.check(out, expected, "F32", c.exact, f, either[0] if either else None)
+    _, out = merge(cfg, tmp_path / "bf16", "torch")
+    tm.check(out, expected, "BF16", c.exact, f, either[0] if either else None)
+
+
+@pytest.fixture(scope="module")
+def wide_family(family, tmp_path_factory):
+    """The geo family stored as F64, nudged below f32 precision: the engines work in f64."""
+    f = family("geo", "f32")
+    root = tmp_path_factory.mktemp("f64")
+    rng = np.random.default_rng(17)
+
+    def widen(m: models.Model, name: str) -> Path:
+        folder = root / name
+        shutil.copytree(m.path, folder)
+        tensors = {}
+        for n, x in m.tensors.items():
+            v = x.astype(np.float64) * (1.0 + 1e-12 * rng.standard_normal(x.shape))
+            tensors[n] = ("F64", x.shape, v.tobytes())
+        models.write_safetensors(folder / "model.safetensors", tensors, {"format": "pt"})
+        return folder
+
+    return widen(f.base, "base"), [widen(x, f"x{i}") for i, x in enumerate(f.xs)]
+
+
+WIDE = {
+    "slerp": lambda b, xs: (
+        {"merge_method": "slerp", "base_model": b, "models": [{"model": xs[0]}]} | {"parameters": {"t": 0.3}}
+    ),
+    "nuslerp_columns": lambda b, xs: {
+        "merge_method": "nuslerp",
+        "base_model": b,
+        "models": tm.entries(xs[:2], [{"weight": 0.4}, {"weight": 0.6}]),
+        "parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": True},
+    },
+    "nuslerp_rows": lambda b, xs: {
+        "merge_method": "nuslerp",
+        "models": tm.entries(xs[:2], [{"weight": 0.4}, {"weight": 0.6}]),
+        "parameters": {"nuslerp_flatten": False},
+    },
+    "multislerp": lambda b, xs: {
+        "merge_method": "multislerp",
+        "base_model": b,
+        "models": tm.entries(xs, [{"weight": 0.5}, {"weight": 0.3}, {"weight": 0.2}]),
+    },
+    "karcher": lambda b, xs: {"merge_method": "karcher", "models": tm.entries(xs)},
+    "model_stock_filter_wise": lambda b, xs: {
+        "merge_method": "model_stock",
+        "base_model": b,
+        "models": tm.entries(xs),
+        "parameters": {"filter_wise": True},
+    },
+}
+
+
+@pytest.mark.parametrize("name", list(WIDE))
+def test_f64_inputs_match_rust_engine(wide_family, tmp_path, tally, name):
+    base, xs = wide_family
+    cfg = WIDE[name](base, xs)
+    for tag, config in (("f64", cfg), ("f32", {**cfg, "out_dtype": "float32"})):
+        (_, rust), (_, got) = (merge(config, tmp_path / f"{tag}-{e}", e) for e in ("rust", "torch"))
+        assert rust.dtype(tm.EMBED) == tag.upper()
+        off, total = compare(rust, got)
+        tally[f"{name} f64 inputs, {tag} output, {SMALL}"] = (off, total)
+        assert off <= MAX_OFF_BY_ONE * total
+
+
+# --------------------------------------------------------------------------- errors
+
+
+@pytest.fixture(scope="module")
+def antipodal(tmp_path_factory):
+    """Three models equal but for one tensor: v, -v and 0 (multislerp's mean direction is 0)."""
+    root = tmp_path_factory.mktemp("antipodal")
+    rng = np.random.default_rng(7)
+    common = models.random_tensors(tm.SHAPES, "f32", 3)
+    v = tm._grid_base(rng, tm.SHAPES[tm.ANTIPODAL])
+    out = []
+    for i, special in enumerate((v, -v, np.zeros_like(v))):
+        t = dict(common)
+        t[tm.ANTIPODAL] = special
+        out.append(models.write_model(root / f"m{i}", t, "bf16", layers=tm.LAYERS))
+    return out
+
+
+def test_multislerp_antipodal_raises_like_rust(tmp_path, antipodal):
+    cfg = tm.antipodal_config(antipodal)
+    for engine in ("rust", "torch"):
+        out = tmp_path / engine / "merged"
+        out.parent.mkdir()
+        with pytest.raises(CheckpointError) as info:
+            merge(cfg, out, engine)
+        msg = str(info.value)
+        assert tm.ANTIPODAL in msg and "antipodal" in msg, msg
+        assert list(out.parent.iterdir()) == []
+
+
+def test_wrong_model_count_is_a_config_error(tmp_path, family):
+    f = family("geo", "bf16")
+    cfg = {"merge_method": "nuslerp", "models": tm.entries(f.xs, [{"weight": 1.0}] * 3)}
+    with pytest.raises(ConfigError, match="nuslerp"):
+        merge(cfg, tmp_path / "merged", "torch")
+
+
+def ctx(shape, params, model_params, has_base=True, dtype=torch.float32) -> TensorCtx:
+    numel = math.prod(shape)
+    return TensorCtx(
+        index=0,
+        name="model.layers.0.mlp.up_proj.weight",
+        shape=tuple(shape),
+        numel=numel,
+        params=params,
+        model_params=model_params,
+        positions=list(range(len(model_params))),
+        has_base=has_base,
+        seed=0,
+        dtype=dtype,
+        device=torch.device("cpu"),
+        ram_budget=1 << 20,
+        chunks=[(0, numel)],
+    )
+
+
+@pytest.mark.parametrize(
+    ("build", "params", "count", "words"),
+    [
+        ("slerp", {"t": 0.5}, 2, "exactly one other model"),
+        ("nuslerp", {"nuslerp_flatten": 1.0, "nuslerp_row_wise": 0.0}, 1, "exactly two models"),
+        ("model_stock", {"filter_wise": 0.0}, 1, "at least two other models"),
+    ],
+)
+def test_builders_check_model_counts(build, params, count, words):
+    with pytest.raises(ConfigError, match=words):
+        sp.METHODS[build](ctx((4, 8), params, [{"weight": 1.0}] * count))
+
+
+def test_multislerp_zero_weight_sum_is_a_config_error():
+    c = ctx((4, 8), {"normalize_weights": 1.0, "eps": 1e-8}, [{"weight": 1.0}, {"weight": -1.0}])
+    with pytest.raises(ConfigError, match="weight"):
+        sp.METHODS["multislerp"](c)
+
+
+# --------------------------------------------------------------------------- pieces
+
+
+def run_method(merger, base: torch.Tensor | None, models_: torch.Tensor, step: int) -> torch.Tensor:
+    """Drive a merger as the driver does, over chunks of ``step`` elements (fresh copies each
+    pass, since methods may overwrite their inputs)."""
+    n = models_.shape[1]
+
+    def chunks():
+        for s in range(0, n, step):
+            b = None if base is None else base[s : s + step].clone()
+            yield Chunk(start=s, base=b, models=models_[:, s : s + step].clone())
+
+    while merger.wants_pass():
+        for x in chunks():
+            merger.stat_chunk(x)
+        merger.end_pass()
+    return torch.cat([merger.merge_chunk(x) for x in chunks()])
+
+
+@pytest.mark.parametrize(
+    ("method", "params", "passes"),
+    [
+        ("slerp", {"t": 0.3}, 1),
+        ("nuslerp", {"nuslerp_flatten": 1.0, "nuslerp_row_wise": 0.0}, 1),
+        ("nuslerp", {"nuslerp_flatten": 0.0, "nuslerp_row_wise": 0.0}, 0),
+        ("nuslerp", {"nuslerp_flatten": 0.0, "nuslerp_row_wise": 1.0}, 1),
+        ("multislerp", {"normalize_weights": 1.0, "eps": 1e-8}, 1),
+        ("karcher", {"max_iter": 10.0, "tol": 1e-5}, 1),
+        ("model_stock", {"filter_wise": 0.0}, 1),
+        ("model_stock", {"filter_wise": 1.0}, 0),
+    ],
+)
+def test_passes_and_chunk_invariance(method, params, passes):
+    """The Rust pass structure, and the same output bits for any chunking into whole blocks
+    (and whole rows of 64: every step is a multiple of lcm(256, 64))."""
+    shape = (40, 64)
+    k = {"slerp": 1, "nuslerp": 2}.get(method, 3)
+    has_base = method != "karcher"
+    mp = [{"weight": w} for w in (0.5, 0.3, 0.2)[:k]]
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(math.prod(shape), generator=g) if has_base else None
+    xs = torch.randn(k, math.prod(shape), generator=g)
+    if base is not None:
+        xs = base + 0.1 * xs
+    outs = []
+    for step in (256, 768, math.prod(shape)):
+        merger = sp.METHODS[method](ctx(shape, params, mp, has_base))
+        assert merger.planned_passes() == passes
+        assert merger.wants_pass() == (passes > 0)
+        outs.append(run_method(merger, base, xs, step))
+        assert not merger.wants_pass()
+    for o in outs[1:]:
+        assert torch.equal(o.view(torch.int32), outs[0].view(torch.int32))
+
+
+def test_multislerp_single_input_still_runs_a_pass():
+    # As in Rust: no statistics are needed (planned 0), but the pass still happens.
+    merger = sp.METHODS["multislerp"](
+        ctx((8,), {"normalize_weights": 1.0, "eps": 1e-8}, [{"weight": 0.7}], False)
+    )
+    assert merger.planned_passes() == 0 and merger.wants_pass()
+    x = torch.tensor([[1.5, -2.0, 0.0, 3.0, 1e-30, -0.0, 7.0, 8.0]])
+    out = run_method(merger, None, x, 8)
+    assert torch.equal(out.view(torch.int32), (x[0] + 0.0).view(torch.int32))  # -0.0 -> +0.0 too
+
+
+def exact(values) -> float:
+    return float(sum((Fraction(v) for v in values), Fraction(0)))
+
+
+def test_exact_sums_are_exact_and_chunk_free():
+    rng = np.random.default_rng(3)
+    parts = [
+        rng.standard_normal(1000) * np.exp2(rng.integers(-60, 60, 1000)),
+        np.array([1e300, 1.0, -1e300, 5e-324, 2.0**-1074 * 3, -(2.0**-1022)]),
+        rng.standard_normal(500) * 1e-310,  # subnormals
+    ]
+    values = np.concatenate(parts)
+    want = exact(values)
+    for cut in (1, 7, 256, values.size):
+        sums = sp.ExactSums(2, torch.device("cpu"))
+        for s in range(0, values.size, cut):
+            piece = torch.from_numpy(values[s : s + cut].copy())
+            sums.add(piece, 1)
+            sums.add(-piece, 0)
+        got = sums.values()
+        assert got[1] == want and got[0] == -want
+    # 1 + 2^-53 + 2^-100: correct rounding needs the bits below the last one (a sticky bit).
+    sums = sp.ExactSums(1, torch.device("cpu"))
+    sums.add(torch.tensor([1.0, 2.0**-53, 2.0**-100], dtype=torch.float64), 0)
+    assert sums.values() == [1.0 + 2.0**-52]
+
+
+def test_exact_sums_infinities_and_nan():
+    sums = sp.ExactSums(4, torch.device("cpu"))
+    inf = math.inf
+    sums.add(
+        torch.tensor([[1.0, inf], [2.0, -inf], [inf, -inf], [math.nan, 1.0]], dtype=torch.float64),
+        torch.arange(4)[:, None],
+    )
+    got = sums.values()
+    assert got[0] == inf and got[1] == -inf and math.isnan(got[2]) and math.isnan(got[3])
+
+
+def rust_blocks(a: np.ndarray, b: np.ndarray) -> list[float]:
+    """gram.rs ``accumulate`` literally: per 256-element block, element t into lane t % 8 in
+    order, the lanes folded in the fixed tree."""
+    blocks = []
+    for s in range(0, a.size, sp.BLOCK):
+        lanes = [0.0] * 8
+        for t, (p, q) in enumerate(zip(a[s : s + sp.BLOCK], b[s : s + sp.BLOCK], strict=True)):
+            lanes[t & 7] += float(p) * float(q)
+        blocks.append(
+            ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]))
+        )
+    return blocks
+
+
+def test_gram_follows_rust_blocks_and_lanes():
+    rng = np.random.default_rng(11)
+    a, b = ((rng.standard_normal(700) * np.exp2(rng.integers(-20, 20, 700))).astype(np.float32) for _ in "ab")
+    gram = sp.WholeGram(2, torch.device("cpu"))
+    for s in (0, 512):  # chunks start on block boundaries
+        gram.add([torch.from_numpy(a[s : s + 512]), torch.from_numpy(b[s : s + 512])])
+    g = gram.matrix()
+    assert g[0][1] == g[1][0] == exact(rust_blocks(a, b))
+    assert g[0][0] == exact(rust_blocks(a, a)) and g[1][1] == exact(rust_blocks(b, b))
+    # Per row (gram.rs ``local``): the same lanes over the whole row.
+    rows = sp._row_gram([torch.from_numpy(a[:693]).view(7, 99), torch.from_numpy(b[:693]).view(7, 99)])
+    want = [rust_blocks(a[r * 99 : r * 99 + 99], b[r * 99 : r * 99 + 99])[0] for r in range(7)]
+    assert rows[0, 1].tolist() == want
+
+
+def test_karcher_coefficients():
+    # sphere.rs unit tests: two orthogonal unit vectors give the bisector; a zero input is
+    # left out of the direction but counted in the mean norm.
+    c = sp.karcher([[1.0, 0.0], [0.0, 1.0]], 2, 20, 1e-9)
+    h = math.sqrt(0.5)
+    assert abs(c[0] - h) < 1e-9 and abs(c[1] - h) < 1e-9
+    c = sp.karcher([[4.0, 0.0], [0.0, 0.0]], 2, 10, 1e-5)
+    assert abs(c[0] - 0.5) < 1e-12 and c[1] == 0.0
+    assert sp.karcher([[0.0, 0.0], [0.0, 0.0]], 2, 10, 1e-5) == [0.0, 0.0]
