@@ -182,31 +182,6 @@ def test_quartile_keys_rank_numerically():
             assert other._key_value(sel.cut.key) == order[rank], (rank, cap)
 
 
-def test_block_sums_follow_the_rust_lanes():
-    # Rust's block_sum, element by element: lane i % 8 of each block of 256 from the chunk
-    # start, lanes folded in a fixed tree, blocks summed exactly; chunks of whole blocks give
-    # the same total.
-    rng = np.random.default_rng(5)
-    values = rng.standard_normal(256 * 9 + 77) * np.exp2(rng.integers(-30, 30, 256 * 9 + 77))
-
-    def rust_block(block: list[float]) -> float:
-        lanes = [0.0] * 8
-        for i, v in enumerate(block):
-            lanes[i % 8] += v
-        a, b, c, d, e, f, g, h = lanes
-        return ((a + b) + (c + d)) + ((e + f) + (g + h))
-
-    want = [rust_block(values[i : i + 256].tolist()) for i in range(0, values.size, 256)]
-    assert other._block_sums(torch.from_numpy(values)) == want
-    whole, parts = other._ExactSum(), other._ExactSum()
-    for v in want:
-        whole.add(v)
-    for start in range(0, values.size, 3 * 256):
-        for v in other._block_sums(torch.from_numpy(values[start : start + 3 * 256])):
-            parts.add(v)
-    assert whole.value() == parts.value() == math.fsum(want)
-
-
 @pytest.mark.parametrize("engine", ["rust", "torch"])
 def test_ramplus_negative_alpha_is_a_config_error(mergex_mod, zoo, tmp_path, engine):
     # rho is clamped to [0, alpha]; a negative alpha is refused before anything is written.

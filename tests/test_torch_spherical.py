@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import math
 import shutil
-from fractions import Fraction
 from pathlib import Path
 
 import models
@@ -25,6 +24,7 @@ import torch
 from mergex.errors import CheckpointError, ConfigError
 from mergex.torch_engine.base import Chunk, TensorCtx
 from mergex.torch_engine.methods import spherical as sp
+from test_torch_kit import exact, rust_block_sums
 
 METHODS = ("slerp", "nuslerp", "multislerp", "karcher", "model_stock")
 CASES = [name for name, c in tm.CASES.items() if c.method in METHODS]
@@ -372,56 +372,10 @@ def test_multislerp_single_input_still_runs_a_pass():
     assert torch.equal(out.view(torch.int32), (x[0] + 0.0).view(torch.int32))  # -0.0 -> +0.0 too
 
 
-def exact(values) -> float:
-    return float(sum((Fraction(v) for v in values), Fraction(0)))
-
-
-def test_exact_sums_are_exact_and_chunk_free():
-    rng = np.random.default_rng(3)
-    parts = [
-        rng.standard_normal(1000) * np.exp2(rng.integers(-60, 60, 1000)),
-        np.array([1e300, 1.0, -1e300, 5e-324, 2.0**-1074 * 3, -(2.0**-1022)]),
-        rng.standard_normal(500) * 1e-310,  # subnormals
-    ]
-    values = np.concatenate(parts)
-    want = exact(values)
-    for cut in (1, 7, 256, values.size):
-        sums = sp.ExactSums(2, torch.device("cpu"))
-        for s in range(0, values.size, cut):
-            piece = torch.from_numpy(values[s : s + cut].copy())
-            sums.add(piece, 1)
-            sums.add(-piece, 0)
-        got = sums.values()
-        assert got[1] == want and got[0] == -want
-    # 1 + 2^-53 + 2^-100: correct rounding needs the bits below the last one (a sticky bit).
-    sums = sp.ExactSums(1, torch.device("cpu"))
-    sums.add(torch.tensor([1.0, 2.0**-53, 2.0**-100], dtype=torch.float64), 0)
-    assert sums.values() == [1.0 + 2.0**-52]
-
-
-def test_exact_sums_infinities_and_nan():
-    sums = sp.ExactSums(4, torch.device("cpu"))
-    inf = math.inf
-    sums.add(
-        torch.tensor([[1.0, inf], [2.0, -inf], [inf, -inf], [math.nan, 1.0]], dtype=torch.float64),
-        torch.arange(4)[:, None],
-    )
-    got = sums.values()
-    assert got[0] == inf and got[1] == -inf and math.isnan(got[2]) and math.isnan(got[3])
-
-
 def rust_blocks(a: np.ndarray, b: np.ndarray) -> list[float]:
-    """gram.rs ``accumulate`` literally: per 256-element block, element t into lane t % 8 in
-    order, the lanes folded in the fixed tree."""
-    blocks = []
-    for s in range(0, a.size, sp.BLOCK):
-        lanes = [0.0] * 8
-        for t, (p, q) in enumerate(zip(a[s : s + sp.BLOCK], b[s : s + sp.BLOCK], strict=True)):
-            lanes[t & 7] += float(p) * float(q)
-        blocks.append(
-            ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]))
-        )
-    return blocks
+    """gram.rs ``accumulate`` literally: the products in f64, summed per block as Rust's
+    ``block_sum``."""
+    return rust_block_sums(a.astype(np.float64) * b.astype(np.float64))
 
 
 def test_gram_follows_rust_blocks_and_lanes():

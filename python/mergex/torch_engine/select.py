@@ -22,7 +22,8 @@ import torch
 
 LEVEL_BITS = 16
 BINS = 1 << LEVEL_BITS
-_U64 = (1 << 64) - 1
+_TOP = 1 << 63
+_TOP_I64 = -_TOP  # the top bit as an int64 value
 
 
 def _signed(key: int) -> int:
@@ -155,16 +156,16 @@ class Selector:
             elif count <= self.gather_cap:
                 self.state = "gather"
         elif self.state == "gather":
-            pairs = (pair for k, i in self._items for pair in zip(k.tolist(), i.tolist(), strict=True))
-            order = sorted((k & _U64, i) for k, i in pairs)
+            shifted, idx = _sorted_candidates(self._items)
             self._items = []
             at = self.rank - self.below
-            key = order[at][0] if at < len(order) else 0
-            first = bisect.bisect_left(order, (key, -1))
-            ties = [i for k, i in order if k == key]
-            cut = self._cut_at(key, self.below + first, len(ties))
+            key = int(shifted[at]) + _TOP if at < shifted.numel() else 0
+            probe = torch.tensor([key - _TOP], dtype=torch.int64)
+            first = int(torch.searchsorted(shifted, probe).item())
+            last = int(torch.searchsorted(shifted, probe, right=True).item())
+            cut = self._cut_at(key, self.below + first, last - first)
             if not _unneeded(cut):
-                cut.sorted_ties = ties
+                cut.sorted_ties = idx[first:last].tolist()
             self.cut = cut
             self.state = "done"
         elif self.state == "ties":
@@ -194,6 +195,19 @@ class Selector:
         if key == 0 and keep != (0, eq):
             keep = (0, 0)
         return Cut(key=key, keep=keep, eq=eq)
+
+
+def _sorted_candidates(items: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gathered keys and flat indices in ascending (key, index) order, the keys shifted
+    by -2^63 (their top bit flipped) so that their int64 order is their unsigned order."""
+    if not items:
+        return torch.zeros(0, dtype=torch.int64), torch.zeros(0, dtype=torch.int64)
+    keys = torch.cat([k for k, _ in items]) ^ _TOP_I64
+    idx = torch.cat([i for _, i in items])
+    # By index (all distinct), then stably by key: ties stay in index order.
+    by_index = torch.argsort(idx)
+    shifted, by_key = torch.sort(keys[by_index], stable=True)
+    return shifted, idx[by_index][by_key]
 
 
 def _unneeded(cut: Cut) -> bool:

@@ -13,66 +13,9 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from .. import kit
 from ..base import Chunk, TensorCtx, TorchMerge, f32
 from ..select import Selector, Side, key_bits, mag_keys, passes
-
-# The Rust engine's reduction block (``engine/reduce.rs``): whole-tensor sums are taken in
-# f64 over blocks of this many elements, counted from each chunk's start, in 8 lanes.
-_BLOCK = 256
-_LANES = 8
-# Scale that makes every finite f64 an integer (2^-1074 is the smallest subnormal).
-_EXACT_SHIFT = 1074
-_SIGN = 1 << 63
-_SIGN_I64 = -(1 << 63)  # the sign bit as an int64 value
-
-
-class _ExactSum:
-    """An exact sum of f64 values, rounded once when read: the value of the Rust engine's
-    ``ExactSum`` superaccumulator, so it does not depend on the order values arrive in."""
-
-    def __init__(self) -> None:
-        self.scaled = 0
-        self.nan = self.pos_inf = self.neg_inf = False
-
-    def add(self, value: float) -> None:
-        if math.isnan(value):
-            self.nan = True
-        elif math.isinf(value):
-            self.pos_inf |= value > 0
-            self.neg_inf |= value < 0
-        elif value:
-            num, den = value.as_integer_ratio()
-            self.scaled += num * ((1 << _EXACT_SHIFT) // den)
-
-    def value(self) -> float:
-        if self.nan or (self.pos_inf and self.neg_inf):
-            return math.nan
-        if self.pos_inf or self.neg_inf:
-            return math.inf if self.pos_inf else -math.inf
-        try:
-            # int / int is correctly rounded in Python, as the Rust accumulator's read-out is.
-            return self.scaled / (1 << _EXACT_SHIFT)
-        except OverflowError:
-            return math.copysign(math.inf, self.scaled)
-
-
-def _block_sums(values: torch.Tensor) -> list[float]:
-    """Rust's ``block_sum`` over one chunk's f64 values (its start a multiple of the block):
-    per block of 256, element ``i`` added to lane ``i % 8`` in index order, the lanes folded
-    in a fixed tree. Returns the block sums, for an :class:`_ExactSum`."""
-    n = values.numel()
-    blocks = -(-n // _BLOCK)
-    # Zeros past the end leave a lane's sum unchanged (up to the sign of a zero sum,
-    # which the exact sum ignores).
-    padded = torch.zeros(blocks * _BLOCK, dtype=torch.float64, device=values.device)
-    padded[:n] = values
-    steps = padded.view(blocks, _BLOCK // _LANES, _LANES)
-    lanes = steps[:, 0, :].clone()
-    for s in range(1, _BLOCK // _LANES):
-        lanes = lanes + steps[:, s, :]
-    l0, l1, l2, l3, l4, l5, l6, l7 = lanes.unbind(1)
-    sums = ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7))
-    return [float(v) for v in sums.tolist()]
 
 
 def _not_below(value: torch.Tensor, floor: torch.Tensor) -> torch.Tensor:
@@ -123,7 +66,9 @@ class Sce(TorchMerge):
         gather_cap = max(ctx.ram_budget // 4 // 16, 4096)
         self.select = Selector(0, Side.TOPK, key_bits(ctx.dtype), gather_cap)
         self.nonzero = 0
-        self.squares = [_ExactSum() for _ in ctx.model_params]
+        self.squares = kit.ExactSums(len(ctx.model_params), ctx.device)
+        self.slots = torch.arange(len(ctx.model_params), device=ctx.device)[:, None]
+        """Per model, the slot of its sum of squares."""
         self.weights: list[torch.Tensor] | None = None
 
     def planned_passes(self) -> int:
@@ -155,10 +100,8 @@ class Sce(TorchMerge):
             self.select.collect(x.start, mag_keys(var))
         else:
             self._apply_selection(x, var)
-            for acc, m in zip(self.squares, x.models, strict=True):
-                v = m.to(torch.float64)
-                for s in _block_sums(v * v):
-                    acc.add(s)
+            wide = (m.to(torch.float64) for m in x.models)
+            self.squares.add(torch.stack([kit.block_sums(v * v) for v in wide]), self.slots)
 
     def end_pass(self) -> None:
         if self.probing:
@@ -174,8 +117,9 @@ class Sce(TorchMerge):
         elif self._selecting():
             self.select.advance()
         else:
-            count = len(self.squares)
-            c = [acc.value() / float(max(self.n, 1)) for acc in self.squares]
+            sums = self.squares.values()
+            count = len(sums)
+            c = [v / float(max(self.n, 1)) for v in sums]
             total = 0.0
             for v in c:  # a plain f64 sum in model order, as Rust's ``Iterator::sum``
                 total += v
@@ -338,6 +282,10 @@ def _kl_rows(x: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """KL(p ‖ q) of every row, p = softmax(x) + 1e-8, q = softmax(b) + 1e-8, in f64 on the CPU."""
     p, q = _softmax(x), _softmax(b)
     return _seq_sum(p * _libm(math.log, p / q))
+
+
+_SIGN = 1 << 63
+_SIGN_I64 = -(1 << 63)  # the sign bit as an int64 value
 
 
 def _order_keys(values: torch.Tensor) -> torch.Tensor:

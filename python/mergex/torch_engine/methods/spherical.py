@@ -8,7 +8,7 @@ the Rust engine's:
 
 - whole tensor (gram.rs ``accumulate``): in f64 within 256-element blocks (element ``t`` of a
   block into lane ``t % 8``, lanes summed in index order and folded in a fixed tree), block
-  sums added exactly (:class:`ExactSums`, the same superaccumulator as engine/reduce.rs);
+  sums added exactly (``kit.block_sums`` and ``kit.ExactSums``, as engine/reduce.rs);
 - per row (gram.rs ``local``): the same eight lanes over the whole row;
 - per column (nuslerp with ``nuslerp_row_wise``): every product added exactly.
 
@@ -24,15 +24,11 @@ import math
 import sys
 from collections.abc import Callable, Sequence
 
-import numpy as np
 import torch
 
 from ...errors import CheckpointError
+from .. import kit
 from ..base import Chunk, TensorCtx, TorchMerge, f32
-
-BLOCK = 256
-"""Elements per reduction block (engine/reduce.rs); every chunk starts on a block boundary."""
-LANES = 8
 
 # --------------------------------------------------------------------------- Rust's f64 scalars
 
@@ -93,121 +89,11 @@ def _quad(g: list[list[float]], a: Sequence[float], b: Sequence[float]) -> float
     return s
 
 
-# --------------------------------------------------------------------------- exact sums
-
-_M32 = 0xFFFFFFFF
-_LIMBS = 70
-# Values added to one limb between carry passes: each adds less than 2^33 in magnitude.
-_PENDING_MAX = 1 << 28
-# Values handled at once by ExactSums.add (bounds its int64 temporaries).
-_ADD_SLICE = 1 << 18
-# Elements of each vector handled at once for dot products (a multiple of BLOCK; bounds the
-# f64 temporaries).
-_SLICE = 1 << 16
-
-
-class ExactSums:
-    """Exact sums of f64 values in ``groups`` slots, on the device: the superaccumulator of
-    engine/reduce.rs (``ExactSum``) — 32-bit digits at fixed binary positions held in int64,
-    carries propagated now and then — read out correctly rounded, as Rust's ``value()``.
-    Exact addition is associative, so chunking and order never change the result."""
-
-    def __init__(self, groups: int, device: torch.device) -> None:
-        self.limbs = torch.zeros(groups, _LIMBS, dtype=torch.int64, device=device)
-        self.flags = torch.zeros(groups, 4, dtype=torch.int64, device=device)
-        """Per group, counts of: finite values, NaNs, +inf, -inf."""
-        self.pending = 0
-
-    def add(self, values: torch.Tensor, groups: torch.Tensor | int) -> None:
-        """Add every value to its group: ``groups`` is one slot for all, or a tensor that
-        broadcasts to ``values``' shape."""
-        flat = values.to(torch.float64).reshape(-1)
-        index = (
-            torch.full_like(flat, groups, dtype=torch.int64)
-            if isinstance(groups, int)
-            else groups.to(device=flat.device, dtype=torch.int64).expand(values.shape).reshape(-1)
-        )
-        for at in range(0, flat.numel(), _ADD_SLICE):
-            self._add(flat[at : at + _ADD_SLICE], index[at : at + _ADD_SLICE])
-
-    def _add(self, values: torch.Tensor, groups: torch.Tensor) -> None:
-        if self.pending + values.numel() > _PENDING_MAX:
-            self._normalize()
-        bits = values.contiguous().view(torch.int64)
-        exp = (bits >> 52) & 0x7FF
-        frac = bits & ((1 << 52) - 1)
-        special = exp == 0x7FF
-        kind = torch.where(special, torch.where(frac != 0, 1, torch.where(bits < 0, 3, 2)), 0)
-        self.flags.view(-1).index_add_(0, groups * 4 + kind, torch.ones_like(kind))
-        subnormal = exp == 0
-        mant = torch.where(subnormal, frac, frac | (1 << 52)).masked_fill_(special, 0)
-        pos = torch.where(subnormal, 0, exp - 1)  # bit position of the mantissa's lowest bit
-        shift = pos & 31
-        low = (mant & _M32) << shift  # < 2^63
-        high = (mant >> 32) << shift  # < 2^53
-        sign = torch.where(bits < 0, -1, 1)
-        digits = (
-            (low & _M32) * sign,
-            ((low >> 32) + (high & _M32)) * sign,
-            (high >> 32) * sign,
-        )
-        at = groups * _LIMBS + (pos >> 5)
-        dest = self.limbs.view(-1)
-        for k, d in enumerate(digits):
-            dest.index_add_(0, at + k, d)
-        self.pending += values.numel()
-
-    def _normalize(self) -> None:
-        """Carry so that every limb but the last lies in [0, 2^32) (the last holds the sign)."""
-        limbs = self.limbs
-        for i in range(_LIMBS - 1):
-            carry = limbs[:, i] >> 32
-            limbs[:, i] &= _M32
-            limbs[:, i + 1] += carry
-        self.pending = 0
-
-    def values(self) -> list[float]:
-        """Every group's sum, correctly rounded to f64 (NaN and infinities as Rust's)."""
-        self._normalize()
-        limbs = self.limbs.cpu().numpy()
-        low = np.ascontiguousarray(limbs[:, :-1].astype("<u4"))
-        out = []
-        for g, (_, nan, pos_inf, neg_inf) in enumerate(self.flags.tolist()):
-            if nan or (pos_inf and neg_inf):
-                out.append(math.nan)
-            elif pos_inf or neg_inf:
-                out.append(math.inf if pos_inf else -math.inf)
-            else:
-                top = int(limbs[g, -1]) << (32 * (_LIMBS - 1))
-                out.append(_scaled(int.from_bytes(low[g].tobytes(), "little") + top))
-        return out
-
-
-def _scaled(total: int) -> float:
-    """``total · 2^-1074`` correctly rounded (Python's int division rounds correctly)."""
-    try:
-        return total / (1 << 1074)
-    except OverflowError:
-        return math.copysign(math.inf, total)
-
-
 # --------------------------------------------------------------------------- dot products
 
-
-def _lane_fold(prod: torch.Tensor) -> torch.Tensor:
-    """Row sums of ``prod`` ([G, L], f64) as gram.rs's ``lane_dot``: element ``t`` into lane
-    ``t % 8`` in index order, then the fixed tree of engine/reduce.rs ``fold``. Zero padding
-    is harmless: a lane starts at +0.0, so it is never -0.0, and adding +0.0 changes nothing."""
-    groups, length = prod.shape
-    steps = -(-length // LANES)
-    if steps * LANES != length:
-        prod = torch.nn.functional.pad(prod, (0, steps * LANES - length))
-    view = prod.reshape(groups, steps, LANES)
-    lanes = torch.zeros(groups, LANES, dtype=torch.float64, device=prod.device)
-    for s in range(steps):
-        lanes += view[:, s]
-    x = lanes.unbind(1)
-    return ((x[0] + x[1]) + (x[2] + x[3])) + ((x[4] + x[5]) + (x[6] + x[7]))
+# Elements of each vector handled at once for dot products (a multiple of kit.BLOCK; bounds
+# the f64 temporaries).
+_SLICE = 1 << 16
 
 
 def _pairs(k: int) -> list[tuple[int, int]]:
@@ -232,18 +118,14 @@ class WholeGram:
     def __init__(self, k: int, device: torch.device) -> None:
         self.k = k
         self.slots = torch.arange(len(_pairs(k)), device=device)[:, None]
-        self.sums = ExactSums(len(_pairs(k)), device)
+        self.sums = kit.ExactSums(len(_pairs(k)), device)
 
     def add(self, vectors: Sequence[torch.Tensor]) -> None:
         """One chunk of every vector (the chunk starts on a block boundary, as its blocks)."""
         n = vectors[0].numel()
         for at in range(0, n, _SLICE):
             prods = _pair_products([v[at : at + _SLICE] for v in vectors])
-            pad = -prods.shape[1] % BLOCK
-            if pad:
-                prods = torch.nn.functional.pad(prods, (0, pad))
-            blocks = _lane_fold(prods.view(-1, BLOCK)).view(prods.shape[0], -1)
-            self.sums.add(blocks, self.slots)
+            self.sums.add(kit.block_sums(prods), self.slots)
 
     def matrix(self) -> list[list[float]]:
         g = [[0.0] * self.k for _ in range(self.k)]
@@ -260,7 +142,7 @@ def _row_gram(rows: Sequence[torch.Tensor]) -> dict[tuple[int, int], torch.Tenso
     parts = []
     for at in range(0, count, step):
         prods = _pair_products([r[at : at + step] for r in rows])
-        parts.append(_lane_fold(prods.view(-1, m)).view(prods.shape[0], -1))
+        parts.append(kit.lane_fold(prods.view(-1, m)).view(prods.shape[0], -1))
     sums = torch.cat(parts, dim=1)
     return {pair: sums[s] for s, pair in enumerate(_pairs(len(rows)))}
 
@@ -341,7 +223,7 @@ class Nuslerp(TorchMerge):
             else:
                 self.mode, self.width = "rows", max(ctx.shape[-1], 1)
         self.gram = WholeGram(2, ctx.device) if self.mode == "flat" else None
-        self.columns = ExactSums(3 * self.width, ctx.device) if self.mode == "columns" else None
+        self.columns = kit.ExactSums(3 * self.width, ctx.device) if self.mode == "columns" else None
         self.coef: tuple[torch.Tensor | float, torch.Tensor | float] | None = None
 
     def planned_passes(self) -> int:

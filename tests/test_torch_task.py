@@ -1,0 +1,526 @@
+"""The torch engine's task-vector family (METHODS.md §2, §3) against the Rust engine, the
+numpy reference and, for its exact rank selection, a sort.
+
+Every method runs the same config through both engines, mostly at the smallest RAM budget
+(so magnitude cuts, L1 rescale factors and row ranks are gathered over many chunks), and
+the outputs must agree within one unit in the last place of the output dtype — in fact
+they are compared bit for bit, since the torch code does the Rust code's operations in its
+order. Three sets of models:
+
+- ``planted``: base and experts on a grid of 2^-6 (exact in bf16), every delta one of
+  ±1, ±2, ±3 · 2^-6 (half of them ±1): every magnitude cut falls inside a long run of equal
+  |δ| spread over the whole tensor — on the largest tensors one too long to gather in
+  memory at 64KiB, so its ties are counted per chunk — and many sign sums are exactly 0.
+- ``random``: a random bf16 base, experts in bf16, f16 and f32 with small nonzero deltas.
+- ``bits``: float32 experts whose deltas are c · 2^(-4-4i) (c in 1, 2, 3) for expert i, so
+  that with weight 1 and no rescale or normalization the output minus the base spells out
+  which experts' elements were kept: the random masks themselves are compared.
+
+Every set also holds a 3-D tensor, which DELLA ranks along axis 1.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+
+import models
+import numpy as np
+import pytest
+import reference as ref
+import torch
+from mergex.torch_engine import driver as torch_driver
+from mergex.torch_engine.base import TensorCtx, TorchMerge
+from mergex.torch_engine.select import Cut, Selector, Side, key_bits, mag_keys, passes
+
+LAYERS = 2
+SHAPES = models.llama_shapes(layers=LAYERS, vocab=160, hidden=64, inter=96)
+SHAPES["model.layers.1.mlp.experts.weight"] = (4, 16, 40)
+METHODS = [
+    "task_arithmetic",
+    "ties",
+    "dare_ties",
+    "dare_linear",
+    "breadcrumbs",
+    "breadcrumbs_ties",
+    "della",
+    "della_linear",
+]
+RANDOM_METHODS = ["dare_ties", "dare_linear", "della", "della_linear"]
+GRID = 2.0**-6
+
+
+# --------------------------------------------------------------------------- models
+
+
+def planted_family(root: Path, seed: int = 0) -> tuple[models.Model, list[models.Model]]:
+    rng = np.random.default_rng(seed)
+    base_t = {n: (rng.integers(-64, 65, s) * GRID).astype(np.float32) for n, s in SHAPES.items()}
+    base = models.write_model(root / "base", base_t, "bf16", layers=LAYERS)
+
+    def sign(shape: tuple[int, ...]) -> np.ndarray:
+        return rng.choice(np.array([-1, 1]), shape)
+
+    xs = []
+    for i in range(3):
+        t = {
+            n: (
+                v + sign(v.shape) * rng.choice(np.array([1, 2, 3]), v.shape, p=[0.5, 0.3, 0.2]) * GRID
+            ).astype(np.float32)
+            for n, v in base_t.items()
+        }
+        xs.append(models.write_model(root / f"expert_{i}", t, "bf16", layers=LAYERS))
+    return base, xs
+
+
+def random_family(root: Path, seed: int = 10) -> tuple[models.Model, list[models.Model]]:
+    base = models.write_model(
+        root / "base", models.random_tensors(SHAPES, "bf16", seed), "bf16", layers=LAYERS
+    )
+    rng = np.random.default_rng(seed + 1)
+    xs = []
+    for i, dtype in enumerate(("bf16", "f16", "f32")):
+        t = {}
+        for n, b in base.tensors.items():
+            x = ref.round_to(
+                b + np.float32(0.01) * rng.standard_normal(b.shape, dtype=np.float32), models.SHORT[dtype]
+            )
+            # Where rounding gave the base value back, move it clearly away: no zero deltas.
+            away = ref.round_to(b * np.float32(1.125) + np.copysign(np.float32(0.01), b), models.SHORT[dtype])
+            t[n] = np.where(x == b, away, x)
+        xs.append(models.write_model(root / f"expert_{i}", t, dtype, layers=LAYERS))
+    for x in xs:
+        for n in base.tensors:
+            assert np.all(x.tensors[n] != base.tensors[n]), n
+    return base, xs
+
+
+def bits_family(root: Path, seed: int = 4) -> tuple[models.Model, list[models.Model]]:
+    rng = np.random.default_rng(seed)
+    base_t = {n: (rng.integers(-32, 33, s) * 0.25).astype(np.float32) for n, s in SHAPES.items()}
+    base = models.write_model(root / "base", base_t, "f32", layers=LAYERS)
+    xs = []
+    for i in range(3):
+        t = {
+            n: v + rng.integers(1, 4, v.shape).astype(np.float32) * np.float32(2.0 ** (-4 - 4 * i))
+            for n, v in base_t.items()
+        }
+        xs.append(models.write_model(root / f"expert_{i}", t, "f32", layers=LAYERS))
+    return base, xs
+
+
+def wide_family(root: Path, random: tuple[models.Model, list[models.Model]], seed: int = 12):
+    """The random family with its last expert replaced by one stored in F64 (values not
+    representable in f32): the whole merge then works in f64, with 64-bit magnitude keys."""
+    base, xs = random
+    rng = np.random.default_rng(seed)
+    path = root / "expert_f64"
+    path.mkdir(parents=True)
+    t = {n: b.astype(np.float64) + 0.01 * rng.standard_normal(b.shape) for n, b in base.tensors.items()}
+    raw = {n: ("F64", v.shape, v.astype("<f8").tobytes()) for n, v in t.items()}
+    models.write_safetensors(path / "model.safetensors", raw, {"format": "pt"})
+    (path / "config.json").write_text(json.dumps(models.model_config(LAYERS, "f32")))
+    return base, [*xs[:2], models.Model(path=path, dtype="F64", tensors={}, layers=LAYERS)]
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[models.Model, list[models.Model]]]:
+    root = tmp_path_factory.mktemp("torch_task")
+    random = random_family(root / "random")
+    return {
+        "planted": planted_family(root / "planted"),
+        "random": random,
+        "bits": bits_family(root / "bits"),
+        "wide": wide_family(root / "wide", random),
+    }
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def wd(weight: float, density: object = None, **more: object) -> dict[str, object]:
+    p: dict[str, object] = {"weight": weight, **more}
+    if density is not None:
+        p["density"] = density
+    return p
+
+
+# name -> (method, per-expert parameters, top-level parameters, seed)
+CASES: dict[str, tuple[str, list[dict[str, object]], dict[str, object] | None, int]] = {
+    "task_arithmetic": (
+        "task_arithmetic",
+        [wd(0.6), wd(-0.3), wd(0.5)],
+        {"normalize": True, "lambda": 0.75},
+        0,
+    ),
+    "ties": ("ties", [wd(0.6, 0.7), wd(0.5, [0.25, 0.75]), wd(-0.3, 0.5)], None, 0),
+    # density 1 keeps all, 0 nothing; with the rescale, one more statistics pass for the L1
+    # of the kept elements.
+    "ties_rescale": ("ties", [wd(0.5, 1.0), wd(1.0, 0.0), wd(0.7, 0.7)], {"rescale": True, "lambda": 1.5}, 0),
+    "dare_ties": ("dare_ties", [wd(1.0, 0.5), wd(0.7, [0.25, 0.75]), wd(0.4, 0.9)], None, 7),
+    "dare_linear": (
+        "dare_linear",
+        [wd(0.5, 0.3), wd(-0.4, 0.6), wd(0.3, [0.75, 0.25])],
+        {"lambda": 0.8},
+        123456789,
+    ),
+    "breadcrumbs": (
+        "breadcrumbs",
+        [wd(0.5, 0.8, gamma=0.05), wd(0.3, 0.7), wd(0.2, [0.5, 0.875], gamma=0.1)],
+        None,
+        0,
+    ),
+    # gamma 0.2 with density 0.9: bot = 0 (only the top is cut); gamma 0: no top cut.
+    "breadcrumbs_ties": (
+        "breadcrumbs_ties",
+        [wd(1.0, 0.9, gamma=0.2), wd(-0.4, 0.7, gamma=0.0), wd(0.6, 0.5, gamma=0.05)],
+        {"rescale": True},
+        0,
+    ),
+    "della": ("della", [wd(0.4, 0.5, epsilon=0.1), wd(0.4, [0.3, 0.7]), wd(0.2, 0.6, epsilon=0.2)], None, 99),
+    "della_linear": (
+        "della_linear",
+        [wd(0.3, 0.4, epsilon=0.05), wd(-0.6, 0.5, epsilon=0.1), wd(0.5, [0.25, 0.75], epsilon=0.2)],
+        {"normalize": True},
+        2**32 - 1,
+    ),
+}
+
+
+# The output is rounded by the writer both engines share: bf16 on a few cases is enough.
+BF16_CASES = ["task_arithmetic", "ties", "dare_ties", "della"]
+
+
+def case_config(case: str, base: models.Model, xs: list[models.Model]) -> tuple[dict, int]:
+    method, params, top, seed = CASES[case]
+    entries = [{"model": x, "parameters": dict(p)} for x, p in zip(xs, params, strict=True)]
+    cfg: dict = {"merge_method": method, "base_model": base, "models": entries}
+    if top:
+        cfg["parameters"] = dict(top)
+    return cfg, seed
+
+
+# --------------------------------------------------------------------------- running and comparing
+
+
+class Recorder:
+    """Wraps a torch method's builder: per tensor, the passes it planned and ran."""
+
+    def __init__(self, build: Callable[[TensorCtx], TorchMerge]) -> None:
+        self.build = build
+        self.planned: dict[str, int] = {}
+        self.ran: dict[str, int] = {}
+        self.dtypes: set[torch.dtype] = set()
+
+    def __call__(self, ctx: TensorCtx) -> TorchMerge:
+        merger = self.build(ctx)
+        self.planned[ctx.name] = merger.planned_passes()
+        self.ran[ctx.name] = 0
+        self.dtypes.add(ctx.dtype)
+        end_pass = merger.end_pass
+
+        def counted() -> None:
+            self.ran[ctx.name] += 1
+            end_pass()
+
+        merger.end_pass = counted  # type: ignore[method-assign]
+        return merger
+
+
+def run_both(mergex_mod, monkeypatch, cfg: dict, root: Path, seed: int, budget: str = "64KiB"):
+    """Merge with both engines: (rust output, torch output, recorder), after checking the
+    passes: the torch merger plans what the Rust plan says and runs as many passes."""
+    plain = models._plain(cfg)
+    plan = mergex_mod.plan(plain, ram_budget=budget, threads=2)
+    rec = Recorder(torch_driver.METHODS[cfg["merge_method"]])
+    monkeypatch.setitem(torch_driver.METHODS, cfg["merge_method"], rec)
+    kw = {"ram_budget": budget, "threads": 2, "progress": False, "seed": seed}
+    root.mkdir(parents=True, exist_ok=True)
+    r = mergex_mod.merge(plain, root / "rust", **kw)
+    t = mergex_mod.merge(plain, root / "torch", engine="torch", **kw)
+    assert Counter(p + 1 for p in rec.planned.values()) == plan.passes
+    assert max(rec.ran.values(), default=0) == len(r.stat_pass_seconds) == len(t.stat_pass_seconds)
+    return models.read_output(root / "rust"), models.read_output(root / "torch"), rec
+
+
+def ordered_bits(raw: np.ndarray, dtype: str) -> np.ndarray:
+    """Storage bit patterns mapped to integers in the order of the values they encode, so
+    that one unit in the last place is a difference of 1."""
+    if dtype == "F32":
+        u = raw.view(np.uint32).astype(np.int64)
+        sign = 1 << 31
+    else:
+        u = raw.view(np.uint16).astype(np.int64)
+        sign = 1 << 15
+    return np.where(u & sign, -(u & (sign - 1)), u)
+
+
+def compare_engines(rust: models.Output, torch_out: models.Output, dtype: str) -> None:
+    """Same names, dtypes and shapes; values within 1 ulp; and in fact bit-identical
+    (the message counts the elements that are not)."""
+    assert set(rust.raw) == set(torch_out.raw)
+    differing: dict[str, int] = {}
+    for name in rust.raw:
+        assert torch_out.raw[name][:2] == rust.raw[name][:2] == (dtype, tuple(SHAPES[name])), name
+        a, b = rust.array(name), torch_out.array(name)
+        ulps = np.abs(ordered_bits(a, dtype) - ordered_bits(b, dtype))
+        assert ulps.max(initial=0) <= 1, models.describe_mismatch(name, b, a, dtype)
+        if ulps.any():
+            differing[name] = int(np.count_nonzero(ulps))
+    assert not differing, f"within 1 ulp, but not bit-identical ({dtype}): {differing}"
+
+
+# --------------------------------------------------------------------------- 1. torch = rust
+
+
+@pytest.mark.parametrize("family", ["planted", "random"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_engines_agree(families, mergex_mod, monkeypatch, tmp_path, case, family):
+    base, xs = families[family]
+    cfg, seed = case_config(case, base, xs)
+    rust, torch_out, _ = run_both(
+        mergex_mod, monkeypatch, {**cfg, "out_dtype": "float32"}, tmp_path / "f32", seed
+    )
+    compare_engines(rust, torch_out, "F32")
+    if family == "planted" and case in BF16_CASES:
+        # No dtype set: the base's (bf16), rounded once to nearest even by both engines.
+        rust, torch_out, _ = run_both(mergex_mod, monkeypatch, cfg, tmp_path / "bf16", seed)
+        compare_engines(rust, torch_out, "BF16")
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_engines_agree_large_budget(families, mergex_mod, monkeypatch, tmp_path, method):
+    # 4MiB: whole tensors in one chunk, and selections gathered in memory after one pass.
+    base, xs = families["random"]
+    cfg, seed = case_config(method, base, xs)
+    rust, torch_out, _ = run_both(
+        mergex_mod, monkeypatch, {**cfg, "out_dtype": "float32"}, tmp_path, seed, "4MiB"
+    )
+    compare_engines(rust, torch_out, "F32")
+
+
+@pytest.mark.parametrize("case", ["ties", "dare_linear", "della"])
+def test_engines_agree_in_f64(families, mergex_mod, monkeypatch, tmp_path, case):
+    # An F64 input: f64 arithmetic, 64-bit magnitude keys (four radix levels), f64 draws'
+    # probabilities against f64 magnitudes.
+    base, xs = families["wide"]
+    cfg, seed = case_config(case, base, xs)
+    rust, torch_out, rec = run_both(mergex_mod, monkeypatch, {**cfg, "out_dtype": "float32"}, tmp_path, seed)
+    assert rec.dtypes == {torch.float64}
+    compare_engines(rust, torch_out, "F32")
+
+
+def test_magnitude_cuts_take_several_passes(families, mergex_mod, monkeypatch, tmp_path):
+    # planted magnitudes: the cut bin is too big to gather at 64KiB, so the radix runs to
+    # the last level and a pass counts the ties per chunk: 3 statistics passes, 4 with
+    # the L1 of the kept elements.
+    base, xs = families["planted"]
+    cfg, seed = case_config("ties_rescale", base, xs)
+    _, _, rec = run_both(mergex_mod, monkeypatch, cfg, tmp_path, seed)
+    assert rec.ran["lm_head.weight"] == 4
+    assert rec.planned["lm_head.weight"] == 3
+
+
+# --------------------------------------------------------------------------- 2. random masks
+
+
+def della_mask_nd(delta: np.ndarray, d: float, eps: float, seed: int, name: str, pos: int) -> np.ndarray:
+    """§3 della_magprune for any rank: ranks along axis 1 of a >2-D tensor."""
+    if delta.ndim <= 2:
+        return ref.mask_della(delta, d, eps, seed, name, pos)
+    d, eps = ref.param64(d), ref.param64(eps)
+    a = np.abs(delta).reshape(delta.shape[0], delta.shape[1], -1)
+    m = a.shape[1]
+    order = np.argsort(a, axis=1, kind="stable")
+    q = np.empty(a.shape, dtype=np.int64)
+    np.put_along_axis(q, order, np.arange(m)[None, :, None], axis=1)
+    p = (d - eps) + (2.0 * eps * q.astype(np.float64)) / float(m - 1)
+    r = ref.draws(ref.draw_stream(seed, name, pos), np.arange(delta.size, dtype=np.uint64))
+    return (r.astype(np.int64) < ref.keep_threshold(p.reshape(-1))).reshape(delta.shape)
+
+
+def decode_masks(out: models.Output, base: models.Model, name: str) -> list[np.ndarray]:
+    """Which experts' elements an output of the ``bits`` family kept."""
+    r = (out.f32(name) - base.tensors[name]) * np.float32(4096.0)
+    k = np.rint(r).astype(np.int64)
+    assert np.array_equal(k, r), f"{name}: the output is not base + a sum of kept deltas"
+    return [(k >> (8 - 4 * i)) & 0xF for i in range(3)]
+
+
+@pytest.mark.parametrize("method", RANDOM_METHODS)
+def test_random_masks_identical(families, mergex_mod, monkeypatch, tmp_path, method):
+    base, xs = families["bits"]
+    densities = [0.5, [0.2, 0.8], 0.35]
+    params: list[dict] = [{"weight": 1.0, "density": d} for d in densities]
+    if method.startswith("della"):
+        for prm, eps in zip(params, (0.2, 0.1, 0.3), strict=True):
+            prm["epsilon"] = eps
+    entries = [{"model": x, "parameters": p} for x, p in zip(xs, params, strict=True)]
+    top = {"rescale": False, "normalize": False}
+    cfg = {
+        "merge_method": method,
+        "base_model": base,
+        "models": entries,
+        "parameters": top,
+        "out_dtype": "float32",
+    }
+    seed = 2024
+    rust, torch_out, _ = run_both(mergex_mod, monkeypatch, cfg, tmp_path, seed)
+    for name in SHAPES:
+        p = ref.position(name, LAYERS)
+        got = decode_masks(torch_out, base, name)
+        want = decode_masks(rust, base, name)
+        for i, x in enumerate(xs):
+            delta = x.tensors[name] - base.tensors[name]
+            c = np.rint(delta * np.float32(2.0 ** (4 + 4 * i))).astype(np.int64)
+            assert np.all((got[i] == 0) | (got[i] == c)), f"{name} expert {i}: not a kept or dropped delta"
+            kept_torch, kept_rust = got[i] != 0, want[i] != 0
+            d = ref.lookup([params[i]], "density", name, p)
+            if method.startswith("della"):
+                kept_ref = della_mask_nd(delta, d, params[i]["epsilon"], seed, name, i)
+            else:
+                kept_ref = ref.mask_random(delta, d, seed, name, i)
+            bad = np.nonzero((kept_torch != kept_rust).reshape(-1))[0]
+            assert bad.size == 0, f"{method} {name} expert {i}: masks differ at {bad[:5].tolist()}"
+            assert np.array_equal(kept_torch, kept_ref), (
+                f"{method} {name} expert {i}: mask is not METHODS.md §3's"
+            )
+            if delta.size >= 1000:
+                assert 0 < kept_torch.sum() < delta.size, name
+
+
+# --------------------------------------------------------------------------- 3. numpy reference
+
+
+@pytest.mark.parametrize("family", ["planted", "random"])
+@pytest.mark.parametrize("case", ["ties", "dare_ties", "della"])
+def test_torch_matches_reference(families, mergex_mod, tmp_path, case, family):
+    base, xs = families[family]
+    cfg, seed = case_config(case, base, xs)
+    method, params, top, _ = CASES[case]
+    mergex_mod.merge(
+        models._plain({**cfg, "out_dtype": "float32"}),
+        tmp_path / "out",
+        engine="torch",
+        ram_budget="64KiB",
+        threads=2,
+        progress=False,
+        seed=seed,
+    )
+    out = models.read_output(tmp_path / "out")
+    top = top or {}
+    for name in base.tensors:
+        if method.startswith("della") and len(SHAPES[name]) > 2:
+            continue  # the reference ranks rows of 1-D and 2-D tensors only
+        p = ref.position(name, LAYERS)
+
+        def per_model(key: str, default: object, name: str = name, p: float = p) -> list:
+            return [ref.lookup([m, top], key, name, p, default) for m in params]
+
+        want = ref.task_family(
+            method,
+            base.tensors[name],
+            [x.tensors[name] for x in xs],
+            name,
+            weights=per_model("weight", None),
+            densities=per_model("density", 1.0),
+            gammas=per_model("gamma", 0.01),
+            epsilons=per_model("epsilon", 0.15),
+            normalize=ref.lookup([top], "normalize", name, p),
+            rescale=ref.lookup([top], "rescale", name, p),
+            lam=ref.lookup([top], "lambda", name, p, 1.0),
+            seed=seed,
+        )
+        models.assert_tensor_equal(out, name, want, "F32")
+
+
+# --------------------------------------------------------------------------- 4. exact selection
+
+
+def selection_keys(dtype: torch.dtype, n: int, seed: int) -> torch.Tensor:
+    """Values with many exact ties (a dozen magnitudes, zeros among them, both signs)."""
+    rng = np.random.default_rng(seed)
+    levels = np.array([0.0, 1 / 3, 1.0, 7 / 3, 5.0, 1e-3, 2 / 3, 1e3, 11 / 7, 0.25, 3.0, 1 / 3 + 1e-7])
+    v = rng.choice(levels, n, p=[0.2, 0.15, 0.15, 0.1, 0.05, 0.05, 0.05, 0.05, 0.05, 0.05, 0.05, 0.05])
+    v = v * rng.choice(np.array([-1.0, 1.0]), n)
+    return mag_keys(torch.from_numpy(v).to(dtype))
+
+
+def select(keys: torch.Tensor, bits: int, rank: int, side: Side, cap: int, chunk: int, reverse: bool):
+    """Drive a selector over ``keys`` in chunks, as the torch driver does (in any order):
+    the cut and the number of passes."""
+    sel = Selector(rank, side, bits, cap)
+    starts = list(range(0, keys.numel(), chunk))
+    npass = 0
+    while sel.pending:
+        for s in reversed(starts) if reverse else starts:
+            sel.collect(s, keys[s : s + chunk])
+        sel.advance()
+        npass += 1
+    assert sel.cut is not None
+    return sel.cut, npass
+
+
+def keep_of(cut: Cut, keys: torch.Tensor, chunk: int, above: bool) -> np.ndarray:
+    parts = [passes(cut, keys[s : s + chunk], s, above) for s in range(0, keys.numel(), chunk)]
+    return torch.cat(parts).numpy()
+
+
+def expected_keep(keys: np.ndarray, side: Side, rank: int) -> np.ndarray:
+    """The keep set by a sort (ties by flat index), zero magnitudes all kept or none."""
+    n = keys.size
+    idx = np.arange(n)
+    keep = np.zeros(n, dtype=bool)
+    if side == Side.TOPK:
+        keep[np.lexsort((idx, -keys))[: n - rank]] = True
+    else:
+        order = np.lexsort((idx, keys))
+        ranks = np.empty(n, dtype=np.int64)
+        ranks[order] = idx
+        keep = ranks >= rank if side == Side.LOWER else ranks <= rank
+    zero = keys == 0
+    keep[zero] = keep[zero].all()
+    return keep
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("cap", [0, 3, 10**6])
+def test_selector_matches_sort(dtype, cap):
+    n = 500
+    keys = selection_keys(dtype, n, seed=cap)
+    k_np = keys.numpy()
+    bits = key_bits(dtype)
+    for chunk, reverse in ((29, False), (97, True), (n, False)):
+        for side in (Side.TOPK, Side.LOWER, Side.UPPER):
+            for rank in (0, 1, 123, n // 2, n - 1):
+                cut, _ = select(keys, bits, rank, side, cap, chunk, reverse)
+                assert cut.key == int(np.sort(k_np)[rank]), (side, rank, chunk)
+                got = keep_of(cut, keys, chunk, above=side != Side.UPPER)
+                want = expected_keep(k_np, side, rank)
+                bad = np.nonzero(got != want)[0]
+                assert bad.size == 0, (
+                    f"{side} rank {rank} chunk {chunk} cap {cap}: differs at {bad[:5].tolist()}"
+                )
+
+
+def test_selector_band_and_passes():
+    # breadcrumbs: a LOWER and an UPPER cut together keep exactly the band of ranks.
+    keys = selection_keys(torch.float32, 1000, seed=9)
+    k_np = keys.numpy()
+    lo_cut, _ = select(keys, 32, 300, Side.LOWER, 0, 64, False)
+    hi_cut, _ = select(keys, 32, 849, Side.UPPER, 0, 64, True)
+    got = keep_of(lo_cut, keys, 64, True) & keep_of(hi_cut, keys, 64, False)
+    want = expected_keep(k_np, Side.LOWER, 300) & expected_keep(k_np, Side.UPPER, 849)
+    assert np.array_equal(got, want)
+    assert got.sum() == 550
+    # Pass counts at a rank inside a run of equal nonzero keys: a gather finishes f32 keys
+    # in 2 passes; without gathering the radix takes 2 (f32) or 4 (f64) passes, plus one
+    # that counts the ties per chunk.
+    wide = selection_keys(torch.float64, 1000, seed=9)
+    for k, bits, radix in ((keys, 32, 2), (wide, 64, 4)):
+        srt = np.sort(k.numpy())
+        rank = next(r for r in range(1, 999) if srt[r - 1] == srt[r] == srt[r + 1] != 0)
+        assert select(k, bits, rank, Side.TOPK, 10**6, 64, False)[1] == 2
+        assert select(k, bits, rank, Side.TOPK, 0, 64, False)[1] == radix + 1
