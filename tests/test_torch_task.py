@@ -34,22 +34,12 @@ import torch
 from mergex.torch_engine import driver as torch_driver
 from mergex.torch_engine.base import TensorCtx, TorchMerge
 from mergex.torch_engine.select import Cut, Selector, Side, key_bits, mag_keys, passes
+from test_task_family import GRID, RANDOM_METHODS, TASK_METHODS
 
 LAYERS = 2
 SHAPES = models.llama_shapes(layers=LAYERS, vocab=160, hidden=64, inter=96)
 SHAPES["model.layers.1.mlp.experts.weight"] = (4, 16, 40)
-METHODS = [
-    "task_arithmetic",
-    "ties",
-    "dare_ties",
-    "dare_linear",
-    "breadcrumbs",
-    "breadcrumbs_ties",
-    "della",
-    "della_linear",
-]
-RANDOM_METHODS = ["dare_ties", "dare_linear", "della", "della_linear"]
-GRID = 2.0**-6
+METHODS = ["task_arithmetic", *TASK_METHODS]
 
 
 # --------------------------------------------------------------------------- models
