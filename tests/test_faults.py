@@ -106,6 +106,29 @@ def test_sigkill_then_resume_is_byte_identical(setup, tmp_path, when):
     assert not (out / "mergex-resume.json").exists() and not (out / ".mergex.lock").exists()
 
 
+def test_torch_engine_killed_then_resumed_matches_the_rust_engine(setup, tmp_path):
+    # The torch engine writes through the same sink: shards sealed, recorded, kept on resume.
+    _root, _paths, cfg, expected = setup
+    out = tmp_path / "merged"
+    partial = tmp_path / ".merged.mergex-partial"
+    proc = subprocess.Popen(
+        _merge_cmd(cfg, out, "--engine", "torch"), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 120
+    while _shards_recorded(partial) < 3:
+        assert proc.poll() is None, "merge finished before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    kept = {p.name: p.stat().st_mtime_ns for p in partial.glob("*.safetensors")}
+    r = subprocess.run(_merge_cmd(cfg, out, "--resume", "--engine", "torch"), capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert _files(out) == expected
+    recorded = [n for n in kept if (out / n).stat().st_mtime_ns == kept[n]]
+    assert len(recorded) >= 3, "the finished shards were kept, not rewritten"
+
+
 def test_killed_just_before_the_rename_resumes(setup, tmp_path):
     """Every shard finished and recorded, killed before the output is renamed into place."""
     _root, _paths, cfg, expected = setup
