@@ -206,6 +206,17 @@ impl Sparsifier {
                         keep.extend(delta.iter().map(|v| keep_key(v.mag_key())));
                         return;
                     }
+                    // Top-k with ordinals at the cut: first the comparison (vectorized),
+                    // then a second sweep that only acts on the rare ties.
+                    keep.extend(delta.iter().map(|v| v.mag_key() > c.key));
+                    let mut ordinal = c.ties_before(start);
+                    for (k, v) in keep.iter_mut().zip(delta) {
+                        if v.mag_key() == c.key {
+                            *k = ordinal >= c.keep.0 && ordinal < c.keep.1;
+                            ordinal += 1;
+                        }
+                    }
+                    return;
                 }
                 let mut lo_ord = lo.map(|c| c.ties_before(start)).unwrap_or(0);
                 let mut hi_ord = hi.map(|c| c.ties_before(start)).unwrap_or(0);
