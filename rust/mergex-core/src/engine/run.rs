@@ -311,12 +311,35 @@ fn weighted_chunk<T: Real>(
         s.out.resize(n, T::ZERO);
         let out = &mut s.out[..n];
         out.fill(T::ZERO);
-        for (v, &w) in t.views().zip(&sum.weights) {
-            v.accumulate(at, w, out)?;
+        let mut views = t.views();
+        let base = match sum.task {
+            Some(_) => {
+                s.inputs.resize_with(1, Vec::new);
+                let b = &mut s.inputs[0];
+                b.resize(n, T::ZERO);
+                if let Some(v) = views.next() {
+                    v.read(at, &mut b[..n])?;
+                }
+                Some(&b[..n])
+            }
+            None => None,
+        };
+        for (v, &w) in views.zip(&sum.weights) {
+            v.accumulate(at, w, base, out)?;
         }
-        if let Some(d) = sum.divisor {
-            for o in out.iter_mut() {
-                *o = *o / d;
+        match (base, sum.task) {
+            (Some(base), Some(lambda)) => {
+                for (o, &b) in out.iter_mut().zip(base) {
+                    let mixed = sum.divisor.map_or(*o, |d| *o / d);
+                    *o = b + mixed * lambda;
+                }
+            }
+            _ => {
+                if let Some(d) = sum.divisor {
+                    for o in out.iter_mut() {
+                        *o = *o / d;
+                    }
+                }
             }
         }
         let off = (at - start) as usize * size;

@@ -285,15 +285,21 @@ mod tests {
 /// decoding the whole range and then [`crate::kernels::axpy`], so the result is identical;
 /// decoding piece by piece into a small stack buffer keeps the decoded values in L1
 /// instead of a buffer per input.
+///
+/// With `base`, accumulates the task vector instead: `acc[j] += w · (x[j] − base[j])`, as
+/// [`crate::kernels::axpy_delta`] does.
 #[inline(always)]
-pub fn decode_axpy<T: Real>(dtype: Dtype, bytes: &[u8], w: T, acc: &mut [T]) {
+pub fn decode_axpy<T: Real>(dtype: Dtype, bytes: &[u8], w: T, base: Option<&[T]>, acc: &mut [T]) {
     const PIECE: usize = 512;
     let mut buf = [T::ZERO; PIECE];
     let size = dtype.size();
-    for (a, b) in acc.chunks_mut(PIECE).zip(bytes.chunks(PIECE * size)) {
+    for (i, (a, b)) in acc.chunks_mut(PIECE).zip(bytes.chunks(PIECE * size)).enumerate() {
         let x = &mut buf[..a.len()];
         T::decode(dtype, b, x);
-        crate::kernels::axpy(a, w, x);
+        match base.and_then(|base| base.get(i * PIECE..i * PIECE + a.len())) {
+            Some(base) => crate::kernels::axpy_delta(a, w, x, base),
+            None => crate::kernels::axpy(a, w, x),
+        }
     }
 }
 
@@ -324,18 +330,18 @@ pub mod dispatch {
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2")]
-    fn decode_axpy_avx2<T: Real>(dtype: Dtype, bytes: &[u8], w: T, acc: &mut [T]) {
-        super::decode_axpy(dtype, bytes, w, acc)
+    fn decode_axpy_avx2<T: Real>(dtype: Dtype, bytes: &[u8], w: T, base: Option<&[T]>, acc: &mut [T]) {
+        super::decode_axpy(dtype, bytes, w, base, acc)
     }
 
     /// [`super::decode_axpy`], AVX2 where available.
-    pub fn decode_axpy<T: Real>(dtype: Dtype, bytes: &[u8], w: T, acc: &mut [T]) {
+    pub fn decode_axpy<T: Real>(dtype: Dtype, bytes: &[u8], w: T, base: Option<&[T]>, acc: &mut [T]) {
         #[cfg(target_arch = "x86_64")]
         if has_avx2() {
             // SAFETY: the CPU supports AVX2 (checked above).
-            return unsafe { decode_axpy_avx2(dtype, bytes, w, acc) };
+            return unsafe { decode_axpy_avx2(dtype, bytes, w, base, acc) };
         }
-        super::decode_axpy(dtype, bytes, w, acc)
+        super::decode_axpy(dtype, bytes, w, base, acc)
     }
 
     /// [`Real::decode`], AVX2 where available.

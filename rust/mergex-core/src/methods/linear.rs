@@ -43,6 +43,6 @@ impl<T: Real> TensorMerge<T> for Linear<T> {
     }
 
     fn weighted_sum(&self) -> Option<WeightedSum<T>> {
-        Some(WeightedSum { weights: self.weights.clone(), divisor: self.divisor })
+        Some(WeightedSum { weights: self.weights.clone(), divisor: self.divisor, task: None })
     }
 }

@@ -181,14 +181,18 @@ pub trait TensorMerge<T: Real>: Send + Sync {
     }
 }
 
-/// `out = (Σ_i w_i x_i) / divisor` over the inputs in order (the base first when there
-/// is one), accumulated in the working precision from zero.
+/// A weighted sum, accumulated in the working precision from zero, input by input in order:
+/// `out = (Σ_i w_i x_i) / divisor` over every input; or, with `task = Some(λ)`, over the
+/// task vectors of the non-base inputs, `out = b + ((Σ_i w_i (x_i − b)) / divisor) · λ`.
 #[derive(Debug, Clone)]
 pub struct WeightedSum<T> {
-    /// One weight per input.
+    /// One weight per summed input.
     pub weights: Vec<T>,
     /// Divide by this at the end, when set.
     pub divisor: Option<T>,
+    /// Sum task vectors against the base (the first input) and add it back after scaling
+    /// by this λ.
+    pub task: Option<T>,
 }
 
 /// Everything a method may look at when it sets up one output tensor.

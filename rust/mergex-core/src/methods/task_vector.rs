@@ -6,7 +6,7 @@
 use super::random::index_hashes;
 use super::reduce_abs;
 use super::sparsify::{Kind, Setup, Sparsifier};
-use super::{param, ChunkInputs, Stats, TensorCtx, TensorMerge};
+use super::{param, ChunkInputs, Stats, TensorCtx, TensorMerge, WeightedSum};
 use crate::error::{Error, Result};
 use crate::kernels::real::Real;
 
@@ -222,6 +222,18 @@ impl<T: Real> TensorMerge<T> for TaskVector<T> {
         }
         self.pass += 1;
         Ok(())
+    }
+
+    fn weighted_sum(&self) -> Option<WeightedSum<T>> {
+        // Without sparsification or an election (task_arithmetic, or density 1 without
+        // consensus) the output is b + λ·(Σ w_i δ_i [/ Σ w_i]): the same operations as
+        // `merge_chunk` below, in the same order.
+        let plain = !self.family.consensus && self.sparsifiers.iter().all(|s| matches!(s, Sparsifier::All));
+        plain.then(|| WeightedSum {
+            weights: self.weights.clone(),
+            divisor: self.normalize.then_some(self.divisor),
+            task: Some(self.lambda),
+        })
     }
 
     fn merge_chunk(&self, x: &mut ChunkInputs<'_, T>, out: &mut [T]) {
