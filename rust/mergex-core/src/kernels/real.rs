@@ -334,6 +334,39 @@ pub mod dispatch {
         super::decode_axpy(dtype, bytes, w, base, acc)
     }
 
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma,bmi1,bmi2,lzcnt,popcnt")]
+    fn run_avx2<R>(f: impl FnOnce() -> R) -> R {
+        f()
+    }
+
+    /// Run `f` compiled for AVX2 where the CPU has it: `f`'s body, and what it inlines,
+    /// is generated a second time with AVX2 enabled and that copy is called. Floating-point
+    /// results are the same (Rust never contracts `a * b + c` into a fused multiply-add),
+    /// only wider vectors and integer instructions change.
+    #[inline(always)]
+    pub fn fast<R>(f: impl FnOnce() -> R) -> R {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2_fma() {
+            // SAFETY: the CPU supports every feature enabled on `run_avx2` (checked above).
+            return unsafe { run_avx2(f) };
+        }
+        f()
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn has_avx2_fma() -> bool {
+        static ALL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *ALL.get_or_init(|| {
+            std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+                && std::arch::is_x86_feature_detected!("bmi1")
+                && std::arch::is_x86_feature_detected!("bmi2")
+                && std::arch::is_x86_feature_detected!("lzcnt")
+                && std::arch::is_x86_feature_detected!("popcnt")
+        })
+    }
+
     /// [`super::decode_axpy`], AVX2 where available.
     pub fn decode_axpy<T: Real>(dtype: Dtype, bytes: &[u8], w: T, base: Option<&[T]>, acc: &mut [T]) {
         #[cfg(target_arch = "x86_64")]

@@ -39,6 +39,7 @@ pub struct ChunkInputs<'a, T> {
 
 impl<T: Real> ChunkInputs<'_, T> {
     /// Replace the models' values by their task vectors `x_i − b`, when there is a base.
+    #[inline(always)]
     pub fn to_deltas(&mut self) {
         let Some(base) = self.base else { return };
         for m in self.models.iter_mut() {
@@ -372,6 +373,7 @@ wrap! {
 /// Add `Σ |v|` (only where `keep` is true, when given) over one chunk's values to `acc`,
 /// the chunk-invariant way of [`block_sum`] — the same lanes and order — written over slices
 /// so that it vectorizes.
+#[inline(always)]
 pub(crate) fn reduce_abs<T: Real>(values: &[T], keep: Option<&[bool]>, acc: &mut ExactSum) {
     const B: usize = BLOCK as usize;
     for (b, block) in values.chunks(B).enumerate() {

@@ -32,6 +32,7 @@ pub fn draw(stream: u32, j: u64) -> u32 {
 /// The stream-independent half of [`draw`] for elements `start..start+n`:
 /// `mix(lo32(j)) ^ mix(hi32(j) ^ 0x85ebca6b)`, shared by every model of a chunk; then
 /// `draw(stream, j) == mix(stream ^ hashes[j - start])`.
+#[inline(always)]
 pub fn index_hashes(start: u64, n: usize, out: &mut Vec<u32>) {
     out.clear();
     out.reserve(n);

@@ -129,6 +129,7 @@ impl Selector {
 
     /// Collect this pass's statistics from the keys of one chunk starting at `start`,
     /// into slot `slot` of `acc`.
+    #[inline(always)]
     pub fn collect(&self, slot: usize, start: u64, keys: impl Iterator<Item = u64>, acc: &mut Stats) {
         match &self.state {
             State::Radix { level, prefix, .. } => {

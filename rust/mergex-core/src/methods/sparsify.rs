@@ -163,6 +163,7 @@ impl Sparsifier {
     }
 
     /// Collect selection statistics of one chunk (slots `2·model` and `2·model + 1`).
+    #[inline(always)]
     pub fn collect<T: Real>(&self, model: usize, start: u64, delta: &[T], acc: &mut Stats) {
         if let Sparsifier::Select { lower, upper } = self {
             for (i, sel) in [lower, upper].into_iter().enumerate() {
@@ -192,6 +193,7 @@ impl Sparsifier {
     /// The keep mask of one chunk of δ starting at flat index `start` (selections must be
     /// resolved; chunks hold whole DELLA groups). `hashes` are the chunk's
     /// [`super::random::index_hashes`] when [`Sparsifier::random`].
+    #[inline(always)]
     pub fn mask<T: Real>(&self, start: u64, delta: &[T], hashes: &[u32], keep: &mut Vec<bool>) {
         keep.clear();
         match self {
@@ -248,6 +250,7 @@ impl Sparsifier {
 
 /// DELLA's keep mask over whole groups: rank each vector by magnitude (ascending, lower
 /// index first among ties), keep with probability `d − ε + 2ε(q−1)/(m−1)`.
+#[inline(always)]
 fn della_mask<T: Real>(
     stream: u32,
     d: f64,

@@ -179,26 +179,10 @@ impl<T: Real> TensorMerge<T> for TaskVector<T> {
     }
 
     fn stat_chunk(&self, x: &mut ChunkInputs<'_, T>, acc: &mut Stats) -> Result<()> {
-        x.to_deltas();
-        let first = self.pass == 0;
-        let selected_l1 = !self.selecting() && self.needs_selected_l1();
-        let (mut mask, mut hashes) = (Vec::new(), Vec::new());
-        if self.rescaling() && first && self.sparsifiers.iter().any(Sparsifier::random) {
-            index_hashes(x.start, x.models.first().map_or(0, |m| m.len()), &mut hashes);
-        }
-        for (i, (delta, sp)) in x.models.iter().zip(&self.sparsifiers).enumerate() {
-            let delta: &[T] = delta;
-            if self.rescaling() && first {
-                reduce_abs(delta, None, acc.sum(2 * i + L1_ALL));
-            }
-            sp.collect(i, x.start, delta, acc);
-            let random = sp.random();
-            if self.rescaling() && ((first && random) || (selected_l1 && sp.is_selection())) {
-                sp.mask(x.start, delta, &hashes, &mut mask);
-                reduce_abs(delta, Some(&mask), acc.sum(2 * i + L1_KEPT));
-            }
-        }
-        Ok(())
+        crate::kernels::real::dispatch::fast(
+            #[inline(always)]
+            || self.stat_chunk_impl(x, acc),
+        )
     }
 
     fn end_pass(&mut self, mut stats: Stats) -> Result<()> {
@@ -237,6 +221,43 @@ impl<T: Real> TensorMerge<T> for TaskVector<T> {
     }
 
     fn merge_chunk(&self, x: &mut ChunkInputs<'_, T>, out: &mut [T]) {
+        crate::kernels::real::dispatch::fast(
+            #[inline(always)]
+            || self.merge_chunk_impl(x, out),
+        )
+    }
+}
+
+/// The per-chunk work, compiled a second time for AVX2 through [`dispatch::fast`].
+///
+/// [`dispatch::fast`]: crate::kernels::real::dispatch::fast
+impl<T: Real> TaskVector<T> {
+    #[inline(always)]
+    fn stat_chunk_impl(&self, x: &mut ChunkInputs<'_, T>, acc: &mut Stats) -> Result<()> {
+        x.to_deltas();
+        let first = self.pass == 0;
+        let selected_l1 = !self.selecting() && self.needs_selected_l1();
+        let (mut mask, mut hashes) = (Vec::new(), Vec::new());
+        if self.rescaling() && first && self.sparsifiers.iter().any(Sparsifier::random) {
+            index_hashes(x.start, x.models.first().map_or(0, |m| m.len()), &mut hashes);
+        }
+        for (i, (delta, sp)) in x.models.iter().zip(&self.sparsifiers).enumerate() {
+            let delta: &[T] = delta;
+            if self.rescaling() && first {
+                reduce_abs(delta, None, acc.sum(2 * i + L1_ALL));
+            }
+            sp.collect(i, x.start, delta, acc);
+            let random = sp.random();
+            if self.rescaling() && ((first && random) || (selected_l1 && sp.is_selection())) {
+                sp.mask(x.start, delta, &hashes, &mut mask);
+                reduce_abs(delta, Some(&mask), acc.sum(2 * i + L1_KEPT));
+            }
+        }
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn merge_chunk_impl(&self, x: &mut ChunkInputs<'_, T>, out: &mut [T]) {
         let Some(base) = x.base else { return };
         x.to_deltas();
         let (mut mask, mut hashes) = (Vec::new(), Vec::new());
