@@ -110,3 +110,20 @@ def test_same_run_twice_is_identical(zoo, mergex_mod, tmp_path):
         mergex_mod.merge(cfg, out, ram_budget="64KiB", threads=2, progress=False)
         outs.append(output_bytes(out))
     assert outs[0] == outs[1]
+
+
+@pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "dare_ties", "della"])
+def test_bytes_do_not_depend_on_the_cpu_build(zoo, tmp_path, method, monkeypatch):
+    # The AVX2 build of the kernels (chosen at run time where the CPU has it) and the
+    # portable build (forced with MERGEX_PORTABLE, as on a CPU without AVX2) agree.
+    a, b, c = (zoo("bf16", seed=s) for s in (1, 2, 3))
+    cfg = models.dump_yaml(merge_config(method, a, b, c), tmp_path / "merge.yml")
+    outs = []
+    for portable in (False, True):
+        if portable:
+            monkeypatch.setenv("MERGEX_PORTABLE", "1")
+        out = tmp_path / f"out-{portable}"
+        res = models.run_cli(["merge", str(cfg), str(out), "--ram-budget", "64KiB", "--quiet"])
+        assert res.returncode == 0, res.stderr
+        outs.append(output_bytes(out))
+    assert outs[0] == outs[1]

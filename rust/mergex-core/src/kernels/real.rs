@@ -313,7 +313,14 @@ pub mod dispatch {
     #[cfg(target_arch = "x86_64")]
     fn has_avx2() -> bool {
         static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *AVX2.get_or_init(|| std::arch::is_x86_feature_detected!("avx2"))
+        *AVX2.get_or_init(|| !portable() && std::arch::is_x86_feature_detected!("avx2"))
+    }
+
+    /// `MERGEX_PORTABLE` set (to anything): use the portable build of every kernel, as on a
+    /// CPU without AVX2 (for testing that both builds give the same bytes).
+    #[cfg(target_arch = "x86_64")]
+    fn portable() -> bool {
+        std::env::var_os("MERGEX_PORTABLE").is_some()
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -358,7 +365,8 @@ pub mod dispatch {
     fn has_avx2_fma() -> bool {
         static ALL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
         *ALL.get_or_init(|| {
-            std::arch::is_x86_feature_detected!("avx2")
+            !portable()
+                && std::arch::is_x86_feature_detected!("avx2")
                 && std::arch::is_x86_feature_detected!("fma")
                 && std::arch::is_x86_feature_detected!("bmi1")
                 && std::arch::is_x86_feature_detected!("bmi2")
