@@ -173,7 +173,11 @@ class Driver:
                 with torch.cuda.stream(self.copy_stream):
                     data = host.to(self.device, non_blocking=True)
                     copied[k % 2] = self.copy_stream.record_event()
-                torch.cuda.current_stream(self.device).wait_stream(self.copy_stream)
+                compute = torch.cuda.current_stream(self.device)
+                compute.wait_stream(self.copy_stream)
+                # The copy's memory belongs to the copy stream's pool: without this, freeing it
+                # after the chunk could hand it to the next copy while kernels still read it.
+                data.record_stream(compute)
             else:
                 data = host
             base, models = (data[0], data[1:]) if ctx.has_base else (None, data)
