@@ -36,9 +36,7 @@ impl MergeJob {
 
     /// The plan summary, as JSON.
     fn plan(&self, py: Python<'_>) -> PyResult<String> {
-        serde_json::to_string(&self.engine.plan()).map_err(|e| {
-            to_py(py, mergex_core::Error::InvalidJob { field: "plan".into(), message: e.to_string() })
-        })
+        json(py, &self.engine.plan())
     }
 
     /// Run the merge into `out_dir` (an existing, empty folder); returns the summary as JSON.
@@ -46,9 +44,7 @@ impl MergeJob {
     /// Ctrl-C handling) keep going.
     fn run(&self, py: Python<'_>, out_dir: PathBuf) -> PyResult<String> {
         let summary = py.detach(|| self.engine.run(&out_dir, &self.progress)).map_err(|e| to_py(py, e))?;
-        serde_json::to_string(&summary).map_err(|e| {
-            to_py(py, mergex_core::Error::InvalidJob { field: "summary".into(), message: e.to_string() })
-        })
+        json(py, &summary)
     }
 
     /// The output tensors as the engine prepared them (chunk sizes, passes, inputs), as JSON.
@@ -169,23 +165,14 @@ impl Stream {
         self.with_sink(py, |sink| py.detach(|| engine.end_tensor(sink, t, progress)))
     }
 
-    /// Flush everything and write the index; returns the run summary as JSON.
+    /// Flush everything and write the index; returns the run summary as JSON (the caller
+    /// fills in its pass timings).
     fn close(&self, py: Python<'_>) -> PyResult<String> {
         let sink = self.sink.lock().map_err(|_| closed(py))?.take().ok_or_else(|| closed(py))?;
-        let engine = &self.engine;
-        let files = py.detach(|| engine.close_sink(sink, &self.out_dir)).map_err(|e| to_py(py, e))?;
-        let (done, _, _, _) = self.progress.snapshot();
-        json(
-            py,
-            &serde_json::json!({
-                "files": files,
-                "bytes_read": done,
-                "bytes_written": engine.bytes_written(),
-                "tensors": engine.tensor_infos().len(),
-                "stat_pass_seconds": [],
-                "output_seconds": 0.0,
-            }),
-        )
+        let (engine, progress) = (&self.engine, &self.progress);
+        let summary =
+            py.detach(|| engine.close_sink(sink, &self.out_dir, progress)).map_err(|e| to_py(py, e))?;
+        json(py, &summary)
     }
 }
 

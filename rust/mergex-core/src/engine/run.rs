@@ -95,7 +95,7 @@ impl Engine {
     /// may hold the shards an interrupted run finished, which are kept as they are).
     pub fn run(&self, dir: &Path, progress: &Progress) -> Result<RunSummary> {
         let mut sink = self.open_sink(dir, progress)?;
-        let kept: Vec<bool> = self.tensor_infos().iter().map(|i| i.kept).collect();
+        let kept = self.kept_flags();
         let pool = rayon::ThreadPoolBuilder::new()
             .num_threads(self.job.threads)
             .thread_name(|i| format!("mergex-{i}"))
@@ -124,15 +124,10 @@ impl Engine {
             }
             Ok(())
         })?;
-        let files = self.close_sink(sink, dir)?;
-        Ok(RunSummary {
-            files,
-            bytes_read: progress.bytes_done.load(Ordering::Relaxed),
-            bytes_written: self.bytes_written(),
-            tensors: self.tensors.len(),
-            stat_pass_seconds: times.stats,
-            output_seconds: times.output,
-        })
+        let mut summary = self.close_sink(sink, dir, progress)?;
+        summary.stat_pass_seconds = times.stats;
+        summary.output_seconds = times.output;
+        Ok(summary)
     }
 
     fn chunks(t: &Prepared) -> Vec<(u64, u64)> {

@@ -11,6 +11,7 @@ use serde::Serialize;
 use super::job::Resume;
 use super::plan::{Engine, Prepared};
 use super::progress::Progress;
+use super::run::RunSummary;
 use crate::error::{Error, Result};
 use crate::format::writer::{write_index, Writer};
 use crate::kernels::real::Real;
@@ -77,38 +78,34 @@ impl Engine {
             .collect()
     }
 
-    /// Per tensor: whether its shard was finished by an interrupted run.
-    fn kept_flags(&self) -> Vec<bool> {
+    /// Per shard: whether an interrupted run finished it (it is kept as it is).
+    fn kept_shards(&self) -> Vec<bool> {
         let done = self.job.resume.as_ref().map(|r| &r.done);
-        let shard_kept = |s: usize| {
-            let shard = self.layout.shards.get(s);
-            shard.is_some_and(|s| done.is_some_and(|d| d.contains_key(&s.file_name)))
-        };
-        self.layout.placements.iter().map(|p| shard_kept(p.shard)).collect()
+        self.layout.shards.iter().map(|s| done.is_some_and(|d| d.contains_key(&s.file_name))).collect()
+    }
+
+    /// Per tensor: whether its shard was finished by an interrupted run.
+    pub(crate) fn kept_flags(&self) -> Vec<bool> {
+        let shards = self.kept_shards();
+        self.layout.placements.iter().map(|p| shards.get(p.shard) == Some(&true)).collect()
     }
 
     /// Create the output files in `dir` (an existing folder; when resuming, it may hold the
     /// finished shards, which are kept as they are) and set the progress totals.
     pub fn open_sink(&self, dir: &Path, progress: &Progress) -> Result<Sink> {
-        let kept = self.kept_flags();
         let total: u64 = self
             .tensors
             .iter()
-            .zip(&kept)
-            .filter(|(_, k)| !**k)
+            .zip(self.kept_flags())
+            .filter(|(_, k)| !k)
             .map(|(t, _)| t.pass_bytes() * t.passes as u64)
             .sum();
         progress.bytes_total.store(total, Ordering::Relaxed);
         progress.tensors_total.store(self.tensors.len() as u64, Ordering::Relaxed);
-        let resume = self.job.resume.as_ref();
-        let keep: Vec<bool> = self
-            .layout
-            .shards
-            .iter()
-            .map(|s| resume.is_some_and(|r| r.done.contains_key(&s.file_name)))
-            .collect();
+        let keep = self.kept_shards();
         let writer = Writer::create(dir, &self.layout, &keep)?;
-        Ok(Sink { writer, keep, sealed: resume.map(|r| r.done.clone()).unwrap_or_default() })
+        let sealed = self.job.resume.as_ref().map(|r| r.done.clone()).unwrap_or_default();
+        Ok(Sink { writer, keep, sealed })
     }
 
     pub(crate) fn tensor(&self, t: usize) -> Result<&Prepared> {
@@ -196,9 +193,9 @@ impl Engine {
         Ok(())
     }
 
-    /// Check the inputs one last time, flush the shards and write the index: the files
-    /// written, relative to `dir`.
-    pub fn close_sink(&self, sink: Sink, dir: &Path) -> Result<Vec<String>> {
+    /// Check the inputs one last time, flush the shards and write the index. The summary's
+    /// pass timings are left for the caller to fill in.
+    pub fn close_sink(&self, sink: Sink, dir: &Path, progress: &Progress) -> Result<RunSummary> {
         for v in self.tensors.iter().flat_map(Prepared::views) {
             v.file.check_unchanged()?;
         }
@@ -208,11 +205,18 @@ impl Engine {
             write_index(dir, &self.out, &self.layout)?;
             files.push(crate::format::checkpoint::INDEX_NAME.to_string());
         }
-        Ok(files)
+        Ok(RunSummary {
+            files,
+            bytes_read: progress.bytes_done.load(Ordering::Relaxed),
+            bytes_written: self.bytes_written(),
+            tensors: self.tensors.len(),
+            stat_pass_seconds: Vec::new(),
+            output_seconds: 0.0,
+        })
     }
 
     /// Bytes of all output files.
-    pub fn bytes_written(&self) -> u64 {
+    fn bytes_written(&self) -> u64 {
         self.layout.shards.iter().map(|s| s.len).sum()
     }
 }
