@@ -33,7 +33,7 @@ import reference as ref
 import torch
 from mergex.torch_engine import driver as torch_driver
 from mergex.torch_engine.base import TensorCtx, TorchMerge
-from mergex.torch_engine.select import Cut, Selector, Side, key_bits, mag_keys, passes
+from mergex.torch_engine.select import Cut, Selector, Side, key_bits, mag_keys, passes, sample_ranges
 from test_task_family import GRID, RANDOM_METHODS, TASK_METHODS
 
 LAYERS = 2
@@ -303,14 +303,15 @@ def test_engines_agree_in_f64(families, mergex_mod, monkeypatch, tmp_path, case)
 
 
 def test_magnitude_cuts_take_several_passes(families, mergex_mod, monkeypatch, tmp_path):
-    # planted magnitudes: the cut bin is too big to gather at 64KiB, so the radix runs to
-    # the last level and a pass counts the ties per chunk: 3 statistics passes, 4 with
-    # the L1 of the kept elements.
+    # planted magnitudes: the cut bin is too big to gather at 64KiB, so the sampled band
+    # is given up, the radix runs to the last level and a pass counts the ties per chunk:
+    # 3 statistics passes, 4 with the L1 of the kept elements. The plan expected the
+    # sample to settle the cut in one pass (2 with the L1); both engines agree on both.
     base, xs = families["planted"]
     cfg, seed = case_config("ties_rescale", base, xs)
     _, _, rec = run_both(mergex_mod, monkeypatch, cfg, tmp_path, seed)
     assert rec.ran["lm_head.weight"] == 4
-    assert rec.planned["lm_head.weight"] == 3
+    assert rec.planned["lm_head.weight"] == 2
 
 
 # --------------------------------------------------------------------------- 2. random masks
@@ -438,10 +439,27 @@ def selection_keys(dtype: torch.dtype, n: int, seed: int) -> torch.Tensor:
     return mag_keys(torch.from_numpy(v).to(dtype))
 
 
-def select(keys: torch.Tensor, bits: int, rank: int, side: Side, cap: int, chunk: int, reverse: bool):
-    """Drive a selector over ``keys`` in chunks, as the torch driver does (in any order):
-    the cut and the number of passes."""
+def select(
+    keys: torch.Tensor,
+    bits: int,
+    rank: int,
+    side: Side,
+    cap: int,
+    chunk: int,
+    reverse: bool,
+    sampled: bool = False,
+    band: tuple[int, int] | None = None,
+):
+    """Drive a selector over ``keys`` in chunks, as the torch driver does (in any order),
+    after its sample when ``sampled`` (``band`` then overrides the sampled band): the cut
+    and the number of passes."""
     sel = Selector(rank, side, bits, cap)
+    if sampled:
+        n = keys.numel()
+        for s, length in sample_ranges(n):
+            sel.sample(keys[s : s + length])
+        sel.plan_band(n)
+        sel.band = band or sel.band
     starts = list(range(0, keys.numel(), chunk))
     npass = 0
     while sel.pending:
@@ -493,6 +511,22 @@ def test_selector_matches_sort(dtype, cap):
                 assert bad.size == 0, (
                     f"{side} rank {rank} chunk {chunk} cap {cap}: differs at {bad[:5].tolist()}"
                 )
+
+
+@pytest.mark.parametrize("n", [500, 70_000])
+@pytest.mark.parametrize("band", [None, (0, 0xFFFF), (0x3F00, 0x3F02)])
+def test_sampled_selector_matches_sort(n, band):
+    # The sample's band (or a planted, usually wrong one) only changes the passes: the cut
+    # is the sort's. A whole-tensor sample (n ≤ 65,536) settles the cut in one pass.
+    keys = selection_keys(torch.float32, n, seed=n)
+    k_np = keys.numpy()
+    for side, rank in ((Side.TOPK, n // 5), (Side.LOWER, n // 3), (Side.UPPER, n - n // 7)):
+        for cap in (10, 10**6):
+            cut, npass = select(keys, 32, rank, side, cap, 997, True, sampled=True, band=band)
+            got = keep_of(cut, keys, 997, above=side != Side.UPPER)
+            assert np.array_equal(got, expected_keep(k_np, side, rank)), (side, rank, cap, band)
+            if n <= 65_536 and cap == 10**6 and band is None:
+                assert npass == 1
 
 
 def test_selector_band_and_passes():

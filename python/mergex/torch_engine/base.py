@@ -106,6 +106,17 @@ class TorchMerge:
     def wants_pass(self) -> bool:
         return False
 
+    def sample_ranges(self) -> list[tuple[int, int]]:
+        """Element ranges to show :meth:`sample_chunk` before the first pass (a small sample
+        that lets later passes do less); none by default."""
+        return []
+
+    def sample_chunk(self, x: Chunk) -> None:
+        """Take one sample range."""
+
+    def end_sample(self) -> None:
+        """The sample is complete."""
+
     def stat_chunk(self, x: Chunk) -> None:
         raise NotImplementedError(type(self).__name__ + " has no statistics pass")
 

@@ -13,6 +13,7 @@ import json
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -129,6 +130,11 @@ class Driver:
     def merge_tensor(self, i: int, info: dict[str, Any]) -> None:
         ctx = self.context(i, info)
         merger = self.builder(ctx)
+        sample = merger.sample_ranges()
+        if sample:
+            for x in self.chunks(i, replace(ctx, chunks=sample)):
+                merger.sample_chunk(x)
+            merger.end_sample()
         npass = 0
         while merger.wants_pass():
             clock = time.perf_counter()

@@ -7,6 +7,12 @@ Rust engine's ``methods/select.rs``.
 Use: while ``sel.pending``, call ``sel.collect(start, keys)`` for every chunk of a pass
 and ``sel.advance()`` after it; then ``sel.cut`` decides with :func:`passes`.
 
+Optionally, before the first pass, when ``sel.wants_sample(n)``: ``sel.sample(keys)`` for
+every range of :func:`sample_ranges` and ``sel.plan_band(n)``. The first pass then also
+gathers the candidates in a band of level-0 bins around the expected cut, and finishes
+the selection when the cut's bin is in the band (the Rust engine's rule, so both engines
+take the same passes). The sample never changes the cut.
+
 Keys are int64 tensors holding unsigned keys of ``key_bits`` bits (64-bit keys with the
 top bit set are negative int64 values); ``Cut.key`` is the unsigned Python int.
 :func:`passes` compares keys as signed numbers, so it takes keys below 2^63 (magnitudes).
@@ -16,6 +22,7 @@ from __future__ import annotations
 
 import bisect
 import enum
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -24,6 +31,23 @@ LEVEL_BITS = 16
 BINS = 1 << LEVEL_BITS
 _TOP = 1 << 63
 _TOP_I64 = -_TOP  # the top bit as an int64 value
+
+
+_SAMPLE_RANGES = 64
+_SAMPLE_LEN = 1024
+
+
+def sample_ranges(n: int) -> list[tuple[int, int]]:
+    """Element ranges ``(start, len)`` of the sample of a tensor of ``n`` elements: the
+    whole tensor when it is small, else 64 ranges of 1,024 starting at ``j·n // 64``."""
+    if n <= _SAMPLE_RANGES * _SAMPLE_LEN:
+        return [(0, n)] if n > 0 else []
+    return [(j * n // _SAMPLE_RANGES, _SAMPLE_LEN) for j in range(_SAMPLE_RANGES)]
+
+
+def _band_halfwidth(s: int, q: float) -> float:
+    """Sample ranks either side of the expected cut that the band spans (as in Rust)."""
+    return 3.5 * math.sqrt(s * q * (1.0 - q)) + s / 1024.0 + 2.0
 
 
 def _signed(key: int) -> int:
@@ -102,6 +126,45 @@ class Selector:
         self._hist: torch.Tensor | None = None
         self._items: list[tuple[torch.Tensor, torch.Tensor]] = []
         self._counts: list[tuple[int, int]] = []
+        self.band: tuple[int, int] | None = None
+        """Level-0 bins (inclusive) that the first pass also gathers."""
+        self._sample: list[torch.Tensor] = []
+        self._gathered = 0
+        self._overflow = False
+
+    def wants_sample(self, n: int) -> bool:
+        """Whether a sample can save passes: no pass has run, and the band a sample of a
+        tensor of ``n`` elements would give is expected to fit in memory."""
+        first = self.state == "radix" and self.level == 0 and self.band is None
+        if not first or self.key_bits <= LEVEL_BITS:
+            return False
+        s = max(sum(length for _, length in sample_ranges(n)), 1)
+        q = self.rank / max(n, 1)
+        share = (2.0 * _band_halfwidth(s, q) + 1.0) / s
+        return share * float(n) <= float(self.gather_cap)
+
+    def sample(self, keys: torch.Tensor) -> None:
+        """Collect the keys of one sample range."""
+        self._sample.append(keys.cpu())
+
+    def plan_band(self, n: int) -> None:
+        """Set the first pass's band from the sample of a tensor of ``n`` elements."""
+        keys = torch.cat(self._sample) if self._sample else torch.zeros(0, dtype=torch.int64)
+        self._sample = []
+        s = keys.numel()
+        if s == 0 or n == 0:
+            return
+        keys = torch.sort(keys ^ _TOP_I64).values ^ _TOP_I64  # unsigned order
+        q = self.rank / n
+        at, half = q * s, _band_halfwidth(s, q)
+        lo, hi = math.floor(at - half), math.ceil(at + half)
+        shift = self._shift(0)
+        hi_bin = 0xFFFF if hi >= s - 1 else int(self._top(keys[hi : hi + 1], shift).item())
+        lo_bin = 0 if lo <= 0 else int(self._top(keys[lo : lo + 1], shift).item())
+        bins = self._top(keys, shift)
+        inside = int(((bins >= lo_bin) & (bins <= hi_bin)).sum().item())
+        if inside * n <= self.gather_cap * s:
+            self.band = (lo_bin, hi_bin)
 
     @property
     def pending(self) -> bool:
@@ -119,6 +182,15 @@ class Selector:
         """This pass's statistics from the int64 keys of one chunk starting at ``start``."""
         if self.state == "radix":
             shift = self._shift(self.level)
+            if self.level == 0 and self.band is not None and not self._overflow:
+                bins = self._top(keys, shift)
+                idx = torch.nonzero((bins >= self.band[0]) & (bins <= self.band[1])).flatten()
+                self._gathered += idx.numel()
+                if self._gathered > self.gather_cap:
+                    # Outgrew the cap: the band is given up, as the Rust engine does.
+                    self._overflow, self._items = True, []
+                else:
+                    self._items.append((keys[idx].cpu(), (idx + start).cpu()))
             k = keys if self.level == 0 else keys[self._top(keys, shift + LEVEL_BITS) == self.prefix]
             if self._hist is None:
                 self._hist = torch.zeros(BINS, dtype=torch.int64, device=keys.device)
@@ -148,10 +220,18 @@ class Selector:
                     break
                 cum += c
             b, count, below = found
+            band, items, overflow = self.band, self._items, self._overflow
+            self.band, self._items, self._overflow = None, [], False
             self.prefix = (self.prefix << LEVEL_BITS) | b
             self.level += 1
             self.below = below
-            if LEVEL_BITS * self.level >= self.key_bits:
+            if band is not None and not overflow and band[0] <= b <= band[1] and count <= self.gather_cap:
+                # The cut's bin was gathered whole: finish as a gather pass would.
+                shift = self._shift(0)
+                self._items = [(k[self._top(k, shift) == b], i[self._top(k, shift) == b]) for k, i in items]
+                self.state = "gather"
+                self.advance()
+            elif LEVEL_BITS * self.level >= self.key_bits:
                 self._resolve(self.prefix, below, count)
             elif count <= self.gather_cap:
                 self.state = "gather"

@@ -21,7 +21,7 @@ import torch
 from ...errors import ConfigError
 from .. import kit
 from ..base import Chunk, TensorCtx, TorchMerge, f32
-from ..select import Selector, Side, key_bits, mag_keys, passes
+from ..select import Selector, Side, key_bits, mag_keys, passes, sample_ranges
 
 
 class Kind(enum.Enum):
@@ -89,6 +89,16 @@ class Sparsifier:
     def advance(self) -> None:
         """Take the statistics of the pass just finished."""
 
+    def wants_sample(self, n: int) -> bool:
+        """Whether a sample of a tensor of ``n`` elements can save this sparsifier passes."""
+        return False
+
+    def sample(self, delta: torch.Tensor) -> None:
+        """Collect one sample range of δ."""
+
+    def plan_bands(self, n: int) -> None:
+        """Take the sample: the selections' first bands."""
+
     def mask(self, start: int, delta: torch.Tensor, hashes: torch.Tensor | None) -> torch.Tensor:
         """The keep mask of one chunk of δ starting at flat index ``start``."""
         return torch.ones(delta.shape, dtype=torch.bool, device=delta.device)
@@ -120,6 +130,20 @@ class Select(Sparsifier):
         for s in self.selectors:
             if s is not None and s.pending:
                 s.collect(start, keys)
+
+    def wants_sample(self, n: int) -> bool:
+        return any(s is not None and s.pending and s.wants_sample(n) for s in self.selectors)
+
+    def sample(self, delta: torch.Tensor) -> None:
+        keys = mag_keys(delta)
+        for s in self.selectors:
+            if s is not None:
+                s.sample(keys)
+
+    def plan_bands(self, n: int) -> None:
+        for s in self.selectors:
+            if s is not None and s.wants_sample(n):
+                s.plan_band(n)
 
     def advance(self) -> None:
         for s in self.selectors:
@@ -253,9 +277,10 @@ class TaskVector(TorchMerge):
         if not ctx.has_base:
             raise ctx.bad_param("base_model", "this method needs a base model")
         m = len(ctx.model_params)
-        selectors = 2 * max(m, 1)
-        # A quarter of the budget may hold selection candidates (16 bytes each).
-        gather_cap = max(ctx.ram_budget // 4 // 16 // selectors, 4096)
+        # Breadcrumbs cuts twice per model, the others at most once; half the budget may
+        # hold selection candidates (16 bytes each), as in the Rust engine.
+        selectors = (2 if family.sparsify == Kind.OUTLIERS else 1) * max(m, 1)
+        gather_cap = max(ctx.ram_budget // 2 // 16 // selectors, 4096)
         self.family = family
         self.weights: list[float] = []
         self.sparsifiers: list[Sparsifier] = []
@@ -303,6 +328,10 @@ class TaskVector(TorchMerge):
         """Per model, the slot of its sums (one add for every model's block sums)."""
         self._all = kit.ExactSums(m, ctx.device)
         self._kept = kit.ExactSums(m, ctx.device)
+        # One selection pass when a sample is expected to narrow every cut to a band that
+        # fits in memory, else two.
+        pending = [sp for sp in self.sparsifiers if sp.pending]
+        self._selection_passes = 1 if all(sp.wants_sample(ctx.numel) for sp in pending) else 2
 
     def _rescaling(self) -> bool:
         return self.rescale and any(sp.drops for sp in self.sparsifiers)
@@ -316,11 +345,26 @@ class TaskVector(TorchMerge):
 
     def planned_passes(self) -> int:
         if self._selecting():
-            return 2 + (1 if self._needs_selected_l1() else 0)
+            return self._selection_passes + (1 if self._needs_selected_l1() else 0)
         return 1 if self._rescaling() else 0
 
     def wants_pass(self) -> bool:
         return (self.passes_done == 0 and self._rescaling()) or self._selecting() or self._needs_selected_l1()
+
+    def sample_ranges(self) -> list[tuple[int, int]]:
+        n = self.ctx.numel
+        wanted = self.passes_done == 0 and any(sp.wants_sample(n) for sp in self.sparsifiers)
+        return sample_ranges(n) if wanted else []
+
+    def sample_chunk(self, x: Chunk) -> None:
+        assert x.base is not None
+        x.models.sub_(x.base)
+        for delta, sp in zip(x.models, self.sparsifiers, strict=True):
+            sp.sample(delta)
+
+    def end_sample(self) -> None:
+        for sp in self.sparsifiers:
+            sp.plan_bands(self.ctx.numel)
 
     def stat_chunk(self, x: Chunk) -> None:
         assert x.base is not None

@@ -174,6 +174,17 @@ impl Engine {
             TensorCtx { job: &t.job, models: &paths, seed: self.job.seed, ram_budget: self.job.ram_budget };
         let mut merger = self.build(&ctx)?;
         let chunks = Self::chunks(t);
+        let sample = merger.sample_ranges();
+        if !sample.is_empty() {
+            // A few small ranges, read by this thread; not counted as progress.
+            let (m, quiet) = (&*merger, Progress::default());
+            scratch.with(|s| {
+                sample.iter().try_for_each(|&(start, len)| {
+                    with_chunk(t, s, start, len, &quiet, false, |x, _, stats| m.sample_chunk(x, stats))
+                })
+            })?;
+            merger.end_sample(scratch.take_stats())?;
+        }
         let mut pass = 0;
         while merger.wants_pass() {
             let clock = Instant::now();

@@ -61,6 +61,8 @@ pub struct Stats {
     pub hists: Vec<Vec<u64>>,
     /// Collected pairs per slot (candidates, per-chunk counts).
     pub items: Vec<Vec<(u64, u64)>>,
+    /// Slots whose collection outgrew its cap and was given up.
+    pub overflow: Vec<bool>,
 }
 
 impl Stats {
@@ -89,6 +91,12 @@ impl Stats {
         }
         for (a, b) in self.items.iter_mut().zip(other.items) {
             a.extend(b);
+        }
+        if self.overflow.len() < other.overflow.len() {
+            self.overflow.resize(other.overflow.len(), false);
+        }
+        for (a, b) in self.overflow.iter_mut().zip(other.overflow) {
+            *a |= b;
         }
         self
     }
@@ -119,6 +127,45 @@ impl Stats {
             self.items.resize(i + 1, Vec::new());
         }
         &mut self.items[i]
+    }
+
+    /// The histogram (see [`Stats::hist`]) and the collected pairs of slot `i`, together.
+    pub fn hist_and_items(&mut self, i: usize) -> (&mut Vec<u64>, &mut Vec<(u64, u64)>) {
+        self.hist(i);
+        self.items(i);
+        (&mut self.hists[i], &mut self.items[i])
+    }
+
+    /// Whether slot `i`'s collection was given up (see [`Stats::set_overflow`]).
+    pub fn overflowed(&self, i: usize) -> bool {
+        self.overflow.get(i).copied().unwrap_or(false)
+    }
+
+    /// Mark slot `i`'s collection as given up: it outgrew its cap.
+    pub fn set_overflow(&mut self, i: usize) {
+        if self.overflow.len() <= i {
+            self.overflow.resize(i + 1, false);
+        }
+        self.overflow[i] = true;
+    }
+
+    /// Move the histograms, pairs and overflow marks of `slots` into a new `Stats` (at the
+    /// same slot numbers); sums stay.
+    pub fn take_slots(&mut self, slots: std::ops::Range<usize>) -> Stats {
+        let mut part = Stats::default();
+        for i in slots {
+            if let Some(h) = self.hists.get_mut(i) {
+                part.hists.resize(i + 1, Vec::new());
+                part.hists[i] = std::mem::take(h);
+            }
+            if let Some(v) = self.items.get_mut(i) {
+                *part.items(i) = std::mem::take(v);
+            }
+            if self.overflowed(i) {
+                part.set_overflow(i);
+            }
+        }
+        part
     }
 
     /// Take the histogram of slot `i` (all zeros if never filled).
@@ -159,6 +206,22 @@ pub trait TensorMerge<T: Real>: Send + Sync {
     /// Chunks must hold whole groups of this many elements (rows, for row-wise methods).
     fn align(&self) -> u64 {
         1
+    }
+
+    /// Element ranges to show [`TensorMerge::sample_chunk`] before the first pass (a small
+    /// sample that lets later passes do less); none by default.
+    fn sample_ranges(&self) -> Vec<(u64, u64)> {
+        Vec::new()
+    }
+
+    /// Accumulate one sample range into `acc`.
+    fn sample_chunk(&self, _x: &mut ChunkInputs<'_, T>, _acc: &mut Stats) -> Result<()> {
+        Ok(())
+    }
+
+    /// Take the merged statistics of the sample.
+    fn end_sample(&mut self, _stats: Stats) -> Result<()> {
+        Ok(())
     }
 
     /// Accumulate one chunk's statistics of the current pass into `acc`.

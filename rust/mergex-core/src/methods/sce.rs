@@ -140,7 +140,7 @@ impl<T: Real> TensorMerge<T> for Sce<T> {
                 } else {
                     let mut sel = Selector::new(self.n - k, Side::TopK, T::KEY_BITS, self.gather_cap);
                     sel.advance(0, &mut stats);
-                    Sparsifier::Select { lower: Some(sel), upper: None }
+                    Sparsifier::Select { lower: Some(Box::new(sel)), upper: None }
                 });
             }
             Some(sel) if sel.pending() => sel.advance(0, &mut stats),

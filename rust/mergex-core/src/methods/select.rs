@@ -2,12 +2,51 @@
 //! rank, found by radix passes over the chunks (16 bits of the order-preserving magnitude
 //! key per pass), finished in memory once the candidates fit, with ties at the cut broken
 //! by flat index.
+//!
+//! A small sample read before the first pass narrows where the cut should fall: the first
+//! pass then also gathers the candidates in a band of level-0 bins around it, and when the
+//! cut's bin lies in the band (and the band fitted in memory) the selection finishes after
+//! that one pass. The sample only decides how much work is done, never the result.
 
 use super::Stats;
+use crate::kernels::real::Real;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Bins of one radix level.
 pub const BINS: usize = 1 << 16;
 const LEVEL_BITS: u32 = 16;
+
+/// The sample: up to this many ranges, spread evenly over the tensor…
+const SAMPLE_RANGES: u64 = 64;
+/// …of this many elements each.
+const SAMPLE_LEN: u64 = 1024;
+
+/// Element ranges `(start, len)` of the sample of a tensor of `n` elements: the whole
+/// tensor when it is small, else [`SAMPLE_RANGES`] ranges starting at `⌊j·n / SAMPLE_RANGES⌋`.
+pub fn sample_ranges(n: u64) -> Vec<(u64, u64)> {
+    if n <= SAMPLE_RANGES * SAMPLE_LEN {
+        return if n == 0 { Vec::new() } else { vec![(0, n)] };
+    }
+    (0..SAMPLE_RANGES).map(|j| ((j as u128 * n as u128 / SAMPLE_RANGES as u128) as u64, SAMPLE_LEN)).collect()
+}
+
+/// Sample ranks on either side of the expected position of the cut that the band spans:
+/// 3.5 standard deviations of a binomial sample quantile (a miss costs one more pass, and
+/// comes about once in 2,000 cuts), plus 1/1024 of the sample for samples of correlated
+/// neighbours (ranges of adjacent elements), plus two.
+fn band_halfwidth(s: u64, q: f64) -> f64 {
+    3.5 * (s as f64 * q * (1.0 - q)).sqrt() + s as f64 / 1024.0 + 2.0
+}
+
+/// Candidates gathered in the band so far, by all workers of a pass.
+#[derive(Debug, Default)]
+struct Gathered(AtomicU64);
+
+impl Clone for Gathered {
+    fn clone(&self) -> Gathered {
+        Gathered(AtomicU64::new(self.0.load(Ordering::Relaxed)))
+    }
+}
 
 /// Which ties at the cut value a selection keeps, as an interval of tie ordinals: the
 /// `i`-th element (in flat-index order) whose key equals the cut value has ordinal `i`.
@@ -101,13 +140,70 @@ pub struct Selector {
     key_bits: u32,
     /// Largest candidate set gathered in memory.
     gather_cap: u64,
+    /// Level-0 bins (inclusive) whose elements the first pass also gathers.
+    band: Option<(u64, u64)>,
+    gathered: Gathered,
     state: State,
 }
 
 impl Selector {
     /// Select ascending rank `rank` (0-based) of keys `key_bits` wide.
     pub fn new(rank: u64, side: Side, key_bits: u32, gather_cap: u64) -> Selector {
-        Selector { rank, side, key_bits, gather_cap, state: State::Radix { level: 0, prefix: 0, below: 0 } }
+        Selector {
+            rank,
+            side,
+            key_bits,
+            gather_cap,
+            band: None,
+            gathered: Gathered::default(),
+            state: State::Radix { level: 0, prefix: 0, below: 0 },
+        }
+    }
+
+    /// Whether a sample can save passes: the first pass has not run yet, and the band that
+    /// a sample of a tensor of `n` elements would give is expected to fit in memory.
+    pub fn wants_sample(&self, n: u64) -> bool {
+        let first = matches!(self.state, State::Radix { level: 0, .. }) && self.band.is_none();
+        first && self.key_bits > LEVEL_BITS && {
+            let s = sample_ranges(n).iter().map(|r| r.1).sum::<u64>().max(1);
+            let q = self.rank as f64 / n.max(1) as f64;
+            let share = (2.0 * band_halfwidth(s, q) + 1.0) / s as f64;
+            share * (n as f64) <= self.gather_cap as f64
+        }
+    }
+
+    /// Collect the keys of one sample range into slot `slot` of `acc`.
+    pub fn sample(&self, slot: usize, keys: impl Iterator<Item = u64>, acc: &mut Stats) {
+        acc.items(slot).extend(keys.map(|k| (k, 0)));
+    }
+
+    /// Set the first pass's band from the merged sample (slot `slot`) of a tensor of `n`
+    /// elements: the level-0 bins between the sample keys [`band_halfwidth`] ranks either
+    /// side of where the cut's rank falls in the sample; no band when the sample suggests
+    /// the band holds more elements than fit in memory.
+    pub fn plan_band(&mut self, slot: usize, n: u64, stats: &mut Stats) {
+        let mut keys: Vec<u64> = stats.take_items(slot).into_iter().map(|(k, _)| k).collect();
+        let s = keys.len() as u64;
+        if s == 0 || n == 0 {
+            return;
+        }
+        let q = self.rank as f64 / n as f64;
+        let (at, half) = (q * s as f64, band_halfwidth(s, q));
+        let (lo, hi) = ((at - half).floor(), (at + half).ceil());
+        let shift = self.shift(0);
+        // The sample keys at ranks `lo` and `hi` (linear-time selection, no full sort).
+        let mut ranked = |r: f64| {
+            let r = r as usize;
+            keys.select_nth_unstable(r);
+            keys.get(r).map(|&k| k >> shift)
+        };
+        let hi_bin = if hi >= (s - 1) as f64 { 0xffff } else { ranked(hi).unwrap_or(0xffff) };
+        let lo_bin = if lo <= 0.0 { 0 } else { ranked(lo).unwrap_or(0) };
+        let inside = keys.iter().filter(|&&k| (lo_bin..=hi_bin).contains(&(k >> shift))).count() as u64;
+        // The band's expected size, from its share of the sample.
+        if (inside as u128) * (n as u128) <= (self.gather_cap as u128) * (s as u128) {
+            self.band = Some((lo_bin, hi_bin));
+        }
     }
 
     /// Still needs a pass over the data.
@@ -134,6 +230,24 @@ impl Selector {
         match &self.state {
             State::Radix { level, prefix, .. } => {
                 let shift = self.shift(*level);
+                if let (0, Some((lo, hi))) = (*level, self.band) {
+                    // One sweep: histogram and band together ([`Selector::collect_values`]
+                    // has the faster two-sweep form).
+                    let over = self.band_full();
+                    let (hist, items) = acc.hist_and_items(slot);
+                    let before = items.len();
+                    for (j, k) in keys.enumerate() {
+                        let bin = (k >> shift) & 0xffff;
+                        if let Some(h) = hist.get_mut(bin as usize) {
+                            *h += 1;
+                        }
+                        if !over && bin.wrapping_sub(lo) <= hi - lo {
+                            items.push((k, start + j as u64));
+                        }
+                    }
+                    self.band_added(slot, before, over, acc);
+                    return;
+                }
                 let Ok(hist) = <&mut [u64; BINS]>::try_from(acc.hist(slot).as_mut_slice()) else { return };
                 // The bin index is masked to 16 bits, so indexing the fixed-size array
                 // needs no bounds check; the first level (most passes) has no prefix test.
@@ -166,6 +280,82 @@ impl Selector {
         }
     }
 
+    /// Collect this pass's statistics from the magnitudes of `values`, a chunk starting at
+    /// `start` (as [`Selector::collect`] with their keys).
+    #[inline(always)]
+    pub fn collect_values<T: Real>(&self, slot: usize, start: u64, values: &[T], acc: &mut Stats) {
+        match (&self.state, self.band) {
+            (State::Radix { level: 0, .. }, Some(band)) => self.collect_band(slot, start, band, values, acc),
+            _ => self.collect(slot, start, values.iter().map(|v| v.mag_key()), acc),
+        }
+    }
+
+    /// The first pass with a band: the level-0 histogram, and every element whose bin is
+    /// in the band gathered, unless all workers' candidates together outgrow the cap: then
+    /// the band is given up ([`Stats::overflow`]) and its candidates dropped, so memory
+    /// stays within the cap plus one sub-block per worker.
+    #[inline(always)]
+    fn collect_band<T: Real>(
+        &self,
+        slot: usize,
+        start: u64,
+        (lo, hi): (u64, u64),
+        values: &[T],
+        acc: &mut Stats,
+    ) {
+        const LANES: usize = 16;
+        let shift = self.shift(0);
+        let over = self.band_full();
+        let (hist, items) = acc.hist_and_items(slot);
+        let Ok(hist) = <&mut [u64; BINS]>::try_from(hist.as_mut_slice()) else { return };
+        // Two sweeps over the (cached) sub-block: the histogram loop stays as tight as
+        // without a band, and the band test runs on blocks of lanes (vectorized) and only
+        // looks at single elements in the few blocks with a hit.
+        for v in values {
+            hist[((v.mag_key() >> shift) & 0xffff) as usize] += 1;
+        }
+        let (width, before) = (hi - lo, items.len());
+        let in_band = |v: &T| ((v.mag_key() >> shift) & 0xffff).wrapping_sub(lo) <= width;
+        let mut push = |at: usize, block: &[T]| {
+            for (j, v) in block.iter().enumerate() {
+                if in_band(v) {
+                    items.push((v.mag_key(), start + (at + j) as u64));
+                }
+            }
+        };
+        if !over {
+            let mut blocks = values.chunks_exact(LANES);
+            for (c, block) in blocks.by_ref().enumerate() {
+                let Ok(block) = <&[T; LANES]>::try_from(block) else { continue };
+                let mut hit = [false; LANES];
+                for (h, v) in hit.iter_mut().zip(block) {
+                    *h = in_band(v);
+                }
+                if hit.iter().any(|&h| h) {
+                    push(c * LANES, block);
+                }
+            }
+            push(values.len() / LANES * LANES, blocks.remainder());
+        }
+        self.band_added(slot, before, over, acc);
+    }
+
+    /// Whether the band's candidates already outgrew the cap (all workers together).
+    fn band_full(&self) -> bool {
+        self.gathered.0.load(Ordering::Relaxed) > self.gather_cap
+    }
+
+    /// Count what a sub-block added to slot `slot`'s band (which held `before` candidates);
+    /// once all workers' candidates outgrow the cap, drop them and mark the slot.
+    fn band_added(&self, slot: usize, before: usize, over: bool, acc: &mut Stats) {
+        let items = acc.items(slot);
+        let added = items.len().saturating_sub(before) as u64;
+        if over || self.gathered.0.fetch_add(added, Ordering::Relaxed) + added > self.gather_cap {
+            *items = Vec::new();
+            acc.set_overflow(slot);
+        }
+    }
+
     /// Take the merged statistics of a pass.
     pub fn advance(&mut self, slot: usize, stats: &mut Stats) {
         let state = std::mem::replace(&mut self.state, State::Radix { level: 0, prefix: 0, below: 0 });
@@ -182,9 +372,17 @@ impl Selector {
                     cum += c;
                 }
                 let (bin, count, below) = found;
+                let band = if level == 0 { self.band.take() } else { None };
+                let banded = band.map(|(lo, hi)| (stats.take_items(slot), (lo..=hi).contains(&bin)));
                 let prefix = (prefix << LEVEL_BITS) | bin;
                 let next = level + 1;
-                if LEVEL_BITS * next >= self.key_bits {
+                if let Some((items, true)) =
+                    banded.filter(|_| !stats.overflowed(slot) && count <= self.gather_cap)
+                {
+                    // The cut's bin was gathered whole: finish as a gather pass would.
+                    let shift = self.shift(0);
+                    self.finish_gather(items.into_iter().filter(|&(k, _)| k >> shift == bin).collect(), below)
+                } else if LEVEL_BITS * next >= self.key_bits {
                     self.resolve(prefix, below, count)
                 } else if count <= self.gather_cap {
                     State::Gather { level: next, prefix, below }
@@ -192,20 +390,7 @@ impl Selector {
                     State::Radix { level: next, prefix, below }
                 }
             }
-            State::Gather { below, .. } => {
-                let mut items = stats.take_items(slot);
-                items.sort_unstable();
-                let at = (self.rank - below) as usize;
-                let key = items.get(at).map(|&(k, _)| k).unwrap_or(0);
-                let first = items.partition_point(|&(k, _)| k < key);
-                let ties: Vec<u64> = items.iter().filter(|&&(k, _)| k == key).map(|&(_, i)| i).collect();
-                let eq = ties.len() as u64;
-                let mut cut = self.cut_at(key, below + first as u64, eq);
-                if !cut.all_or_none() {
-                    cut.ties = TieIndex::Sorted(ties);
-                }
-                State::Done(cut)
-            }
+            State::Gather { below, .. } => self.finish_gather(stats.take_items(slot), below),
             State::Ties { mut cut } => {
                 let mut counts = stats.take_items(slot);
                 counts.sort_unstable();
@@ -223,6 +408,23 @@ impl Selector {
             }
             done @ State::Done(_) => done,
         };
+    }
+
+    /// Every candidate `(key, index)` is in `items` (`below` elements rank under them): the
+    /// cut and the sorted indices of its ties.
+    fn finish_gather(&self, mut items: Vec<(u64, u64)>, below: u64) -> State {
+        // The key at the rank by linear-time selection; then only its ties are sorted.
+        let at = (self.rank - below) as usize;
+        let key = if at < items.len() { items.select_nth_unstable(at).1 .0 } else { 0 };
+        let first = items.iter().filter(|&&(k, _)| k < key).count();
+        let mut ties: Vec<u64> = items.iter().filter(|&&(k, _)| k == key).map(|&(_, i)| i).collect();
+        ties.sort_unstable();
+        let eq = ties.len() as u64;
+        let mut cut = self.cut_at(key, below + first as u64, eq);
+        if !cut.all_or_none() {
+            cut.ties = TieIndex::Sorted(ties);
+        }
+        State::Done(cut)
     }
 
     /// The key is fully known: finish, or count ties per chunk if ordinals matter.
@@ -293,6 +495,39 @@ mod tests {
     /// Drive a selector over `keys` cut into chunks of `chunk`, as the engine does.
     fn run(keys: &[u64], rank: u64, side: Side, cap: u64, chunk: usize) -> (Cut, usize) {
         let mut sel = Selector::new(rank, side, 32, cap);
+        let mut passes = 0;
+        while sel.pending() {
+            let mut stats = Stats::default();
+            for (c, part) in keys.chunks(chunk).enumerate().rev() {
+                let mut acc = Stats::default();
+                sel.collect(0, (c * chunk) as u64, part.iter().copied(), &mut acc);
+                stats = stats.merge(acc);
+            }
+            sel.advance(0, &mut stats);
+            passes += 1;
+        }
+        (sel.cut().cloned().unwrap(), passes)
+    }
+
+    /// As [`run`], after showing the selector its sample; `band` overrides the band.
+    fn run_sampled(
+        keys: &[u64],
+        rank: u64,
+        side: Side,
+        cap: u64,
+        chunk: usize,
+        band: Option<Option<(u64, u64)>>,
+    ) -> (Cut, usize) {
+        let n = keys.len() as u64;
+        let mut sel = Selector::new(rank, side, 32, cap);
+        let mut stats = Stats::default();
+        for (start, len) in sample_ranges(n) {
+            sel.sample(0, keys[start as usize..(start + len) as usize].iter().copied(), &mut stats);
+        }
+        sel.plan_band(0, n, &mut stats);
+        if let Some(b) = band {
+            sel.band = b;
+        }
         let mut passes = 0;
         while sel.pending() {
             let mut stats = Stats::default();
@@ -380,6 +615,77 @@ mod tests {
             let got = apply(&keys, &[(&c1, true), (&c2, false)], chunk);
             prop_assert_eq!(got, expected(&keys, Some(lo), Some(hi), None));
         }
+    }
+
+    proptest! {
+        #[test]
+        fn a_band_never_changes_the_cut(
+            raw in proptest::collection::vec(0u64..3000, 1..3000),
+            frac in 0.0f64..1.0,
+            chunk in 1usize..700,
+            side in prop_oneof![Just(Side::TopK), Just(Side::Lower), Just(Side::Upper)],
+            band in prop_oneof![
+                Just(None),
+                Just(Some(None)),
+                (0u64..0x1_0000, 0u64..64).prop_map(|(lo, w)| Some(Some((lo, (lo + w).min(0xffff))))),
+            ],
+            cap in prop_oneof![Just(2u64), Just(64u64), Just(1_000_000u64)],
+        ) {
+            // Keys spread over a few dozen level-0 bins, with many ties; `band` is the
+            // sampled one, none, or an arbitrary (usually wrong) one.
+            let keys: Vec<u64> = raw.iter().map(|&k| ((k * 0x9e37) & 0x3f_ffff) | 0x3c00_0000).collect();
+            let n = keys.len();
+            let rank = ((frac * n as f64) as u64).min(n as u64 - 1);
+            let (plain, _) = run(&keys, rank, side, 1_000_000, chunk);
+            let (banded, passes) = run_sampled(&keys, rank, side, cap, chunk, band);
+            let above = side != Side::Upper;
+            prop_assert_eq!(apply(&keys, &[(&banded, above)], chunk), apply(&keys, &[(&plain, above)], chunk));
+            prop_assert_eq!((banded.key, banded.keep, banded.eq), (plain.key, plain.keep, plain.eq));
+            if band.is_none() && cap == 1_000_000 {
+                // The whole tensor is the sample: its band holds the cut, one pass.
+                prop_assert_eq!(passes, 1);
+            }
+        }
+    }
+
+    #[test]
+    fn a_band_collects_the_same_from_values_and_from_keys() {
+        // The vectorized sweep over values and the generic one over keys gather the same.
+        let values: Vec<f32> = (0..5000).map(|i| ((i * 7919) % 4999) as f32 * 1e-3 - 2.5).collect();
+        let keys: Vec<u64> = values.iter().map(|v| v.mag_key()).collect();
+        let mut sel = Selector::new(4000, Side::TopK, 32, 1 << 20);
+        let mut stats = Stats::default();
+        sel.sample(0, keys.iter().copied(), &mut stats);
+        sel.plan_band(0, keys.len() as u64, &mut stats);
+        assert!(sel.band.is_some());
+        let (mut a, mut b) = (Stats::default(), Stats::default());
+        for (c, part) in values.chunks(333).enumerate() {
+            sel.collect_values(0, c as u64 * 333, part, &mut a);
+            sel.collect(0, c as u64 * 333, part.iter().map(|v| v.mag_key()), &mut b);
+        }
+        assert_eq!(a.items(0), b.items(0));
+        assert_eq!(a.hist(0), b.hist(0));
+        assert!(!a.items(0).is_empty());
+    }
+
+    #[test]
+    fn an_overflowing_band_is_dropped_and_takes_the_usual_passes() {
+        let keys: Vec<u64> = (0..50_000u64).map(|i| ((i * 7919) % 10_007) << 8).collect();
+        let (cut, passes) = run_sampled(&keys, 40_000, Side::TopK, 1 << 20, 333, None);
+        assert_eq!(passes, 1);
+        let (small, more) = run_sampled(&keys, 40_000, Side::TopK, 10, 333, Some(Some((0, 0xffff))));
+        assert!(more > 1);
+        assert_eq!((small.key, small.keep, small.eq), (cut.key, cut.keep, cut.eq));
+    }
+
+    #[test]
+    fn samples_are_spread_ranges_or_the_whole_tensor() {
+        assert_eq!(sample_ranges(0), vec![]);
+        assert_eq!(sample_ranges(1000), vec![(0, 1000)]);
+        let r = sample_ranges(10_000_000);
+        assert_eq!(r.len(), 64);
+        assert!(r.windows(2).all(|w| w[0].0 + w[0].1 <= w[1].0));
+        assert!(r.last().is_some_and(|&(s, l)| s + l <= 10_000_000));
     }
 
     #[test]

@@ -58,9 +58,9 @@ pub enum Sparsifier {
     /// Keep elements between two exact rank cuts (either may be absent).
     Select {
         /// Elements must be at or above this cut (`TopK` or `Lower`).
-        lower: Option<Selector>,
+        lower: Option<Box<Selector>>,
         /// Elements must be at or below this cut (`Upper`).
-        upper: Option<Selector>,
+        upper: Option<Box<Selector>>,
     },
     /// DARE: keep iff `draw < threshold`.
     Random {
@@ -116,7 +116,7 @@ impl Sparsifier {
                     0 => Sparsifier::Nothing,
                     k if k >= n => Sparsifier::All,
                     k => Sparsifier::Select {
-                        lower: Some(Selector::new(n - k, Side::TopK, s.key_bits, s.gather_cap)),
+                        lower: Some(Box::new(Selector::new(n - k, Side::TopK, s.key_bits, s.gather_cap))),
                         upper: None,
                     },
                 }
@@ -128,9 +128,9 @@ impl Sparsifier {
                 if keep == 0 {
                     return Sparsifier::Nothing;
                 }
-                let lower = (bot > 0).then(|| Selector::new(bot, Side::Lower, s.key_bits, s.gather_cap));
-                let upper = (bot + keep < n)
-                    .then(|| Selector::new(bot + keep - 1, Side::Upper, s.key_bits, s.gather_cap));
+                let selector = |rank, side| Box::new(Selector::new(rank, side, s.key_bits, s.gather_cap));
+                let lower = (bot > 0).then(|| selector(bot, Side::Lower));
+                let upper = (bot + keep < n).then(|| selector(bot + keep - 1, Side::Upper));
                 if lower.is_none() && upper.is_none() {
                     Sparsifier::All
                 } else {
@@ -146,7 +146,7 @@ impl Sparsifier {
     pub fn pending(&self) -> bool {
         match self {
             Sparsifier::Select { lower, upper } => {
-                lower.as_ref().is_some_and(Selector::pending) || upper.as_ref().is_some_and(Selector::pending)
+                lower.as_ref().is_some_and(|s| s.pending()) || upper.as_ref().is_some_and(|s| s.pending())
             }
             _ => false,
         }
@@ -168,7 +168,40 @@ impl Sparsifier {
         if let Sparsifier::Select { lower, upper } = self {
             for (i, sel) in [lower, upper].into_iter().enumerate() {
                 if let Some(sel) = sel.as_ref().filter(|s| s.pending()) {
-                    sel.collect(2 * model + i, start, delta.iter().map(|v| v.mag_key()), acc);
+                    sel.collect_values(2 * model + i, start, delta, acc);
+                }
+            }
+        }
+    }
+
+    /// Whether a sample of a tensor of `n` elements can save this sparsifier passes.
+    pub fn wants_sample(&self, n: u64) -> bool {
+        match self {
+            Sparsifier::Select { lower, upper } => {
+                [lower, upper].into_iter().flatten().any(|s| s.pending() && s.wants_sample(n))
+            }
+            _ => false,
+        }
+    }
+
+    /// Collect one sample range of δ (slots as in [`Sparsifier::collect`]).
+    #[inline(always)]
+    pub fn sample<T: Real>(&self, model: usize, delta: &[T], acc: &mut Stats) {
+        if let Sparsifier::Select { lower, upper } = self {
+            for (i, sel) in [lower, upper].into_iter().enumerate() {
+                if let Some(sel) = sel.as_ref() {
+                    sel.sample(2 * model + i, delta.iter().map(|v| v.mag_key()), acc);
+                }
+            }
+        }
+    }
+
+    /// Take the merged sample of a tensor of `n` elements: the selections' first bands.
+    pub fn plan_bands(&mut self, model: usize, n: u64, stats: &mut Stats) {
+        if let Sparsifier::Select { lower, upper } = self {
+            for (i, sel) in [lower, upper].into_iter().enumerate() {
+                if let Some(sel) = sel.as_mut().filter(|s| s.wants_sample(n)) {
+                    sel.plan_band(2 * model + i, n, stats);
                 }
             }
         }
@@ -200,8 +233,8 @@ impl Sparsifier {
             Sparsifier::All => keep.resize(delta.len(), true),
             Sparsifier::Nothing => keep.resize(delta.len(), false),
             Sparsifier::Select { lower, upper } => {
-                let lo = lower.as_ref().and_then(Selector::cut);
-                let hi = upper.as_ref().and_then(Selector::cut);
+                let lo = lower.as_ref().and_then(|s| s.cut());
+                let hi = upper.as_ref().and_then(|s| s.cut());
                 if let (Some(c), None) = (lo, hi) {
                     if let Some(keep_key) = plain_cut(c, true) {
                         // The usual top-k: one comparison per element, which vectorizes.

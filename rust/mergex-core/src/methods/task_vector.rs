@@ -9,6 +9,7 @@ use super::sparsify::{Kind, Setup, Sparsifier};
 use super::{param, ChunkInputs, Stats, TensorCtx, TensorMerge, WeightedSum};
 use crate::error::{Error, Result};
 use crate::kernels::real::Real;
+use rayon::prelude::*;
 
 /// The switches that tell the family's methods apart.
 #[derive(Debug, Clone, Copy)]
@@ -48,6 +49,11 @@ struct TaskVector<T> {
     /// ‖δ_i‖₁ per model, from the first pass.
     l1_all: Vec<f64>,
     align: u64,
+    /// Elements of the tensor.
+    numel: u64,
+    /// Statistics passes the selections are expected to take: one when a sample is
+    /// expected to narrow every cut to a band that fits in memory, else two.
+    selection_passes: usize,
 }
 
 /// Build one member of the family for one tensor.
@@ -57,9 +63,11 @@ pub(super) fn build<T: Real>(family: Family, ctx: &TensorCtx<'_>) -> Result<Box<
         return Err(ctx.bad_param("base_model", "this method needs a base model"));
     }
     let m = job.inputs.len();
-    let selectors = 2 * m.max(1) as u64;
-    // A quarter of the budget may hold selection candidates (16 bytes each).
-    let gather_cap = (ctx.ram_budget / 4 / 16 / selectors).max(4096);
+    // Breadcrumbs cuts twice per model, the others at most once.
+    let selectors = if family.sparsify == Kind::Outliers { 2 } else { 1 } * m.max(1) as u64;
+    // Half the budget may hold selection candidates (16 bytes each): chunks are streamed
+    // in sub-blocks, so their buffers take far less than the rest.
+    let gather_cap = (ctx.ram_budget / 2 / 16 / selectors).max(4096);
     let mut weights = Vec::with_capacity(m);
     let mut sparsifiers = Vec::with_capacity(m);
     let mut align = 1;
@@ -106,6 +114,9 @@ pub(super) fn build<T: Real>(family: Family, ctx: &TensorCtx<'_>) -> Result<Box<
     }
     let tiny = T::from_f64(1e-8);
     let divisor = if sum < tiny && -sum < tiny { T::ONE } else { sum };
+    let numel: u64 = job.shape.iter().product();
+    let pending = sparsifiers.iter().filter(|s| s.pending());
+    let selection_passes = if pending.clone().all(|s| s.wants_sample(numel)) { 1 } else { 2 };
     Ok(Box::new(TaskVector {
         family,
         weights,
@@ -119,6 +130,8 @@ pub(super) fn build<T: Real>(family: Family, ctx: &TensorCtx<'_>) -> Result<Box<
         selected_l1: false,
         l1_all: vec![0.0; m],
         align,
+        numel,
+        selection_passes,
     }))
 }
 
@@ -161,7 +174,7 @@ impl<T: Real> TaskVector<T> {
 
 impl<T: Real> TensorMerge<T> for TaskVector<T> {
     fn planned_passes(&self) -> usize {
-        let selection = if self.selecting() { 2 } else { 0 };
+        let selection = if self.selecting() { self.selection_passes } else { 0 };
         let l1 = if self.rescaling() { 1 } else { 0 };
         if selection > 0 {
             selection + if self.needs_selected_l1() { 1 } else { 0 }
@@ -178,6 +191,30 @@ impl<T: Real> TensorMerge<T> for TaskVector<T> {
         self.align
     }
 
+    fn sample_ranges(&self) -> Vec<(u64, u64)> {
+        let wanted = self.pass == 0 && self.sparsifiers.iter().any(|s| s.wants_sample(self.numel));
+        if wanted {
+            super::select::sample_ranges(self.numel)
+        } else {
+            Vec::new()
+        }
+    }
+
+    fn sample_chunk(&self, x: &mut ChunkInputs<'_, T>, acc: &mut Stats) -> Result<()> {
+        x.to_deltas();
+        for (i, (delta, sp)) in x.models.iter().zip(&self.sparsifiers).enumerate() {
+            sp.sample(i, delta, acc);
+        }
+        Ok(())
+    }
+
+    fn end_sample(&mut self, mut stats: Stats) -> Result<()> {
+        for (i, sp) in self.sparsifiers.iter_mut().enumerate() {
+            sp.plan_bands(i, self.numel, &mut stats);
+        }
+        Ok(())
+    }
+
     fn stat_chunk(&self, x: &mut ChunkInputs<'_, T>, acc: &mut Stats) -> Result<()> {
         crate::kernels::real::dispatch::fast(
             #[inline(always)]
@@ -192,9 +229,14 @@ impl<T: Real> TensorMerge<T> for TaskVector<T> {
             // ‖δ‖₁ of every model comes from the first pass.
             self.l1_all = (0..self.sparsifiers.len()).map(|i| stats.total(2 * i + L1_ALL)).collect();
         }
+        // The selections resolve independently (each from its own slots): in parallel.
+        let mut parts: Vec<Stats> =
+            (0..self.sparsifiers.len()).map(|i| stats.take_slots(2 * i..2 * i + 2)).collect();
+        self.sparsifiers.par_iter_mut().zip(parts.par_iter_mut()).enumerate().for_each(|(i, (sp, part))| {
+            sp.advance(i, part);
+        });
         for i in 0..self.sparsifiers.len() {
-            let sp = &mut self.sparsifiers[i];
-            sp.advance(i, &mut stats);
+            let sp = &self.sparsifiers[i];
             let random = sp.random();
             let is_sel = sp.is_selection();
             if self.rescale && ((first && random) || (selected_l1 && is_sel)) {
