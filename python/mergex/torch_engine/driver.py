@@ -42,8 +42,9 @@ _DTYPES: dict[str, torch.dtype] = {
     "F8_E4M3": torch.float8_e4m3fn,
     "F8_E5M2": torch.float8_e5m2,
 }
-# Host buffers kept by the driver: the two raw read buffers and the decoded chunk (CPU).
-_RAW, _DECODED = 0, 2
+# Host buffers kept by the driver: the two raw read buffers, the decoded chunk (CPU) and
+# the merged values copied back from the GPU.
+_RAW, _DECODED, _MERGED = 0, 2, 3
 
 
 class Driver:
@@ -69,7 +70,7 @@ class Driver:
         self.builder = builder
         self.reader = ThreadPoolExecutor(1, thread_name_prefix="mergex-read")
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None  # type: ignore[no-untyped-call]
-        self.host: list[torch.Tensor | None] = [None] * 3
+        self.host: list[torch.Tensor | None] = [None] * 4
         # Per raw buffer: its last host-to-device copy, which must finish before it is refilled.
         self.copied: list[torch.cuda.Event | None] = [None, None]
         if not self.cuda:
@@ -158,13 +159,12 @@ class Driver:
             npass += 1
         clock = time.perf_counter()
         for x in self.chunks(i, ctx):
-            out = merger.merge_chunk(x)
-            host = out.detach().to("cpu", copy=False).contiguous().numpy()
-            self.stream.write(i, x.start, host)
+            out = merger.merge_chunk(x).detach()
+            self.stream.write(i, x.start, self.to_host(out).numpy())
         self.output_seconds += time.perf_counter() - clock
 
     def buffer(self, k: int, nbytes: int) -> torch.Tensor:
-        """Host buffer ``k`` (``_RAW``, ``_RAW + 1``, ``_DECODED``) of ``nbytes``
+        """Host buffer ``k`` (``_RAW``, ``_RAW + 1``, ``_DECODED``, ``_MERGED``) of ``nbytes``
         bytes, pinned on a GPU. Buffers are kept from tensor to tensor, grown when one needs
         more, so that chunks neither fault in fresh pages nor pin memory again."""
         buf = self.host[k]
@@ -173,6 +173,14 @@ class Driver:
             buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.cuda)
             self.host[k] = buf
         return buf[:nbytes]
+
+    def to_host(self, out: torch.Tensor) -> torch.Tensor:
+        """The merged values, contiguous in host memory (from a GPU, through a pinned buffer)."""
+        if not self.cuda:
+            return out.contiguous()
+        host = self.buffer(_MERGED, out.numel() * out.element_size()).view(out.dtype)
+        host.copy_(out)
+        return host
 
     def input_dtypes(self, i: int) -> list[torch.dtype]:
         """The stored dtype of every input of tensor ``i``, in read order."""

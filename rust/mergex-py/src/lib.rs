@@ -64,6 +64,7 @@ impl MergeJob {
             progress: Arc::clone(&self.progress),
             reader,
             sink: Mutex::new(Some(sink)),
+            bytes: Mutex::new(Vec::new()),
             out_dir,
         })
     }
@@ -88,6 +89,8 @@ struct Stream {
     progress: Arc<Progress>,
     reader: Reader,
     sink: Mutex<Option<Sink>>,
+    /// The encoded bytes of the chunk being written, kept from write to write.
+    bytes: Mutex<Vec<u8>>,
     out_dir: PathBuf,
 }
 
@@ -109,10 +112,18 @@ impl Stream {
         start: u64,
         values: &PyBuffer<T>,
     ) -> PyResult<()> {
-        let mut v = vec![T::ZERO; values.item_count()];
-        values.copy_to_slice(py, &mut v)?;
+        let ptr =
+            values.as_slice_ptr().ok_or_else(|| bad_buffer(py, "write: the buffer must be contiguous"))?;
+        // SAFETY: `PyBuffer::get` checked the element format, size and alignment against T,
+        // and `as_slice_ptr` that the buffer is C-contiguous with `item_count` elements;
+        // `values` keeps the buffer exported (its memory alive) until this call returns, and
+        // it is only read. The caller does not change it during the call (the torch driver
+        // writes a chunk only once it is computed).
+        let values: &[T] = unsafe { ptr.as_ref() };
         let engine = &self.engine;
-        self.with_sink(py, |sink| py.detach(|| engine.write_chunk(sink, t, start, &v, &mut Vec::new())))
+        let mut guard = self.bytes.lock().map_err(|_| closed(py))?;
+        let bytes: &mut Vec<u8> = &mut guard;
+        self.with_sink(py, |sink| py.detach(|| engine.write_chunk(sink, t, start, values, bytes)))
     }
 }
 
