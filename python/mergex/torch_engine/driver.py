@@ -2,9 +2,12 @@
 pass over the same chunks, read by the Rust reader into pinned host buffers, merged on the
 device, and written back through the Rust writer at their final offsets.
 
-Reads of the next chunk overlap the merge of the current one (a reader thread fills the
-other of two host buffers; the Rust reader releases the GIL), and on a GPU the host-to-
-device copy runs on its own CUDA stream.
+The Rust reader copies the inputs' stored bytes as they are (bf16 inputs move half the
+bytes of f32 across the bus); they are decoded on the device, where widening bf16, f16,
+f8 and f32 to float32 or float64 is exact, as the Rust engine's own decoding is. Reads of
+the next chunk overlap the merge of the current one (a reader thread fills the other of
+two host buffers; the Rust reader releases the GIL and reads the inputs in parallel), and
+on a GPU the host-to-device copy runs on its own CUDA stream.
 """
 
 from __future__ import annotations
@@ -23,14 +26,26 @@ from ..errors import ConfigError
 from .base import Chunk, TensorCtx, as_dict
 from .methods import METHODS
 
-# Host memory per chunk element and input: two read buffers (double buffering), the
-# device copy (the same memory on the CPU), the method's temporaries (a few times the
-# inputs) and the Rust reader's scratch.
+# Host memory per chunk element and input: two raw read buffers (double buffering, at
+# most the working width), the decoded values (on the device; on the CPU, a host buffer)
+# and the method's temporaries (a few times the inputs).
 _HOST_FACTOR = 6
 # Device memory per chunk element and input: the inputs and the method's temporaries.
 _DEVICE_FACTOR = 5
 # Share of the RAM budget given to chunk buffers.
 _WORK_SHARE = 0.75
+# The torch dtype of each stored dtype the engine merges (`dtypes` of the tensor infos).
+_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+}
+# Host buffers kept by the driver: the two raw read buffers, the decoded chunk (CPU) and
+# the merged values copied back from the GPU.
+_RAW, _DECODED, _MERGED = 0, 2, 3
 
 
 class Driver:
@@ -56,6 +71,9 @@ class Driver:
         self.builder = builder
         self.reader = ThreadPoolExecutor(1, thread_name_prefix="mergex-read")
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None  # type: ignore[no-untyped-call]
+        self.host: list[torch.Tensor | None] = [None] * 4
+        # Per raw buffer: its last host-to-device copy, which must finish before it is refilled.
+        self.copied: list[torch.cuda.Event | None] = [None, None]
         if not self.cuda:
             # --threads bounds torch's CPU threads as it bounds the Rust engine's.
             torch.set_num_threads(int(spec["threads"]))
@@ -147,44 +165,87 @@ class Driver:
             npass += 1
         clock = time.perf_counter()
         for x in self.chunks(i, ctx):
-            out = merger.merge_chunk(x)
-            host = out.detach().to("cpu", copy=False).contiguous().numpy()
-            self.stream.write(i, x.start, host)
+            out = merger.merge_chunk(x).detach()
+            self.stream.write(i, x.start, self.to_host(out).numpy())
         self.output_seconds += time.perf_counter() - clock
 
+    def buffer(self, k: int, nbytes: int) -> torch.Tensor:
+        """Host buffer ``k`` (``_RAW``, ``_RAW + 1``, ``_DECODED``, ``_MERGED``) of ``nbytes``
+        bytes, pinned on a GPU. Buffers are kept from tensor to tensor, grown when one needs
+        more, so that chunks neither fault in fresh pages nor pin memory again."""
+        buf = self.host[k]
+        if buf is None or buf.numel() < nbytes:
+            self.host[k] = None
+            buf = torch.empty(nbytes, dtype=torch.uint8, pin_memory=self.cuda)
+            self.host[k] = buf
+        return buf[:nbytes]
+
+    def to_host(self, out: torch.Tensor) -> torch.Tensor:
+        """The merged values, contiguous in host memory (from a GPU, through a pinned buffer)."""
+        if not self.cuda:
+            return out.contiguous()
+        host = self.buffer(_MERGED, out.numel() * out.element_size()).view(out.dtype)
+        host.copy_(out)
+        return host
+
+    def input_dtypes(self, i: int) -> list[torch.dtype]:
+        """The stored dtype of every input of tensor ``i``, in read order."""
+        kinds = []
+        for name in self.infos[i]["dtypes"]:
+            kind = _DTYPES.get(name)
+            if kind is None:
+                raise ConfigError(
+                    f"tensor {self.spec['tensors'][i]['name']}: the torch engine cannot decode "
+                    f"{name} inputs; use the Rust engine"
+                )
+            kinds.append(kind)
+        return kinds
+
     def chunks(self, i: int, ctx: TensorCtx) -> Iterator[Chunk]:
-        """Yield every chunk of tensor ``i``, reading the next while the current is used."""
-        views = int(self.infos[i]["views"])
+        """Yield every chunk of tensor ``i``, reading the next while the current is used.
+
+        A raw chunk holds input ``v``'s stored bytes at byte ``v * n * slot``; each input is
+        viewed as its stored dtype and widened into row ``v`` of the decoded chunk."""
+        kinds = self.input_dtypes(i)
+        slot, views = int(self.infos[i]["slot"]), len(kinds)
         size = max((n for _, n in ctx.chunks), default=0)
-        bufs = [torch.empty(views * size, dtype=ctx.dtype, pin_memory=self.cuda) for _ in range(2)]
-        copied: list[torch.cuda.Event | None] = [None, None]
+        for event in self.copied:
+            if event is not None:
+                event.synchronize()
+        self.copied = [None, None]
+        bufs = [self.buffer(_RAW + b, views * size * slot) for b in range(2)]
 
         def read(k: int) -> torch.Tensor:
             start, n = ctx.chunks[k]
-            host = bufs[k % 2][: views * n]
+            host = bufs[k % 2][: views * n * slot]
             self.stream.read(i, start, n, host.numpy())
-            return host.view(views, n)
+            return host
 
         pending: Future[torch.Tensor] | None = self.reader.submit(read, 0) if ctx.chunks else None
-        for k, (start, _) in enumerate(ctx.chunks):
+        for k, (start, n) in enumerate(ctx.chunks):
             assert pending is not None
             host = pending.result()
             if k + 1 < len(ctx.chunks):
                 # The other buffer is free once its device copy (chunk k-1) has finished.
-                event = copied[(k + 1) % 2]
+                event = self.copied[(k + 1) % 2]
                 if event is not None:
                     event.synchronize()
                 pending = self.reader.submit(read, k + 1)
             if self.copy_stream is not None:
                 with torch.cuda.stream(self.copy_stream):
-                    data = host.to(self.device, non_blocking=True)
-                    copied[k % 2] = self.copy_stream.record_event()
+                    raw = host.to(self.device, non_blocking=True)
+                    self.copied[k % 2] = self.copy_stream.record_event()
                 compute = torch.cuda.current_stream(self.device)
                 compute.wait_stream(self.copy_stream)
                 # The copy's memory belongs to the copy stream's pool: without this, freeing it
-                # after the chunk could hand it to the next copy while kernels still read it.
-                data.record_stream(compute)
+                # after the decode could hand it to the next copy while the decode still reads it.
+                raw.record_stream(compute)
+                data = torch.empty((views, n), dtype=ctx.dtype, device=self.device)
             else:
-                data = host
+                raw = host
+                data = self.buffer(_DECODED, views * n * ctx.dtype.itemsize).view(ctx.dtype).view(views, n)
+            for v, kind in enumerate(kinds):
+                at = v * n * slot
+                data[v].copy_(raw[at : at + n * kind.itemsize].view(kind))
             base, models = (data[0], data[1:]) if ctx.has_base else (None, data)
             yield Chunk(start=start, base=base, models=models)

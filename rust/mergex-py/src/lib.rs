@@ -7,7 +7,7 @@ mod errors;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
-use mergex_core::engine::stream::Sink;
+use mergex_core::engine::stream::{Reader, Sink};
 use mergex_core::format::checkpoint::Checkpoint;
 use mergex_core::kernels::real::Real;
 use mergex_core::{Engine, Job, Progress};
@@ -55,11 +55,16 @@ impl MergeJob {
     /// Create the output files in `out_dir` and return a stream through which another
     /// engine (the torch path) reads chunks and writes merged values.
     fn open_stream(&self, py: Python<'_>, out_dir: PathBuf) -> PyResult<Stream> {
-        let sink = py.detach(|| self.engine.open_sink(&out_dir, &self.progress)).map_err(|e| to_py(py, e))?;
+        let (engine, progress) = (&self.engine, &self.progress);
+        let (sink, reader) = py
+            .detach(|| Ok((engine.open_sink(&out_dir, progress)?, engine.open_reader()?)))
+            .map_err(|e| to_py(py, e))?;
         Ok(Stream {
             engine: Arc::clone(&self.engine),
             progress: Arc::clone(&self.progress),
+            reader,
             sink: Mutex::new(Some(sink)),
+            bytes: Mutex::new(Vec::new()),
             out_dir,
         })
     }
@@ -75,13 +80,17 @@ impl MergeJob {
     }
 }
 
-/// A merge whose arithmetic runs outside the Rust engine: chunks are decoded by the
-/// engine's reader into caller buffers, and merged values go back through its writer.
+/// A merge whose arithmetic runs outside the Rust engine: the stored bytes of chunks are
+/// read by the engine into caller buffers (the caller decodes them), and merged values go
+/// back through its writer.
 #[pyclass(frozen, module = "mergex._mergex")]
 struct Stream {
     engine: Arc<Engine>,
     progress: Arc<Progress>,
+    reader: Reader,
     sink: Mutex<Option<Sink>>,
+    /// The encoded bytes of the chunk being written, kept from write to write.
+    bytes: Mutex<Vec<u8>>,
     out_dir: PathBuf,
 }
 
@@ -96,23 +105,6 @@ impl Stream {
         f(sink).map_err(|e| to_py(py, e))
     }
 
-    fn read_into<T: Real + Element>(
-        &self,
-        py: Python<'_>,
-        t: usize,
-        start: u64,
-        len: u64,
-        out: &PyBuffer<T>,
-    ) -> PyResult<()> {
-        if out.readonly() || !out.is_c_contiguous() {
-            return Err(bad_buffer(py, "read: the buffer must be writable and contiguous"));
-        }
-        let mut values = vec![T::ZERO; out.item_count()];
-        let (engine, progress) = (&self.engine, &self.progress);
-        py.detach(|| engine.read_chunk(t, start, len, &mut values, progress)).map_err(|e| to_py(py, e))?;
-        out.copy_from_slice(py, &values)
-    }
-
     fn write_from<T: Real + Element>(
         &self,
         py: Python<'_>,
@@ -120,10 +112,18 @@ impl Stream {
         start: u64,
         values: &PyBuffer<T>,
     ) -> PyResult<()> {
-        let mut v = vec![T::ZERO; values.item_count()];
-        values.copy_to_slice(py, &mut v)?;
+        let ptr =
+            values.as_slice_ptr().ok_or_else(|| bad_buffer(py, "write: the buffer must be contiguous"))?;
+        // SAFETY: `PyBuffer::get` checked the element format, size and alignment against T,
+        // and `as_slice_ptr` that the buffer is C-contiguous with `item_count` elements;
+        // `values` keeps the buffer exported (its memory alive) until this call returns, and
+        // it is only read. The caller does not change it during the call (the torch driver
+        // writes a chunk only once it is computed).
+        let values: &[T] = unsafe { ptr.as_ref() };
         let engine = &self.engine;
-        self.with_sink(py, |sink| py.detach(|| engine.write_chunk(sink, t, start, &v, &mut Vec::new())))
+        let mut guard = self.bytes.lock().map_err(|_| closed(py))?;
+        let bytes: &mut Vec<u8> = &mut guard;
+        self.with_sink(py, |sink| py.detach(|| engine.write_chunk(sink, t, start, values, bytes)))
     }
 }
 
@@ -134,14 +134,24 @@ impl Stream {
         py.detach(|| self.engine.begin_tensor(t)).map_err(|e| to_py(py, e))
     }
 
-    /// Decode elements `[start, start+len)` of every input of tensor `t` (the base first)
-    /// into `out`, a writable float32 or float64 buffer of views × len elements.
+    /// Copy the stored bytes of elements `[start, start+len)` of every input of tensor `t`
+    /// (the base first) into `out`, a writable contiguous byte buffer of views × len × slot
+    /// bytes, undecoded: input `k` at byte `k × len × slot` in its own dtype (`dtypes` and
+    /// `slot` of `MergeJob.tensors`). The inputs are read in parallel, without the GIL.
     fn read(&self, py: Python<'_>, t: usize, start: u64, len: u64, out: &Bound<'_, PyAny>) -> PyResult<()> {
-        if let Ok(b) = PyBuffer::<f32>::get(out) {
-            self.read_into(py, t, start, len, &b)
-        } else {
-            self.read_into(py, t, start, len, &PyBuffer::<f64>::get(out)?)
-        }
+        let buf = PyBuffer::<u8>::get(out)?;
+        let ptr = match buf.as_slice_ptr() {
+            Some(p) if !buf.readonly() => p,
+            _ => return Err(bad_buffer(py, "read: the buffer must be writable and contiguous")),
+        };
+        // SAFETY: the buffer is writable and C-contiguous with `item_count` bytes (checked
+        // above); `buf` keeps it exported (its memory alive) until this call returns. The
+        // caller leaves it alone while it is read into (the torch driver's reader thread owns
+        // the buffer until the read returns).
+        let out: &mut [u8] = unsafe { &mut *ptr.as_ptr() };
+        let (engine, progress) = (&self.engine, &self.progress);
+        py.detach(|| engine.read_chunk_raw(&self.reader, t, start, len, out, progress))
+            .map_err(|e| to_py(py, e))
     }
 
     /// Write merged values (a float32 or float64 buffer) of tensor `t` from element `start`.

@@ -82,6 +82,16 @@ impl View {
         })
     }
 
+    /// Copy the stored bytes of output elements `[start, start + n)` into `out` (`n` times
+    /// the element size), undecoded; a block view's rows land at their output places.
+    pub fn read_raw(&self, start: u64, out: &mut [u8]) -> Result<()> {
+        let sz = self.elem();
+        self.runs(start, out.len() as u64 / sz, |src, o, n| {
+            let (b, e) = (o * sz as usize, (o + n as usize) * sz as usize);
+            self.file.read_at(&self.entry, src * sz, out.get_mut(b..e).unwrap_or_default())
+        })
+    }
+
     /// `acc[j] += w · x[start + j]`, or with `base`, `acc[j] += w · (x[start + j] − base[j])`:
     /// decode and accumulate in one sweep (weighted sums).
     pub fn accumulate<T: Real>(&self, start: u64, w: T, base: Option<&[T]>, acc: &mut [T]) -> Result<()> {

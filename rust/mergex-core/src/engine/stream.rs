@@ -6,6 +6,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
 
+use rayon::prelude::*;
+use rayon::ThreadPool;
 use serde::Serialize;
 
 use super::job::Resume;
@@ -16,6 +18,10 @@ use crate::error::{Error, Result};
 use crate::format::writer::{write_index, Writer};
 use crate::kernels::real::Real;
 
+/// Elements of one input that a reader thread copies at a time: a chunk's inputs are cut
+/// into pieces so that every thread has work even when there are fewer inputs than threads.
+const READ_PIECE: usize = 1 << 20;
+
 /// The output side of a running merge: open shards, and the shards already finished.
 #[derive(Debug)]
 pub struct Sink {
@@ -24,6 +30,12 @@ pub struct Sink {
     keep: Vec<bool>,
     /// Finished shards and their checksums (resumable runs).
     sealed: BTreeMap<String, String>,
+}
+
+/// The input side of a stream: the threads that read chunks ([`Engine::open_reader`]).
+#[derive(Debug)]
+pub struct Reader {
+    pool: ThreadPool,
 }
 
 /// What the caller of a stream needs to know about one output tensor.
@@ -47,6 +59,10 @@ pub struct TensorInfo {
     pub passes: usize,
     /// Inputs read per chunk, the base first when there is one.
     pub views: usize,
+    /// The stored dtype of each input (safetensors spelling), in read order.
+    pub dtypes: Vec<&'static str>,
+    /// Bytes per element of each input's place in a raw chunk: the widest input dtype.
+    pub slot: usize,
     /// Already written by an interrupted run that is being resumed: skip it.
     pub kept: bool,
 }
@@ -73,6 +89,8 @@ impl Engine {
                 unit: t.unit(),
                 passes: t.passes,
                 views: t.views().count(),
+                dtypes: t.views().map(|v| v.entry.dtype.name()).collect(),
+                slot: slot(t),
                 kept,
             })
             .collect()
@@ -120,29 +138,53 @@ impl Engine {
         Ok(())
     }
 
-    /// Decode elements `[start, start+len)` of every input of tensor `t` (the base first)
-    /// into `out`, input after input (`out.len()` = views × len).
-    pub fn read_chunk<T: Real>(
+    /// A reader for [`Engine::read_chunk_raw`]: a pool of the job's threads.
+    pub fn open_reader(&self) -> Result<Reader> {
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(self.job.threads)
+            .thread_name(|i| format!("mergex-read-{i}"))
+            .build()
+            .map_err(|e| Error::job("threads", e.to_string()))?;
+        Ok(Reader { pool })
+    }
+
+    /// Copy the stored bytes of elements `[start, start+len)` of every input of tensor `t`
+    /// (the base first) into `out`, undecoded: input `k` at byte `k · len · slot`, its `len`
+    /// elements packed in its own dtype ([`TensorInfo::dtypes`], [`TensorInfo::slot`]), the
+    /// rest of its place untouched. The inputs are read in pieces on the reader's threads.
+    pub fn read_chunk_raw(
         &self,
+        reader: &Reader,
         t: usize,
         start: u64,
         len: u64,
-        out: &mut [T],
+        out: &mut [u8],
         progress: &Progress,
     ) -> Result<()> {
         if progress.is_cancelled() {
             return Err(Error::Cancelled);
         }
         let p = self.tensor(t)?;
-        let n = len as usize;
-        if start.checked_add(len).is_none_or(|end| end > p.numel()) || out.len() != p.views().count() * n {
+        let place = usize::try_from(len).ok().and_then(|n| n.checked_mul(slot(p)));
+        let fits = place.and_then(|b| b.checked_mul(p.views().count())) == Some(out.len());
+        if start.checked_add(len).is_none_or(|end| end > p.numel()) || !fits {
             return Err(Error::job("chunk", format!("bad chunk {start}+{len} of '{}'", p.out.name)));
         }
         for v in p.views() {
             v.will_need(start, len);
         }
-        for (v, dst) in p.views().zip(out.chunks_mut(n.max(1))) {
-            v.read(start, dst)?;
+        let mut pieces = Vec::new();
+        for (v, dst) in p.views().zip(out.chunks_mut(place.unwrap_or(0).max(1))) {
+            let size = v.entry.dtype.size();
+            let used = dst.get_mut(..len as usize * size).unwrap_or_default();
+            for (i, piece) in used.chunks_mut(READ_PIECE * size).enumerate() {
+                pieces.push((v, start + (i * READ_PIECE) as u64, piece));
+            }
+        }
+        reader
+            .pool
+            .install(|| pieces.into_par_iter().try_for_each(|(v, at, piece)| v.read_raw(at, piece)))?;
+        for v in p.views() {
             progress.add_bytes(v.bytes_for(len));
         }
         Ok(())
@@ -219,6 +261,11 @@ impl Engine {
     fn bytes_written(&self) -> u64 {
         self.layout.shards.iter().map(|s| s.len).sum()
     }
+}
+
+/// Bytes per element of each input's place in a raw chunk of `p`: the widest input dtype.
+fn slot(p: &Prepared) -> usize {
+    p.views().map(|v| v.entry.dtype.size()).max().unwrap_or(1)
 }
 
 /// Rewrite the resume state atomically: fingerprint and finished shards with checksums.
