@@ -314,6 +314,29 @@ def test_magnitude_cuts_take_several_passes(families, mergex_mod, monkeypatch, t
     assert rec.planned["lm_head.weight"] == 2
 
 
+def test_progress_ends_at_its_total_with_samples(families, mergex_mod, monkeypatch, tmp_path):
+    # The selections' samples are read outside the counted passes: both engines end with
+    # the bytes done equal to the planned total, though a sample reads whole small tensors.
+    import mergex.api as api
+
+    base, xs = families["planted"]
+    cfg, seed = case_config("ties_rescale", base, xs)
+    finals = {}
+    run = api._run_engine
+
+    def recording(engine, out, on_progress, backend, spec):
+        summary = run(engine, out, on_progress, backend, spec)
+        finals[backend.engine] = engine.progress()
+        return summary
+
+    monkeypatch.setattr(api, "_run_engine", recording)
+    for engine in ("rust", "torch"):
+        mergex_mod.merge(models._plain(cfg), tmp_path / engine, engine=engine, ram_budget="64KiB", progress=False)
+    for engine, (done, total, tensors_done, tensors) in finals.items():
+        assert done == total > 0 and tensors_done == tensors, engine
+    assert finals["rust"] == finals["torch"]
+
+
 # --------------------------------------------------------------------------- 2. random masks
 
 

@@ -25,14 +25,17 @@ class Stream:
     """Chunks read and written through the engine, merged elsewhere (the torch path)."""
 
     def begin(self, t: int) -> None: ...
-    def read(self, t: int, start: int, len: int, out: Buffer) -> None:
+    def read(self, t: int, start: int, len: int, out: Buffer, count: bool = True) -> None:
         """Copy the stored bytes of elements [start, start+len) of every input of tensor t
         (the base first) into the writable byte buffer out (views * len * slot bytes),
         undecoded: input k at byte k * len * slot, in its own dtype (``dtypes`` and
-        ``slot`` of ``MergeJob.tensors``)."""
+        ``slot`` of ``MergeJob.tensors``). ``count=False`` leaves the bytes out of the
+        progress (a method's sample)."""
     def write(self, t: int, start: int, values: Buffer) -> None:
         """Round merged values (a contiguous float32 or float64 buffer) to the output dtype
         and write them from element start of tensor t."""
+    def passes(self, t: int, ran: int) -> None:
+        """Tensor t took ``ran`` statistics passes: the progress total follows."""
     def copy(self, t: int) -> None: ...
     def end(self, t: int) -> None: ...
     def close(self) -> str: ...

@@ -150,7 +150,7 @@ class Driver:
         merger = self.builder(ctx)
         sample = merger.sample_ranges()
         if sample:
-            for x in self.chunks(i, replace(ctx, chunks=sample)):
+            for x in self.chunks(i, replace(ctx, chunks=sample), count=False):
                 merger.sample_chunk(x)
             merger.end_sample()
         npass = 0
@@ -163,6 +163,7 @@ class Driver:
                 self.stat_seconds.append(0.0)
             self.stat_seconds[npass] += time.perf_counter() - clock
             npass += 1
+        self.stream.passes(i, npass)
         clock = time.perf_counter()
         for x in self.chunks(i, ctx):
             out = merger.merge_chunk(x).detach()
@@ -201,8 +202,9 @@ class Driver:
             kinds.append(kind)
         return kinds
 
-    def chunks(self, i: int, ctx: TensorCtx) -> Iterator[Chunk]:
-        """Yield every chunk of tensor ``i``, reading the next while the current is used.
+    def chunks(self, i: int, ctx: TensorCtx, count: bool = True) -> Iterator[Chunk]:
+        """Yield every chunk of tensor ``i``, reading the next while the current is used
+        (``count=False``: a sample, left out of the progress).
 
         A raw chunk holds input ``v``'s stored bytes at byte ``v * n * slot``; each input is
         viewed as its stored dtype and widened into row ``v`` of the decoded chunk."""
@@ -218,7 +220,7 @@ class Driver:
         def read(k: int) -> torch.Tensor:
             start, n = ctx.chunks[k]
             host = bufs[k % 2][: views * n * slot]
-            self.stream.read(i, start, n, host.numpy())
+            self.stream.read(i, start, n, host.numpy(), count)
             return host
 
         pending: Future[torch.Tensor] | None = self.reader.submit(read, 0) if ctx.chunks else None

@@ -210,16 +210,7 @@ class Selector:
     def advance(self) -> None:
         """Take the statistics of the pass just finished."""
         if self.state == "radix":
-            hist = self._hist.cpu().tolist() if self._hist is not None else [0] * BINS
-            self._hist = None
-            cum = self.below
-            found = (0, 0, cum)
-            for b, c in enumerate(hist):
-                if self.rank < cum + c:
-                    found = (b, c, cum)
-                    break
-                cum += c
-            b, count, below = found
+            b, count, below = self._find_bin()
             band, items, overflow = self.band, self._items, self._overflow
             self.band, self._items, self._overflow = None, [], False
             self.prefix = (self.prefix << LEVEL_BITS) | b
@@ -258,6 +249,19 @@ class Selector:
             self._counts = []
             self.cut.prefix = prefix
             self.state = "done"
+
+    def _find_bin(self) -> tuple[int, int, int]:
+        """(bin, its count, elements below it) of the bin holding the rank, searched on the
+        histogram's device; (0, 0, below) when the rank is beyond every bin, as in Rust."""
+        hist, self._hist = self._hist, None
+        if hist is None:
+            return 0, 0, self.below
+        ends = torch.cumsum(hist, 0) + self.below
+        b = int(torch.searchsorted(ends, torch.tensor([self.rank], device=ends.device), right=True).item())
+        if b >= BINS:
+            return 0, 0, self.below
+        count, end = (int(v) for v in torch.stack((hist[b], ends[b])).tolist())
+        return b, count, end - count
 
     def _resolve(self, key: int, below: int, eq: int) -> None:
         self.cut = self._cut_at(key, below, eq)

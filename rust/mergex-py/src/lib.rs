@@ -138,7 +138,17 @@ impl Stream {
     /// (the base first) into `out`, a writable contiguous byte buffer of views × len × slot
     /// bytes, undecoded: input `k` at byte `k × len × slot` in its own dtype (`dtypes` and
     /// `slot` of `MergeJob.tensors`). The inputs are read in parallel, without the GIL.
-    fn read(&self, py: Python<'_>, t: usize, start: u64, len: u64, out: &Bound<'_, PyAny>) -> PyResult<()> {
+    /// `count=False` leaves the bytes out of the progress (a method's sample).
+    #[pyo3(signature = (t, start, len, out, count = true))]
+    fn read(
+        &self,
+        py: Python<'_>,
+        t: usize,
+        start: u64,
+        len: u64,
+        out: &Bound<'_, PyAny>,
+        count: bool,
+    ) -> PyResult<()> {
         let buf = PyBuffer::<u8>::get(out)?;
         let ptr = match buf.as_slice_ptr() {
             Some(p) if !buf.readonly() => p,
@@ -149,7 +159,8 @@ impl Stream {
         // caller leaves it alone while it is read into (the torch driver's reader thread owns
         // the buffer until the read returns).
         let out: &mut [u8] = unsafe { &mut *ptr.as_ptr() };
-        let (engine, progress) = (&self.engine, &self.progress);
+        let quiet = Progress::default();
+        let (engine, progress) = (&self.engine, if count { &*self.progress } else { &quiet });
         py.detach(|| engine.read_chunk_raw(&self.reader, t, start, len, out, progress))
             .map_err(|e| to_py(py, e))
     }
@@ -167,6 +178,11 @@ impl Stream {
     fn copy(&self, py: Python<'_>, t: usize) -> PyResult<()> {
         let (engine, progress) = (&self.engine, &self.progress);
         self.with_sink(py, |sink| py.detach(|| engine.copy_chunks(sink, t, progress)))
+    }
+
+    /// Tensor `t` took `ran` statistics passes (the progress total follows).
+    fn passes(&self, py: Python<'_>, t: usize, ran: usize) -> PyResult<()> {
+        self.engine.settle_passes(t, ran, &self.progress).map_err(|e| to_py(py, e))
     }
 
     /// Tensor `t` is complete (a resumable run seals its shard when it is the last one).

@@ -220,6 +220,19 @@ impl Engine {
         self.copy_tensor(p, place, &sink.writer, progress)
     }
 
+    /// Tensor `t`'s statistics passes are done, `ran` of them: correct the progress total
+    /// where the data asked for more or fewer passes than the plan counted.
+    pub fn settle_passes(&self, t: usize, ran: usize, progress: &Progress) -> Result<()> {
+        let p = self.tensor(t)?;
+        let (planned, taken) = (p.passes as u64, ran as u64 + 1);
+        if taken > planned {
+            progress.bytes_total.fetch_add((taken - planned) * p.pass_bytes(), Ordering::Relaxed);
+        } else {
+            progress.bytes_total.fetch_sub((planned - taken) * p.pass_bytes(), Ordering::Relaxed);
+        }
+        Ok(())
+    }
+
     /// Tensor `t` is complete: count it and, when that finishes its shard in a resumable
     /// run, flush the shard and record its checksum.
     pub fn end_tensor(&self, sink: &mut Sink, t: usize, progress: &Progress) -> Result<()> {
