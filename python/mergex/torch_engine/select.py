@@ -8,10 +8,11 @@ Use: while ``sel.pending``, call ``sel.collect(start, keys)`` for every chunk of
 and ``sel.advance()`` after it; then ``sel.cut`` decides with :func:`passes`.
 
 Optionally, before the first pass, when ``sel.wants_sample(n)``: ``sel.sample(keys)`` for
-every range of :func:`sample_ranges` and ``sel.plan_band(n)``. The first pass then also
-gathers the candidates in a band of level-0 bins around the expected cut, and finishes
-the selection when the cut's bin is in the band (the Rust engine's rule, so both engines
-take the same passes). The sample never changes the cut.
+every range of :func:`sample_ranges` and ``sel.plan_band(n)``. The first pass then counts
+the elements under a band of level-0 bins around the expected cut and gathers those in
+it, and finishes the selection when the rank falls among them; else a histogram pass
+follows (the Rust engine's rules, so both engines take the same passes). The sample never
+changes the cut.
 
 Keys are int64 tensors holding unsigned keys of ``key_bits`` bits (64-bit keys with the
 top bit set are negative int64 values); ``Cut.key`` is the unsigned Python int.
@@ -131,6 +132,8 @@ class Selector:
         self._sample: list[torch.Tensor] = []
         self._gathered = 0
         self._overflow = False
+        self._under: torch.Tensor | None = None
+        """Elements under the band so far (on the device)."""
 
     def wants_sample(self, n: int) -> bool:
         """Whether a sample can save passes: no pass has run, and the band a sample of a
@@ -180,10 +183,12 @@ class Selector:
 
     def collect(self, start: int, keys: torch.Tensor) -> None:
         """This pass's statistics from the int64 keys of one chunk starting at ``start``."""
-        if self.state == "radix":
-            shift = self._shift(self.level)
-            if self.level == 0 and self.band is not None and not self._overflow:
-                bins = self._top(keys, shift)
+        if self.state == "radix" and self.level == 0 and self.band is not None:
+            # The band's pass: count the elements under the band, gather those in it.
+            bins = self._top(keys, self._shift(0))
+            under = (bins < self.band[0]).sum()
+            self._under = under if self._under is None else self._under + under
+            if not self._overflow:
                 idx = torch.nonzero((bins >= self.band[0]) & (bins <= self.band[1])).flatten()
                 self._gathered += idx.numel()
                 if self._gathered > self.gather_cap:
@@ -191,6 +196,8 @@ class Selector:
                     self._overflow, self._items = True, []
                 else:
                     self._items.append((keys[idx].cpu(), (idx + start).cpu()))
+        elif self.state == "radix":
+            shift = self._shift(self.level)
             k = keys if self.level == 0 else keys[self._top(keys, shift + LEVEL_BITS) == self.prefix]
             if self._hist is None:
                 self._hist = torch.zeros(BINS, dtype=torch.int64, device=keys.device)
@@ -209,20 +216,22 @@ class Selector:
 
     def advance(self) -> None:
         """Take the statistics of the pass just finished."""
-        if self.state == "radix":
+        if self.state == "radix" and self.level == 0 and self.band is not None:
+            # The cut is in the band when the rank falls among its candidates: they resolve
+            # it as a gather pass would. Else a histogram pass follows, as without a band.
+            under = int(self._under.item()) if self._under is not None else 0
+            gathered = sum(k.numel() for k, _ in self._items)
+            self.band, self._under = None, None
+            if not self._overflow and under <= self.rank < under + gathered:
+                self.below, self.state = under, "gather"
+                self.advance()
+            self._items, self._overflow = [], False
+        elif self.state == "radix":
             b, count, below = self._find_bin()
-            band, items, overflow = self.band, self._items, self._overflow
-            self.band, self._items, self._overflow = None, [], False
             self.prefix = (self.prefix << LEVEL_BITS) | b
             self.level += 1
             self.below = below
-            if band is not None and not overflow and band[0] <= b <= band[1] and count <= self.gather_cap:
-                # The cut's bin was gathered whole: finish as a gather pass would.
-                shift = self._shift(0)
-                self._items = [(k[self._top(k, shift) == b], i[self._top(k, shift) == b]) for k, i in items]
-                self.state = "gather"
-                self.advance()
-            elif LEVEL_BITS * self.level >= self.key_bits:
+            if LEVEL_BITS * self.level >= self.key_bits:
                 self._resolve(self.prefix, below, count)
             elif count <= self.gather_cap:
                 self.state = "gather"

@@ -63,6 +63,8 @@ pub struct Stats {
     pub items: Vec<Vec<(u64, u64)>>,
     /// Slots whose collection outgrew its cap and was given up.
     pub overflow: Vec<bool>,
+    /// Counts per slot (elements under a selection's band).
+    pub counts: Vec<u64>,
 }
 
 impl Stats {
@@ -98,6 +100,12 @@ impl Stats {
         for (a, b) in self.overflow.iter_mut().zip(other.overflow) {
             *a |= b;
         }
+        if self.counts.len() < other.counts.len() {
+            self.counts.resize(other.counts.len(), 0);
+        }
+        for (a, b) in self.counts.iter_mut().zip(other.counts) {
+            *a += b;
+        }
         self
     }
 
@@ -129,11 +137,17 @@ impl Stats {
         &mut self.items[i]
     }
 
-    /// The histogram (see [`Stats::hist`]) and the collected pairs of slot `i`, together.
-    pub fn hist_and_items(&mut self, i: usize) -> (&mut Vec<u64>, &mut Vec<(u64, u64)>) {
-        self.hist(i);
-        self.items(i);
-        (&mut self.hists[i], &mut self.items[i])
+    /// The count of slot `i`.
+    pub fn count(&mut self, i: usize) -> &mut u64 {
+        if self.counts.len() <= i {
+            self.counts.resize(i + 1, 0);
+        }
+        &mut self.counts[i]
+    }
+
+    /// Take the count of slot `i` (0 if never counted).
+    pub fn take_count(&mut self, i: usize) -> u64 {
+        self.counts.get_mut(i).map(std::mem::take).unwrap_or(0)
     }
 
     /// Whether slot `i`'s collection was given up (see [`Stats::set_overflow`]).
@@ -164,6 +178,7 @@ impl Stats {
             if self.overflowed(i) {
                 part.set_overflow(i);
             }
+            *part.count(i) = self.take_count(i);
         }
         part
     }

@@ -65,13 +65,17 @@ pub enum Side {
     Value,
 }
 
+/// Spacing of the coarse index of sorted ties.
+const COARSE: usize = 64;
+
 /// How ties are located in the output pass.
 #[derive(Debug, Clone)]
 enum TieIndex {
     /// Keep all ties or none: no ordinals needed.
     Unneeded,
-    /// Sorted flat indices of every tie.
-    Sorted(Vec<u64>),
+    /// Sorted flat indices of every tie, and every [`COARSE`]-th of them (a small index
+    /// that stays in cache: a lookup per sub-block must not miss it all the way down).
+    Sorted(Vec<u64>, Vec<u64>),
     /// (chunk start, ties before it), sorted by chunk start.
     Prefix(Vec<(u64, u64)>),
 }
@@ -94,7 +98,13 @@ impl Cut {
     pub fn ties_before(&self, start: u64) -> u64 {
         match &self.ties {
             TieIndex::Unneeded => 0,
-            TieIndex::Sorted(v) => v.partition_point(|&i| i < start) as u64,
+            TieIndex::Sorted(v, coarse) => {
+                // Ties before `start` are at least (c−1)·COARSE + 1 and at most c·COARSE.
+                let c = coarse.partition_point(|&i| i < start);
+                let from = c.saturating_sub(1) * COARSE;
+                let window = v.get(from..(c * COARSE).min(v.len())).unwrap_or_default();
+                (from + window.partition_point(|&i| i < start)) as u64
+            }
             TieIndex::Prefix(v) => {
                 let i = v.partition_point(|&(s, _)| s <= start);
                 i.checked_sub(1)
@@ -231,20 +241,19 @@ impl Selector {
             State::Radix { level, prefix, .. } => {
                 let shift = self.shift(*level);
                 if let (0, Some((lo, hi))) = (*level, self.band) {
-                    // One sweep: histogram and band together ([`Selector::collect_values`]
-                    // has the faster two-sweep form).
+                    // One sweep ([`Selector::collect_values`] has the vectorized form).
                     let over = self.band_full();
-                    let (hist, items) = acc.hist_and_items(slot);
-                    let before = items.len();
+                    let (mut under, before) = (0, acc.items(slot).len());
+                    let items = acc.items(slot);
                     for (j, k) in keys.enumerate() {
                         let bin = (k >> shift) & 0xffff;
-                        if let Some(h) = hist.get_mut(bin as usize) {
-                            *h += 1;
-                        }
-                        if !over && bin.wrapping_sub(lo) <= hi - lo {
+                        if bin < lo {
+                            under += 1;
+                        } else if !over && bin - lo <= hi - lo {
                             items.push((k, start + j as u64));
                         }
                     }
+                    *acc.count(slot) += under;
                     self.band_added(slot, before, over, acc);
                     return;
                 }
@@ -290,10 +299,10 @@ impl Selector {
         }
     }
 
-    /// The first pass with a band: the level-0 histogram, and every element whose bin is
-    /// in the band gathered, unless all workers' candidates together outgrow the cap: then
-    /// the band is given up ([`Stats::overflow`]) and its candidates dropped, so memory
-    /// stays within the cap plus one sub-block per worker.
+    /// The first pass with a band: the elements under the band counted and every element
+    /// whose bin is in the band gathered, unless all workers' candidates together outgrow
+    /// the cap: then the band is given up ([`Stats::overflow`]) and its candidates dropped,
+    /// so memory stays within the cap plus one sub-block per worker.
     #[inline(always)]
     fn collect_band<T: Real>(
         &self,
@@ -306,16 +315,15 @@ impl Selector {
         const LANES: usize = 16;
         let shift = self.shift(0);
         let over = self.band_full();
-        let (hist, items) = acc.hist_and_items(slot);
-        let Ok(hist) = <&mut [u64; BINS]>::try_from(hist.as_mut_slice()) else { return };
-        // Two sweeps over the (cached) sub-block: the histogram loop stays as tight as
-        // without a band, and the band test runs on blocks of lanes (vectorized) and only
-        // looks at single elements in the few blocks with a hit.
-        for v in values {
-            hist[((v.mag_key() >> shift) & 0xffff) as usize] += 1;
-        }
+        let bin = |v: &T| (v.mag_key() >> shift) & 0xffff;
+        // Two vectorized sweeps over the (cached) sub-block: the elements under the band
+        // are counted, and the band test runs on blocks of lanes and only looks at single
+        // elements in the few blocks with a hit. No histogram: the band's own candidates
+        // tell where the cut is.
+        *acc.count(slot) += values.iter().filter(|v| bin(v) < lo).count() as u64;
+        let items = acc.items(slot);
         let (width, before) = (hi - lo, items.len());
-        let in_band = |v: &T| ((v.mag_key() >> shift) & 0xffff).wrapping_sub(lo) <= width;
+        let in_band = |v: &T| bin(v).wrapping_sub(lo) <= width;
         let mut push = |at: usize, block: &[T]| {
             for (j, v) in block.iter().enumerate() {
                 if in_band(v) {
@@ -360,6 +368,18 @@ impl Selector {
     pub fn advance(&mut self, slot: usize, stats: &mut Stats) {
         let state = std::mem::replace(&mut self.state, State::Radix { level: 0, prefix: 0, below: 0 });
         self.state = match state {
+            State::Radix { level: 0, .. } if self.band.take().is_some() => {
+                // The band's pass: the cut is in the band when the rank falls among its
+                // candidates; then they resolve it exactly. Else (a misleading sample, or
+                // candidates beyond the cap) a histogram pass follows, as without a band.
+                let (items, under) = (stats.take_items(slot), stats.take_count(slot));
+                let hit = under <= self.rank && self.rank - under < items.len() as u64;
+                if hit && !stats.overflowed(slot) {
+                    self.finish_gather(items, under)
+                } else {
+                    State::Radix { level: 0, prefix: 0, below: 0 }
+                }
+            }
             State::Radix { level, prefix, below } => {
                 let hist = stats.take_hist(slot);
                 let mut cum = below;
@@ -372,17 +392,9 @@ impl Selector {
                     cum += c;
                 }
                 let (bin, count, below) = found;
-                let band = if level == 0 { self.band.take() } else { None };
-                let banded = band.map(|(lo, hi)| (stats.take_items(slot), (lo..=hi).contains(&bin)));
                 let prefix = (prefix << LEVEL_BITS) | bin;
                 let next = level + 1;
-                if let Some((items, true)) =
-                    banded.filter(|_| !stats.overflowed(slot) && count <= self.gather_cap)
-                {
-                    // The cut's bin was gathered whole: finish as a gather pass would.
-                    let shift = self.shift(0);
-                    self.finish_gather(items.into_iter().filter(|&(k, _)| k >> shift == bin).collect(), below)
-                } else if LEVEL_BITS * next >= self.key_bits {
+                if LEVEL_BITS * next >= self.key_bits {
                     self.resolve(prefix, below, count)
                 } else if count <= self.gather_cap {
                     State::Gather { level: next, prefix, below }
@@ -422,7 +434,8 @@ impl Selector {
         let eq = ties.len() as u64;
         let mut cut = self.cut_at(key, below + first as u64, eq);
         if !cut.all_or_none() {
-            cut.ties = TieIndex::Sorted(ties);
+            let coarse = ties.iter().step_by(COARSE).copied().collect();
+            cut.ties = TieIndex::Sorted(ties, coarse);
         }
         State::Done(cut)
     }
@@ -451,7 +464,7 @@ impl Selector {
         let ties = if keep.0 == 0 && (keep.1 == eq || keep.1 == 0) {
             TieIndex::Unneeded
         } else {
-            TieIndex::Sorted(Vec::new())
+            TieIndex::Sorted(Vec::new(), Vec::new())
         };
         Cut { key, keep, eq, ties }
     }
@@ -664,8 +677,8 @@ mod tests {
             sel.collect(0, c as u64 * 333, part.iter().map(|v| v.mag_key()), &mut b);
         }
         assert_eq!(a.items(0), b.items(0));
-        assert_eq!(a.hist(0), b.hist(0));
-        assert!(!a.items(0).is_empty());
+        assert_eq!(a.count(0), b.count(0));
+        assert!(!a.items(0).is_empty() && *a.count(0) > 0);
     }
 
     #[test]
@@ -676,6 +689,19 @@ mod tests {
         let (small, more) = run_sampled(&keys, 40_000, Side::TopK, 10, 333, Some(Some((0, 0xffff))));
         assert!(more > 1);
         assert_eq!((small.key, small.keep, small.eq), (cut.key, cut.keep, cut.eq));
+    }
+
+    #[test]
+    fn ties_before_counts_through_the_coarse_index() {
+        // Thousands of ties at the cut: lookups go through many windows of the coarse index.
+        let keys: Vec<u64> =
+            (0..20_000u64).map(|i| if i % 3 == 0 { 5 << 20 } else { (i % 97) << 23 }).collect();
+        let (cut, _) = run(&keys, 3_000, Side::TopK, 1 << 20, 1_000);
+        assert!(matches!(&cut.ties, TieIndex::Sorted(v, _) if v.len() > 4 * COARSE));
+        for start in (0..20_000u64).step_by(37) {
+            let naive = keys.iter().take(start as usize).filter(|&&k| k == cut.key).count() as u64;
+            assert_eq!(cut.ties_before(start), naive, "{start}");
+        }
     }
 
     #[test]

@@ -242,13 +242,21 @@ impl Sparsifier {
                         return;
                     }
                     // Top-k with ordinals at the cut: first the comparison (vectorized),
-                    // then a second sweep that only acts on the rare ties.
-                    keep.extend(delta.iter().map(|v| v.mag_key() > c.key));
+                    // then a second sweep that tests blocks of lanes for ties (vectorized)
+                    // and walks only the blocks that hold one.
+                    const LANES: usize = 16;
+                    let (key, (lo, hi)) = (c.key, c.keep);
+                    keep.extend(delta.iter().map(|v| v.mag_key() > key));
                     let mut ordinal = c.ties_before(start);
-                    for (k, v) in keep.iter_mut().zip(delta) {
-                        if v.mag_key() == c.key {
-                            *k = ordinal >= c.keep.0 && ordinal < c.keep.1;
-                            ordinal += 1;
+                    for (ks, vs) in keep.chunks_mut(LANES).zip(delta.chunks(LANES)) {
+                        if !vs.iter().fold(false, |any, v| any | (v.mag_key() == key)) {
+                            continue;
+                        }
+                        for (k, v) in ks.iter_mut().zip(vs) {
+                            if v.mag_key() == key {
+                                *k = ordinal >= lo && ordinal < hi;
+                                ordinal += 1;
+                            }
                         }
                     }
                     return;
