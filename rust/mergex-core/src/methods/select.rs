@@ -507,19 +507,7 @@ mod tests {
 
     /// Drive a selector over `keys` cut into chunks of `chunk`, as the engine does.
     fn run(keys: &[u64], rank: u64, side: Side, cap: u64, chunk: usize) -> (Cut, usize) {
-        let mut sel = Selector::new(rank, side, 32, cap);
-        let mut passes = 0;
-        while sel.pending() {
-            let mut stats = Stats::default();
-            for (c, part) in keys.chunks(chunk).enumerate().rev() {
-                let mut acc = Stats::default();
-                sel.collect(0, (c * chunk) as u64, part.iter().copied(), &mut acc);
-                stats = stats.merge(acc);
-            }
-            sel.advance(0, &mut stats);
-            passes += 1;
-        }
-        (sel.cut().cloned().unwrap(), passes)
+        finish(Selector::new(rank, side, 32, cap), keys, chunk)
     }
 
     /// As [`run`], after showing the selector its sample; `band` overrides the band.
@@ -541,6 +529,11 @@ mod tests {
         if let Some(b) = band {
             sel.band = b;
         }
+        finish(sel, keys, chunk)
+    }
+
+    /// The passes of `sel` over `keys` (chunks in reverse order): the cut and the pass count.
+    fn finish(mut sel: Selector, keys: &[u64], chunk: usize) -> (Cut, usize) {
         let mut passes = 0;
         while sel.pending() {
             let mut stats = Stats::default();
