@@ -320,7 +320,7 @@ def test_progress_ends_at_its_total_with_samples(families, mergex_mod, monkeypat
     import mergex.api as api
 
     base, xs = families["planted"]
-    cfg, seed = case_config("ties_rescale", base, xs)
+    cfg, _ = case_config("ties_rescale", base, xs)
     finals = {}
     run = api._run_engine
 
@@ -331,7 +331,9 @@ def test_progress_ends_at_its_total_with_samples(families, mergex_mod, monkeypat
 
     monkeypatch.setattr(api, "_run_engine", recording)
     for engine in ("rust", "torch"):
-        mergex_mod.merge(models._plain(cfg), tmp_path / engine, engine=engine, ram_budget="64KiB", progress=False)
+        mergex_mod.merge(
+            models._plain(cfg), tmp_path / engine, engine=engine, ram_budget="64KiB", progress=False
+        )
     for engine, (done, total, tensors_done, tensors) in finals.items():
         assert done == total > 0 and tensors_done == tensors, engine
     assert finals["rust"] == finals["torch"]
