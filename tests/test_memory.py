@@ -1,7 +1,8 @@
 """The RAM budget holds: peak RSS of the CLI process, measured from outside.
 
 Three f32 models of 96 MiB each (288 MiB of input, 9x the 32 MiB budget) are merged by a
-``mergex merge`` subprocess; its peak resident set size comes from ``wait4``. Memory-mapped
+``mergex merge`` subprocess, with linear and with TIES (whose statistics pass holds each
+cut's candidates in memory); its peak resident set size comes from ``wait4``. Memory-mapped
 input pages that stay resident count in RSS, so an engine that maps and touches every input
 without releasing pages fails here, as does one that holds whole tensors.
 """
@@ -94,15 +95,51 @@ def peak_rss(cmd: list[str], cwd: Path) -> tuple[int, int, str]:
     return res.returncode, int(lines[-1]) * 1024, res.stderr  # KiB on Linux
 
 
-def test_peak_rss_within_budget(tmp_path):
-    weights = [0.5, 0.3, 0.2]
-    total_in = 0
-    folders = []
+def big_models(root: Path) -> tuple[list[Path], int]:
+    """Three big f32 model folders and their total input bytes."""
+    folders, total_in = [], 0
     for k in range(3):
-        folder = tmp_path / f"big{k}"
+        folder = root / f"big{k}"
         total_in += write_big_model(folder, seed=100 + k)
         folders.append(folder)
     assert total_in >= 5 * BUDGET, "inputs must be at least 5x the budget to mean anything"
+    return folders, total_in
+
+
+def merge_rss(cfg: dict, root: Path, total_in: int) -> Path:
+    """Run ``mergex merge`` on ``cfg`` at the budget; check its peak RSS; the output folder."""
+    cfg_path = models.dump_yaml(cfg, root / "merge.yml")
+    out = root / "merged"
+    cmd = [*models.mergex_cmd(), "merge", str(cfg_path), str(out), "--ram-budget", "32MiB", "--quiet"]
+    rc, rss, stderr = peak_rss(cmd, root)
+    assert rc == 0, stderr
+    msg = f"peak RSS {rss / MiB:.1f} MiB, budget {BUDGET / MiB:.0f} MiB, inputs {total_in / MiB:.0f} MiB"
+    print(msg)
+    assert rss < BUDGET + SLACK, msg
+    assert rss < 0.8 * total_in, msg
+    return out
+
+
+def test_peak_rss_within_budget_with_selections(tmp_path):
+    # TIES holds each cut's band of candidates during its statistics pass (up to half the
+    # budget): the budget still holds, and the cuts are exact.
+    (base, *experts), total_in = big_models(tmp_path)
+    cfg = {
+        "merge_method": "ties",
+        "base_model": str(base),
+        "models": [{"model": str(f), "parameters": {"weight": 0.5, "density": 0.2}} for f in experts],
+        "out_dtype": "float32",
+    }
+    out = merge_rss(cfg, tmp_path, total_in)
+    name = NAMES[1]
+    xs = [np.array(tensor_view(f, name)) for f in experts]
+    want = ref.task_family("ties", np.array(tensor_view(base, name)), xs, name, [0.5, 0.5], [0.2, 0.2])
+    np.testing.assert_array_equal(np.array(tensor_view(out, name)), want.astype(np.float32))
+
+
+def test_peak_rss_within_budget(tmp_path):
+    weights = [0.5, 0.3, 0.2]
+    folders, total_in = big_models(tmp_path)
 
     cfg = {
         "merge_method": "linear",
@@ -111,33 +148,14 @@ def test_peak_rss_within_budget(tmp_path):
         ],
         "out_dtype": "float32",
     }
-    cfg_path = models.dump_yaml(cfg, tmp_path / "merge.yml")
-    out = tmp_path / "merged"
-    cmd = [
-        *models.mergex_cmd(),
-        "merge",
-        str(cfg_path),
-        str(out),
-        "--ram-budget",
-        "32MiB",
-        "--quiet",
-    ]
-    rc, rss, stderr = peak_rss(cmd, tmp_path)
-    assert rc == 0, stderr
+    out = merge_rss(cfg, tmp_path, total_in)
 
-    _rc, baseline, _ = peak_rss([sys.executable, "-c", "import mergex, mergex.cli"], tmp_path)
     # The measurement sees memory a child really touches ...
     _rc, hog, _ = peak_rss([sys.executable, "-c", "b = b'x' * (300 << 20)"], tmp_path)
     assert hog >= 300 * MiB, f"measured {hog / MiB:.0f} MiB for a 300 MiB allocation"
     # ... and is not inflated by this (pytest) process's own size.
+    _rc, baseline, _ = peak_rss([sys.executable, "-c", "import mergex, mergex.cli"], tmp_path)
     assert baseline < 150 * MiB, f"python + import mergex measured at {baseline / MiB:.0f} MiB"
-    msg = (
-        f"peak RSS {rss / MiB:.1f} MiB (python + imports alone: {baseline / MiB:.1f} MiB), "
-        f"budget {BUDGET / MiB:.0f} MiB, inputs {total_in / MiB:.0f} MiB"
-    )
-    print(msg)
-    assert rss < BUDGET + SLACK, msg
-    assert rss < 0.8 * total_in, msg
 
     # And the merge is right (spot checks at both ends of every tensor).
     for name in NAMES:
