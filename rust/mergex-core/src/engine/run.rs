@@ -176,7 +176,13 @@ impl Engine {
         let chunks = Self::chunks(t);
         let sample = merger.sample_ranges();
         if !sample.is_empty() {
-            // A few small ranges, read by this thread; not counted as progress.
+            // A few small ranges, read by this thread; not counted as progress. All are
+            // announced first, so that cold reads queue together instead of one by one.
+            for v in t.views() {
+                for &(start, len) in &sample {
+                    v.will_need(start, len);
+                }
+            }
             let (m, quiet) = (&*merger, Progress::default());
             scratch.with(|s| {
                 sample.iter().try_for_each(|&(start, len)| {
