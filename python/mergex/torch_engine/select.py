@@ -77,8 +77,8 @@ class Cut:
     """Ordinals of the ties kept: [lo, hi)."""
     eq: int
     """Elements whose key equals ``key``."""
-    sorted_ties: list[int] | None = None
-    """Flat indices of every tie, when gathered."""
+    sorted_ties: torch.Tensor | None = None
+    """Flat indices of every tie (int64, ascending, on the host), when gathered."""
     prefix: list[tuple[int, int]] = field(default_factory=list)
     """(chunk start, ties before it), when counted per chunk."""
 
@@ -89,7 +89,8 @@ class Cut:
     def ties_before(self, start: int) -> int:
         """Ties at flat indices below ``start`` (a chunk start)."""
         if self.sorted_ties is not None:
-            return bisect.bisect_left(self.sorted_ties, start)
+            at = torch.tensor([start], dtype=torch.int64)
+            return int(torch.searchsorted(self.sorted_ties, at).item())
         i = bisect.bisect_right(self.prefix, (start, 1 << 64)) - 1
         if i >= 0 and self.prefix[i][0] == start:
             return self.prefix[i][1]
@@ -157,13 +158,19 @@ class Selector:
         s = keys.numel()
         if s == 0 or n == 0:
             return
-        keys = torch.sort(keys ^ _TOP_I64).values ^ _TOP_I64  # unsigned order
         q = self.rank / n
         at, half = q * s, _band_halfwidth(s, q)
         lo, hi = math.floor(at - half), math.ceil(at + half)
         shift = self._shift(0)
-        hi_bin = 0xFFFF if hi >= s - 1 else int(self._top(keys[hi : hi + 1], shift).item())
-        lo_bin = 0 if lo <= 0 else int(self._top(keys[lo : lo + 1], shift).item())
+
+        def ranked(r: int) -> int:
+            """The top 16 bits of the sample key at ascending rank ``r`` (magnitude keys are
+            below 2^63, so their int64 order is their order)."""
+            k = torch.kthvalue(keys, r + 1).values.reshape(1)
+            return int(self._top(k, shift).item())
+
+        hi_bin = 0xFFFF if hi >= s - 1 else ranked(hi)
+        lo_bin = 0 if lo <= 0 else ranked(lo)
         bins = self._top(keys, shift)
         inside = int(((bins >= lo_bin) & (bins <= hi_bin)).sum().item())
         if inside * n <= self.gather_cap * s:
@@ -245,7 +252,7 @@ class Selector:
             last = int(torch.searchsorted(shifted, probe, right=True).item())
             cut = self._cut_at(key, self.below + first, last - first)
             if not _unneeded(cut):
-                cut.sorted_ties = idx[first:last].tolist()
+                cut.sorted_ties = idx[first:last].contiguous()
             self.cut = cut
             self.state = "done"
         elif self.state == "ties":

@@ -83,8 +83,9 @@ class Sparsifier:
         """Whether a selection still needs passes."""
         return False
 
-    def collect(self, start: int, delta: torch.Tensor) -> None:
-        """Selection statistics of one chunk of δ."""
+    def collect(self, start: int, delta: torch.Tensor, keys: torch.Tensor | None = None) -> None:
+        """Selection statistics of one chunk of δ (``keys``: its magnitude keys, when the
+        caller has them)."""
 
     def advance(self) -> None:
         """Take the statistics of the pass just finished."""
@@ -125,8 +126,8 @@ class Select(Sparsifier):
     def pending(self) -> bool:
         return any(s is not None and s.pending for s in self.selectors)
 
-    def collect(self, start: int, delta: torch.Tensor) -> None:
-        keys = mag_keys(delta)
+    def collect(self, start: int, delta: torch.Tensor, keys: torch.Tensor | None = None) -> None:
+        keys = mag_keys(delta) if keys is None else keys
         for s in self.selectors:
             if s is not None and s.pending:
                 s.collect(start, keys)
@@ -377,8 +378,10 @@ class TaskVector(TorchMerge):
             hashes = kit.index_hashes(x.indices())
         if rescaling and first:
             self._all.add(torch.stack([_l1_blocks(delta, None) for delta in x.models]), self._slots)
+        # Every model's magnitude keys at once (one kernel instead of one per model).
+        keys = mag_keys(x.models) if any(sp.pending for sp in self.sparsifiers) else None
         for i, (delta, sp) in enumerate(zip(x.models, self.sparsifiers, strict=True)):
-            sp.collect(x.start, delta)
+            sp.collect(x.start, delta, None if keys is None else keys[i])
             if rescaling and ((first and sp.random) or (selected_l1 and sp.is_selection)):
                 self._kept.add(_l1_blocks(delta, sp.mask(x.start, delta, hashes)), i)
 
