@@ -163,14 +163,9 @@ class Selector:
         lo, hi = math.floor(at - half), math.ceil(at + half)
         shift = self._shift(0)
 
-        def ranked(r: int) -> int:
-            """The top 16 bits of the sample key at ascending rank ``r`` (magnitude keys are
-            below 2^63, so their int64 order is their order)."""
-            k = torch.kthvalue(keys, r + 1).values.reshape(1)
-            return int(self._top(k, shift).item())
-
-        hi_bin = 0xFFFF if hi >= s - 1 else ranked(hi)
-        lo_bin = 0 if lo <= 0 else ranked(lo)
+        keys = torch.sort(keys ^ _TOP_I64).values ^ _TOP_I64  # unsigned order
+        hi_bin = 0xFFFF if hi >= s - 1 else int(self._top(keys[hi : hi + 1], shift).item())
+        lo_bin = 0 if lo <= 0 else int(self._top(keys[lo : lo + 1], shift).item())
         bins = self._top(keys, shift)
         inside = int(((bins >= lo_bin) & (bins <= hi_bin)).sum().item())
         if inside * n <= self.gather_cap * s:
