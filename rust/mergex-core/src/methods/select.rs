@@ -324,26 +324,27 @@ impl Selector {
         let items = acc.items(slot);
         let (width, before) = (hi - lo, items.len());
         let in_band = |v: &T| bin(v).wrapping_sub(lo) <= width;
-        let mut push = |at: usize, block: &[T]| {
-            for (j, v) in block.iter().enumerate() {
-                if in_band(v) {
-                    items.push((v.mag_key(), start + (at + j) as u64));
-                }
-            }
-        };
         if !over {
             let mut blocks = values.chunks_exact(LANES);
             for (c, block) in blocks.by_ref().enumerate() {
                 let Ok(block) = <&[T; LANES]>::try_from(block) else { continue };
-                let mut hit = [false; LANES];
-                for (h, v) in hit.iter_mut().zip(block) {
-                    *h = in_band(v);
-                }
-                if hit.iter().any(|&h| h) {
-                    push(c * LANES, block);
+                // The lanes in the band as bits (a vector compare), then one push per bit.
+                let mut hits =
+                    block.iter().enumerate().fold(0u32, |m, (j, v)| m | (u32::from(in_band(v)) << j));
+                while hits != 0 {
+                    let j = hits.trailing_zeros() as usize;
+                    hits &= hits - 1;
+                    if let Some(v) = block.get(j) {
+                        items.push((v.mag_key(), start + (c * LANES + j) as u64));
+                    }
                 }
             }
-            push(values.len() / LANES * LANES, blocks.remainder());
+            let at = values.len() / LANES * LANES;
+            for (j, v) in blocks.remainder().iter().enumerate() {
+                if in_band(v) {
+                    items.push((v.mag_key(), start + (at + j) as u64));
+                }
+            }
         }
         self.band_added(slot, before, over, acc);
     }

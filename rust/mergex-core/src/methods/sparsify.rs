@@ -242,21 +242,25 @@ impl Sparsifier {
                         return;
                     }
                     // Top-k with ordinals at the cut: first the comparison (vectorized),
-                    // then a second sweep that tests blocks of lanes for ties (vectorized)
-                    // and walks only the blocks that hold one.
+                    // then a second sweep that finds the ties in blocks of lanes (a vector
+                    // compare) and visits only them.
                     const LANES: usize = 16;
                     let (key, (lo, hi)) = (c.key, c.keep);
                     keep.extend(delta.iter().map(|v| v.mag_key() > key));
                     let mut ordinal = c.ties_before(start);
                     for (ks, vs) in keep.chunks_mut(LANES).zip(delta.chunks(LANES)) {
-                        if !vs.iter().fold(false, |any, v| any | (v.mag_key() == key)) {
-                            continue;
-                        }
-                        for (k, v) in ks.iter_mut().zip(vs) {
-                            if v.mag_key() == key {
+                        // The lanes at the cut as bits, visited in index order.
+                        let mut ties = vs
+                            .iter()
+                            .enumerate()
+                            .fold(0u32, |m, (j, v)| m | (u32::from(v.mag_key() == key) << j));
+                        while ties != 0 {
+                            let j = ties.trailing_zeros() as usize;
+                            ties &= ties - 1;
+                            if let Some(k) = ks.get_mut(j) {
                                 *k = ordinal >= lo && ordinal < hi;
-                                ordinal += 1;
                             }
+                            ordinal += 1;
                         }
                     }
                     return;
