@@ -4,9 +4,10 @@
 //! by flat index.
 //!
 //! A small sample read before the first pass narrows where the cut should fall: the first
-//! pass then also gathers the candidates in a band of level-0 bins around it, and when the
-//! cut's bin lies in the band (and the band fitted in memory) the selection finishes after
-//! that one pass. The sample only decides how much work is done, never the result.
+//! pass then counts the elements under a band of level-0 bins around it and gathers those in
+//! it, and when the rank falls among them (and they fitted in memory) the selection finishes
+//! after that one pass; else the radix passes follow. The sample only decides how much work
+//! is done, never the result.
 
 use super::Stats;
 use crate::kernels::real::Real;
