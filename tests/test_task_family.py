@@ -62,9 +62,11 @@ def planted_family(root: Path, experts: int = 3, seed: int = 0):
     return base, xs
 
 
-def random_family(root: Path, seed: int = 10):
+def random_family(root: Path, seed: int = 10, shapes: dict | None = None, layers: int = LAYERS):
+    """A bf16 base and bf16, f16 and f32 experts near it with no zero deltas (``shapes``:
+    this module's by default; the torch tests pass their own)."""
     base = models.write_model(
-        root / "base", models.random_tensors(SHAPES, "bf16", seed), "bf16", layers=LAYERS
+        root / "base", models.random_tensors(shapes or SHAPES, "bf16", seed), "bf16", layers=layers
     )
     rng = np.random.default_rng(seed + 1)
     xs = []
@@ -78,7 +80,7 @@ def random_family(root: Path, seed: int = 10):
             away = b * np.float32(1.125) + np.copysign(np.float32(0.01), b)
             x = np.where(x == b, ref.round_to(away, models.SHORT[dtype]), x)
             t[n] = x
-        xs.append(models.write_model(root / f"expert_{i}", t, dtype, layers=LAYERS))
+        xs.append(models.write_model(root / f"expert_{i}", t, dtype, layers=layers))
     for x in xs:
         for n in base.tensors:
             assert np.all(x.tensors[n] != base.tensors[n]), n

@@ -34,7 +34,7 @@ import torch
 from mergex.torch_engine import driver as torch_driver
 from mergex.torch_engine.base import TensorCtx, TorchMerge
 from mergex.torch_engine.select import Cut, Selector, Side, key_bits, mag_keys, passes, sample_ranges
-from test_task_family import GRID, RANDOM_METHODS, TASK_METHODS
+from test_task_family import GRID, RANDOM_METHODS, TASK_METHODS, random_family, wd
 
 LAYERS = 2
 SHAPES = models.llama_shapes(layers=LAYERS, vocab=160, hidden=64, inter=96)
@@ -62,28 +62,6 @@ def planted_family(root: Path, seed: int = 0) -> tuple[models.Model, list[models
             for n, v in base_t.items()
         }
         xs.append(models.write_model(root / f"expert_{i}", t, "bf16", layers=LAYERS))
-    return base, xs
-
-
-def random_family(root: Path, seed: int = 10) -> tuple[models.Model, list[models.Model]]:
-    base = models.write_model(
-        root / "base", models.random_tensors(SHAPES, "bf16", seed), "bf16", layers=LAYERS
-    )
-    rng = np.random.default_rng(seed + 1)
-    xs = []
-    for i, dtype in enumerate(("bf16", "f16", "f32")):
-        t = {}
-        for n, b in base.tensors.items():
-            x = ref.round_to(
-                b + np.float32(0.01) * rng.standard_normal(b.shape, dtype=np.float32), models.SHORT[dtype]
-            )
-            # Where rounding gave the base value back, move it clearly away: no zero deltas.
-            away = ref.round_to(b * np.float32(1.125) + np.copysign(np.float32(0.01), b), models.SHORT[dtype])
-            t[n] = np.where(x == b, away, x)
-        xs.append(models.write_model(root / f"expert_{i}", t, dtype, layers=LAYERS))
-    for x in xs:
-        for n in base.tensors:
-            assert np.all(x.tensors[n] != base.tensors[n]), n
     return base, xs
 
 
@@ -118,7 +96,7 @@ def wide_family(root: Path, random: tuple[models.Model, list[models.Model]], see
 @pytest.fixture(scope="module")
 def families(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[models.Model, list[models.Model]]]:
     root = tmp_path_factory.mktemp("torch_task")
-    random = random_family(root / "random")
+    random = random_family(root / "random", shapes=SHAPES, layers=LAYERS)
     return {
         "planted": planted_family(root / "planted"),
         "random": random,
@@ -128,13 +106,6 @@ def families(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[models
 
 
 # --------------------------------------------------------------------------- configs
-
-
-def wd(weight: float, density: object = None, **more: object) -> dict[str, object]:
-    p: dict[str, object] = {"weight": weight, **more}
-    if density is not None:
-        p["density"] = density
-    return p
 
 
 # name -> (method, per-expert parameters, top-level parameters, seed)
