@@ -114,16 +114,22 @@ def test_same_run_twice_is_identical(zoo, mergex_mod, tmp_path):
 
 @pytest.mark.parametrize("method", ["linear", "task_arithmetic", "ties", "dare_ties", "della"])
 def test_bytes_do_not_depend_on_the_cpu_build(zoo, tmp_path, method, monkeypatch):
-    # The AVX2 build of the kernels (chosen at run time where the CPU has it) and the
-    # portable build (forced with MERGEX_PORTABLE, as on a CPU without AVX2) agree.
+    # Every build of the kernels gives the same bytes: the widest the CPU has (chosen at run
+    # time), and the narrower ones forced with MERGEX_SIMD (AVX2, portable) or
+    # MERGEX_PORTABLE (as on a CPU without AVX2). A build the CPU lacks falls back.
     a, b, c = (zoo("bf16", seed=s) for s in (1, 2, 3))
     cfg = models.dump_yaml(merge_config(method, a, b, c), tmp_path / "merge.yml")
-    outs = []
-    for portable in (False, True):
-        if portable:
+    outs = {}
+    for build in ("default", "avx512", "avx2", "portable", "MERGEX_PORTABLE"):
+        monkeypatch.delenv("MERGEX_SIMD", raising=False)
+        monkeypatch.delenv("MERGEX_PORTABLE", raising=False)
+        if build == "MERGEX_PORTABLE":
             monkeypatch.setenv("MERGEX_PORTABLE", "1")
-        out = tmp_path / f"out-{portable}"
+        elif build != "default":
+            monkeypatch.setenv("MERGEX_SIMD", build)
+        out = tmp_path / f"out-{build}"
         res = models.run_cli(["merge", str(cfg), str(out), "--ram-budget", "64KiB", "--quiet"])
         assert res.returncode == 0, res.stderr
-        outs.append(output_bytes(out))
-    assert outs[0] == outs[1]
+        outs[build] = output_bytes(out)
+    for build, got in outs.items():
+        assert got == outs["default"], f"{method}: the {build} build differs"

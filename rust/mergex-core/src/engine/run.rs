@@ -176,16 +176,17 @@ impl Engine {
         let chunks = Self::chunks(t);
         let sample = merger.sample_ranges();
         if !sample.is_empty() {
-            // A few small ranges, read by this thread; not counted as progress. All are
+            // A few small ranges, read by the workers; not counted as progress. All are
             // announced first, so that cold reads queue together instead of one by one.
+            // The merged sample does not depend on which worker read which range.
             for v in t.views() {
                 for &(start, len) in &sample {
                     v.will_need(start, len);
                 }
             }
             let (m, quiet) = (&*merger, Progress::default());
-            scratch.with(|s| {
-                sample.iter().try_for_each(|&(start, len)| {
+            sample.par_iter().try_for_each(|&(start, len)| {
+                scratch.with(|s| {
                     with_chunk(t, s, start, len, &quiet, false, |x, _, stats| m.sample_chunk(x, stats))
                 })
             })?;

@@ -303,105 +303,150 @@ pub fn decode_axpy<T: Real>(dtype: Dtype, bytes: &[u8], w: T, base: Option<&[T]>
     }
 }
 
-/// Runtime CPU dispatch of the conversion kernels: the same code compiled for AVX2 where the
-/// CPU has it (detected once), the portable build elsewhere. Results are identical: these
-/// loops have no floating-point reassociation for the wider vectors to change.
+/// Runtime CPU dispatch: the conversion kernels and the methods' chunk code compiled three
+/// times (portable, AVX2/FMA/BMI2, AVX-512), the widest build the CPU supports chosen once.
+/// Results are identical: these loops have no floating-point reassociation for wider
+/// vectors to change, and Rust never contracts `a * b + c` into a fused multiply-add.
 pub mod dispatch {
     use super::Real;
     use crate::format::dtype::Dtype;
 
-    #[cfg(target_arch = "x86_64")]
-    fn has_avx2() -> bool {
-        static AVX2: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *AVX2.get_or_init(|| !portable() && std::arch::is_x86_feature_detected!("avx2"))
+    /// A build of the kernels, from the most portable.
+    #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+    pub enum Level {
+        /// The baseline of the target (SSE2 on x86-64, NEON on arm64).
+        Portable,
+        /// AVX2, FMA, BMI1/2, LZCNT and POPCNT (x86-64-v3).
+        Avx2,
+        /// The AVX2 set plus AVX-512 F/BW/VL/DQ.
+        Avx512,
     }
 
-    /// `MERGEX_PORTABLE` set (to anything): use the portable build of every kernel, as on a
-    /// CPU without AVX2 (for testing that both builds give the same bytes).
-    #[cfg(target_arch = "x86_64")]
-    fn portable() -> bool {
-        std::env::var_os("MERGEX_PORTABLE").is_some()
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    fn decode_avx2<T: Real>(dtype: Dtype, bytes: &[u8], out: &mut [T]) {
-        T::decode(dtype, bytes, out)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    fn encode_avx2<T: Real>(vals: &[T], dtype: Dtype, out: &mut [u8]) {
-        T::encode(vals, dtype, out)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2")]
-    fn decode_axpy_avx2<T: Real>(dtype: Dtype, bytes: &[u8], w: T, base: Option<&[T]>, acc: &mut [T]) {
-        super::decode_axpy(dtype, bytes, w, base, acc)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma,bmi1,bmi2,lzcnt,popcnt")]
-    fn run_avx2<R>(f: impl FnOnce() -> R) -> R {
-        f()
-    }
-
-    /// Run `f` compiled for AVX2 where the CPU has it: `f`'s body, and what it inlines,
-    /// is generated a second time with AVX2 enabled and that copy is called. Floating-point
-    /// results are the same (Rust never contracts `a * b + c` into a fused multiply-add),
-    /// only wider vectors and integer instructions change.
-    #[inline(always)]
-    pub fn fast<R>(f: impl FnOnce() -> R) -> R {
-        #[cfg(target_arch = "x86_64")]
-        if has_avx2_fma() {
-            // SAFETY: the CPU supports every feature enabled on `run_avx2` (checked above).
-            return unsafe { run_avx2(f) };
+    impl Level {
+        /// Lower-case name, as `MERGEX_SIMD` takes it.
+        pub fn name(self) -> &'static str {
+            match self {
+                Level::Portable => "portable",
+                Level::Avx2 => "avx2",
+                Level::Avx512 => "avx512",
+            }
         }
-        f()
     }
 
-    #[cfg(target_arch = "x86_64")]
-    fn has_avx2_fma() -> bool {
-        static ALL: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *ALL.get_or_init(|| {
-            !portable()
-                && std::arch::is_x86_feature_detected!("avx2")
-                && std::arch::is_x86_feature_detected!("fma")
-                && std::arch::is_x86_feature_detected!("bmi1")
-                && std::arch::is_x86_feature_detected!("bmi2")
-                && std::arch::is_x86_feature_detected!("lzcnt")
-                && std::arch::is_x86_feature_detected!("popcnt")
+    /// The build in use: the widest the CPU supports, or a narrower one asked for with
+    /// `MERGEX_SIMD` (`portable`, `avx2`, `avx512`) or `MERGEX_PORTABLE` (set to anything),
+    /// for testing that every build gives the same bytes. Decided once per process.
+    pub fn level() -> Level {
+        static LEVEL: std::sync::OnceLock<Level> = std::sync::OnceLock::new();
+        *LEVEL.get_or_init(|| {
+            let asked = if std::env::var_os("MERGEX_PORTABLE").is_some() {
+                Some(Level::Portable)
+            } else {
+                let name = std::env::var("MERGEX_SIMD").unwrap_or_default();
+                [Level::Portable, Level::Avx2, Level::Avx512].into_iter().find(|l| l.name() == name)
+            };
+            let best = supported();
+            asked.map_or(best, |a| a.min(best))
         })
     }
 
-    /// [`super::decode_axpy`], AVX2 where available.
+    fn supported() -> Level {
+        #[cfg(target_arch = "x86_64")]
+        {
+            use std::arch::is_x86_feature_detected as has;
+            let v3 = has!("avx2")
+                && has!("fma")
+                && has!("bmi1")
+                && has!("bmi2")
+                && has!("lzcnt")
+                && has!("popcnt");
+            let avx512 = has!("avx512f") && has!("avx512bw") && has!("avx512vl") && has!("avx512dq");
+            match (v3, avx512) {
+                (true, true) => return Level::Avx512,
+                (true, false) => return Level::Avx2,
+                _ => {}
+            }
+        }
+        Level::Portable
+    }
+
+    /// One build of every dispatched function, for the target features `$features`.
+    macro_rules! build {
+        ($features:literal, $decode:ident, $encode:ident, $decode_axpy:ident, $run:ident) => {
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = $features)]
+            fn $decode<T: Real>(dtype: Dtype, bytes: &[u8], out: &mut [T]) {
+                T::decode(dtype, bytes, out)
+            }
+
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = $features)]
+            fn $encode<T: Real>(vals: &[T], dtype: Dtype, out: &mut [u8]) {
+                T::encode(vals, dtype, out)
+            }
+
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = $features)]
+            fn $decode_axpy<T: Real>(dtype: Dtype, bytes: &[u8], w: T, base: Option<&[T]>, acc: &mut [T]) {
+                super::decode_axpy(dtype, bytes, w, base, acc)
+            }
+
+            #[cfg(target_arch = "x86_64")]
+            #[target_feature(enable = $features)]
+            fn $run<R>(f: impl FnOnce() -> R) -> R {
+                f()
+            }
+        };
+    }
+
+    build!("avx2,fma,bmi1,bmi2,lzcnt,popcnt", decode_avx2, encode_avx2, decode_axpy_avx2, run_avx2);
+    build!(
+        "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,bmi1,bmi2,lzcnt,popcnt",
+        decode_avx512,
+        encode_avx512,
+        decode_axpy_avx512,
+        run_avx512
+    );
+
+    /// Call the build of `$f` that [`level`] chose.
+    macro_rules! dispatched {
+        ($avx512:ident, $avx2:ident, $portable:expr, ($($arg:expr),*)) => {{
+            #[cfg(target_arch = "x86_64")]
+            match level() {
+                // SAFETY: `level` only picks a build whose every feature the CPU has.
+                Level::Avx512 => return unsafe { $avx512($($arg),*) },
+                // SAFETY: as above.
+                Level::Avx2 => return unsafe { $avx2($($arg),*) },
+                Level::Portable => {}
+            }
+            $portable
+        }};
+    }
+
+    /// Run `f` in the chosen build: `f`'s body, and what it inlines, is generated once per
+    /// build (it must be `#[inline(always)]`), and the chosen copy is called.
+    #[inline(always)]
+    pub fn fast<R>(f: impl FnOnce() -> R) -> R {
+        dispatched!(run_avx512, run_avx2, f(), (f))
+    }
+
+    /// [`super::decode_axpy`] in the chosen build.
     pub fn decode_axpy<T: Real>(dtype: Dtype, bytes: &[u8], w: T, base: Option<&[T]>, acc: &mut [T]) {
-        #[cfg(target_arch = "x86_64")]
-        if has_avx2() {
-            // SAFETY: the CPU supports AVX2 (checked above).
-            return unsafe { decode_axpy_avx2(dtype, bytes, w, base, acc) };
-        }
-        super::decode_axpy(dtype, bytes, w, base, acc)
+        dispatched!(
+            decode_axpy_avx512,
+            decode_axpy_avx2,
+            super::decode_axpy(dtype, bytes, w, base, acc),
+            (dtype, bytes, w, base, acc)
+        )
     }
 
-    /// [`Real::decode`], AVX2 where available.
+    /// [`Real::decode`] in the chosen build.
     pub fn decode<T: Real>(dtype: Dtype, bytes: &[u8], out: &mut [T]) {
-        #[cfg(target_arch = "x86_64")]
-        if has_avx2() {
-            // SAFETY: the CPU supports AVX2 (checked above).
-            return unsafe { decode_avx2(dtype, bytes, out) };
-        }
-        T::decode(dtype, bytes, out)
+        dispatched!(decode_avx512, decode_avx2, T::decode(dtype, bytes, out), (dtype, bytes, out))
     }
 
-    /// [`Real::encode`], AVX2 where available.
+    /// [`Real::encode`] in the chosen build.
     pub fn encode<T: Real>(vals: &[T], dtype: Dtype, out: &mut [u8]) {
-        #[cfg(target_arch = "x86_64")]
-        if has_avx2() {
-            // SAFETY: the CPU supports AVX2 (checked above).
-            return unsafe { encode_avx2(vals, dtype, out) };
-        }
-        T::encode(vals, dtype, out)
+        dispatched!(encode_avx512, encode_avx2, T::encode(vals, dtype, out), (vals, dtype, out))
     }
 }

@@ -160,6 +160,7 @@ pub struct Selector {
 impl Selector {
     /// Select ascending rank `rank` (0-based) of keys `key_bits` wide.
     pub fn new(rank: u64, side: Side, key_bits: u32, gather_cap: u64) -> Selector {
+        debug_assert!(key_bits % LEVEL_BITS == 0 && key_bits <= 64, "keys are 16, 32, 48 or 64 bits");
         Selector {
             rank,
             side,
@@ -313,40 +314,20 @@ impl Selector {
         values: &[T],
         acc: &mut Stats,
     ) {
-        const LANES: usize = 16;
+        // The band's bins as a range of keys: `lo_key` and the `span` keys above it.
         let shift = self.shift(0);
+        let lo_key = lo << shift;
+        let span = ((u128::from(hi - lo + 1) << shift) - 1).min(u128::from(u64::MAX)) as u64;
         let over = self.band_full();
-        let bin = |v: &T| (v.mag_key() >> shift) & 0xffff;
-        // Two vectorized sweeps over the (cached) sub-block: the elements under the band
-        // are counted, and the band test runs on blocks of lanes and only looks at single
-        // elements in the few blocks with a hit. No histogram: the band's own candidates
-        // tell where the cut is.
-        *acc.count(slot) += values.iter().filter(|v| bin(v) < lo).count() as u64;
-        let items = acc.items(slot);
-        let (width, before) = (hi - lo, items.len());
-        let in_band = |v: &T| bin(v).wrapping_sub(lo) <= width;
-        if !over {
-            let mut blocks = values.chunks_exact(LANES);
-            for (c, block) in blocks.by_ref().enumerate() {
-                let Ok(block) = <&[T; LANES]>::try_from(block) else { continue };
-                // The lanes in the band as bits (a vector compare), then one push per bit.
-                let mut hits =
-                    block.iter().enumerate().fold(0u32, |m, (j, v)| m | (u32::from(in_band(v)) << j));
-                while hits != 0 {
-                    let j = hits.trailing_zeros() as usize;
-                    hits &= hits - 1;
-                    if let Some(v) = block.get(j) {
-                        items.push((v.mag_key(), start + (c * LANES + j) as u64));
-                    }
-                }
-            }
-            let at = values.len() / LANES * LANES;
-            for (j, v) in blocks.remainder().iter().enumerate() {
-                if in_band(v) {
-                    items.push((v.mag_key(), start + (at + j) as u64));
-                }
-            }
-        }
+        let before = acc.items(slot).len();
+        let items = (!over).then(|| acc.items(slot));
+        // f32 keys fit in 32 bits: twice the lanes of a 64-bit compare.
+        let under = if T::KEY_BITS <= 32 {
+            band_sweep(values, start, lo_key as u32, span as u32, |v: &T| v.mag_key() as u32, items)
+        } else {
+            band_sweep(values, start, lo_key, span, |v: &T| v.mag_key(), items)
+        };
+        *acc.count(slot) += under;
         self.band_added(slot, before, over, acc);
     }
 
@@ -426,13 +407,15 @@ impl Selector {
 
     /// Every candidate `(key, index)` is in `items` (`below` elements rank under them): the
     /// cut and the sorted indices of its ties.
-    fn finish_gather(&self, mut items: Vec<(u64, u64)>, below: u64) -> State {
-        // The key at the rank by linear-time selection; then only its ties are sorted.
-        let at = (self.rank - below) as usize;
-        let key = if at < items.len() { items.select_nth_unstable(at).1 .0 } else { 0 };
+    fn finish_gather(&self, items: Vec<(u64, u64)>, below: u64) -> State {
+        let at = self.rank - below;
+        let key = if at < items.len() as u64 { self.key_at(&items, at) } else { 0 };
         let first = items.iter().filter(|&&(k, _)| k < key).count();
+        // The candidates were pushed chunk by chunk, each in index order, so the ties form a
+        // few sorted runs, which the stable sort merges in about linear time.
         let mut ties: Vec<u64> = items.iter().filter(|&&(k, _)| k == key).map(|&(_, i)| i).collect();
-        ties.sort_unstable();
+        drop(items);
+        ties.sort();
         let eq = ties.len() as u64;
         let mut cut = self.cut_at(key, below + first as u64, eq);
         if !cut.all_or_none() {
@@ -440,6 +423,33 @@ impl Selector {
             cut.ties = TieIndex::Sorted(ties, coarse);
         }
         State::Done(cut)
+    }
+
+    /// The key at ascending position `at` (< `items.len()`) of the candidates' keys, by
+    /// radix counting (16 bits a sweep, the items left in place).
+    fn key_at(&self, items: &[(u64, u64)], mut at: u64) -> u64 {
+        let mut hist = vec![0u64; BINS];
+        let mut prefix = 0u64;
+        for level in 0..self.key_bits / LEVEL_BITS {
+            let shift = self.shift(level);
+            let high = shift + LEVEL_BITS;
+            hist.fill(0);
+            for &(k, _) in items {
+                if high >= 64 || k >> high == prefix {
+                    hist[((k >> shift) & 0xffff) as usize] += 1;
+                }
+            }
+            let mut bin = 0;
+            for (b, &c) in hist.iter().enumerate() {
+                if at < c {
+                    bin = b as u64;
+                    break;
+                }
+                at -= c;
+            }
+            prefix = (prefix << LEVEL_BITS) | bin;
+        }
+        prefix
     }
 
     /// The key is fully known: finish, or count ties per chunk if ordinals matter.
@@ -472,20 +482,129 @@ impl Selector {
     }
 }
 
-/// The keep decisions of a run of keys against a cut whose ties are all kept or all
-/// dropped ([`Cut::all_or_none`]): a plain comparison, without tie ordinals. `None` when
-/// ordinals are needed.
-pub fn plain_cut(cut: &Cut, above: bool) -> Option<impl Fn(u64) -> bool> {
-    if !cut.all_or_none() {
-        return None;
+/// Unsigned keys of one width, for the vectorized sweeps.
+pub(super) trait Lane: Copy + Ord {
+    /// `self − other`, wrapping.
+    fn minus(self, other: Self) -> Self;
+    /// Back to a 64-bit key.
+    fn wide(self) -> u64;
+}
+
+impl Lane for u32 {
+    #[inline(always)]
+    fn minus(self, other: u32) -> u32 {
+        self.wrapping_sub(other)
     }
-    let (key, with_ties) = (cut.key, cut.keep.1 > cut.keep.0);
-    Some(move |k: u64| match (above, with_ties) {
-        (true, true) => k >= key,
-        (true, false) => k > key,
-        (false, true) => k <= key,
-        (false, false) => k < key,
-    })
+    #[inline(always)]
+    fn wide(self) -> u64 {
+        u64::from(self)
+    }
+}
+
+impl Lane for u64 {
+    #[inline(always)]
+    fn minus(self, other: u64) -> u64 {
+        self.wrapping_sub(other)
+    }
+    #[inline(always)]
+    fn wide(self) -> u64 {
+        self
+    }
+}
+
+/// One sub-block of a band's first pass: count the keys under `lo_key`, and (with `items`)
+/// push `(key, start + j)` for every element whose key is in `[lo_key, lo_key + span]`.
+/// Two vectorized sweeps over the (cached) values: the band test runs on blocks of lanes
+/// and only looks at single elements in the few blocks with a hit.
+#[inline(always)]
+fn band_sweep<T: Real, K: Lane>(
+    values: &[T],
+    start: u64,
+    lo_key: K,
+    span: K,
+    key: impl Fn(&T) -> K,
+    items: Option<&mut Vec<(u64, u64)>>,
+) -> u64 {
+    const LANES: usize = 16;
+    // Counted in u32 per run of 2^16 (no widening in the inner loop).
+    let under: u64 = values
+        .chunks(1 << 16)
+        .map(|c| c.iter().map(|v| u32::from(key(v) < lo_key)).sum::<u32>() as u64)
+        .sum();
+    let Some(items) = items else { return under };
+    let in_band = |v: &T| key(v).minus(lo_key) <= span;
+    let mut blocks = values.chunks_exact(LANES);
+    for (c, block) in blocks.by_ref().enumerate() {
+        let Ok(block) = <&[T; LANES]>::try_from(block) else { continue };
+        // The lanes in the band as bits (a vector compare), then one push per bit.
+        let mut hits = block.iter().enumerate().fold(0u32, |m, (j, v)| m | (u32::from(in_band(v)) << j));
+        while hits != 0 {
+            let j = hits.trailing_zeros() as usize;
+            hits &= hits - 1;
+            if let Some(v) = block.get(j) {
+                items.push((key(v).wide(), start + (c * LANES + j) as u64));
+            }
+        }
+    }
+    let at = values.len() / LANES * LANES;
+    for (j, v) in blocks.remainder().iter().enumerate() {
+        if in_band(v) {
+            items.push((key(v).wide(), start + (at + j) as u64));
+        }
+    }
+    under
+}
+
+/// The keep mask of a top-k cut (`keep`, cleared first) over the values of a chunk that
+/// starts at flat index `start`: the keys above the cut, and the ties at it whose ordinals
+/// are kept.
+#[inline(always)]
+pub fn top_mask<T: Real>(cut: &Cut, start: u64, values: &[T], keep: &mut Vec<bool>) {
+    keep.clear();
+    if T::KEY_BITS <= 32 {
+        let at = u32::try_from(cut.key).unwrap_or(u32::MAX);
+        top_mask_lanes(cut, at, start, values, |v: &T| v.mag_key() as u32, keep);
+    } else {
+        top_mask_lanes(cut, cut.key, start, values, |v: &T| v.mag_key(), keep);
+    }
+}
+
+#[inline(always)]
+fn top_mask_lanes<T: Real, K: Lane>(
+    cut: &Cut,
+    at: K,
+    start: u64,
+    values: &[T],
+    key: impl Fn(&T) -> K,
+    keep: &mut Vec<bool>,
+) {
+    if cut.all_or_none() {
+        // One comparison per element, which vectorizes.
+        if cut.keep.1 > cut.keep.0 {
+            keep.extend(values.iter().map(|v| key(v) >= at));
+        } else {
+            keep.extend(values.iter().map(|v| key(v) > at));
+        }
+        return;
+    }
+    // Ordinals at the cut: first the comparison (vectorized), then a second sweep that
+    // finds the ties in blocks of lanes (a vector compare) and visits only them.
+    const LANES: usize = 16;
+    keep.extend(values.iter().map(|v| key(v) > at));
+    let (lo, hi) = cut.keep;
+    let mut ordinal = cut.ties_before(start);
+    for (ks, vs) in keep.chunks_mut(LANES).zip(values.chunks(LANES)) {
+        // The lanes at the cut as bits, visited in index order.
+        let mut ties = vs.iter().enumerate().fold(0u32, |m, (j, v)| m | (u32::from(key(v) == at) << j));
+        while ties != 0 {
+            let j = ties.trailing_zeros() as usize;
+            ties &= ties - 1;
+            if let Some(k) = ks.get_mut(j) {
+                *k = ordinal >= lo && ordinal < hi;
+            }
+            ordinal += 1;
+        }
+    }
 }
 
 /// Keep decision for one element against a resolved cut, given its tie ordinal counter.
@@ -656,12 +775,11 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_band_collects_the_same_from_values_and_from_keys() {
-        // The vectorized sweep over values and the generic one over keys gather the same.
-        let values: Vec<f32> = (0..5000).map(|i| ((i * 7919) % 4999) as f32 * 1e-3 - 2.5).collect();
+    /// The vectorized sweep over values (32- or 64-bit lanes) and the generic one over keys
+    /// gather the same.
+    fn band_collects_the_same<T: Real>(values: &[T]) {
         let keys: Vec<u64> = values.iter().map(|v| v.mag_key()).collect();
-        let mut sel = Selector::new(4000, Side::TopK, 32, 1 << 20);
+        let mut sel = Selector::new(4000, Side::TopK, T::KEY_BITS, 1 << 20);
         let mut stats = Stats::default();
         sel.sample(0, keys.iter().copied(), &mut stats);
         sel.plan_band(0, keys.len() as u64, &mut stats);
@@ -674,6 +792,43 @@ mod tests {
         assert_eq!(a.items(0), b.items(0));
         assert_eq!(a.count(0), b.count(0));
         assert!(!a.items(0).is_empty() && *a.count(0) > 0);
+    }
+
+    #[test]
+    fn a_band_collects_the_same_from_values_and_from_keys() {
+        let values: Vec<f32> = (0..5000).map(|i| ((i * 7919) % 4999) as f32 * 1e-3 - 2.5).collect();
+        band_collects_the_same(&values);
+        band_collects_the_same(&values.iter().map(|&v| v as f64 * 1.5).collect::<Vec<f64>>());
+    }
+
+    /// [`top_mask`] over the values of chunks of `chunk` agrees with the exact top-`k`.
+    fn top_mask_is_exact<T: Real>(values: &[T], k: usize, chunk: usize) -> Result<(), TestCaseError> {
+        let keys: Vec<u64> = values.iter().map(|v| v.mag_key()).collect();
+        let sel = Selector::new((keys.len() - k) as u64, Side::TopK, T::KEY_BITS, 1 << 20);
+        let (cut, _) = finish(sel, &keys, chunk);
+        let (mut got, mut keep) = (Vec::new(), Vec::new());
+        for (c, part) in values.chunks(chunk).enumerate() {
+            top_mask(&cut, (c * chunk) as u64, part, &mut keep);
+            got.extend_from_slice(&keep);
+        }
+        prop_assert_eq!(got, expected(&keys, None, None, Some(k)));
+        Ok(())
+    }
+
+    proptest! {
+        #[test]
+        fn top_masks_of_values_are_exact(
+            raw in proptest::collection::vec(-25i32..25, 1..700),
+            frac in 0.0f64..1.0,
+            chunk in 1usize..120,
+        ) {
+            // Few distinct magnitudes, both signs: many ties at the cut, in 32- and 64-bit
+            // lanes. No zeros (a cut at magnitude 0 keeps none of its ties, by design).
+            let k = ((frac * raw.len() as f64) as usize).max(1);
+            let v = |r: i32| (r as f64 * 0.37 + 0.25 * (r >= 0) as i32 as f64 - 0.125);
+            top_mask_is_exact(&raw.iter().map(|&r| v(r) as f32).collect::<Vec<f32>>(), k, chunk)?;
+            top_mask_is_exact(&raw.iter().map(|&r| v(r)).collect::<Vec<f64>>(), k, chunk)?;
+        }
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! random ones replay the counter-based draw of [`super::random`].
 
 use super::random::{mix, stream, threshold};
-use super::select::{passes, plain_cut, Selector, Side};
+use super::select::{passes, top_mask, Selector, Side};
 use super::Stats;
 use crate::kernels::real::Real;
 
@@ -236,33 +236,7 @@ impl Sparsifier {
                 let lo = lower.as_ref().and_then(|s| s.cut());
                 let hi = upper.as_ref().and_then(|s| s.cut());
                 if let (Some(c), None) = (lo, hi) {
-                    if let Some(keep_key) = plain_cut(c, true) {
-                        // The usual top-k: one comparison per element, which vectorizes.
-                        keep.extend(delta.iter().map(|v| keep_key(v.mag_key())));
-                        return;
-                    }
-                    // Top-k with ordinals at the cut: first the comparison (vectorized),
-                    // then a second sweep that finds the ties in blocks of lanes (a vector
-                    // compare) and visits only them.
-                    const LANES: usize = 16;
-                    let (key, (lo, hi)) = (c.key, c.keep);
-                    keep.extend(delta.iter().map(|v| v.mag_key() > key));
-                    let mut ordinal = c.ties_before(start);
-                    for (ks, vs) in keep.chunks_mut(LANES).zip(delta.chunks(LANES)) {
-                        // The lanes at the cut as bits, visited in index order.
-                        let mut ties = vs
-                            .iter()
-                            .enumerate()
-                            .fold(0u32, |m, (j, v)| m | (u32::from(v.mag_key() == key) << j));
-                        while ties != 0 {
-                            let j = ties.trailing_zeros() as usize;
-                            ties &= ties - 1;
-                            if let Some(k) = ks.get_mut(j) {
-                                *k = ordinal >= lo && ordinal < hi;
-                            }
-                            ordinal += 1;
-                        }
-                    }
+                    top_mask(c, start, delta, keep);
                     return;
                 }
                 let mut lo_ord = lo.map(|c| c.ties_before(start)).unwrap_or(0);

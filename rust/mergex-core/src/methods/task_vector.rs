@@ -321,6 +321,10 @@ impl<T: Real> TaskVector<T> {
                 }
             }
         }
+        if self.family.consensus {
+            self.elect(x.models.as_slice(), base, out);
+            return;
+        }
         // S = Σ W_i, in `out`.
         out.fill(T::ZERO);
         for m in x.models.iter() {
@@ -328,51 +332,54 @@ impl<T: Real> TaskVector<T> {
                 *o += v;
             }
         }
-        if self.family.consensus {
-            // The sign election, model by model so the loops vectorize: a model agrees where
-            // sign(W_i) is the sign of S (S ≥ 0 counts as +); an exact zero never agrees.
-            // Disagreeing values are zeroed, so the agreeing ones are the nonzero ones.
-            for m in x.models.iter_mut() {
-                for (v, &total) in m.iter_mut().zip(out.iter()) {
-                    let agree = if total >= T::ZERO { *v > T::ZERO } else { *v < T::ZERO };
-                    *v = if agree { *v } else { T::ZERO };
+        for (o, &b) in out.iter_mut().zip(base) {
+            let mut mixed = *o;
+            if self.normalize {
+                mixed = mixed / self.divisor;
+            }
+            *o = b + mixed * self.lambda;
+        }
+    }
+
+    /// The sign election (TIES) over the weighted, sparsified task vectors `W_i` (in
+    /// `models`), tile by tile so that every model's tile stays in the core's first-level
+    /// cache: S = Σ W_i (config order); a model agrees where sign(W_i) is the sign of S
+    /// (S ≥ 0 counts as +; an exact zero never agrees); mixed = Σ agreeing W_i, and with
+    /// `normalize` divided by Σ agreeing w_i (1 where that is 0); out = b + λ·mixed.
+    /// Each sum starts from 0 and adds in config order, as METHODS.md §2 writes it.
+    #[inline(always)]
+    fn elect(&self, models: &[&mut [T]], base: &[T], out: &mut [T]) {
+        const TILE: usize = 64;
+        let (mut total, mut mixed, mut div) = ([T::ZERO; TILE], [T::ZERO; TILE], [T::ZERO; TILE]);
+        for (t, (out, base)) in out.chunks_mut(TILE).zip(base.chunks(TILE)).enumerate() {
+            let at = t * TILE;
+            let len = out.len();
+            let (total, mixed, div) = (&mut total[..len], &mut mixed[..len], &mut div[..len]);
+            total.fill(T::ZERO);
+            for m in models {
+                for (s, &v) in total.iter_mut().zip(m.get(at..at + len).unwrap_or_default()) {
+                    *s += v;
                 }
             }
-            // mixed = Σ agreeing W_i (config order) into `out`; div = Σ agreeing w_i into
-            // the first model's buffer, once `out` no longer needs it.
-            out.fill(T::ZERO);
-            for m in x.models.iter() {
-                for (o, &v) in out.iter_mut().zip(m.iter()) {
-                    *o += v;
+            mixed.fill(T::ZERO);
+            div.fill(T::ZERO);
+            for (m, &w) in models.iter().zip(&self.weights) {
+                let m = m.get(at..at + len).unwrap_or_default();
+                for (((x, d), &s), &v) in mixed.iter_mut().zip(div.iter_mut()).zip(total.iter()).zip(m) {
+                    let agree = if s >= T::ZERO { v > T::ZERO } else { v < T::ZERO };
+                    *x += if agree { v } else { T::ZERO };
+                    *d += if agree { w } else { T::ZERO };
                 }
             }
             if self.normalize {
-                let Some((first, rest)) = x.models.split_first_mut() else { return };
-                let w0 = self.weights.first().copied().unwrap_or(T::ZERO);
-                for v in first.iter_mut() {
-                    *v = if *v != T::ZERO { w0 } else { T::ZERO };
-                }
-                for (m, &w) in rest.iter().zip(self.weights.iter().skip(1)) {
-                    for (d, &v) in first.iter_mut().zip(m.iter()) {
-                        *d += if v != T::ZERO { w } else { T::ZERO };
-                    }
-                }
-                for ((o, &b), &d) in out.iter_mut().zip(base).zip(first.iter()) {
-                    let div = if d == T::ZERO { T::ONE } else { d };
-                    *o = b + (*o / div) * self.lambda;
+                for (((o, &b), &x), &d) in out.iter_mut().zip(base).zip(mixed.iter()).zip(div.iter()) {
+                    let d = if d == T::ZERO { T::ONE } else { d };
+                    *o = b + (x / d) * self.lambda;
                 }
             } else {
-                for (o, &b) in out.iter_mut().zip(base) {
-                    *o = b + *o * self.lambda;
+                for ((o, &b), &x) in out.iter_mut().zip(base).zip(mixed.iter()) {
+                    *o = b + x * self.lambda;
                 }
-            }
-        } else {
-            for (o, &b) in out.iter_mut().zip(base) {
-                let mut mixed = *o;
-                if self.normalize {
-                    mixed = mixed / self.divisor;
-                }
-                *o = b + mixed * self.lambda;
             }
         }
     }
