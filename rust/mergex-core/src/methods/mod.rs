@@ -91,7 +91,12 @@ impl Stats {
         if self.items.len() < other.items.len() {
             self.items.resize(other.items.len(), Vec::new());
         }
-        for (a, b) in self.items.iter_mut().zip(other.items) {
+        for (a, mut b) in self.items.iter_mut().zip(other.items) {
+            // Append the shorter to the longer: a pass's candidates move, not copy, when
+            // one worker holds them, and at most half are copied otherwise.
+            if b.len() > a.len() {
+                std::mem::swap(a, &mut b);
+            }
             a.extend(b);
         }
         if self.overflow.len() < other.overflow.len() {
