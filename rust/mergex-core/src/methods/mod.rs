@@ -61,6 +61,9 @@ pub struct Stats {
     pub hists: Vec<Vec<u64>>,
     /// Collected pairs per slot (candidates, per-chunk counts).
     pub items: Vec<Vec<(u64, u64)>>,
+    /// Collected candidates packed in one word per slot, `key << 32 | index` (32-bit keys
+    /// of tensors under 2^32 elements: half the memory of a pair).
+    pub packed: Vec<Vec<u64>>,
     /// Slots whose collection outgrew its cap and was given up.
     pub overflow: Vec<bool>,
     /// Counts per slot (elements under a selection's band).
@@ -88,17 +91,8 @@ impl Stats {
                 }
             }
         }
-        if self.items.len() < other.items.len() {
-            self.items.resize(other.items.len(), Vec::new());
-        }
-        for (a, mut b) in self.items.iter_mut().zip(other.items) {
-            // Append the shorter to the longer: a pass's candidates move, not copy, when
-            // one worker holds them, and at most half are copied otherwise.
-            if b.len() > a.len() {
-                std::mem::swap(a, &mut b);
-            }
-            a.extend(b);
-        }
+        append_lists(&mut self.items, other.items);
+        append_lists(&mut self.packed, other.packed);
         if self.overflow.len() < other.overflow.len() {
             self.overflow.resize(other.overflow.len(), false);
         }
@@ -142,6 +136,19 @@ impl Stats {
         &mut self.items[i]
     }
 
+    /// The packed candidates of slot `i` (see [`Stats::packed`]).
+    pub fn packed(&mut self, i: usize) -> &mut Vec<u64> {
+        if self.packed.len() <= i {
+            self.packed.resize(i + 1, Vec::new());
+        }
+        &mut self.packed[i]
+    }
+
+    /// Take the packed candidates of slot `i`.
+    pub fn take_packed(&mut self, i: usize) -> Vec<u64> {
+        self.packed.get_mut(i).map(std::mem::take).unwrap_or_default()
+    }
+
     /// The count of slot `i`.
     pub fn count(&mut self, i: usize) -> &mut u64 {
         if self.counts.len() <= i {
@@ -168,7 +175,7 @@ impl Stats {
         self.overflow[i] = true;
     }
 
-    /// Move the histograms, pairs and overflow marks of `slots` into a new `Stats` (at the
+    /// Move the histograms, pairs, packed candidates and overflow marks of `slots` into a new `Stats` (at the
     /// same slot numbers); sums stay.
     pub fn take_slots(&mut self, slots: std::ops::Range<usize>) -> Stats {
         let mut part = Stats::default();
@@ -179,6 +186,9 @@ impl Stats {
             }
             if let Some(v) = self.items.get_mut(i) {
                 *part.items(i) = std::mem::take(v);
+            }
+            if let Some(v) = self.packed.get_mut(i) {
+                *part.packed(i) = std::mem::take(v);
             }
             if self.overflowed(i) {
                 part.set_overflow(i);
@@ -206,6 +216,21 @@ impl Stats {
     /// The value of exact sum `i` (0 if never added to).
     pub fn total(&self, i: usize) -> f64 {
         self.sums.get(i).map(ExactSum::value).unwrap_or(0.0)
+    }
+}
+
+/// Append each list of `other` to the same slot of `lists`, the shorter to the longer: a
+/// pass's candidates move, not copy, when one worker holds them, and at most half are
+/// copied otherwise (their order does not matter: they are sorted or counted before use).
+fn append_lists<V>(lists: &mut Vec<Vec<V>>, other: Vec<Vec<V>>) {
+    if lists.len() < other.len() {
+        lists.resize_with(other.len(), Vec::new);
+    }
+    for (a, mut b) in lists.iter_mut().zip(other) {
+        if b.len() > a.len() {
+            std::mem::swap(a, &mut b);
+        }
+        a.extend(b);
     }
 }
 

@@ -153,6 +153,9 @@ pub struct Selector {
     gather_cap: u64,
     /// Level-0 bins (inclusive) whose elements the first pass also gathers.
     band: Option<(u64, u64)>,
+    /// The band's candidates are packed (`key << 32 | index`, see [`Stats::packed`]): keys
+    /// of at most 32 bits in a tensor of at most 2^32 elements.
+    pack: bool,
     gathered: Gathered,
     state: State,
 }
@@ -167,6 +170,7 @@ impl Selector {
             key_bits,
             gather_cap,
             band: None,
+            pack: false,
             gathered: Gathered::default(),
             state: State::Radix { level: 0, prefix: 0, below: 0 },
         }
@@ -215,6 +219,7 @@ impl Selector {
         // The band's expected size, from its share of the sample.
         if (inside as u128) * (n as u128) <= (self.gather_cap as u128) * (s as u128) {
             self.band = Some((lo_bin, hi_bin));
+            self.pack = self.key_bits <= 32 && n <= 1 << 32;
         }
     }
 
@@ -245,18 +250,23 @@ impl Selector {
                 if let (0, Some((lo, hi))) = (*level, self.band) {
                     // One sweep ([`Selector::collect_values`] has the vectorized form).
                     let over = self.band_full();
-                    let (mut under, before) = (0, acc.items(slot).len());
-                    let items = acc.items(slot);
+                    let (mut under, mut added) = (0, 0);
                     for (j, k) in keys.enumerate() {
                         let bin = (k >> shift) & 0xffff;
                         if bin < lo {
                             under += 1;
                         } else if !over && bin - lo <= hi - lo {
-                            items.push((k, start + j as u64));
+                            let i = start + j as u64;
+                            if self.pack {
+                                acc.packed(slot).push(k << 32 | i);
+                            } else {
+                                acc.items(slot).push((k, i));
+                            }
+                            added += 1;
                         }
                     }
                     *acc.count(slot) += under;
-                    self.band_added(slot, before, over, acc);
+                    self.band_added(slot, added, over, acc);
                     return;
                 }
                 let Ok(hist) = <&mut [u64; BINS]>::try_from(acc.hist(slot).as_mut_slice()) else { return };
@@ -319,16 +329,37 @@ impl Selector {
         let lo_key = lo << shift;
         let span = ((u128::from(hi - lo + 1) << shift) - 1).min(u128::from(u64::MAX)) as u64;
         let over = self.band_full();
-        let before = acc.items(slot).len();
-        let items = (!over).then(|| acc.items(slot));
-        // f32 keys fit in 32 bits: twice the lanes of a 64-bit compare.
-        let under = if T::KEY_BITS <= 32 {
-            band_sweep(values, start, lo_key as u32, span as u32, |v: &T| v.mag_key() as u32, items)
+        // f32 keys fit in 32 bits: twice the lanes of a 64-bit compare, and (packed) half
+        // the memory per candidate.
+        let (under, added) = if T::KEY_BITS <= 32 {
+            let key = |v: &T| v.mag_key() as u32;
+            let (lo_key, span) = (lo_key as u32, span as u32);
+            if over {
+                (band_sweep(values, start, lo_key, span, key, None::<fn(u32, u64)>), 0)
+            } else if self.pack {
+                let packed = acc.packed(slot);
+                let before = packed.len();
+                let push = |k: u32, i: u64| packed.push(u64::from(k) << 32 | i);
+                let under = band_sweep(values, start, lo_key, span, key, Some(push));
+                (under, packed.len() - before)
+            } else {
+                let items = acc.items(slot);
+                let before = items.len();
+                let push = |k: u32, i: u64| items.push((u64::from(k), i));
+                let under = band_sweep(values, start, lo_key, span, key, Some(push));
+                (under, items.len() - before)
+            }
+        } else if over {
+            (band_sweep(values, start, lo_key, span, |v: &T| v.mag_key(), None::<fn(u64, u64)>), 0)
         } else {
-            band_sweep(values, start, lo_key, span, |v: &T| v.mag_key(), items)
+            let items = acc.items(slot);
+            let before = items.len();
+            let under =
+                band_sweep(values, start, lo_key, span, |v: &T| v.mag_key(), Some(|k, i| items.push((k, i))));
+            (under, items.len() - before)
         };
         *acc.count(slot) += under;
-        self.band_added(slot, before, over, acc);
+        self.band_added(slot, added as u64, over, acc);
     }
 
     /// Whether the band's candidates already outgrew the cap (all workers together).
@@ -336,13 +367,12 @@ impl Selector {
         self.gathered.0.load(Ordering::Relaxed) > self.gather_cap
     }
 
-    /// Count what a sub-block added to slot `slot`'s band (which held `before` candidates);
-    /// once all workers' candidates outgrow the cap, drop them and mark the slot.
-    fn band_added(&self, slot: usize, before: usize, over: bool, acc: &mut Stats) {
-        let items = acc.items(slot);
-        let added = items.len().saturating_sub(before) as u64;
+    /// Count the `added` candidates a sub-block gathered into slot `slot`; once all
+    /// workers' candidates outgrow the cap, drop them and mark the slot.
+    fn band_added(&self, slot: usize, added: u64, over: bool, acc: &mut Stats) {
         if over || self.gathered.0.fetch_add(added, Ordering::Relaxed) + added > self.gather_cap {
-            *items = Vec::new();
+            *acc.items(slot) = Vec::new();
+            *acc.packed(slot) = Vec::new();
             acc.set_overflow(slot);
         }
     }
@@ -355,10 +385,16 @@ impl Selector {
                 // The band's pass: the cut is in the band when the rank falls among its
                 // candidates; then they resolve it exactly. Else (a misleading sample, or
                 // candidates beyond the cap) a histogram pass follows, as without a band.
-                let (items, under) = (stats.take_items(slot), stats.take_count(slot));
-                let hit = under <= self.rank && self.rank - under < items.len() as u64;
+                let (items, packed) = (stats.take_items(slot), stats.take_packed(slot));
+                let under = stats.take_count(slot);
+                let gathered = (items.len() + packed.len()) as u64;
+                let hit = under <= self.rank && self.rank - under < gathered;
                 if hit && !stats.overflowed(slot) {
-                    self.finish_gather(items, under)
+                    if self.pack {
+                        self.finish_packed(packed, under)
+                    } else {
+                        self.finish_gather(items, under)
+                    }
                 } else {
                     State::Radix { level: 0, prefix: 0, below: 0 }
                 }
@@ -409,15 +445,29 @@ impl Selector {
     /// cut and the sorted indices of its ties.
     fn finish_gather(&self, items: Vec<(u64, u64)>, below: u64) -> State {
         let at = self.rank - below;
-        let key = if at < items.len() as u64 { self.key_at(&items, at) } else { 0 };
-        let first = items.iter().filter(|&&(k, _)| k < key).count();
-        // The candidates were pushed chunk by chunk, each in index order, so the ties form a
-        // few sorted runs, which the stable sort merges in about linear time.
-        let mut ties: Vec<u64> = items.iter().filter(|&&(k, _)| k == key).map(|&(_, i)| i).collect();
+        let key = if at < items.len() as u64 { self.key_at(items.iter().map(|&(k, _)| k), at) } else { 0 };
+        let first = items.iter().filter(|&&(k, _)| k < key).count() as u64;
+        let ties: Vec<u64> = items.iter().filter(|&&(k, _)| k == key).map(|&(_, i)| i).collect();
         drop(items);
+        self.finish_ties(key, below + first, ties)
+    }
+
+    /// [`Selector::finish_gather`] with packed candidates (`key << 32 | index`).
+    fn finish_packed(&self, items: Vec<u64>, below: u64) -> State {
+        let at = self.rank - below;
+        let key = if at < items.len() as u64 { self.key_at(items.iter().map(|&p| p >> 32), at) } else { 0 };
+        let first = items.iter().filter(|&&p| p >> 32 < key).count() as u64;
+        let ties: Vec<u64> = items.iter().filter(|&&p| p >> 32 == key).map(|&p| p & 0xffff_ffff).collect();
+        drop(items);
+        self.finish_ties(key, below + first, ties)
+    }
+
+    /// The cut at `key` (`below` elements under it) with the indices of its ties. The
+    /// candidates were pushed chunk by chunk, each in index order, so the ties form a few
+    /// sorted runs, which the stable sort merges in about linear time.
+    fn finish_ties(&self, key: u64, below: u64, mut ties: Vec<u64>) -> State {
         ties.sort();
-        let eq = ties.len() as u64;
-        let mut cut = self.cut_at(key, below + first as u64, eq);
+        let mut cut = self.cut_at(key, below, ties.len() as u64);
         if !cut.all_or_none() {
             let coarse = ties.iter().step_by(COARSE).copied().collect();
             cut.ties = TieIndex::Sorted(ties, coarse);
@@ -427,14 +477,14 @@ impl Selector {
 
     /// The key at ascending position `at` (< `items.len()`) of the candidates' keys, by
     /// radix counting (16 bits a sweep, the items left in place).
-    fn key_at(&self, items: &[(u64, u64)], mut at: u64) -> u64 {
+    fn key_at(&self, keys: impl Iterator<Item = u64> + Clone, mut at: u64) -> u64 {
         let mut hist = vec![0u64; BINS];
         let mut prefix = 0u64;
         for level in 0..self.key_bits / LEVEL_BITS {
             let shift = self.shift(level);
             let high = shift + LEVEL_BITS;
             hist.fill(0);
-            for &(k, _) in items {
+            for k in keys.clone() {
                 if high >= 64 || k >> high == prefix {
                     hist[((k >> shift) & 0xffff) as usize] += 1;
                 }
@@ -486,18 +536,12 @@ impl Selector {
 pub(super) trait Lane: Copy + Ord {
     /// `self − other`, wrapping.
     fn minus(self, other: Self) -> Self;
-    /// Back to a 64-bit key.
-    fn wide(self) -> u64;
 }
 
 impl Lane for u32 {
     #[inline(always)]
     fn minus(self, other: u32) -> u32 {
         self.wrapping_sub(other)
-    }
-    #[inline(always)]
-    fn wide(self) -> u64 {
-        u64::from(self)
     }
 }
 
@@ -506,16 +550,12 @@ impl Lane for u64 {
     fn minus(self, other: u64) -> u64 {
         self.wrapping_sub(other)
     }
-    #[inline(always)]
-    fn wide(self) -> u64 {
-        self
-    }
 }
 
-/// One sub-block of a band's first pass: count the keys under `lo_key`, and (with `items`)
-/// push `(key, start + j)` for every element whose key is in `[lo_key, lo_key + span]`.
-/// Two vectorized sweeps over the (cached) values: the band test runs on blocks of lanes
-/// and only looks at single elements in the few blocks with a hit.
+/// One sub-block of a band's first pass: count the keys under `lo_key`, and (with `push`)
+/// hand `(key, start + j)` of every element whose key is in `[lo_key, lo_key + span]` to
+/// `push`, in index order. Two vectorized sweeps over the (cached) values: the band test
+/// runs on blocks of lanes and only looks at single elements in the few blocks with a hit.
 #[inline(always)]
 fn band_sweep<T: Real, K: Lane>(
     values: &[T],
@@ -523,7 +563,7 @@ fn band_sweep<T: Real, K: Lane>(
     lo_key: K,
     span: K,
     key: impl Fn(&T) -> K,
-    items: Option<&mut Vec<(u64, u64)>>,
+    push: Option<impl FnMut(K, u64)>,
 ) -> u64 {
     const LANES: usize = 16;
     // Counted in u32 per run of 2^16 (no widening in the inner loop).
@@ -531,7 +571,7 @@ fn band_sweep<T: Real, K: Lane>(
         .chunks(1 << 16)
         .map(|c| c.iter().map(|v| u32::from(key(v) < lo_key)).sum::<u32>() as u64)
         .sum();
-    let Some(items) = items else { return under };
+    let Some(mut push) = push else { return under };
     let in_band = |v: &T| key(v).minus(lo_key) <= span;
     let mut blocks = values.chunks_exact(LANES);
     for (c, block) in blocks.by_ref().enumerate() {
@@ -542,14 +582,14 @@ fn band_sweep<T: Real, K: Lane>(
             let j = hits.trailing_zeros() as usize;
             hits &= hits - 1;
             if let Some(v) = block.get(j) {
-                items.push((key(v).wide(), start + (c * LANES + j) as u64));
+                push(key(v), start + (c * LANES + j) as u64);
             }
         }
     }
     let at = values.len() / LANES * LANES;
     for (j, v) in blocks.remainder().iter().enumerate() {
         if in_band(v) {
-            items.push((key(v).wide(), start + (at + j) as u64));
+            push(key(v), start + (at + j) as u64);
         }
     }
     under
@@ -790,8 +830,11 @@ mod tests {
             sel.collect(0, c as u64 * 333, part.iter().map(|v| v.mag_key()), &mut b);
         }
         assert_eq!(a.items(0), b.items(0));
+        assert_eq!(a.packed(0), b.packed(0));
         assert_eq!(a.count(0), b.count(0));
-        assert!(!a.items(0).is_empty() && *a.count(0) > 0);
+        // f32 keys of a small tensor are packed, f64 keys are not.
+        let gathered = if T::KEY_BITS <= 32 { a.packed(0).len() } else { a.items(0).len() };
+        assert!(gathered > 0 && *a.count(0) > 0);
     }
 
     #[test]
@@ -825,7 +868,7 @@ mod tests {
             // Few distinct magnitudes, both signs: many ties at the cut, in 32- and 64-bit
             // lanes. No zeros (a cut at magnitude 0 keeps none of its ties, by design).
             let k = ((frac * raw.len() as f64) as usize).max(1);
-            let v = |r: i32| (r as f64 * 0.37 + 0.25 * (r >= 0) as i32 as f64 - 0.125);
+            let v = |r: i32| r as f64 * 0.37 + 0.25 * (r >= 0) as i32 as f64 - 0.125;
             top_mask_is_exact(&raw.iter().map(|&r| v(r) as f32).collect::<Vec<f32>>(), k, chunk)?;
             top_mask_is_exact(&raw.iter().map(|&r| v(r)).collect::<Vec<f64>>(), k, chunk)?;
         }
