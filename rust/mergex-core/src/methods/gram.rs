@@ -17,11 +17,23 @@ pub fn slots(k: usize) -> usize {
     k * (k + 1) / 2
 }
 
-/// `x · y` in f64, element `t` in lane `t % 8`, lanes folded in the fixed tree.
+/// `x · y` in f64, element `t` in lane `t % 8`, lanes folded in the fixed tree. Written
+/// over runs of eight so that the lanes are one vector register, not eight memory cells.
 fn lane_dot<T: Real>(x: &[T], y: &[T]) -> f64 {
+    let n = x.len().min(y.len());
+    let (x, y) = (x.get(..n).unwrap_or_default(), y.get(..n).unwrap_or_default());
     let mut lanes = [0f64; 8];
-    for (t, (&p, &q)) in x.iter().zip(y).enumerate() {
-        lanes[t & 7] += p.to_f64() * q.to_f64();
+    let (xs, ys) = (x.chunks_exact(8), y.chunks_exact(8));
+    let (xr, yr) = (xs.remainder(), ys.remainder());
+    for (a, b) in xs.zip(ys) {
+        if let (Ok(a), Ok(b)) = (<&[T; 8]>::try_from(a), <&[T; 8]>::try_from(b)) {
+            for ((l, &p), &q) in lanes.iter_mut().zip(a).zip(b) {
+                *l += p.to_f64() * q.to_f64();
+            }
+        }
+    }
+    for ((l, &p), &q) in lanes.iter_mut().zip(xr).zip(yr) {
+        *l += p.to_f64() * q.to_f64();
     }
     fold(&lanes)
 }
@@ -92,5 +104,19 @@ mod tests {
         let direct: f64 = a.iter().zip(&b).map(|(&x, &y)| x as f64 * y as f64).sum();
         assert!((whole[0][1] - direct).abs() < 1e-6 * direct.abs().max(1.0));
         assert_eq!(whole[0][1], whole[1][0]);
+    }
+
+    #[test]
+    fn lane_dot_keeps_the_lane_order() {
+        // Values over many magnitudes, so that the lanes' sums round and their order shows.
+        let x: Vec<f64> = (0..300).map(|i| ((i * 37) % 101) as f64 * 10f64.powi(i % 19 - 9) / 3.0).collect();
+        let y: Vec<f64> = (0..300).map(|i| ((i * 13) % 97) as f64 / 7.0 - 6.0).collect();
+        for n in [0, 5, 8, 255, 256, 300] {
+            let mut lanes = [0f64; 8];
+            for t in 0..n {
+                lanes[t % 8] += x[t] * y[t];
+            }
+            assert_eq!(lane_dot(&x[..n], &y[..n]).to_bits(), fold(&lanes).to_bits(), "{n}");
+        }
     }
 }
