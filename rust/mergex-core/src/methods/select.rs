@@ -330,33 +330,30 @@ impl Selector {
         let span = ((u128::from(hi - lo + 1) << shift) - 1).min(u128::from(u64::MAX)) as u64;
         let over = self.band_full();
         // f32 keys fit in 32 bits: twice the lanes of a 64-bit compare, and (packed) half
-        // the memory per candidate.
-        let (under, added) = if T::KEY_BITS <= 32 {
+        // the memory per candidate. Unpacked candidates (tensors over 2^32 elements) take
+        // the 64-bit sweep.
+        let (under, added) = if T::KEY_BITS <= 32 && (over || self.pack) {
             let key = |v: &T| v.mag_key() as u32;
             let (lo_key, span) = (lo_key as u32, span as u32);
             if over {
                 (band_sweep(values, start, lo_key, span, key, None::<fn(u32, u64)>), 0)
-            } else if self.pack {
+            } else {
                 let packed = acc.packed(slot);
                 let before = packed.len();
                 let push = |k: u32, i: u64| packed.push(u64::from(k) << 32 | i);
                 let under = band_sweep(values, start, lo_key, span, key, Some(push));
                 (under, packed.len() - before)
+            }
+        } else {
+            let key = |v: &T| v.mag_key();
+            if over {
+                (band_sweep(values, start, lo_key, span, key, None::<fn(u64, u64)>), 0)
             } else {
                 let items = acc.items(slot);
                 let before = items.len();
-                let push = |k: u32, i: u64| items.push((u64::from(k), i));
-                let under = band_sweep(values, start, lo_key, span, key, Some(push));
+                let under = band_sweep(values, start, lo_key, span, key, Some(|k, i| items.push((k, i))));
                 (under, items.len() - before)
             }
-        } else if over {
-            (band_sweep(values, start, lo_key, span, |v: &T| v.mag_key(), None::<fn(u64, u64)>), 0)
-        } else {
-            let items = acc.items(slot);
-            let before = items.len();
-            let under =
-                band_sweep(values, start, lo_key, span, |v: &T| v.mag_key(), Some(|k, i| items.push((k, i))));
-            (under, items.len() - before)
         };
         *acc.count(slot) += under;
         self.band_added(slot, added as u64, over, acc);
@@ -839,6 +836,22 @@ mod tests {
         // f32 keys of a small tensor are packed, f64 keys are not.
         let gathered = if T::KEY_BITS <= 32 { a.packed(0).len() } else { a.items(0).len() };
         assert!(gathered > 0 && *a.count(0) > 0);
+        // The same band with a cap it outgrows: both sweeps still count, and give it up.
+        let band = sel.band;
+        let mut small = Selector::new(4000, Side::TopK, T::KEY_BITS, 10);
+        (small.band, small.pack) = (band, sel.pack);
+        let (mut c, mut d) = (Stats::default(), Stats::default());
+        for (i, part) in values.chunks(333).enumerate() {
+            small.collect_values(0, i as u64 * 333, part, &mut c);
+        }
+        small.gathered = Gathered::default();
+        for (i, part) in values.chunks(333).enumerate() {
+            small.collect(0, i as u64 * 333, part.iter().map(|v| v.mag_key()), &mut d);
+        }
+        assert_eq!(c.count(0), a.count(0));
+        assert_eq!(d.count(0), a.count(0));
+        assert!(c.overflowed(0) && d.overflowed(0));
+        assert!(c.items(0).is_empty() && c.packed(0).is_empty() && d.packed(0).is_empty());
     }
 
     #[test]
