@@ -203,6 +203,7 @@ def run_both(mergex_mod, monkeypatch, cfg: dict, root: Path, seed: int, budget: 
     t = mergex_mod.merge(plain, root / "torch", engine="torch", **kw)
     assert Counter(p + 1 for p in rec.planned.values()) == plan.passes
     assert max(rec.ran.values(), default=0) == len(r.stat_pass_seconds) == len(t.stat_pass_seconds)
+    assert r.kernels in ("avx512", "avx2", "portable") and t.kernels == "torch (cpu)"
     return models.read_output(root / "rust"), models.read_output(root / "torch"), rec
 
 

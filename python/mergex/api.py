@@ -48,6 +48,10 @@ class MergeResult:
     """Wall seconds of the k-th statistics pass, summed over tensors."""
     output_seconds: float = 0.0
     """Wall seconds of the output passes."""
+    kernels: str = ""
+    """What computed the merge: the Rust engine's CPU kernels (``avx512``, ``avx2`` or
+    ``portable``, the widest the CPU has unless ``MERGEX_SIMD`` asks for less), or ``torch``
+    and its device."""
 
 
 @dataclass
@@ -333,6 +337,7 @@ def merge(
         warnings=folder.notes + job.warnings,
         stat_pass_seconds=[float(x) for x in summary["stat_pass_seconds"]],
         output_seconds=float(summary["output_seconds"]),
+        kernels=str(summary["kernels"]) if backend.engine == "rust" else f"torch ({backend.device})",
     )
 
 

@@ -144,7 +144,11 @@ def merge(
                 f"peak RSS {format_size(result.peak_rss)}"
             )
             passes = [f"statistics {i + 1}: {t:.1f} s" for i, t in enumerate(result.stat_pass_seconds)]
-            typer.echo("passes: " + ", ".join([*passes, f"output: {result.output_seconds:.1f} s"]))
+            typer.echo(
+                "passes: "
+                + ", ".join([*passes, f"output: {result.output_seconds:.1f} s"])
+                + f"; kernels: {result.kernels}"
+            )
 
 
 @app.command()

@@ -33,6 +33,8 @@ pub struct RunSummary {
     pub stat_pass_seconds: Vec<f64>,
     /// Wall seconds spent in output passes (and copies).
     pub output_seconds: f64,
+    /// The build of the CPU kernels that ran (`avx512`, `avx2` or `portable`).
+    pub kernels: String,
 }
 
 /// Wall time per pass, summed over tensors.

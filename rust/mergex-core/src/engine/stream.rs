@@ -267,6 +267,7 @@ impl Engine {
             tensors: self.tensors.len(),
             stat_pass_seconds: Vec::new(),
             output_seconds: 0.0,
+            kernels: crate::kernels::real::dispatch::level().name().to_string(),
         })
     }
 
