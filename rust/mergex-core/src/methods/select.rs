@@ -397,17 +397,8 @@ impl Selector {
                 }
             }
             State::Radix { level, prefix, below } => {
-                let hist = stats.take_hist(slot);
-                let mut cum = below;
-                let mut found = (0u64, 0u64, cum);
-                for (bin, &c) in hist.iter().enumerate() {
-                    if self.rank < cum + c {
-                        found = (bin as u64, c, cum);
-                        break;
-                    }
-                    cum += c;
-                }
-                let (bin, count, below) = found;
+                let (bin, count, before) = locate(&stats.take_hist(slot), self.rank.saturating_sub(below));
+                let below = below + before;
                 let prefix = (prefix << LEVEL_BITS) | bin;
                 let next = level + 1;
                 if LEVEL_BITS * next >= self.key_bits {
@@ -441,22 +432,28 @@ impl Selector {
     /// Every candidate `(key, index)` is in `items` (`below` elements rank under them): the
     /// cut and the sorted indices of its ties.
     fn finish_gather(&self, items: Vec<(u64, u64)>, below: u64) -> State {
-        let at = self.rank - below;
-        let key = if at < items.len() as u64 { self.key_at(items.iter().map(|&(k, _)| k), at) } else { 0 };
-        let first = items.iter().filter(|&&(k, _)| k < key).count() as u64;
-        let ties: Vec<u64> = items.iter().filter(|&&(k, _)| k == key).map(|&(_, i)| i).collect();
-        drop(items);
-        self.finish_ties(key, below + first, ties)
+        self.finish_from(items, below, |&(k, _)| k, |&(_, i)| i)
     }
 
     /// [`Selector::finish_gather`] with packed candidates (`key << 32 | index`).
     fn finish_packed(&self, items: Vec<u64>, below: u64) -> State {
+        self.finish_from(items, below, |&p| p >> 32, |&p| p & 0xffff_ffff)
+    }
+
+    /// The cut from candidates whose key and index `key` and `index` read.
+    fn finish_from<I>(
+        &self,
+        items: Vec<I>,
+        below: u64,
+        key: impl Fn(&I) -> u64 + Copy,
+        index: impl Fn(&I) -> u64,
+    ) -> State {
         let at = self.rank - below;
-        let key = if at < items.len() as u64 { self.key_at(items.iter().map(|&p| p >> 32), at) } else { 0 };
-        let first = items.iter().filter(|&&p| p >> 32 < key).count() as u64;
-        let ties: Vec<u64> = items.iter().filter(|&&p| p >> 32 == key).map(|&p| p & 0xffff_ffff).collect();
+        let cut = if at < items.len() as u64 { self.key_at(items.iter().map(key), at) } else { 0 };
+        let first = items.iter().filter(|p| key(p) < cut).count() as u64;
+        let ties: Vec<u64> = items.iter().filter(|p| key(p) == cut).map(index).collect();
         drop(items);
-        self.finish_ties(key, below + first, ties)
+        self.finish_ties(cut, below + first, ties)
     }
 
     /// The cut at `key` (`below` elements under it) with the indices of its ties. The
@@ -486,14 +483,8 @@ impl Selector {
                     hist[((k >> shift) & 0xffff) as usize] += 1;
                 }
             }
-            let mut bin = 0;
-            for (b, &c) in hist.iter().enumerate() {
-                if at < c {
-                    bin = b as u64;
-                    break;
-                }
-                at -= c;
-            }
+            let (bin, _, before) = locate(&hist, at);
+            at -= before;
             prefix = (prefix << LEVEL_BITS) | bin;
         }
         prefix
@@ -527,6 +518,19 @@ impl Selector {
         };
         Cut { key, keep, eq, ties }
     }
+}
+
+/// The bin of `hist` that holds ascending position `at` (counted from its first bin): the
+/// bin, its count and the count of the bins before it; `(0, 0, 0)` when `at` is past the end.
+fn locate(hist: &[u64], at: u64) -> (u64, u64, u64) {
+    let mut before = 0;
+    for (bin, &c) in hist.iter().enumerate() {
+        if at < before + c {
+            return (bin as u64, c, before);
+        }
+        before += c;
+    }
+    (0, 0, 0)
 }
 
 /// Unsigned keys of one width, for the vectorized sweeps.
