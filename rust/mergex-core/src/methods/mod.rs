@@ -175,8 +175,8 @@ impl Stats {
         self.overflow[i] = true;
     }
 
-    /// Move the histograms, pairs, packed candidates and overflow marks of `slots` into a new `Stats` (at the
-    /// same slot numbers); sums stay.
+    /// Move the histograms, pairs, packed candidates, counts and overflow marks of `slots`
+    /// into a new `Stats` (at the same slot numbers); sums stay.
     pub fn take_slots(&mut self, slots: std::ops::Range<usize>) -> Stats {
         let mut part = Stats::default();
         for i in slots {

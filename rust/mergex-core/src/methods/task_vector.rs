@@ -270,7 +270,8 @@ impl<T: Real> TensorMerge<T> for TaskVector<T> {
     }
 }
 
-/// The per-chunk work, compiled a second time for AVX2 through [`dispatch::fast`].
+/// The per-chunk work, compiled once per SIMD build (AVX-512, AVX2, portable) through
+/// [`dispatch::fast`].
 ///
 /// [`dispatch::fast`]: crate::kernels::real::dispatch::fast
 impl<T: Real> TaskVector<T> {
