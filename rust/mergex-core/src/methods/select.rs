@@ -23,7 +23,7 @@ const SAMPLE_RANGES: u64 = 64;
 const SAMPLE_LEN: u64 = 1024;
 
 /// Element ranges `(start, len)` of the sample of a tensor of `n` elements: the whole
-/// tensor when it is small, else [`SAMPLE_RANGES`] ranges starting at `⌊j·n / SAMPLE_RANGES⌋`.
+/// tensor when it is small, else `SAMPLE_RANGES` ranges starting at `⌊j·n / SAMPLE_RANGES⌋`.
 pub fn sample_ranges(n: u64) -> Vec<(u64, u64)> {
     if n <= SAMPLE_RANGES * SAMPLE_LEN {
         return if n == 0 { Vec::new() } else { vec![(0, n)] };
@@ -194,7 +194,7 @@ impl Selector {
     }
 
     /// Set the first pass's band from the merged sample (slot `slot`) of a tensor of `n`
-    /// elements: the level-0 bins between the sample keys [`band_halfwidth`] ranks either
+    /// elements: the level-0 bins between the sample keys `band_halfwidth` ranks either
     /// side of where the cut's rank falls in the sample; no band when the sample suggests
     /// the band holds more elements than fit in memory.
     pub fn plan_band(&mut self, slot: usize, n: u64, stats: &mut Stats) {
