@@ -121,9 +121,14 @@ impl SafeFile {
         self.file.read_exact_at(buf, start).map_err(|e| Error::io(&self.path, "read", e))
     }
 
-    /// Start reading bytes `[begin, end)` of a tensor into the page cache (advisory).
+    /// Start reading bytes `[begin, end)` of a tensor into the page cache (advisory), unless
+    /// its first and last bytes are there already: for a resident range the advice does no
+    /// reading but still looks up every page, which cost 6% of a warm linear merge's CPU.
     pub fn will_need(&self, t: &TensorEntry, begin: u64, end: u64) {
         let Ok((start, stop)) = self.span(t, begin, end) else { return };
+        if stop <= start || (self.cached(start) && self.cached(stop - 1)) {
+            return;
+        }
         // SAFETY: posix_fadvise only reads its arguments; the result is advisory.
         unsafe {
             libc::posix_fadvise(
@@ -132,6 +137,26 @@ impl SafeFile {
                 (stop - start) as libc::off_t,
                 libc::POSIX_FADV_WILLNEED,
             );
+        }
+    }
+
+    /// Whether the byte at absolute offset `at` is in the page cache: a one-byte read that
+    /// may not wait for the disk (`preadv2(RWF_NOWAIT)`). `false` where that is unsupported.
+    fn cached(&self, at: u64) -> bool {
+        #[cfg(target_os = "linux")]
+        {
+            let mut byte = 0u8;
+            let iov = libc::iovec { iov_base: (&raw mut byte).cast(), iov_len: 1 };
+            // SAFETY: one iovec pointing at a live one-byte buffer; the call reads at most
+            // one byte into it and nothing else.
+            let n =
+                unsafe { libc::preadv2(self.file.as_raw_fd(), &iov, 1, at as libc::off_t, libc::RWF_NOWAIT) };
+            n == 1
+        }
+        #[cfg(not(target_os = "linux"))]
+        {
+            let _ = at;
+            false
         }
     }
 
