@@ -9,7 +9,10 @@ without releasing pages fails here, as does one that holds whole tensors.
 
 from __future__ import annotations
 
+import ctypes
 import json
+import mmap
+import os
 import struct
 import subprocess
 import sys
@@ -78,6 +81,51 @@ _pid, status, usage = os.wait4(proc.pid, 0)
 print(usage.ru_maxrss)
 sys.exit(os.waitstatus_to_exitcode(status))
 """
+
+
+def resident_bytes(path: Path) -> int:
+    """Bytes of ``path`` in the page cache (``mincore`` over a shared read-only map)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [
+        ctypes.c_void_p,
+        ctypes.c_size_t,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_int,
+        ctypes.c_long,
+    ]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+    size, page = path.stat().st_size, os.sysconf("SC_PAGE_SIZE")
+    vec = ctypes.create_string_buffer((size + page - 1) // page)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        assert addr is not None and addr != ctypes.c_void_p(-1).value, os.strerror(ctypes.get_errno())
+        try:
+            assert libc.mincore(addr, size, vec) == 0, os.strerror(ctypes.get_errno())
+        finally:
+            libc.munmap(addr, size)
+    finally:
+        os.close(fd)
+    return sum(b & 1 for b in vec.raw) * page
+
+
+def drops_written_pages(folder: Path) -> bool:
+    """Whether this filesystem drops a file's clean pages on ``POSIX_FADV_DONTNEED`` (disk
+    filesystems do; tmpfs keeps them, having nowhere else to put them)."""
+    probe = folder / "page-probe"
+    probe.write_bytes(b"x" * (4 * MiB))
+    fd = os.open(probe, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+    dropped = resident_bytes(probe) < MiB
+    probe.unlink()
+    return dropped
 
 
 def peak_rss(cmd: list[str], cwd: Path) -> tuple[int, int, str]:
@@ -149,6 +197,13 @@ def test_peak_rss_within_budget(tmp_path):
         "out_dtype": "float32",
     }
     out = merge_rss(cfg, tmp_path, total_in)
+
+    # The output did not pile up in the page cache: the writer drops what is on disk once it
+    # is 32 MiB behind the newest writes (96 MiB written here).
+    if sys.platform == "linux" and drops_written_pages(tmp_path):
+        shard = out / "model.safetensors"
+        resident = resident_bytes(shard)
+        assert resident <= 48 * MiB, f"{resident / MiB:.0f} of {shard.stat().st_size / MiB:.0f} MiB cached"
 
     # The measurement sees memory a child really touches ...
     _rc, hog, _ = peak_rss([sys.executable, "-c", "b = b'x' * (300 << 20)"], tmp_path)
