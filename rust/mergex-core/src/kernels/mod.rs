@@ -1,5 +1,7 @@
 //! Element-wise kernels: dtype conversion and the arithmetic shared by merge methods.
 
+#[cfg(target_arch = "x86_64")]
+mod avx512;
 pub mod real;
 
 use real::Real;

@@ -33,6 +33,11 @@ pub trait Real:
     const KEY_BITS: u32;
     /// An integer key that orders magnitudes: `|a| < |b|` iff `key(a) < key(b)` (NaN last).
     fn mag_key(self) -> u64;
+    /// The values as f32, when that is what they are.
+    fn as_f32s(values: &[Self]) -> Option<&[f32]> {
+        let _ = values;
+        None
+    }
     /// The magnitude a key stands for.
     fn key_value(key: u64) -> f64;
     /// Convert a parameter (already rounded to f32 by the planner) or a statistic.
@@ -139,6 +144,9 @@ impl Real for f32 {
     }
     fn key_value(key: u64) -> f64 {
         f32::from_bits(key as u32) as f64
+    }
+    fn as_f32s(values: &[f32]) -> Option<&[f32]> {
+        Some(values)
     }
     #[inline(always)]
     fn from_f64(v: f64) -> Self {
@@ -428,6 +436,27 @@ pub mod dispatch {
     #[inline(always)]
     pub fn fast<R>(f: impl FnOnce() -> R) -> R {
         dispatched!(run_avx512, run_avx2, f(), (f))
+    }
+
+    /// A selection band's sweep over f32 values with packed candidates, where a build has a
+    /// faster form of it than the portable loop (AVX-512): the count of magnitude keys under
+    /// `lo_key`, the in-band candidates `key << 32 | index` appended to `out` in index order.
+    /// `None` where no such build runs; the caller then sweeps the portable way, which gives
+    /// the same count and candidates.
+    pub fn band_sweep_f32(
+        values: &[f32],
+        start: u64,
+        lo_key: u32,
+        span: u32,
+        out: &mut Vec<u64>,
+    ) -> Option<u64> {
+        #[cfg(target_arch = "x86_64")]
+        if level() == Level::Avx512 {
+            // SAFETY: `level` only picks AVX-512 when the CPU has it.
+            return Some(unsafe { crate::kernels::avx512::band_sweep_f32(values, start, lo_key, span, out) });
+        }
+        let _ = (values, start, lo_key, span, out);
+        None
     }
 
     /// [`super::decode_axpy`] in the chosen build.
