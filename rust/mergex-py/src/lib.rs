@@ -241,7 +241,8 @@ fn inspect(py: Python<'_>, path: PathBuf) -> PyResult<Vec<(String, String, Vec<u
     .map_err(|e| to_py(py, e))
 }
 
-/// XXH3-64 checksum of a file, as 16 hex digits (what resumable merges record per shard).
+/// A file's checksum, as 16 hex digits (what resumable merges record per shard): the wrapping
+/// sum of XXH3-64 over its 4 KiB blocks, each seeded with its index (`format::writer::checksum`).
 #[pyfunction]
 fn checksum(py: Python<'_>, path: PathBuf) -> PyResult<String> {
     py.detach(move || mergex_core::format::writer::checksum(&path)).map_err(|e| to_py(py, e))

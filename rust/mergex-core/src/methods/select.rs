@@ -163,7 +163,10 @@ pub struct Selector {
 impl Selector {
     /// Select ascending rank `rank` (0-based) of keys `key_bits` wide.
     pub fn new(rank: u64, side: Side, key_bits: u32, gather_cap: u64) -> Selector {
-        debug_assert!(key_bits.is_multiple_of(LEVEL_BITS) && key_bits <= 64, "keys are 16, 32, 48 or 64 bits");
+        debug_assert!(
+            key_bits.is_multiple_of(LEVEL_BITS) && key_bits <= 64,
+            "keys are 16, 32, 48 or 64 bits"
+        );
         Selector {
             rank,
             side,
