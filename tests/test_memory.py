@@ -116,13 +116,11 @@ def drops_written_pages(folder: Path) -> bool:
     """Whether this filesystem drops a file's clean pages on ``POSIX_FADV_DONTNEED`` (disk
     filesystems do; tmpfs keeps them, having nowhere else to put them)."""
     probe = folder / "page-probe"
-    probe.write_bytes(b"x" * (4 * MiB))
-    fd = os.open(probe, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+    with open(probe, "wb") as f:
+        f.write(b"x" * (4 * MiB))
+        f.flush()
+        os.fsync(f.fileno())
+        os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_DONTNEED)
     dropped = resident_bytes(probe) < MiB
     probe.unlink()
     return dropped
