@@ -81,3 +81,74 @@ pub(super) unsafe fn band_sweep_f32(
     }
     under
 }
+
+/// Elements of one block of an exact sum (`engine::reduce::BLOCK`).
+const SUM_BLOCK: usize = 256;
+/// Blocks summed side by side.
+const SIDE_BY_SIDE: usize = 4;
+
+/// The per-block lane sums of `|x|` in f64 (where `keep` is true, when given), for the whole
+/// groups of four 256-element blocks at the front of `values`: lane `j` of a block adds its
+/// elements `j, j + 8, …` in index order, exactly as `methods::reduce_abs` defines them, and
+/// `each` receives every block's eight lanes in block order. Returns the elements covered (a
+/// multiple of 1,024); the caller sums the rest. `keep`, when given, is at least as long as
+/// `values`.
+///
+/// The portable loop vectorizes across the four blocks with gathers (slow on every AVX-512
+/// CPU) instead of along each block's lanes; here each block's eight lanes are one register,
+/// and an element left out adds nothing (a masked add, the same as adding +0.0 to a sum of
+/// magnitudes, which is never −0.0).
+///
+/// # Safety
+/// The CPU must support AVX-512 F/BW/VL (the caller checks with the dispatch level).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,bmi1,bmi2,lzcnt,popcnt")]
+pub(super) unsafe fn abs_block_sums_f32(
+    values: &[f32],
+    keep: Option<&[bool]>,
+    mut each: impl FnMut(&[f64; 8]),
+) -> usize {
+    use std::arch::x86_64::{
+        __m128i, _mm256_loadu_ps, _mm512_castpd_si512, _mm512_castsi512_pd, _mm512_cvtps_pd,
+        _mm512_mask_add_pd, _mm512_set1_epi64, _mm512_setzero_pd, _mm512_storeu_pd, _mm_loadl_epi64,
+        _mm_test_epi8_mask,
+    };
+    const GROUP: usize = SUM_BLOCK * SIDE_BY_SIDE;
+    let groups = match keep {
+        Some(k) => values.len().min(k.len()) / GROUP,
+        None => values.len() / GROUP,
+    };
+    let magnitude = _mm512_set1_epi64(0x7fff_ffff_ffff_ffff);
+    for g in 0..groups {
+        let mut lanes = [_mm512_setzero_pd(); SIDE_BY_SIDE];
+        for step in (0..SUM_BLOCK).step_by(8) {
+            for (b, acc) in lanes.iter_mut().enumerate() {
+                let at = g * GROUP + b * SUM_BLOCK + step;
+                // SAFETY: `at + 8 <= groups * GROUP`, within `values` (and `keep`); the loads
+                // are unaligned.
+                let (x, kept) = unsafe {
+                    let x = _mm512_cvtps_pd(_mm256_loadu_ps(values.as_ptr().add(at)));
+                    let kept = match keep {
+                        Some(k) => {
+                            let bytes = _mm_loadl_epi64(k.as_ptr().add(at).cast::<__m128i>());
+                            _mm_test_epi8_mask(bytes, bytes) as u8
+                        }
+                        None => u8::MAX,
+                    };
+                    (x, kept)
+                };
+                let x = _mm512_castsi512_pd(std::arch::x86_64::_mm512_and_si512(
+                    _mm512_castpd_si512(x),
+                    magnitude,
+                ));
+                *acc = _mm512_mask_add_pd(*acc, kept, *acc, x);
+            }
+        }
+        for acc in &lanes {
+            let mut l = [0f64; 8];
+            // SAFETY: `l` holds eight f64; the store is unaligned.
+            unsafe { _mm512_storeu_pd(l.as_mut_ptr(), *acc) };
+            each(&l);
+        }
+    }
+    groups * GROUP
+}

@@ -459,6 +459,24 @@ pub mod dispatch {
         None
     }
 
+    /// The lane sums of `|x|` (where `keep`, when given) of the whole groups of four
+    /// 256-element blocks at the front of f32 `values`, each block's eight lanes handed to
+    /// `each` in block order, where a build has a faster form than the portable loop
+    /// (AVX-512): the elements covered, a multiple of 1,024. `None` where no such build runs.
+    pub fn abs_block_sums_f32(
+        values: &[f32],
+        keep: Option<&[bool]>,
+        each: &mut dyn FnMut(&[f64; 8]),
+    ) -> Option<usize> {
+        #[cfg(target_arch = "x86_64")]
+        if level() == Level::Avx512 {
+            // SAFETY: `level` only picks AVX-512 when the CPU has it.
+            return Some(unsafe { crate::kernels::avx512::abs_block_sums_f32(values, keep, each) });
+        }
+        let _ = (values, keep, each);
+        None
+    }
+
     /// [`super::decode_axpy`] in the chosen build.
     pub fn decode_axpy<T: Real>(dtype: Dtype, bytes: &[u8], w: T, base: Option<&[T]>, acc: &mut [T]) {
         dispatched!(
