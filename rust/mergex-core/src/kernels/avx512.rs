@@ -9,6 +9,8 @@ use std::arch::x86_64::{
     _mm512_slli_epi64, _mm512_storeu_si512, _mm512_sub_epi32,
 };
 
+use super::{Ties, TopCut};
+
 /// Lanes of one block: sixteen f32 keys.
 const LANES: usize = 16;
 
@@ -151,4 +153,100 @@ pub(super) unsafe fn abs_block_sums_f32(
         }
     }
     groups * GROUP
+}
+
+/// The models a fused TIES output sub-block handles at most (their weighted task vectors
+/// are held in registers).
+pub const TIES_MODELS: usize = 16;
+
+/// The TIES output of one sub-block, fused (`methods::task_vector`: the keep masks, the
+/// weighted task vectors and the sign election in one sweep, every model's 16 lanes in a
+/// register): `W_i = w_i·(δ_i·s_i)` where model `i`'s cut keeps `δ_i`, else 0; `S = Σ W_i`
+/// from 0 in model order; model `i` agrees where `W_i > 0` if `S ≥ 0`, else where `W_i < 0`;
+/// `mixed = Σ` agreeing `W_i` and, with `normalize`, divided by `Σ` agreeing `w_i` (1 where
+/// that is 0); `out = base + mixed·λ`. The same operations in the same order as the portable
+/// code: an element left out of a sum adds nothing (masked adds), as adding +0.0 to a sum
+/// that is never −0.0 does. `deltas`, `cuts`, `weights` and `scales` have one entry per
+/// model (at most [`TIES_MODELS`]); every slice of values is as long as `out`. Each `Range`
+/// cut's `next` is advanced past the ties seen.
+///
+/// # Safety
+/// The CPU must support AVX-512 F/BW/VL/DQ (the caller checks with the dispatch level).
+#[allow(clippy::too_many_arguments)]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,bmi1,bmi2,lzcnt,popcnt")]
+pub(super) unsafe fn ties_f32(
+    deltas: &[&[f32]],
+    cuts: &mut [TopCut],
+    weights: &[f32],
+    scales: &[f32],
+    base: &[f32],
+    normalize: bool,
+    lambda: f32,
+    out: &mut [f32],
+) {
+    use std::arch::x86_64::{
+        __m512, _mm512_add_ps, _mm512_castps_si512, _mm512_cmp_ps_mask, _mm512_cmpeq_epu32_mask,
+        _mm512_cmpgt_epu32_mask, _mm512_div_ps, _mm512_mask_add_ps, _mm512_mask_blend_ps,
+        _mm512_mask_storeu_ps, _mm512_maskz_loadu_ps, _mm512_maskz_mul_ps, _mm512_mul_ps, _mm512_set1_ps,
+        _mm512_setzero_ps, _CMP_EQ_OQ, _CMP_GE_OQ, _CMP_GT_OQ, _CMP_LT_OQ,
+    };
+    let n = out.len();
+    let m = deltas.len().min(cuts.len()).min(weights.len()).min(scales.len()).min(TIES_MODELS);
+    let magnitude = _mm512_set1_epi32(0x7fff_ffff);
+    let (zero, one, lam) = (_mm512_setzero_ps(), _mm512_set1_ps(1.0), _mm512_set1_ps(lambda));
+    let mut w = [_mm512_setzero_ps(); TIES_MODELS];
+    let mut at = 0;
+    while at < n {
+        let lanes: u16 = if n - at >= LANES { u16::MAX } else { (1u16 << (n - at)) - 1 };
+        // SAFETY: masked loads touch only the lanes below `n - at`, inside every slice.
+        let b = unsafe { _mm512_maskz_loadu_ps(lanes, base.as_ptr().add(at)) };
+        let mut total = zero;
+        for i in 0..m {
+            // SAFETY: as above; `i < m` bounds every per-model slice.
+            let v = unsafe { _mm512_maskz_loadu_ps(lanes, deltas.get_unchecked(i).as_ptr().add(at)) };
+            let cut = unsafe { cuts.get_unchecked_mut(i) };
+            let keys = _mm512_and_si512(_mm512_castps_si512(v), magnitude);
+            let key_at = _mm512_set1_epi32(cut.at as i32);
+            let mut keep = _mm512_cmpgt_epu32_mask(keys, key_at) & lanes;
+            match &mut cut.ties {
+                Ties::None => {}
+                Ties::All => keep |= _mm512_cmpeq_epu32_mask(keys, key_at) & lanes,
+                Ties::Range { lo, hi, next } => {
+                    let mut tied = _mm512_cmpeq_epu32_mask(keys, key_at) & lanes;
+                    while tied != 0 {
+                        let j = tied.trailing_zeros();
+                        tied &= tied - 1;
+                        if *next >= *lo && *next < *hi {
+                            keep |= 1 << j;
+                        }
+                        *next += 1;
+                    }
+                }
+            }
+            let (wi, si) = unsafe { (*weights.get_unchecked(i), *scales.get_unchecked(i)) };
+            let wv = _mm512_maskz_mul_ps(keep, _mm512_set1_ps(wi), _mm512_mul_ps(v, _mm512_set1_ps(si)));
+            total = _mm512_add_ps(total, wv);
+            // SAFETY: `i < m <= TIES_MODELS`.
+            unsafe { *w.get_unchecked_mut(i) = wv };
+        }
+        let plus = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(total, zero);
+        let (mut mixed, mut div) = (zero, zero);
+        for i in 0..m {
+            // SAFETY: `i < m`, within `w` and `weights`.
+            let (wv, wi): (__m512, f32) = unsafe { (*w.get_unchecked(i), *weights.get_unchecked(i)) };
+            let agree = (plus & _mm512_cmp_ps_mask::<_CMP_GT_OQ>(wv, zero))
+                | (!plus & _mm512_cmp_ps_mask::<_CMP_LT_OQ>(wv, zero));
+            mixed = _mm512_mask_add_ps(mixed, agree, mixed, wv);
+            div = _mm512_mask_add_ps(div, agree, div, _mm512_set1_ps(wi));
+        }
+        let r = if normalize {
+            let d = _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_EQ_OQ>(div, zero), div, one);
+            _mm512_add_ps(b, _mm512_mul_ps(_mm512_div_ps(mixed, d), lam))
+        } else {
+            _mm512_add_ps(b, _mm512_mul_ps(mixed, lam))
+        };
+        // SAFETY: the masked store writes only the lanes below `n - at`.
+        unsafe { _mm512_mask_storeu_ps(out.as_mut_ptr().add(at), lanes, r) };
+        at += LANES;
+    }
 }

@@ -6,6 +6,35 @@ pub mod real;
 
 use real::Real;
 
+/// Which of the elements whose key equals a top-k cut's key (`TopCut::at`) are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ties {
+    /// None of them.
+    None,
+    /// All of them.
+    All,
+    /// Those whose ordinal (their count in index order over the tensor, the first of this
+    /// range's being `next`) lies in `[lo, hi)`.
+    Range {
+        /// First kept ordinal.
+        lo: u64,
+        /// One past the last kept ordinal.
+        hi: u64,
+        /// Ordinal of the first tie at or after the range's start.
+        next: u64,
+    },
+}
+
+/// One model's resolved top-k cut over f32 magnitude keys (`methods::select::top_mask`):
+/// keys above `at` are kept, and the ties at `at` as [`Ties`] says.
+#[derive(Debug, Clone, Copy)]
+pub struct TopCut {
+    /// The cut's key (`bits & 0x7fff_ffff`).
+    pub at: u32,
+    /// The ties kept.
+    pub ties: Ties,
+}
+
 /// `acc[j] += w * x[j]`, multiply then add (no fused multiply-add), so the result matches
 /// the reference arithmetic bit for bit.
 #[inline]

@@ -38,6 +38,11 @@ pub trait Real:
         let _ = values;
         None
     }
+    /// [`Real::as_f32s`], mutable.
+    fn as_f32s_mut(values: &mut [Self]) -> Option<&mut [f32]> {
+        let _ = values;
+        None
+    }
     /// The magnitude a key stands for.
     fn key_value(key: u64) -> f64;
     /// Convert a parameter (already rounded to f32 by the planner) or a statistic.
@@ -146,6 +151,9 @@ impl Real for f32 {
         f32::from_bits(key as u32) as f64
     }
     fn as_f32s(values: &[f32]) -> Option<&[f32]> {
+        Some(values)
+    }
+    fn as_f32s_mut(values: &mut [f32]) -> Option<&mut [f32]> {
         Some(values)
     }
     #[inline(always)]
@@ -318,6 +326,7 @@ pub fn decode_axpy<T: Real>(dtype: Dtype, bytes: &[u8], w: T, base: Option<&[T]>
 pub mod dispatch {
     use super::Real;
     use crate::format::dtype::Dtype;
+    pub use crate::kernels::{Ties, TopCut};
 
     /// A build of the kernels, from the most portable.
     #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -475,6 +484,32 @@ pub mod dispatch {
         }
         let _ = (values, keep, each);
         None
+    }
+
+    /// The TIES output of one sub-block, fused, where a build has that form (AVX-512; see
+    /// `kernels::avx512::ties_f32`, whose [`TopCut`]s advance past the ties seen): `false`
+    /// (nothing done) where no such build runs or there are more models than it holds.
+    #[allow(clippy::too_many_arguments)]
+    pub fn ties_f32(
+        deltas: &[&[f32]],
+        cuts: &mut [TopCut],
+        weights: &[f32],
+        scales: &[f32],
+        base: &[f32],
+        normalize: bool,
+        lambda: f32,
+        out: &mut [f32],
+    ) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if level() == Level::Avx512 && deltas.len() <= crate::kernels::avx512::TIES_MODELS {
+            // SAFETY: `level` only picks AVX-512 when the CPU has it.
+            unsafe {
+                crate::kernels::avx512::ties_f32(deltas, cuts, weights, scales, base, normalize, lambda, out);
+            }
+            return true;
+        }
+        let _ = (deltas, cuts, weights, scales, base, normalize, lambda, out);
+        false
     }
 
     /// [`super::decode_axpy`] in the chosen build.

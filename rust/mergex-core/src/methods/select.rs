@@ -11,6 +11,7 @@
 
 use super::Stats;
 use crate::kernels::real::Real;
+use crate::kernels::{Ties, TopCut};
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Bins of one radix level.
@@ -119,6 +120,18 @@ impl Cut {
     /// Whether every tie is kept, or none: ordinals do not matter.
     pub fn all_or_none(&self) -> bool {
         matches!(self.ties, TieIndex::Unneeded)
+    }
+
+    /// The cut as the fused TIES kernel takes it (f32 keys), for a chunk starting at flat
+    /// index `start`: what [`top_mask`] keeps.
+    pub fn top_cut_f32(&self, start: u64) -> TopCut {
+        let at = u32::try_from(self.key).unwrap_or(u32::MAX);
+        let ties = match (self.all_or_none(), self.keep) {
+            (true, (lo, hi)) if hi > lo => Ties::All,
+            (true, _) => Ties::None,
+            (false, (lo, hi)) => Ties::Range { lo, hi, next: self.ties_before(start) },
+        };
+        TopCut { at, ties }
     }
 }
 
@@ -944,6 +957,96 @@ mod tests {
             let v = |r: i32| r as f64 * 0.37 + 0.25 * (r >= 0) as i32 as f64 - 0.125;
             top_mask_is_exact(&raw.iter().map(|&r| v(r) as f32).collect::<Vec<f32>>(), k, chunk)?;
             top_mask_is_exact(&raw.iter().map(|&r| v(r)).collect::<Vec<f64>>(), k, chunk)?;
+        }
+    }
+
+    /// The fused TIES kernel against the keep masks, weighting and election done one step at
+    /// a time (as `task_vector` does without it), over chunks of `chunk`.
+    #[allow(clippy::too_many_arguments)]
+    fn fused_ties_agrees(
+        deltas: &[Vec<f32>],
+        base: &[f32],
+        ks: &[usize],
+        weights: &[f32],
+        scales: &[f32],
+        normalize: bool,
+        lambda: f32,
+        chunk: usize,
+    ) -> Result<(), TestCaseError> {
+        let n = base.len();
+        let cuts: Vec<Cut> = deltas
+            .iter()
+            .zip(ks)
+            .map(|(d, &k)| {
+                let keys: Vec<u64> = d.iter().map(|v| v.mag_key()).collect();
+                finish(Selector::new((n - k) as u64, Side::TopK, 32, 1 << 20), &keys, chunk).0
+            })
+            .collect();
+        for c in 0..n.div_ceil(chunk) {
+            let (from, to) = (c * chunk, ((c + 1) * chunk).min(n));
+            let start = from as u64;
+            let mut tops: Vec<TopCut> = cuts.iter().map(|cut| cut.top_cut_f32(start)).collect();
+            let parts: Vec<&[f32]> = deltas.iter().map(|d| &d[from..to]).collect();
+            let mut got = vec![0f32; to - from];
+            let b = &base[from..to];
+            if !crate::kernels::real::dispatch::ties_f32(
+                &parts, &mut tops, weights, scales, b, normalize, lambda, &mut got,
+            ) {
+                return Ok(()); // no fused form in this build
+            }
+            // One step at a time.
+            let mut ws = Vec::new();
+            for ((d, cut), (&w, &s)) in parts.iter().zip(&cuts).zip(weights.iter().zip(scales)) {
+                let mut keep = Vec::new();
+                top_mask(cut, start, d, &mut keep);
+                ws.push(
+                    d.iter()
+                        .zip(&keep)
+                        .map(|(&v, &k)| if k { w * (v * s) } else { 0.0 })
+                        .collect::<Vec<f32>>(),
+                );
+            }
+            for (j, (&g, &bj)) in got.iter().zip(b).enumerate() {
+                let total = ws.iter().fold(0f32, |t, w| t + w[j]);
+                let (mut mixed, mut div) = (0f32, 0f32);
+                for (w, &wi) in ws.iter().zip(weights) {
+                    let agree = if total >= 0.0 { w[j] > 0.0 } else { w[j] < 0.0 };
+                    mixed += if agree { w[j] } else { 0.0 };
+                    div += if agree { wi } else { 0.0 };
+                }
+                let want = if normalize {
+                    let d = if div == 0.0 { 1.0 } else { div };
+                    bj + (mixed / d) * lambda
+                } else {
+                    bj + mixed * lambda
+                };
+                prop_assert_eq!(g.to_bits(), want.to_bits(), "chunk {} element {}", c, j);
+            }
+        }
+        Ok(())
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(96))]
+        #[test]
+        fn fused_ties_is_the_stepwise_election(
+            raw in proptest::collection::vec(proptest::collection::vec(-7i32..7, 333), 1..6),
+            fracs in proptest::collection::vec(0.0f64..1.0, 6),
+            weights in proptest::collection::vec(prop_oneof![Just(0.0f32), Just(-0.5f32), Just(0.25f32), -1.0f32..1.0], 6),
+            normalize in any::<bool>(),
+            chunk in prop_oneof![Just(333usize), 1usize..70],
+        ) {
+            // Few magnitudes, both signs, exact zeros and the odd NaN: many ties at each cut.
+            let deltas: Vec<Vec<f32>> = raw
+                .iter()
+                .map(|r| r.iter().enumerate().map(|(j, &x)| if x == 6 && j % 7 == 0 { f32::NAN } else { x as f32 * 0.375 }).collect())
+                .collect();
+            let n = 333;
+            let base: Vec<f32> = (0..n).map(|j| (j % 17) as f32 * 0.01 - 0.05).collect();
+            let ks: Vec<usize> = fracs.iter().take(deltas.len()).map(|f| ((f * n as f64) as usize).max(1)).collect();
+            let scales = [1.0f32, 1.25, 0.5, 2.0, 1.0, 0.75];
+            let m = deltas.len();
+            fused_ties_agrees(&deltas, &base, &ks, &weights[..m], &scales[..m], normalize, 0.9, chunk)?;
         }
     }
 

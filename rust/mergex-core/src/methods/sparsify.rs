@@ -223,6 +223,15 @@ impl Sparsifier {
         matches!(self, Sparsifier::Random { .. } | Sparsifier::Della { .. })
     }
 
+    /// The cut of a selection that keeps the top of the magnitudes (a lower cut alone),
+    /// once resolved: its keep mask is [`top_mask`].
+    pub fn top_cut(&self) -> Option<&super::select::Cut> {
+        match self {
+            Sparsifier::Select { lower: Some(lower), upper: None } => lower.cut(),
+            _ => None,
+        }
+    }
+
     /// The keep mask of one chunk of δ starting at flat index `start` (selections must be
     /// resolved; chunks hold whole DELLA groups). `hashes` are the chunk's
     /// [`super::random::index_hashes`] when [`Sparsifier::random`].
