@@ -159,14 +159,15 @@ pub(super) unsafe fn abs_block_sums_f32(
 /// are held in registers).
 pub const TIES_MODELS: usize = 16;
 
-/// The TIES output of one sub-block, fused (`methods::task_vector`: the keep masks, the
-/// weighted task vectors and the sign election in one sweep, every model's 16 lanes in a
-/// register): `W_i = w_i·(δ_i·s_i)` where model `i`'s cut keeps `δ_i`, else 0; `S = Σ W_i`
+/// The TIES output of one sub-block, fused (`methods::task_vector`: the task vectors, the
+/// keep masks, the weighted task vectors and the sign election in one sweep, every model's 16
+/// lanes in a register): `δ_i = x_i − base`; `W_i = w_i·(δ_i·s_i)` where model `i`'s cut
+/// keeps `δ_i`, else 0; `S = Σ W_i`
 /// from 0 in model order; model `i` agrees where `W_i > 0` if `S ≥ 0`, else where `W_i < 0`;
 /// `mixed = Σ` agreeing `W_i` and, with `normalize`, divided by `Σ` agreeing `w_i` (1 where
 /// that is 0); `out = base + mixed·λ`. The same operations in the same order as the portable
 /// code: an element left out of a sum adds nothing (masked adds), as adding +0.0 to a sum
-/// that is never −0.0 does. `deltas`, `cuts`, `weights` and `scales` have one entry per
+/// that is never −0.0 does. `models`, `cuts`, `weights` and `scales` have one entry per
 /// model (at most [`TIES_MODELS`]); every slice of values is as long as `out`. Each `Range`
 /// cut's `next` is advanced past the ties seen.
 ///
@@ -175,7 +176,7 @@ pub const TIES_MODELS: usize = 16;
 #[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,bmi1,bmi2,lzcnt,popcnt")]
 pub(super) unsafe fn ties_f32(
-    deltas: &[&[f32]],
+    models: &[&[f32]],
     cuts: &mut [TopCut],
     weights: &[f32],
     scales: &[f32],
@@ -188,10 +189,10 @@ pub(super) unsafe fn ties_f32(
         __m512, _mm512_add_ps, _mm512_castps_si512, _mm512_cmp_ps_mask, _mm512_cmpeq_epu32_mask,
         _mm512_cmpgt_epu32_mask, _mm512_div_ps, _mm512_mask_add_ps, _mm512_mask_blend_ps,
         _mm512_mask_storeu_ps, _mm512_maskz_loadu_ps, _mm512_maskz_mul_ps, _mm512_mul_ps, _mm512_set1_ps,
-        _mm512_setzero_ps, _CMP_EQ_OQ, _CMP_GE_OQ, _CMP_GT_OQ, _CMP_LT_OQ,
+        _mm512_setzero_ps, _mm512_sub_ps, _CMP_EQ_OQ, _CMP_GE_OQ, _CMP_GT_OQ, _CMP_LT_OQ,
     };
     let n = out.len();
-    let m = deltas.len().min(cuts.len()).min(weights.len()).min(scales.len()).min(TIES_MODELS);
+    let m = models.len().min(cuts.len()).min(weights.len()).min(scales.len()).min(TIES_MODELS);
     let magnitude = _mm512_set1_epi32(0x7fff_ffff);
     let (zero, one, lam) = (_mm512_setzero_ps(), _mm512_set1_ps(1.0), _mm512_set1_ps(lambda));
     let mut w = [_mm512_setzero_ps(); TIES_MODELS];
@@ -203,7 +204,8 @@ pub(super) unsafe fn ties_f32(
         let mut total = zero;
         for i in 0..m {
             // SAFETY: as above; `i < m` bounds every per-model slice.
-            let v = unsafe { _mm512_maskz_loadu_ps(lanes, deltas.get_unchecked(i).as_ptr().add(at)) };
+            let x = unsafe { _mm512_maskz_loadu_ps(lanes, models.get_unchecked(i).as_ptr().add(at)) };
+            let v = _mm512_sub_ps(x, b);
             let cut = unsafe { cuts.get_unchecked_mut(i) };
             let keys = _mm512_and_si512(_mm512_castps_si512(v), magnitude);
             let key_at = _mm512_set1_epi32(cut.at as i32);

@@ -491,7 +491,7 @@ pub mod dispatch {
     /// (nothing done) where no such build runs or there are more models than it holds.
     #[allow(clippy::too_many_arguments)]
     pub fn ties_f32(
-        deltas: &[&[f32]],
+        models: &[&[f32]],
         cuts: &mut [TopCut],
         weights: &[f32],
         scales: &[f32],
@@ -501,14 +501,14 @@ pub mod dispatch {
         out: &mut [f32],
     ) -> bool {
         #[cfg(target_arch = "x86_64")]
-        if level() == Level::Avx512 && deltas.len() <= crate::kernels::avx512::TIES_MODELS {
+        if level() == Level::Avx512 && models.len() <= crate::kernels::avx512::TIES_MODELS {
             // SAFETY: `level` only picks AVX-512 when the CPU has it.
             unsafe {
-                crate::kernels::avx512::ties_f32(deltas, cuts, weights, scales, base, normalize, lambda, out);
+                crate::kernels::avx512::ties_f32(models, cuts, weights, scales, base, normalize, lambda, out);
             }
             return true;
         }
-        let _ = (deltas, cuts, weights, scales, base, normalize, lambda, out);
+        let _ = (models, cuts, weights, scales, base, normalize, lambda, out);
         false
     }
 

@@ -960,11 +960,11 @@ mod tests {
         }
     }
 
-    /// The fused TIES kernel against the keep masks, weighting and election done one step at
-    /// a time (as `task_vector` does without it), over chunks of `chunk`.
+    /// The fused TIES kernel against the task vectors, keep masks, weighting and election done
+    /// one step at a time (as `task_vector` does without it), over chunks of `chunk`.
     #[allow(clippy::too_many_arguments)]
     fn fused_ties_agrees(
-        deltas: &[Vec<f32>],
+        models: &[Vec<f32>],
         base: &[f32],
         ks: &[usize],
         weights: &[f32],
@@ -974,6 +974,8 @@ mod tests {
         chunk: usize,
     ) -> Result<(), TestCaseError> {
         let n = base.len();
+        let deltas: Vec<Vec<f32>> =
+            models.iter().map(|x| x.iter().zip(base).map(|(&v, &b)| v - b).collect()).collect();
         let cuts: Vec<Cut> = deltas
             .iter()
             .zip(ks)
@@ -986,7 +988,7 @@ mod tests {
             let (from, to) = (c * chunk, ((c + 1) * chunk).min(n));
             let start = from as u64;
             let mut tops: Vec<TopCut> = cuts.iter().map(|cut| cut.top_cut_f32(start)).collect();
-            let parts: Vec<&[f32]> = deltas.iter().map(|d| &d[from..to]).collect();
+            let parts: Vec<&[f32]> = models.iter().map(|x| &x[from..to]).collect();
             let mut got = vec![0f32; to - from];
             let b = &base[from..to];
             if !crate::kernels::real::dispatch::ties_f32(
@@ -996,8 +998,8 @@ mod tests {
             }
             // One step at a time.
             let mut ws = Vec::new();
-            for ((d, cut), (&w, &s)) in parts.iter().zip(&cuts).zip(weights.iter().zip(scales)) {
-                let mut keep = Vec::new();
+            for ((d, cut), (&w, &s)) in deltas.iter().zip(&cuts).zip(weights.iter().zip(scales)) {
+                let (d, mut keep) = (&d[from..to], Vec::new());
                 top_mask(cut, start, d, &mut keep);
                 ws.push(
                     d.iter()
@@ -1036,17 +1038,24 @@ mod tests {
             normalize in any::<bool>(),
             chunk in prop_oneof![Just(333usize), 1usize..70],
         ) {
-            // Few magnitudes, both signs, exact zeros and the odd NaN: many ties at each cut.
-            let deltas: Vec<Vec<f32>> = raw
-                .iter()
-                .map(|r| r.iter().enumerate().map(|(j, &x)| if x == 6 && j % 7 == 0 { f32::NAN } else { x as f32 * 0.375 }).collect())
-                .collect();
+            // Models a few steps from the base (so task vectors have few magnitudes, both
+            // signs, exact zeros: many ties at each cut), and the odd NaN.
             let n = 333;
-            let base: Vec<f32> = (0..n).map(|j| (j % 17) as f32 * 0.01 - 0.05).collect();
-            let ks: Vec<usize> = fracs.iter().take(deltas.len()).map(|f| ((f * n as f64) as usize).max(1)).collect();
+            let base: Vec<f32> = (0..n).map(|j| (j % 4) as f32 * 0.5 - 1.0).collect();
+            let models: Vec<Vec<f32>> = raw
+                .iter()
+                .map(|r| {
+                    r.iter()
+                        .zip(&base)
+                        .enumerate()
+                        .map(|(j, (&x, &b))| if x == 6 && j % 7 == 0 { f32::NAN } else { b + x as f32 * 0.375 })
+                        .collect()
+                })
+                .collect();
+            let ks: Vec<usize> = fracs.iter().take(models.len()).map(|f| ((f * n as f64) as usize).max(1)).collect();
             let scales = [1.0f32, 1.25, 0.5, 2.0, 1.0, 0.75];
-            let m = deltas.len();
-            fused_ties_agrees(&deltas, &base, &ks, &weights[..m], &scales[..m], normalize, 0.9, chunk)?;
+            let m = models.len();
+            fused_ties_agrees(&models, &base, &ks, &weights[..m], &scales[..m], normalize, 0.9, chunk)?;
         }
     }
 

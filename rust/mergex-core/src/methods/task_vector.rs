@@ -302,10 +302,10 @@ impl<T: Real> TaskVector<T> {
     #[inline(always)]
     fn merge_chunk_impl(&self, x: &mut ChunkInputs<'_, T>, out: &mut [T]) {
         let Some(base) = x.base else { return };
-        x.to_deltas();
         if self.family.consensus && self.fused_ties(x, base, out) {
             return;
         }
+        x.to_deltas();
         let (mut mask, mut hashes) = (Vec::new(), Vec::new());
         if self.sparsifiers.iter().any(Sparsifier::random) {
             index_hashes(x.start, out.len(), &mut hashes);
@@ -346,19 +346,20 @@ impl<T: Real> TaskVector<T> {
     }
 
     /// TIES with a top-k cut per model, in f32, in the build that has a fused form of the
-    /// keep masks, weighting and election (AVX-512): the same output, computed in one sweep
-    /// with every model's lanes in registers. `false` (nothing done) elsewhere.
+    /// task vectors, keep masks, weighting and election (AVX-512): the same output from the
+    /// models' values (not yet task vectors), in one sweep with every model's lanes in
+    /// registers. `false` (nothing done) elsewhere.
     #[inline(always)]
     fn fused_ties(&self, x: &ChunkInputs<'_, T>, base: &[T], out: &mut [T]) -> bool {
         let cuts: Option<Vec<_>> =
             self.sparsifiers.iter().map(|sp| sp.top_cut().map(|c| c.top_cut_f32(x.start))).collect();
-        let deltas: Option<Vec<&[f32]>> = x.models.iter().map(|m| T::as_f32s(m)).collect();
+        let models: Option<Vec<&[f32]>> = x.models.iter().map(|m| T::as_f32s(m)).collect();
         let lambda = T::as_f32s(std::slice::from_ref(&self.lambda)).and_then(|l| l.first().copied());
-        match (cuts, deltas, T::as_f32s(&self.weights), T::as_f32s(&self.scales), T::as_f32s(base), lambda) {
-            (Some(mut cuts), Some(deltas), Some(w), Some(s), Some(b), Some(lambda)) => {
+        match (cuts, models, T::as_f32s(&self.weights), T::as_f32s(&self.scales), T::as_f32s(base), lambda) {
+            (Some(mut cuts), Some(models), Some(w), Some(s), Some(b), Some(lambda)) => {
                 match T::as_f32s_mut(out) {
                     Some(out) => crate::kernels::real::dispatch::ties_f32(
-                        &deltas,
+                        &models,
                         &mut cuts,
                         w,
                         s,
