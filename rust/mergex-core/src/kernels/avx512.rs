@@ -9,7 +9,7 @@ use std::arch::x86_64::{
     _mm512_slli_epi64, _mm512_storeu_si512, _mm512_sub_epi32,
 };
 
-use super::{Ties, TopCut};
+use super::{Ties, TiesInputs, TopCut};
 
 /// Lanes of one block: sixteen f32 keys.
 const LANES: usize = 16;
@@ -167,24 +167,15 @@ pub const TIES_MODELS: usize = 16;
 /// `mixed = Σ` agreeing `W_i` and, with `normalize`, divided by `Σ` agreeing `w_i` (1 where
 /// that is 0); `out = base + mixed·λ`. The same operations in the same order as the portable
 /// code: an element left out of a sum adds nothing (masked adds), as adding +0.0 to a sum
-/// that is never −0.0 does. `models`, `cuts`, `weights` and `scales` have one entry per
-/// model (at most [`TIES_MODELS`]); every slice of values is as long as `out`. Each `Range`
-/// cut's `next` is advanced past the ties seen.
+/// that is never −0.0 does. The models, `cuts`, weights and scales have one entry per model
+/// (at most [`TIES_MODELS`]); every slice of values is as long as `out`. Each `Range` cut's
+/// `next` is advanced past the ties seen.
 ///
 /// # Safety
 /// The CPU must support AVX-512 F/BW/VL/DQ (the caller checks with the dispatch level).
-#[allow(clippy::too_many_arguments)]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,bmi1,bmi2,lzcnt,popcnt")]
-pub(super) unsafe fn ties_f32(
-    models: &[&[f32]],
-    cuts: &mut [TopCut],
-    weights: &[f32],
-    scales: &[f32],
-    base: &[f32],
-    normalize: bool,
-    lambda: f32,
-    out: &mut [f32],
-) {
+pub(super) unsafe fn ties_f32(inputs: &TiesInputs<'_>, cuts: &mut [TopCut], out: &mut [f32]) {
+    let TiesInputs { models, weights, scales, base, normalize, lambda } = *inputs;
     use std::arch::x86_64::{
         __m512, _mm512_add_ps, _mm512_castps_si512, _mm512_cmp_ps_mask, _mm512_cmpeq_epu32_mask,
         _mm512_cmpgt_epu32_mask, _mm512_div_ps, _mm512_mask_add_ps, _mm512_mask_blend_ps,

@@ -35,6 +35,25 @@ pub struct TopCut {
     pub ties: Ties,
 }
 
+/// The inputs of a fused TIES output sub-block (`real::dispatch::ties_f32`): the models'
+/// values (not yet task vectors), one weight and rescale factor per model, the base, whether
+/// to normalize by the agreeing weights, and λ.
+#[derive(Debug, Clone, Copy)]
+pub struct TiesInputs<'a> {
+    /// Each model's values over the sub-block.
+    pub models: &'a [&'a [f32]],
+    /// `w_i`.
+    pub weights: &'a [f32],
+    /// `s_i`.
+    pub scales: &'a [f32],
+    /// The base's values over the sub-block.
+    pub base: &'a [f32],
+    /// Divide by the sum of the agreeing weights.
+    pub normalize: bool,
+    /// λ.
+    pub lambda: f32,
+}
+
 /// `acc[j] += w * x[j]`, multiply then add (no fused multiply-add), so the result matches
 /// the reference arithmetic bit for bit.
 #[inline]

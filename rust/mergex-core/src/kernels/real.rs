@@ -326,7 +326,7 @@ pub fn decode_axpy<T: Real>(dtype: Dtype, bytes: &[u8], w: T, base: Option<&[T]>
 pub mod dispatch {
     use super::Real;
     use crate::format::dtype::Dtype;
-    pub use crate::kernels::{Ties, TopCut};
+    pub use crate::kernels::{Ties, TiesInputs, TopCut};
 
     /// A build of the kernels, from the most portable.
     #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -489,26 +489,14 @@ pub mod dispatch {
     /// The TIES output of one sub-block, fused, where a build has that form (AVX-512; see
     /// `kernels::avx512::ties_f32`, whose [`TopCut`]s advance past the ties seen): `false`
     /// (nothing done) where no such build runs or there are more models than it holds.
-    #[allow(clippy::too_many_arguments)]
-    pub fn ties_f32(
-        models: &[&[f32]],
-        cuts: &mut [TopCut],
-        weights: &[f32],
-        scales: &[f32],
-        base: &[f32],
-        normalize: bool,
-        lambda: f32,
-        out: &mut [f32],
-    ) -> bool {
+    pub fn ties_f32(inputs: &TiesInputs<'_>, cuts: &mut [TopCut], out: &mut [f32]) -> bool {
         #[cfg(target_arch = "x86_64")]
-        if level() == Level::Avx512 && models.len() <= crate::kernels::avx512::TIES_MODELS {
+        if level() == Level::Avx512 && inputs.models.len() <= crate::kernels::avx512::TIES_MODELS {
             // SAFETY: `level` only picks AVX-512 when the CPU has it.
-            unsafe {
-                crate::kernels::avx512::ties_f32(models, cuts, weights, scales, base, normalize, lambda, out);
-            }
+            unsafe { crate::kernels::avx512::ties_f32(inputs, cuts, out) };
             return true;
         }
-        let _ = (models, cuts, weights, scales, base, normalize, lambda, out);
+        let _ = (inputs, cuts, out);
         false
     }
 

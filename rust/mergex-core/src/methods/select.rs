@@ -991,9 +991,9 @@ mod tests {
             let parts: Vec<&[f32]> = models.iter().map(|x| &x[from..to]).collect();
             let mut got = vec![0f32; to - from];
             let b = &base[from..to];
-            if !crate::kernels::real::dispatch::ties_f32(
-                &parts, &mut tops, weights, scales, b, normalize, lambda, &mut got,
-            ) {
+            let inputs =
+                crate::kernels::TiesInputs { models: &parts, weights, scales, base: b, normalize, lambda };
+            if !crate::kernels::real::dispatch::ties_f32(&inputs, &mut tops, &mut got) {
                 return Ok(()); // no fused form in this build
             }
             // One step at a time.

@@ -9,6 +9,7 @@ use super::sparsify::{Kind, Setup, Sparsifier};
 use super::{param, ChunkInputs, Stats, TensorCtx, TensorMerge, WeightedSum};
 use crate::error::{Error, Result};
 use crate::kernels::real::Real;
+use crate::kernels::TiesInputs;
 use rayon::prelude::*;
 
 /// The switches that tell the family's methods apart.
@@ -355,24 +356,14 @@ impl<T: Real> TaskVector<T> {
             self.sparsifiers.iter().map(|sp| sp.top_cut().map(|c| c.top_cut_f32(x.start))).collect();
         let models: Option<Vec<&[f32]>> = x.models.iter().map(|m| T::as_f32s(m)).collect();
         let lambda = T::as_f32s(std::slice::from_ref(&self.lambda)).and_then(|l| l.first().copied());
-        match (cuts, models, T::as_f32s(&self.weights), T::as_f32s(&self.scales), T::as_f32s(base), lambda) {
-            (Some(mut cuts), Some(models), Some(w), Some(s), Some(b), Some(lambda)) => {
-                match T::as_f32s_mut(out) {
-                    Some(out) => crate::kernels::real::dispatch::ties_f32(
-                        &models,
-                        &mut cuts,
-                        w,
-                        s,
-                        b,
-                        self.normalize,
-                        lambda,
-                        out,
-                    ),
-                    None => false,
-                }
-            }
-            _ => false,
-        }
+        let (Some(mut cuts), Some(models), Some(weights), Some(scales), Some(base), Some(lambda)) =
+            (cuts, models, T::as_f32s(&self.weights), T::as_f32s(&self.scales), T::as_f32s(base), lambda)
+        else {
+            return false;
+        };
+        let inputs = TiesInputs { models: &models, weights, scales, base, normalize: self.normalize, lambda };
+        T::as_f32s_mut(out)
+            .is_some_and(|out| crate::kernels::real::dispatch::ties_f32(&inputs, &mut cuts, out))
     }
 
     /// The sign election (TIES) over the weighted, sparsified task vectors `W_i` (in
