@@ -9,6 +9,7 @@ use std::arch::x86_64::{
     _mm512_slli_epi64, _mm512_storeu_si512, _mm512_sub_epi32,
 };
 
+use super::real::Real;
 use super::{Ties, TiesInputs, TopCut};
 
 /// Lanes of one block: sixteen f32 keys.
@@ -75,7 +76,7 @@ pub(super) unsafe fn band_sweep_f32(
     unsafe { out.set_len(len) };
     let at = blocks * LANES;
     for (j, v) in values.get(at..).unwrap_or_default().iter().enumerate() {
-        let key = v.to_bits() & 0x7fff_ffff;
+        let key = v.mag_key() as u32;
         under += u64::from(key < lo_key);
         if key.wrapping_sub(lo_key) <= span {
             out.push(u64::from(key) << 32 | (start + (at + j) as u64));
@@ -84,8 +85,8 @@ pub(super) unsafe fn band_sweep_f32(
     under
 }
 
-/// Elements of one block of an exact sum (`engine::reduce::BLOCK`).
-const SUM_BLOCK: usize = 256;
+/// Elements of one block of an exact sum.
+const SUM_BLOCK: usize = crate::engine::reduce::BLOCK as usize;
 /// Blocks summed side by side.
 const SIDE_BY_SIDE: usize = 4;
 

@@ -486,13 +486,24 @@ pub mod dispatch {
         None
     }
 
+    /// Whether [`ties_f32`] has a fused form in this build for `models` models.
+    pub fn has_fused_ties(models: usize) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if level() == Level::Avx512 {
+            return models <= crate::kernels::avx512::TIES_MODELS;
+        }
+        let _ = models;
+        false
+    }
+
     /// The TIES output of one sub-block, fused, where a build has that form (AVX-512; see
     /// `kernels::avx512::ties_f32`, whose [`TopCut`]s advance past the ties seen): `false`
     /// (nothing done) where no such build runs or there are more models than it holds.
     pub fn ties_f32(inputs: &TiesInputs<'_>, cuts: &mut [TopCut], out: &mut [f32]) -> bool {
         #[cfg(target_arch = "x86_64")]
-        if level() == Level::Avx512 && inputs.models.len() <= crate::kernels::avx512::TIES_MODELS {
-            // SAFETY: `level` only picks AVX-512 when the CPU has it.
+        if has_fused_ties(inputs.models.len()) {
+            // SAFETY: `has_fused_ties` is only true under AVX-512, which `level` only picks
+            // when the CPU has it.
             unsafe { crate::kernels::avx512::ties_f32(inputs, cuts, out) };
             return true;
         }

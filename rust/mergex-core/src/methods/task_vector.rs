@@ -352,6 +352,9 @@ impl<T: Real> TaskVector<T> {
     /// registers. `false` (nothing done) elsewhere.
     #[inline(always)]
     fn fused_ties(&self, x: &ChunkInputs<'_, T>, base: &[T], out: &mut [T]) -> bool {
+        if T::KEY_BITS > 32 || !crate::kernels::real::dispatch::has_fused_ties(x.models.len()) {
+            return false;
+        }
         let cuts: Option<Vec<_>> =
             self.sparsifiers.iter().map(|sp| sp.top_cut().map(|c| c.top_cut_f32(x.start))).collect();
         let models: Option<Vec<&[f32]>> = x.models.iter().map(|m| T::as_f32s(m)).collect();
