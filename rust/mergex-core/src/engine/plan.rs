@@ -68,12 +68,13 @@ impl Prepared {
         self.views().map(|v| v.entry.dtype.size() as u64).sum::<u64>() + self.out.dtype.size() as u64
     }
 
-    /// Bytes of one worker's sub-block buffers (decoded inputs and output).
+    /// Bytes of one worker's sub-block buffers (decoded inputs and output, and the inputs'
+    /// stored bytes).
     fn sub_block_bytes(&self) -> u64 {
         let work = if self.wide { 8 } else { 4 };
-        (self.views().count() as u64 + 1)
-            .saturating_mul(crate::engine::run::SUB_BLOCK.max(self.unit()))
-            .saturating_mul(work)
+        let stored: u64 = self.views().map(|v| v.entry.dtype.size() as u64).sum();
+        let sub = crate::engine::run::SUB_BLOCK.max(self.unit());
+        (self.views().count() as u64 + 1).saturating_mul(work).saturating_add(stored).saturating_mul(sub)
     }
 }
 

@@ -92,19 +92,6 @@ impl View {
         })
     }
 
-    /// `acc[j] += w · x[start + j]`, or with `base`, `acc[j] += w · (x[start + j] − base[j])`:
-    /// decode and accumulate in one sweep (weighted sums).
-    pub fn accumulate<T: Real>(&self, start: u64, w: T, base: Option<&[T]>, acc: &mut [T]) -> Result<()> {
-        let dtype = self.entry.dtype;
-        self.runs(start, acc.len() as u64, |src, o, n| {
-            let dst = acc.get_mut(o..o + n as usize).unwrap_or_default();
-            let b = base.and_then(|b| b.get(o..o + n as usize));
-            self.with_raw(src, n, |bytes| {
-                crate::kernels::real::dispatch::decode_axpy(dtype, bytes, w, b, dst)
-            })
-        })
-    }
-
     /// The raw bytes of output elements `[start, start+len)` (contiguous views only).
     pub fn raw(&self, start: u64, len: u64) -> Result<&[u8]> {
         let sz = self.elem();

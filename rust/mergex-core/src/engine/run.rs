@@ -15,7 +15,7 @@ use super::plan::{Engine, Prepared};
 use super::progress::Progress;
 use crate::error::{Error, Result};
 use crate::format::writer::{Placement, Writer};
-use crate::kernels::real::Real;
+use crate::kernels::real::{Raw, Real, SumInputs};
 use crate::methods::{ChunkInputs, Stats, TensorCtx, TensorMerge, WeightedSum};
 
 /// What a finished merge reports.
@@ -47,6 +47,8 @@ struct Timings {
 /// Per-worker buffers, reused across the chunks a worker runs.
 struct Scratch<T> {
     inputs: Vec<Vec<T>>,
+    /// Each input's stored bytes over a sub-block (weighted sums).
+    raws: Vec<Vec<u8>>,
     out: Vec<T>,
     bytes: Vec<u8>,
     /// This worker's share of the current statistics pass.
@@ -55,7 +57,13 @@ struct Scratch<T> {
 
 impl<T: Real> Scratch<T> {
     fn new() -> Self {
-        Scratch { inputs: Vec::new(), out: Vec::new(), bytes: Vec::new(), stats: Stats::default() }
+        Scratch {
+            inputs: Vec::new(),
+            raws: Vec::new(),
+            out: Vec::new(),
+            bytes: Vec::new(),
+            stats: Stats::default(),
+        }
     }
 }
 
@@ -301,8 +309,9 @@ fn with_chunk<T: Real>(
     Ok(())
 }
 
-/// The output pass of a [`WeightedSum`] over one chunk: each sub-block is accumulated
-/// input by input while decoding, then divided, rounded and placed in `s.bytes`.
+/// The output pass of a [`WeightedSum`] over one chunk: each sub-block's stored bytes are
+/// read for every input, summed in one sweep (`dispatch::weighted_sum`), and rounded into
+/// place in `s.bytes`.
 fn weighted_chunk<T: Real>(
     t: &Prepared,
     s: &mut Scratch<T>,
@@ -317,53 +326,35 @@ fn weighted_chunk<T: Real>(
     let sub = SUB_BLOCK.div_ceil(t.unit()) * t.unit();
     let size = t.out.dtype.size();
     s.bytes.resize(len as usize * size, 0);
-    for v in t.views() {
+    let views: Vec<_> = t.views().collect();
+    for v in &views {
         v.will_need(start, len);
     }
+    s.raws.resize_with(views.len(), Vec::new);
     let mut at = start;
     while at < start + len {
         let n = sub.min(start + len - at) as usize;
+        for (v, raw) in views.iter().zip(s.raws.iter_mut()) {
+            raw.resize(n * v.entry.dtype.size(), 0);
+            v.read_raw(at, raw)?;
+        }
+        let raws: Vec<Raw<'_>> =
+            views.iter().zip(&s.raws).map(|(v, r)| Raw { dtype: v.entry.dtype, bytes: r }).collect();
+        let (base, models) = match (sum.task, raws.split_first()) {
+            (Some(_), Some((b, rest))) => (Some(*b), rest),
+            _ => (None, &raws[..]),
+        };
+        let x = SumInputs { models, weights: &sum.weights, base, divisor: sum.divisor, lambda: sum.task };
         s.out.resize(n, T::ZERO);
         let out = &mut s.out[..n];
-        out.fill(T::ZERO);
-        let mut views = t.views();
-        let base = match sum.task {
-            Some(_) => {
-                s.inputs.resize_with(1, Vec::new);
-                let b = &mut s.inputs[0];
-                b.resize(n, T::ZERO);
-                if let Some(v) = views.next() {
-                    v.read(at, &mut b[..n])?;
-                }
-                Some(&b[..n])
-            }
-            None => None,
-        };
-        for (v, &w) in views.zip(&sum.weights) {
-            v.accumulate(at, w, base, out)?;
-        }
-        match (base, sum.task) {
-            (Some(base), Some(lambda)) => {
-                for (o, &b) in out.iter_mut().zip(base) {
-                    let mixed = sum.divisor.map_or(*o, |d| *o / d);
-                    *o = b + mixed * lambda;
-                }
-            }
-            _ => {
-                if let Some(d) = sum.divisor {
-                    for o in out.iter_mut() {
-                        *o = *o / d;
-                    }
-                }
-            }
-        }
+        crate::kernels::real::dispatch::weighted_sum(&x, out);
         let off = (at - start) as usize * size;
         if let Some(dst) = s.bytes.get_mut(off..off + n * size) {
             crate::kernels::real::dispatch::encode(out, t.out.dtype, dst);
         }
         at += n as u64;
     }
-    for v in t.views() {
+    for v in &views {
         progress.add_bytes(v.bytes_for(len));
     }
     Ok(())
