@@ -210,9 +210,13 @@ impl<T: Real> TensorMerge<T> for TaskVector<T> {
     }
 
     fn end_sample(&mut self, mut stats: Stats) -> Result<()> {
-        for (i, sp) in self.sparsifiers.iter_mut().enumerate() {
-            sp.plan_bands(i, self.numel, &mut stats);
-        }
+        // Each model's bands come from its own slots: in parallel.
+        let n = self.numel;
+        let mut parts: Vec<Stats> =
+            (0..self.sparsifiers.len()).map(|i| stats.take_slots(2 * i..2 * i + 2)).collect();
+        self.sparsifiers.par_iter_mut().zip(parts.par_iter_mut()).enumerate().for_each(|(i, (sp, part))| {
+            sp.plan_bands(i, n, part);
+        });
         Ok(())
     }
 
