@@ -21,6 +21,11 @@ pub const MAX_THREADS: usize = 1024;
 pub const MIN_RAM_BUDGET: u64 = 64 * 1024;
 /// Largest chunk, in elements: beyond this, bigger chunks buy nothing.
 const MAX_CHUNK: u64 = 1 << 22;
+/// Chunks a tensor is cut into per thread at least (when it is large enough): with two, a
+/// thread that finishes its first chunk early takes another's second one instead of waiting
+/// for the slowest (linear merges of the 8-layer benchmark set: 0.42 s against 0.45 s with
+/// one chunk per thread).
+const CHUNKS_PER_THREAD: u64 = 2;
 /// Share of the budget given to chunk buffers; the rest covers page rounding, read-ahead
 /// and allocator slack.
 const WORK_PERCENT: u64 = 85;
@@ -282,13 +287,13 @@ fn prepare_tensor(
 
 /// Elements per chunk: as many as the budget allows for every thread, a whole number of
 /// units (reduction blocks, and whole row groups for row-wise methods), and small enough
-/// that a large tensor gives every thread work.
+/// that a large tensor gives every thread [`CHUNKS_PER_THREAD`] chunks.
 pub(crate) fn chunk_elems(budget: u64, threads: usize, per_elem: u64, numel: u64, align: u64) -> u64 {
     let unit = lcm(BLOCK, align.max(1));
     let work = budget / 100 * WORK_PERCENT;
     let by_budget =
         (work / (threads as u64).saturating_mul(per_elem.max(1))).min(MAX_CHUNK.max(unit)) / unit * unit;
-    let share = numel.div_ceil(threads as u64).div_ceil(unit).max(1).saturating_mul(unit);
+    let share = numel.div_ceil(threads as u64 * CHUNKS_PER_THREAD).div_ceil(unit).max(1).saturating_mul(unit);
     by_budget.max(unit).min(share)
 }
 
@@ -310,8 +315,8 @@ mod tests {
         assert_eq!(chunk_elems(64 * 1024, 1, 32, 1 << 20, 1), 1536);
         // Never below one block, even when the budget is too small.
         assert_eq!(chunk_elems(64 * 1024, 8, 10_000, 1 << 20, 1), BLOCK);
-        // A tensor that fits is still split so that both threads get work.
-        assert_eq!(chunk_elems(1 << 30, 2, 32, 10_000, 1), 5120);
+        // A tensor that fits is still split: two chunks for each of the two threads.
+        assert_eq!(chunk_elems(1 << 30, 2, 32, 10_000, 1), 2560);
         assert_eq!(chunk_elems(1 << 30, 2, 32, 10, 1), BLOCK);
         // Row groups: whole rows and whole blocks (lcm(896, 256) = 1792).
         assert_eq!(chunk_elems(64 * 1024, 1, 32, 1 << 20, 896), 1792);
