@@ -178,10 +178,11 @@ pub const TIES_MODELS: usize = 16;
 pub(super) unsafe fn ties_f32(inputs: &TiesInputs<'_>, cuts: &mut [TopCut], out: &mut [f32]) {
     let TiesInputs { models, weights, scales, base, normalize, lambda } = *inputs;
     use std::arch::x86_64::{
-        __m512, _mm512_add_ps, _mm512_castps_si512, _mm512_cmp_ps_mask, _mm512_cmpeq_epu32_mask,
-        _mm512_cmpgt_epu32_mask, _mm512_div_ps, _mm512_mask_add_ps, _mm512_mask_blend_ps,
-        _mm512_mask_storeu_ps, _mm512_maskz_loadu_ps, _mm512_maskz_mul_ps, _mm512_mul_ps, _mm512_set1_ps,
-        _mm512_setzero_ps, _mm512_sub_ps, _CMP_EQ_OQ, _CMP_GE_OQ, _CMP_GT_OQ, _CMP_LT_OQ,
+        __m512, _mm512_add_ps, _mm512_castps_si512, _mm512_castsi512_ps, _mm512_cmp_ps_mask,
+        _mm512_cmpeq_epu32_mask, _mm512_div_ps, _mm512_mask_add_ps, _mm512_mask_blend_ps,
+        _mm512_mask_cmpgt_epu32_mask, _mm512_mask_storeu_ps, _mm512_maskz_loadu_ps, _mm512_maskz_mov_epi32,
+        _mm512_maskz_mul_ps, _mm512_mul_ps, _mm512_set1_ps, _mm512_setzero_ps, _mm512_sub_ps,
+        _mm512_xor_si512, _CMP_EQ_OQ, _CMP_GE_OQ, _CMP_GT_OQ,
     };
     let n = out.len();
     let m = models.len().min(cuts.len()).min(weights.len()).min(scales.len()).min(TIES_MODELS);
@@ -201,7 +202,7 @@ pub(super) unsafe fn ties_f32(inputs: &TiesInputs<'_>, cuts: &mut [TopCut], out:
             let cut = unsafe { cuts.get_unchecked_mut(i) };
             let keys = _mm512_and_si512(_mm512_castps_si512(v), magnitude);
             let key_at = _mm512_set1_epi32(cut.at as i32);
-            let mut keep = _mm512_cmpgt_epu32_mask(keys, key_at) & lanes;
+            let mut keep = _mm512_mask_cmpgt_epu32_mask(lanes, keys, key_at);
             match &mut cut.ties {
                 Ties::None => {}
                 Ties::All => keep |= _mm512_cmpeq_epu32_mask(keys, key_at) & lanes,
@@ -223,13 +224,17 @@ pub(super) unsafe fn ties_f32(inputs: &TiesInputs<'_>, cuts: &mut [TopCut], out:
             // SAFETY: `i < m <= TIES_MODELS`.
             unsafe { *w.get_unchecked_mut(i) = wv };
         }
+        // Model i agrees where `W_i > 0` if `S >= 0`, else where `W_i < 0`: flipping the
+        // sign of `W_i` where `S >= 0` fails (negative or NaN) makes both `> 0`, and a zero
+        // or NaN `W_i` never agrees either way.
         let plus = _mm512_cmp_ps_mask::<_CMP_GE_OQ>(total, zero);
+        let flip = _mm512_maskz_mov_epi32(!plus, _mm512_set1_epi32(i32::MIN));
         let (mut mixed, mut div) = (zero, zero);
         for i in 0..m {
             // SAFETY: `i < m`, within `w` and `weights`.
             let (wv, wi): (__m512, f32) = unsafe { (*w.get_unchecked(i), *weights.get_unchecked(i)) };
-            let agree = (plus & _mm512_cmp_ps_mask::<_CMP_GT_OQ>(wv, zero))
-                | (!plus & _mm512_cmp_ps_mask::<_CMP_LT_OQ>(wv, zero));
+            let signed = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(wv), flip));
+            let agree = _mm512_cmp_ps_mask::<_CMP_GT_OQ>(signed, zero);
             mixed = _mm512_mask_add_ps(mixed, agree, mixed, wv);
             div = _mm512_mask_add_ps(div, agree, div, _mm512_set1_ps(wi));
         }
