@@ -14,6 +14,7 @@ use serde::Serialize;
 use super::plan::{Engine, Prepared};
 use super::progress::Progress;
 use crate::error::{Error, Result};
+use crate::format::dtype::Dtype;
 use crate::format::writer::{Placement, Writer};
 use crate::kernels::real::{Raw, Real, SumInputs};
 use crate::methods::{ChunkInputs, Stats, TensorCtx, TensorMerge, WeightedSum};
@@ -184,6 +185,7 @@ impl Engine {
             TensorCtx { job: &t.job, models: &paths, seed: self.job.seed, ram_budget: self.job.ram_budget };
         let mut merger = self.build(&ctx)?;
         let chunks = Self::chunks(t);
+        let dtypes: Vec<Dtype> = t.views().map(|v| v.entry.dtype).collect();
         let sample = merger.sample_ranges();
         if !sample.is_empty() {
             // A few small ranges, read by the workers; not counted as progress. All are
@@ -197,7 +199,9 @@ impl Engine {
             let (m, quiet) = (&*merger, Progress::default());
             sample.par_iter().try_for_each(|&(start, len)| {
                 scratch.with(|s| {
-                    with_chunk(t, s, start, len, &quiet, false, |x, _, stats| m.sample_chunk(x, stats))
+                    with_chunk(t, s, start, len, &quiet, Work::stats(true), |x, _, stats| {
+                        m.sample_chunk(x, stats)
+                    })
                 })
             })?;
             merger.end_sample(scratch.take_stats())?;
@@ -211,9 +215,10 @@ impl Engine {
                 progress.bytes_total.fetch_add(t.pass_bytes(), Ordering::Relaxed);
             }
             let m = &*merger;
+            let work = Work::stats(!m.takes_stored(&dtypes));
             chunks.par_iter().try_for_each(|&(start, len)| {
                 scratch.with(|s| {
-                    with_chunk(t, s, start, len, progress, false, |x, _, stats| m.stat_chunk(x, stats))
+                    with_chunk(t, s, start, len, progress, work, |x, _, stats| m.stat_chunk(x, stats))
                 })
             })?;
             merger.end_pass(scratch.take_stats())?;
@@ -231,11 +236,12 @@ impl Engine {
         let size = t.out.dtype.size() as u64;
         let clock = Instant::now();
         let fused = merger.weighted_sum();
+        let work = Work { decode: !m.takes_stored(&dtypes), encode: true };
         let written = chunks.par_iter().try_for_each(|&(start, len)| {
             scratch.with(|s| {
                 match &fused {
                     Some(sum) => weighted_chunk(t, s, start, len, progress, sum)?,
-                    None => with_chunk(t, s, start, len, progress, true, |x, out, _| {
+                    None => with_chunk(t, s, start, len, progress, work, |x, out, _| {
                         m.merge_chunk(x, out);
                         Ok(())
                     })?,
@@ -254,17 +260,33 @@ impl Engine {
 /// writes and page releases still happen once per (large) chunk.
 pub(crate) const SUB_BLOCK: u64 = 16 * 1024;
 
-/// Run `f` over one chunk, sub-block by sub-block: decode the same element range of every
-/// input, call `f` with the inputs, an output buffer and this worker's statistics, and
-/// (with `encode`) round the output into `s.bytes` at its place in the chunk. Then count
-/// the chunk's bytes.
+/// What [`with_chunk`] does around the method's work.
+#[derive(Debug, Clone, Copy)]
+struct Work {
+    /// Decode the inputs (else the method takes their stored bytes).
+    decode: bool,
+    /// Round the output into place.
+    encode: bool,
+}
+
+impl Work {
+    /// A statistics (or sample) pass's work.
+    fn stats(decode: bool) -> Work {
+        Work { decode, encode: false }
+    }
+}
+
+/// Run `f` over one chunk, sub-block by sub-block: read the same element range of every
+/// input and (with `work.decode`) decode it, call `f` with the inputs, an output buffer and
+/// this worker's statistics, and (with `work.encode`) round the output into `s.bytes` at its
+/// place in the chunk. Then count the chunk's bytes.
 fn with_chunk<T: Real>(
     t: &Prepared,
     s: &mut Scratch<T>,
     start: u64,
     len: u64,
     progress: &Progress,
-    encode: bool,
+    work: Work,
     mut f: impl FnMut(&mut ChunkInputs<'_, T>, &mut [T], &mut Stats) -> Result<()>,
 ) -> Result<()> {
     if progress.is_cancelled() {
@@ -278,24 +300,31 @@ fn with_chunk<T: Real>(
         v.will_need(start, len);
     }
     s.inputs.resize_with(views.len(), Vec::new);
-    if encode {
+    s.raws.resize_with(views.len(), Vec::new);
+    if work.encode {
         s.bytes.resize(len as usize * size, 0);
     }
+    let decoded = if work.decode { sub as usize } else { 0 };
     let mut at = start;
     while at < start + len {
         let n = sub.min(start + len - at) as usize;
-        for (v, buf) in views.iter().zip(s.inputs.iter_mut()) {
-            buf.resize(n, T::ZERO);
-            v.read(at, &mut buf[..n])?;
+        let d = n.min(decoded);
+        for ((v, raw), buf) in views.iter().zip(s.raws.iter_mut()).zip(s.inputs.iter_mut()) {
+            raw.resize(n * v.entry.dtype.size(), 0);
+            v.read_raw(at, raw)?;
+            buf.resize(d, T::ZERO);
+            crate::kernels::real::dispatch::decode(v.entry.dtype, raw, &mut buf[..d]);
         }
         s.out.resize(n, T::ZERO);
         let (base, models): (Option<&[T]>, &mut [Vec<T>]) = match (&t.base, s.inputs.split_first_mut()) {
-            (Some(_), Some((b, rest))) => (Some(&b[..n]), rest),
+            (Some(_), Some((b, rest))) => (Some(&b[..d]), rest),
             _ => (None, &mut s.inputs[..]),
         };
-        let mut x = ChunkInputs { start: at, base, models: models.iter_mut().map(|m| &mut m[..n]).collect() };
+        let stored = views.iter().zip(&s.raws).map(|(v, r)| Raw { dtype: v.entry.dtype, bytes: r }).collect();
+        let models = models.iter_mut().map(|m| &mut m[..d]).collect();
+        let mut x = ChunkInputs { start: at, base, models, stored, decoded: work.decode };
         f(&mut x, &mut s.out[..n], &mut s.stats)?;
-        if encode {
+        if work.encode {
             let off = (at - start) as usize * size;
             if let Some(dst) = s.bytes.get_mut(off..off + n * size) {
                 crate::kernels::real::dispatch::encode(&s.out[..n], t.out.dtype, dst);

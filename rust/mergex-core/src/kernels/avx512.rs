@@ -3,14 +3,15 @@
 //! the features.
 
 use std::arch::x86_64::{
-    __m512i, _mm512_add_epi64, _mm512_and_si512, _mm512_castsi512_si256, _mm512_cmple_epu32_mask,
-    _mm512_cmplt_epu32_mask, _mm512_cvtepu32_epi64, _mm512_extracti64x4_epi64, _mm512_loadu_si512,
+    __m512, __m512i, _mm256_maskz_loadu_epi16, _mm512_add_epi64, _mm512_and_si512, _mm512_castps_si512,
+    _mm512_castsi512_ps, _mm512_castsi512_si256, _mm512_cmple_epu32_mask, _mm512_cmplt_epu32_mask,
+    _mm512_cvtepu16_epi32, _mm512_cvtepu32_epi64, _mm512_extracti64x4_epi64, _mm512_loadu_si512,
     _mm512_maskz_compress_epi64, _mm512_or_si512, _mm512_set1_epi32, _mm512_set1_epi64, _mm512_set_epi64,
-    _mm512_slli_epi64, _mm512_storeu_si512, _mm512_sub_epi32,
+    _mm512_slli_epi32, _mm512_slli_epi64, _mm512_storeu_si512, _mm512_sub_epi32, _mm512_sub_ps,
 };
 
 use super::real::Real;
-use super::{Ties, TiesInputs, TopCut};
+use super::{Ties, TiesInputs, TiesValues, TopCut};
 
 /// Lanes of one block: sixteen f32 keys.
 const LANES: usize = 16;
@@ -35,7 +36,75 @@ pub(super) unsafe fn band_sweep_f32(
     span: u32,
     out: &mut Vec<u64>,
 ) -> u64 {
-    let blocks = values.len() / LANES;
+    let p = values.as_ptr();
+    // SAFETY: the sweep loads whole blocks below `values.len()`; the loads are unaligned.
+    let block = |at: usize| unsafe { _mm512_loadu_si512(p.add(at).cast::<__m512i>()) };
+    let tail = |at: usize| values.get(at).map_or(0, |v| v.mag_key() as u32);
+    // SAFETY: the caller's guarantees.
+    unsafe { band_sweep(values.len(), start, lo_key, span, out, block, tail) }
+}
+
+/// [`band_sweep_f32`] over the task vector `x − base` of bf16 values stored little-endian in
+/// `x` and `base` (two bytes an element, any alignment, `base` at least as long as `x`):
+/// each difference is taken in f32, as decoding both and subtracting does.
+///
+/// # Safety
+/// The CPU must support AVX-512 F/BW (the caller checks with the dispatch level).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,bmi1,bmi2,lzcnt,popcnt")]
+pub(super) unsafe fn band_sweep_bf16(
+    x: &[u8],
+    base: &[u8],
+    start: u64,
+    lo_key: u32,
+    span: u32,
+    out: &mut Vec<u64>,
+) -> u64 {
+    let n = x.len().min(base.len()) / 2;
+    let (px, pb) = (x.as_ptr(), base.as_ptr());
+    // SAFETY: the sweep loads whole blocks below `n`; the loads are unaligned.
+    let block = |at: usize| unsafe {
+        let d = _mm512_sub_ps(load_bf16(u16::MAX, px, at), load_bf16(u16::MAX, pb, at));
+        _mm512_castps_si512(d)
+    };
+    let tail = |at: usize| {
+        let get = |b: &[u8]| b.get(2 * at..2 * at + 2).map_or(0, |h| u16::from_le_bytes([h[0], h[1]]));
+        let d = crate::format::dtype::bf16_to_f32(get(x)) - crate::format::dtype::bf16_to_f32(get(base));
+        d.mag_key() as u32
+    };
+    // SAFETY: the caller's guarantees.
+    unsafe { band_sweep(n, start, lo_key, span, out, block, tail) }
+}
+
+/// Sixteen bf16 values from element `at` of the little-endian bytes at `p`, as f32 (lanes
+/// off in `lanes` read nothing and are zero).
+///
+/// # Safety
+/// AVX-512 F/BW; every lane on in `lanes` is inside the bytes at `p`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,bmi1,bmi2,lzcnt,popcnt")]
+#[inline]
+unsafe fn load_bf16(lanes: u16, p: *const u8, at: usize) -> __m512 {
+    // SAFETY: masked, so only the lanes on are read; the load is unaligned.
+    let h = unsafe { _mm256_maskz_loadu_epi16(lanes, p.add(2 * at).cast::<i16>()) };
+    _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+}
+
+/// The band sweep over `n` keys: `block(at)` gives the sixteen f32 values (as bits) from
+/// element `at` of a whole block, `tail(at)` the key of one element past the whole blocks.
+///
+/// # Safety
+/// AVX-512 F; `block` may be called for every whole block below `n`; `start + n <= 2^32`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,bmi1,bmi2,lzcnt,popcnt")]
+#[inline]
+unsafe fn band_sweep(
+    n: usize,
+    start: u64,
+    lo_key: u32,
+    span: u32,
+    out: &mut Vec<u64>,
+    block: impl Fn(usize) -> __m512i,
+    tail: impl Fn(usize) -> u32,
+) -> u64 {
+    let blocks = n / LANES;
     // Every block stores two full vectors of eight candidates at the current end: room for
     // all the candidates plus one vector's overhang.
     out.reserve(blocks * LANES + LANES);
@@ -49,9 +118,7 @@ pub(super) unsafe fn band_sweep_f32(
     let dst = out.as_mut_ptr();
     for b in 0..blocks {
         let at = b * LANES;
-        // SAFETY: `at + LANES <= values.len()`; the load is unaligned.
-        let bits = unsafe { _mm512_loadu_si512(values.as_ptr().add(at).cast::<__m512i>()) };
-        let keys = _mm512_and_si512(bits, magnitude);
+        let keys = _mm512_and_si512(block(at), magnitude);
         under += u64::from(_mm512_cmplt_epu32_mask(keys, lo).count_ones());
         let hits = _mm512_cmple_epu32_mask(_mm512_sub_epi32(keys, lo), width);
         let index = _mm512_add_epi64(_mm512_set1_epi64((start + at as u64) as i64), lanes);
@@ -74,12 +141,11 @@ pub(super) unsafe fn band_sweep_f32(
     // SAFETY: the first `len` elements were all written (the old ones, then the compressed
     // candidates), and `len` is within the reserved capacity.
     unsafe { out.set_len(len) };
-    let at = blocks * LANES;
-    for (j, v) in values.get(at..).unwrap_or_default().iter().enumerate() {
-        let key = v.mag_key() as u32;
+    for at in blocks * LANES..n {
+        let key = tail(at);
         under += u64::from(key < lo_key);
         if key.wrapping_sub(lo_key) <= span {
-            out.push(u64::from(key) << 32 | (start + (at + j) as u64));
+            out.push(u64::from(key) << 32 | (start + at as u64));
         }
     }
     under
@@ -176,7 +242,62 @@ pub const TIES_MODELS: usize = 16;
 /// The CPU must support AVX-512 F/BW/VL/DQ (the caller checks with the dispatch level).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,bmi1,bmi2,lzcnt,popcnt")]
 pub(super) unsafe fn ties_f32(inputs: &TiesInputs<'_>, cuts: &mut [TopCut], out: &mut [f32]) {
-    let TiesInputs { models, weights, scales, base, normalize, lambda } = *inputs;
+    let mut ptrs = [std::ptr::null::<u8>(); TIES_MODELS];
+    let mut n = out.len();
+    let (m, base, bf16) = match inputs.values {
+        TiesValues::F32 { models, base } => {
+            for (p, x) in ptrs.iter_mut().zip(models) {
+                *p = x.as_ptr().cast::<u8>();
+                n = n.min(x.len());
+            }
+            (models.len(), base.as_ptr().cast::<u8>(), false)
+        }
+        TiesValues::Bf16 { models, base } => {
+            for (p, x) in ptrs.iter_mut().zip(models) {
+                *p = x.as_ptr();
+                n = n.min(x.len() / 2);
+            }
+            (models.len(), base.as_ptr(), true)
+        }
+    };
+    let n = match inputs.values {
+        TiesValues::F32 { base: b, .. } => n.min(b.len()),
+        TiesValues::Bf16 { base: b, .. } => n.min(b.len() / 2),
+    };
+    let m = m.min(cuts.len()).min(inputs.weights.len()).min(inputs.scales.len()).min(TIES_MODELS);
+    let out = out.get_mut(..n).unwrap_or_default();
+    // SAFETY: every pointer holds at least `n` values of its kind, and `m` bounds them all.
+    unsafe {
+        if bf16 {
+            ties_values::<true>(inputs, &ptrs[..m], base, cuts, out);
+        } else {
+            ties_values::<false>(inputs, &ptrs[..m], base, cuts, out);
+        }
+    }
+}
+
+/// [`ties_f32`] with the models' and the base's values at `models` and `base`, bf16 as
+/// stored where `BF16`, else f32.
+///
+/// # Safety
+/// As [`ties_f32`]; every pointer holds `out.len()` values; `models` is no longer than
+/// `cuts`, the weights and the scales.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,bmi1,bmi2,lzcnt,popcnt")]
+unsafe fn ties_values<const BF16: bool>(
+    inputs: &TiesInputs<'_>,
+    models: &[*const u8],
+    base: *const u8,
+    cuts: &mut [TopCut],
+    out: &mut [f32],
+) {
+    // SAFETY (both loads): masked, so only lanes below `out.len()` are read.
+    let load = |lanes: u16, p: *const u8, at: usize| unsafe {
+        if BF16 {
+            load_bf16(lanes, p, at)
+        } else {
+            _mm512_maskz_loadu_ps(lanes, p.cast::<f32>().add(at))
+        }
+    };
     use std::arch::x86_64::{
         __m512, _mm512_add_ps, _mm512_castps_si512, _mm512_castsi512_ps, _mm512_cmp_ps_mask,
         _mm512_cmpeq_epu32_mask, _mm512_div_ps, _mm512_mask_add_ps, _mm512_mask_blend_ps,
@@ -184,8 +305,9 @@ pub(super) unsafe fn ties_f32(inputs: &TiesInputs<'_>, cuts: &mut [TopCut], out:
         _mm512_maskz_mul_ps, _mm512_mul_ps, _mm512_set1_ps, _mm512_setzero_ps, _mm512_sub_ps,
         _mm512_xor_si512, _CMP_EQ_OQ, _CMP_GE_OQ, _CMP_GT_OQ,
     };
+    let TiesInputs { weights, scales, normalize, lambda, .. } = *inputs;
     let n = out.len();
-    let m = models.len().min(cuts.len()).min(weights.len()).min(scales.len()).min(TIES_MODELS);
+    let m = models.len();
     let magnitude = _mm512_set1_epi32(0x7fff_ffff);
     let (zero, one, lam) = (_mm512_setzero_ps(), _mm512_set1_ps(1.0), _mm512_set1_ps(lambda));
     let mut w = [_mm512_setzero_ps(); TIES_MODELS];
@@ -193,11 +315,11 @@ pub(super) unsafe fn ties_f32(inputs: &TiesInputs<'_>, cuts: &mut [TopCut], out:
     while at < n {
         let lanes: u16 = if n - at >= LANES { u16::MAX } else { (1u16 << (n - at)) - 1 };
         // SAFETY: masked loads touch only the lanes below `n - at`, inside every slice.
-        let b = unsafe { _mm512_maskz_loadu_ps(lanes, base.as_ptr().add(at)) };
+        let b = load(lanes, base, at);
         let mut total = zero;
         for i in 0..m {
             // SAFETY: as above; `i < m` bounds every per-model slice.
-            let x = unsafe { _mm512_maskz_loadu_ps(lanes, models.get_unchecked(i).as_ptr().add(at)) };
+            let x = load(lanes, unsafe { *models.get_unchecked(i) }, at);
             let v = _mm512_sub_ps(x, b);
             let cut = unsafe { cuts.get_unchecked_mut(i) };
             let keys = _mm512_and_si512(_mm512_castps_si512(v), magnitude);

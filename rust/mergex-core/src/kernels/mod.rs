@@ -35,19 +35,47 @@ pub struct TopCut {
     pub ties: Ties,
 }
 
-/// The inputs of a fused TIES output sub-block (`real::dispatch::ties_f32`): the models'
-/// values (not yet task vectors), one weight and rescale factor per model, the base, whether
-/// to normalize by the agreeing weights, and λ.
+/// The values of a fused TIES output sub-block: the models' (not yet task vectors) and the
+/// base's, decoded to f32 or as stored in bf16.
+#[derive(Debug, Clone, Copy)]
+pub enum TiesValues<'a> {
+    /// Decoded values.
+    F32 {
+        /// Each model's values over the sub-block.
+        models: &'a [&'a [f32]],
+        /// The base's values over the sub-block.
+        base: &'a [f32],
+    },
+    /// bf16 values as stored: little-endian, two bytes an element, any alignment.
+    Bf16 {
+        /// Each model's bytes over the sub-block.
+        models: &'a [&'a [u8]],
+        /// The base's bytes over the sub-block.
+        base: &'a [u8],
+    },
+}
+
+impl TiesValues<'_> {
+    /// How many models there are.
+    pub fn models(&self) -> usize {
+        match self {
+            TiesValues::F32 { models, .. } => models.len(),
+            TiesValues::Bf16 { models, .. } => models.len(),
+        }
+    }
+}
+
+/// The inputs of a fused TIES output sub-block (`real::dispatch::ties_f32`): the values,
+/// one weight and rescale factor per model, whether to normalize by the agreeing weights,
+/// and λ.
 #[derive(Debug, Clone, Copy)]
 pub struct TiesInputs<'a> {
-    /// Each model's values over the sub-block.
-    pub models: &'a [&'a [f32]],
+    /// The models' and the base's values.
+    pub values: TiesValues<'a>,
     /// `w_i`.
     pub weights: &'a [f32],
     /// `s_i`.
     pub scales: &'a [f32],
-    /// The base's values over the sub-block.
-    pub base: &'a [f32],
     /// Divide by the sum of the agreeing weights.
     pub normalize: bool,
     /// λ.

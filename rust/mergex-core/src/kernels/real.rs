@@ -510,7 +510,7 @@ mod tests {
 pub mod dispatch {
     use super::Real;
     use crate::format::dtype::Dtype;
-    pub use crate::kernels::{Ties, TiesInputs, TopCut};
+    pub use crate::kernels::{Ties, TiesInputs, TiesValues, TopCut};
 
     /// A build of the kernels, from the most portable.
     #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -645,6 +645,34 @@ pub mod dispatch {
         None
     }
 
+    /// [`band_sweep_f32`] over the task vector `x − base` of bf16 values as stored
+    /// (little-endian, any alignment), where a build has that form (AVX-512): `None` where
+    /// none runs, and then nothing was done.
+    pub fn band_sweep_bf16(
+        x: &[u8],
+        base: &[u8],
+        start: u64,
+        lo_key: u32,
+        span: u32,
+        out: &mut Vec<u64>,
+    ) -> Option<u64> {
+        #[cfg(target_arch = "x86_64")]
+        if level() == Level::Avx512 {
+            // SAFETY: `level` only picks AVX-512 when the CPU has it.
+            return Some(unsafe {
+                crate::kernels::avx512::band_sweep_bf16(x, base, start, lo_key, span, out)
+            });
+        }
+        let _ = (x, base, start, lo_key, span, out);
+        None
+    }
+
+    /// Whether this build has the kernels that read bf16 as stored ([`band_sweep_bf16`], and
+    /// [`ties_f32`] with [`TiesValues::Bf16`]) for `models` models.
+    pub fn has_bf16_kernels(models: usize) -> bool {
+        has_fused_ties(models)
+    }
+
     /// The lane sums of `|x|` (where `keep`, when given) of the whole groups of four
     /// 256-element blocks at the front of f32 `values`, each block's eight lanes handed to
     /// `each` in block order, where a build has a faster form than the portable loop
@@ -678,7 +706,7 @@ pub mod dispatch {
     /// (nothing done) where no such build runs or there are more models than it holds.
     pub fn ties_f32(inputs: &TiesInputs<'_>, cuts: &mut [TopCut], out: &mut [f32]) -> bool {
         #[cfg(target_arch = "x86_64")]
-        if has_fused_ties(inputs.models.len()) {
+        if has_fused_ties(inputs.values.models()) {
             // SAFETY: `has_fused_ties` is only true under AVX-512, which `level` only picks
             // when the CPU has it.
             unsafe { crate::kernels::avx512::ties_f32(inputs, cuts, out) };

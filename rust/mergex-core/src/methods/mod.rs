@@ -22,7 +22,8 @@ use std::path::Path;
 use crate::engine::job::TensorJob;
 use crate::engine::reduce::{fold, ExactSum, BLOCK};
 use crate::error::{Error, Result};
-use crate::kernels::real::Real;
+use crate::format::dtype::Dtype;
+use crate::kernels::real::{Raw, Real};
 
 /// What one chunk of an output tensor reads: the same element range of every input,
 /// decoded to the working precision. Methods may overwrite the models' buffers in place
@@ -35,9 +36,39 @@ pub struct ChunkInputs<'a, T> {
     pub base: Option<&'a [T]>,
     /// The other models' values, in config order.
     pub models: Vec<&'a mut [T]>,
+    /// Every input's stored bytes over the same elements, the base first when there is one.
+    pub stored: Vec<Raw<'a>>,
+    /// Whether `base` and `models` hold the decoded values; when the method said it
+    /// [takes the stored bytes](TensorMerge::takes_stored), they are empty.
+    pub decoded: bool,
 }
 
 impl<T: Real> ChunkInputs<'_, T> {
+    /// The stored inputs decoded, `n` values each: the base (when there is one), then the
+    /// models, for [`ChunkInputs::with_decoded`].
+    pub fn decode_stored(&self, n: usize) -> Vec<Vec<T>> {
+        let decode = |r: &Raw<'_>| {
+            let mut v = vec![T::ZERO; n];
+            crate::kernels::real::dispatch::decode(r.dtype, r.bytes, &mut v);
+            v
+        };
+        self.stored.iter().map(decode).collect()
+    }
+
+    /// Inputs over the same elements holding `values` (from [`ChunkInputs::decode_stored`]).
+    pub fn with_decoded<'v>(&self, values: &'v mut [Vec<T>]) -> ChunkInputs<'v, T> {
+        let (base, models): (Option<&[T]>, &mut [Vec<T>]) = if self.base.is_some() {
+            match values.split_first_mut() {
+                Some((b, rest)) => (Some(&b[..]), rest),
+                None => (None, &mut []),
+            }
+        } else {
+            (None, values)
+        };
+        let models = models.iter_mut().map(|m| &mut m[..]).collect();
+        ChunkInputs { start: self.start, base, models, stored: Vec::new(), decoded: true }
+    }
+
     /// Replace the models' values by their task vectors `x_i − b`, when there is a base.
     #[inline(always)]
     pub fn to_deltas(&mut self) {
@@ -281,6 +312,15 @@ pub trait TensorMerge<T: Real>: Send + Sync {
 
     /// Compute the output values of one chunk.
     fn merge_chunk(&self, x: &mut ChunkInputs<'_, T>, out: &mut [T]);
+
+    /// Whether the chunks of the coming pass (a statistics pass while
+    /// [`TensorMerge::wants_pass`], else the output pass) need only the inputs' stored bytes
+    /// ([`ChunkInputs::stored`]), given their dtypes (the base first): then the engine does
+    /// not decode them. The result must not depend on which it is.
+    fn takes_stored(&self, dtypes: &[Dtype]) -> bool {
+        let _ = dtypes;
+        false
+    }
 
     /// When the output is a plain weighted sum of the inputs, `out = Σ w_i x_i` (÷ d), the
     /// engine may compute it while decoding, without [`TensorMerge::merge_chunk`]; the

@@ -383,6 +383,30 @@ impl Selector {
         self.band_added(slot, added as u64, over, acc);
     }
 
+    /// Whether this pass sweeps a band for packed candidates (the first pass after a
+    /// sample), which [`Selector::collect_stored_bf16`] can do from stored bf16 values.
+    pub fn sweeps_band(&self) -> bool {
+        matches!(self.state, State::Radix { level: 0, .. }) && self.band.is_some() && self.pack
+    }
+
+    /// [`Selector::collect_values`] in the band's pass ([`Selector::sweeps_band`]) over the
+    /// task vector `x − base` of bf16 values as stored, in the build that has that sweep
+    /// (`dispatch::band_sweep_bf16`); the same statistics as from the decoded differences.
+    pub fn collect_stored_bf16(&self, slot: usize, start: u64, x: &[u8], base: &[u8], acc: &mut Stats) {
+        let Some((lo, hi)) = self.band.filter(|_| self.sweeps_band()) else { return };
+        let shift = self.shift(0);
+        let lo_key = (lo << shift) as u32;
+        let span = ((u128::from(hi - lo + 1) << shift) - 1).min(u128::from(u32::MAX)) as u32;
+        // Past the cap the candidates are dropped below, as the decoded sweep drops them.
+        let over = self.band_full();
+        let packed = acc.packed(slot);
+        let before = packed.len();
+        let under = crate::kernels::real::dispatch::band_sweep_bf16(x, base, start, lo_key, span, packed);
+        let added = packed.len() - before;
+        *acc.count(slot) += under.unwrap_or(0);
+        self.band_added(slot, added as u64, over, acc);
+    }
+
     /// Whether the band's candidates already outgrew the cap (all workers together).
     fn band_full(&self) -> bool {
         self.gathered.0.load(Ordering::Relaxed) > self.gather_cap
@@ -693,6 +717,8 @@ pub fn passes(cut: &Cut, key: u64, ordinal: &mut u64, above: bool) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::format::dtype::f32_to_bf16;
+    use crate::kernels::TiesValues;
     use proptest::prelude::*;
 
     /// Values whose keys crowd around a few magnitudes, with the special values mixed in.
@@ -730,6 +756,41 @@ mod tests {
             let under = band_sweep(&values, start, lo_key, span, key, Some(push));
             let mut got = vec![7u64; before];
             if let Some(fast) = crate::kernels::real::dispatch::band_sweep_f32(&values, start, lo_key, span, &mut got) {
+                prop_assert_eq!(fast, under);
+                prop_assert_eq!(got, want);
+            }
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(256))]
+        /// The band sweep over stored bf16 task vectors counts and gathers what the portable
+        /// sweep does over the decoded differences, for any band, length and alignment.
+        #[test]
+        fn the_bf16_band_sweep_is_the_decoded_one(
+            pairs in proptest::collection::vec((any::<u16>(), any::<u16>()), 0..300),
+            lo_key in prop_oneof![Just(0u32), Just(0x3f80_0000u32), any::<u32>()],
+            span in prop_oneof![Just(0u32), Just(0x0100_0000u32), Just(u32::MAX), any::<u32>()],
+            start in prop_oneof![Just(0u64), Just((1u64 << 32) - 300)],
+            odd in any::<bool>(),
+        ) {
+            let bf16 = crate::format::dtype::bf16_to_f32;
+            let deltas: Vec<f32> = pairs.iter().map(|&(x, b)| bf16(x) - bf16(b)).collect();
+            let key = |v: &f32| v.mag_key() as u32;
+            let mut want = Vec::new();
+            let push = |k: u32, i: u64| want.push(u64::from(k) << 32 | i);
+            let under = band_sweep(&deltas, start, lo_key, span, key, Some(push));
+            // Stored bytes, one byte off their natural alignment when `odd`.
+            let stored = |f: fn(&(u16, u16)) -> u16| -> Vec<u8> {
+                let mut v = vec![0u8; usize::from(odd)];
+                v.extend(pairs.iter().flat_map(|p| f(p).to_le_bytes()));
+                v
+            };
+            let (x, b) = (stored(|p| p.0), stored(|p| p.1));
+            let skip = usize::from(odd);
+            let mut got = Vec::new();
+            let fast = crate::kernels::real::dispatch::band_sweep_bf16(&x[skip..], &b[skip..], start, lo_key, span, &mut got);
+            if let Some(fast) = fast {
                 prop_assert_eq!(fast, under);
                 prop_assert_eq!(got, want);
             }
@@ -991,11 +1052,24 @@ mod tests {
             let parts: Vec<&[f32]> = models.iter().map(|x| &x[from..to]).collect();
             let mut got = vec![0f32; to - from];
             let b = &base[from..to];
-            let inputs =
-                crate::kernels::TiesInputs { models: &parts, weights, scales, base: b, normalize, lambda };
+            let values = TiesValues::F32 { models: &parts, base: b };
+            let inputs = crate::kernels::TiesInputs { values, weights, scales, normalize, lambda };
+            let mut tops16 = tops.clone();
             if !crate::kernels::real::dispatch::ties_f32(&inputs, &mut tops, &mut got) {
                 return Ok(()); // no fused form in this build
             }
+            // The same from the values stored as bf16 (the tests' values are exact in bf16).
+            let bf16 =
+                |x: &[f32]| -> Vec<u8> { x.iter().flat_map(|&v| f32_to_bf16(v).to_le_bytes()).collect() };
+            let stored: Vec<Vec<u8>> = parts.iter().map(|x| bf16(x)).collect();
+            let stored_refs: Vec<&[u8]> = stored.iter().map(|x| &x[..]).collect();
+            let b16 = bf16(b);
+            let values = TiesValues::Bf16 { models: &stored_refs, base: &b16 };
+            let inputs = crate::kernels::TiesInputs { values, weights, scales, normalize, lambda };
+            let mut got16 = vec![0f32; to - from];
+            prop_assert!(crate::kernels::real::dispatch::ties_f32(&inputs, &mut tops16, &mut got16));
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+            prop_assert_eq!(bits(&got16), bits(&got), "bf16 values, chunk {}", c);
             // One step at a time.
             let mut ws = Vec::new();
             for ((d, cut), (&w, &s)) in deltas.iter().zip(&cuts).zip(weights.iter().zip(scales)) {

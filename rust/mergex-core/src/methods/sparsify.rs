@@ -174,6 +174,30 @@ impl Sparsifier {
         }
     }
 
+    /// Whether this pass's statistics can come from stored bf16 task vectors
+    /// ([`Sparsifier::collect_stored_bf16`]): nothing to collect, or band sweeps only.
+    pub fn sweeps_stored(&self) -> bool {
+        match self {
+            Sparsifier::All => true,
+            Sparsifier::Select { lower, upper } => {
+                [lower, upper].into_iter().flatten().all(|s| !s.pending() || s.sweeps_band())
+            }
+            _ => false,
+        }
+    }
+
+    /// [`Sparsifier::collect`] from the task vector `x − base` of bf16 values as stored
+    /// (when [`Sparsifier::sweeps_stored`]).
+    pub fn collect_stored_bf16(&self, model: usize, start: u64, x: &[u8], base: &[u8], acc: &mut Stats) {
+        if let Sparsifier::Select { lower, upper } = self {
+            for (i, sel) in [lower, upper].into_iter().enumerate() {
+                if let Some(sel) = sel.as_ref().filter(|s| s.pending()) {
+                    sel.collect_stored_bf16(2 * model + i, start, x, base, acc);
+                }
+            }
+        }
+    }
+
     /// Whether a sample of a tensor of `n` elements can save this sparsifier passes.
     pub fn wants_sample(&self, n: u64) -> bool {
         match self {

@@ -8,8 +8,9 @@ use super::reduce_abs;
 use super::sparsify::{Kind, Setup, Sparsifier};
 use super::{param, ChunkInputs, Stats, TensorCtx, TensorMerge, WeightedSum};
 use crate::error::{Error, Result};
+use crate::format::dtype::Dtype;
 use crate::kernels::real::Real;
-use crate::kernels::TiesInputs;
+use crate::kernels::{TiesInputs, TiesValues};
 use rayon::prelude::*;
 
 /// The switches that tell the family's methods apart.
@@ -221,6 +222,9 @@ impl<T: Real> TensorMerge<T> for TaskVector<T> {
     }
 
     fn stat_chunk(&self, x: &mut ChunkInputs<'_, T>, acc: &mut Stats) -> Result<()> {
+        if !x.decoded {
+            return self.stat_stored(x, acc);
+        }
         crate::kernels::real::dispatch::fast(
             #[inline(always)]
             || self.stat_chunk_impl(x, acc),
@@ -268,10 +272,38 @@ impl<T: Real> TensorMerge<T> for TaskVector<T> {
     }
 
     fn merge_chunk(&self, x: &mut ChunkInputs<'_, T>, out: &mut [T]) {
+        if !x.decoded {
+            // Stored bytes only: the fused TIES, which `takes_stored` promised.
+            if !(self.family.consensus && self.fused_ties(x, &[], out)) {
+                // Not reached, but never wrong.
+                let mut values = x.decode_stored(out.len());
+                self.merge_chunk(&mut x.with_decoded(&mut values), out);
+            }
+            return;
+        }
         crate::kernels::real::dispatch::fast(
             #[inline(always)]
             || self.merge_chunk_impl(x, out),
         )
+    }
+
+    fn takes_stored(&self, dtypes: &[Dtype]) -> bool {
+        // bf16 inputs merged in f32, in the build whose kernels read bf16 as stored.
+        let models = self.sparsifiers.len();
+        let bf16 = T::KEY_BITS == 32
+            && dtypes.len() == models + 1
+            && dtypes.iter().all(|&d| d == Dtype::BF16)
+            && crate::kernels::real::dispatch::has_bf16_kernels(models);
+        if !bf16 {
+            return false;
+        }
+        if self.wants_pass() {
+            // A statistics pass that only sweeps the selections' bands.
+            !self.rescaling() && self.sparsifiers.iter().all(Sparsifier::sweeps_stored)
+        } else {
+            // The fused TIES output.
+            self.family.consensus && self.sparsifiers.iter().all(|sp| sp.top_cut().is_some())
+        }
     }
 }
 
@@ -361,16 +393,44 @@ impl<T: Real> TaskVector<T> {
         }
         let cuts: Option<Vec<_>> =
             self.sparsifiers.iter().map(|sp| sp.top_cut().map(|c| c.top_cut_f32(x.start))).collect();
-        let models: Option<Vec<&[f32]>> = x.models.iter().map(|m| T::as_f32s(m)).collect();
         let lambda = T::as_f32s(std::slice::from_ref(&self.lambda)).and_then(|l| l.first().copied());
-        let (Some(mut cuts), Some(models), Some(weights), Some(scales), Some(base), Some(lambda)) =
-            (cuts, models, T::as_f32s(&self.weights), T::as_f32s(&self.scales), T::as_f32s(base), lambda)
+        let (Some(mut cuts), Some(weights), Some(scales), Some(lambda)) =
+            (cuts, T::as_f32s(&self.weights), T::as_f32s(&self.scales), lambda)
         else {
             return false;
         };
-        let inputs = TiesInputs { models: &models, weights, scales, base, normalize: self.normalize, lambda };
+        let decoded: Option<Vec<&[f32]>> = x.models.iter().map(|m| T::as_f32s(m)).collect();
+        let stored: Vec<&[u8]> = x.stored.iter().skip(1).map(|r| r.bytes).collect();
+        let values = match (x.decoded, &decoded, T::as_f32s(base), x.stored.first()) {
+            (true, Some(models), Some(base), _) => TiesValues::F32 { models, base },
+            (false, _, _, Some(b)) if x.stored.iter().all(|r| r.dtype == Dtype::BF16) => {
+                TiesValues::Bf16 { models: &stored, base: b.bytes }
+            }
+            _ => return false,
+        };
+        let inputs = TiesInputs { values, weights, scales, normalize: self.normalize, lambda };
         T::as_f32s_mut(out)
             .is_some_and(|out| crate::kernels::real::dispatch::ties_f32(&inputs, &mut cuts, out))
+    }
+
+    /// A statistics pass's chunk from the stored bf16 inputs ([`TensorMerge::takes_stored`]):
+    /// the selections' band sweeps over the task vectors, taken while reading.
+    fn stat_stored(&self, x: &mut ChunkInputs<'_, T>, acc: &mut Stats) -> Result<()> {
+        let sweeps = !self.rescaling() && self.sparsifiers.iter().all(Sparsifier::sweeps_stored);
+        match x.stored.split_first() {
+            Some((base, models)) if sweeps => {
+                for (i, (m, sp)) in models.iter().zip(&self.sparsifiers).enumerate() {
+                    sp.collect_stored_bf16(i, x.start, m.bytes, base.bytes, acc);
+                }
+                Ok(())
+            }
+            // Not reached (`takes_stored` promised the sweeps), but never wrong.
+            _ => {
+                let n = x.stored.first().map_or(0, |r| r.bytes.len() / r.dtype.size());
+                let mut values = x.decode_stored(n);
+                self.stat_chunk(&mut x.with_decoded(&mut values), acc)
+            }
+        }
     }
 
     /// The sign election (TIES) over the weighted, sparsified task vectors `W_i` (in
