@@ -14,6 +14,9 @@ use crate::kernels::real::Real;
 use crate::kernels::{Ties, TopCut};
 use std::sync::atomic::{AtomicU64, Ordering};
 
+/// Keys of a band (above its first) under which its candidates may be counted key by key
+/// (`Selector::finish_packed`): 32 bins, 8 MiB of counts.
+const DIRECT_KEYS: u64 = 1 << 21;
 /// Bins of one radix level.
 pub const BINS: usize = 1 << 16;
 const LEVEL_BITS: u32 = 16;
@@ -341,9 +344,7 @@ impl Selector {
         acc: &mut Stats,
     ) {
         // The band's bins as a range of keys: `lo_key` and the `span` keys above it.
-        let shift = self.shift(0);
-        let lo_key = lo << shift;
-        let span = ((u128::from(hi - lo + 1) << shift) - 1).min(u128::from(u64::MAX)) as u64;
+        let (lo_key, span) = self.band_keys(lo, hi);
         let over = self.band_full();
         // f32 keys fit in 32 bits: twice the lanes of a 64-bit compare, and (packed) half
         // the memory per candidate. Unpacked candidates (tensors over 2^32 elements) take
@@ -394,9 +395,8 @@ impl Selector {
     /// (`dispatch::band_sweep_bf16`); the same statistics as from the decoded differences.
     pub fn collect_stored_bf16(&self, slot: usize, start: u64, x: &[u8], base: &[u8], acc: &mut Stats) {
         let Some((lo, hi)) = self.band.filter(|_| self.sweeps_band()) else { return };
-        let shift = self.shift(0);
-        let lo_key = (lo << shift) as u32;
-        let span = ((u128::from(hi - lo + 1) << shift) - 1).min(u128::from(u32::MAX)) as u32;
+        let (lo_key, span) = self.band_keys(lo, hi);
+        let (lo_key, span) = (lo_key as u32, span as u32);
         // Past the cap the candidates are dropped below, as the decoded sweep drops them.
         let over = self.band_full();
         let packed = acc.packed(slot);
@@ -426,7 +426,8 @@ impl Selector {
     pub fn advance(&mut self, slot: usize, stats: &mut Stats) {
         let state = std::mem::replace(&mut self.state, State::Radix { level: 0, prefix: 0, below: 0 });
         self.state = match state {
-            State::Radix { level: 0, .. } if self.band.take().is_some() => {
+            State::Radix { level: 0, .. } if self.band.is_some() => {
+                let band = self.band.take();
                 // The band's pass: the cut is in the band when the rank falls among its
                 // candidates; then they resolve it exactly. Else (a misleading sample, or
                 // candidates beyond the cap) a histogram pass follows, as without a band.
@@ -436,7 +437,8 @@ impl Selector {
                 let hit = under <= self.rank && self.rank - under < gathered;
                 if hit && !stats.overflowed(slot) {
                     if self.pack {
-                        self.finish_packed(packed, under)
+                        let keys = band.map(|(lo, hi)| self.band_keys(lo, hi));
+                        self.finish_packed(packed, under, keys)
                     } else {
                         self.finish_gather(items, under)
                     }
@@ -484,8 +486,46 @@ impl Selector {
     }
 
     /// [`Selector::finish_gather`] with packed candidates (`key << 32 | index`).
-    fn finish_packed(&self, items: Vec<u64>, below: u64) -> State {
+    ///
+    /// When the band's keys (`lo_key` and the `span` above it) are few enough, one counting
+    /// pass over the candidates gives the cut and the count under it at full resolution
+    /// (the radix select sweeps them three times); then one more collects the ties. The
+    /// counts (4 bytes a key, at most two keys per candidate the cap allows) and the packed
+    /// candidates (8 bytes) stay within the 16 bytes a candidate the cap is sized for.
+    fn finish_packed(&self, items: Vec<u64>, below: u64, band: Option<(u64, u64)>) -> State {
+        let at = self.rank - below;
+        let few = |&(_, span): &(u64, u64)| span < DIRECT_KEYS && span < 2 * self.gather_cap;
+        if let Some((lo_key, span)) = band.filter(few) {
+            let mut counts = vec![0u32; span as usize + 1];
+            let mut inside = true;
+            for &p in &items {
+                match (p >> 32).checked_sub(lo_key).and_then(|i| counts.get_mut(i as usize)) {
+                    Some(c) => *c += 1,
+                    None => inside = false,
+                }
+            }
+            if inside {
+                let mut under = 0u64;
+                for (i, &c) in counts.iter().enumerate() {
+                    if under + u64::from(c) > at {
+                        let key = lo_key + i as u64;
+                        let ties =
+                            items.iter().filter(|&&p| p >> 32 == key).map(|&p| p & 0xffff_ffff).collect();
+                        drop(items);
+                        return self.finish_ties(key, below + under, ties);
+                    }
+                    under += u64::from(c);
+                }
+            }
+        }
         self.finish_from(items, below, |&p| p >> 32, |&p| p & 0xffff_ffff)
+    }
+
+    /// A band of level-0 bins `lo..=hi` as keys: the first, and the count above it.
+    fn band_keys(&self, lo: u64, hi: u64) -> (u64, u64) {
+        let shift = self.shift(0);
+        let span = ((u128::from(hi - lo + 1) << shift) - 1).min(u128::from(u64::MAX)) as u64;
+        (lo << shift, span)
     }
 
     /// The cut from candidates whose key and index `key` and `index` read.
