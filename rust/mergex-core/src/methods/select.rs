@@ -226,11 +226,17 @@ impl Selector {
         let (at, half) = (q * s as f64, band_halfwidth(s, q));
         let (lo, hi) = ((at - half).floor(), (at + half).ceil());
         let shift = self.shift(0);
-        // The sample keys at ranks `lo` and `hi` (linear-time selection, no full sort).
+        // The sample keys at ranks `lo` and `hi` (linear-time selection, no full sort); once
+        // `hi` is in place, rank `lo` is among the keys before it.
+        let mut upto = keys.len();
         let mut ranked = |r: f64| {
             let r = r as usize;
-            keys.select_nth_unstable(r);
-            keys.get(r).map(|&k| k >> shift)
+            let part = keys.get_mut(..upto).unwrap_or_default();
+            if r < part.len() {
+                part.select_nth_unstable(r);
+            }
+            upto = r;
+            part.get(r).map(|&k| k >> shift)
         };
         let hi_bin = if hi >= (s - 1) as f64 { 0xffff } else { ranked(hi).unwrap_or(0xffff) };
         let lo_bin = if lo <= 0.0 { 0 } else { ranked(lo).unwrap_or(0) };
