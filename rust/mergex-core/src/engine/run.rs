@@ -300,16 +300,21 @@ fn with_chunk<T: Real>(
         v.will_need(start, len);
     }
     s.inputs.resize_with(views.len(), Vec::new);
-    s.raws.resize_with(views.len(), Vec::new);
+    // Decoding reads every input through one buffer, which stays in the first-level cache;
+    // the method that takes the stored bytes gets each input's own.
+    let raws = if work.decode { 1 } else { views.len() };
+    if s.raws.len() < raws {
+        s.raws.resize_with(raws, Vec::new);
+    }
     if work.encode {
         s.bytes.resize(len as usize * size, 0);
     }
-    let decoded = if work.decode { sub as usize } else { 0 };
     let mut at = start;
     while at < start + len {
         let n = sub.min(start + len - at) as usize;
-        let d = n.min(decoded);
-        for ((v, raw), buf) in views.iter().zip(s.raws.iter_mut()).zip(s.inputs.iter_mut()) {
+        let d = if work.decode { n } else { 0 };
+        for (k, (v, buf)) in views.iter().zip(s.inputs.iter_mut()).enumerate() {
+            let Some(raw) = s.raws.get_mut(if work.decode { 0 } else { k }) else { break };
             raw.resize(n * v.entry.dtype.size(), 0);
             v.read_raw(at, raw)?;
             buf.resize(d, T::ZERO);
@@ -320,7 +325,12 @@ fn with_chunk<T: Real>(
             (Some(_), Some((b, rest))) => (Some(&b[..d]), rest),
             _ => (None, &mut s.inputs[..]),
         };
-        let stored = views.iter().zip(&s.raws).map(|(v, r)| Raw { dtype: v.entry.dtype, bytes: r }).collect();
+        let stored = match work.decode {
+            true => Vec::new(),
+            false => {
+                views.iter().zip(&s.raws).map(|(v, r)| Raw { dtype: v.entry.dtype, bytes: &r[..] }).collect()
+            }
+        };
         let models = models.iter_mut().map(|m| &mut m[..d]).collect();
         let mut x = ChunkInputs { start: at, base, models, stored, decoded: work.decode };
         f(&mut x, &mut s.out[..n], &mut s.stats)?;

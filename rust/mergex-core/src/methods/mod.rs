@@ -36,7 +36,8 @@ pub struct ChunkInputs<'a, T> {
     pub base: Option<&'a [T]>,
     /// The other models' values, in config order.
     pub models: Vec<&'a mut [T]>,
-    /// Every input's stored bytes over the same elements, the base first when there is one.
+    /// Every input's stored bytes over the same elements, the base first when there is one,
+    /// when they are not decoded (else empty).
     pub stored: Vec<Raw<'a>>,
     /// Whether `base` and `models` hold the decoded values; when the method said it
     /// [takes the stored bytes](TensorMerge::takes_stored), they are empty.
