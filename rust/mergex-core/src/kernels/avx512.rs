@@ -11,15 +11,15 @@ use std::arch::x86_64::{
 };
 
 use super::real::Real;
-use super::{Ties, TiesInputs, TiesValues, TopCut};
+use super::{Band, Ties, TiesInputs, TiesValues, TopCut};
 
 /// Lanes of one block: sixteen f32 keys.
 const LANES: usize = 16;
 
 /// A selection band's sweep over f32 values (see `methods::select`): the count of
-/// magnitude keys (`bits & 0x7fff_ffff`) under `lo_key`, and, appended to `out` in index
-/// order, `key << 32 | (start + j)` for every element `j` whose key is in
-/// `[lo_key, lo_key + span]`. `start + values.len()` must not exceed 2^32.
+/// magnitude keys (`bits & 0x7fff_ffff`) under `band.lo_key`, and, appended to `out` in index
+/// order, `key << 32 | (band.start + j)` for every element `j` whose key is in the band.
+/// `band.start + values.len()` must not exceed 2^32.
 ///
 /// The portable form tests a block of lanes, then pushes its hits one by one; a block with
 /// a hit is a mispredicted branch, and about one block in four has one. Here every block
@@ -29,19 +29,13 @@ const LANES: usize = 16;
 /// # Safety
 /// The CPU must support AVX-512 F (the caller checks with the dispatch level).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,bmi1,bmi2,lzcnt,popcnt")]
-pub(super) unsafe fn band_sweep_f32(
-    values: &[f32],
-    start: u64,
-    lo_key: u32,
-    span: u32,
-    out: &mut Vec<u64>,
-) -> u64 {
+pub(super) unsafe fn band_sweep_f32(values: &[f32], band: Band, out: &mut Vec<u64>) -> u64 {
     let p = values.as_ptr();
     // SAFETY: the sweep loads whole blocks below `values.len()`; the loads are unaligned.
     let block = |at: usize| unsafe { _mm512_loadu_si512(p.add(at).cast::<__m512i>()) };
     let tail = |at: usize| values.get(at).map_or(0, |v| v.mag_key() as u32);
     // SAFETY: the caller's guarantees.
-    unsafe { band_sweep(values.len(), start, lo_key, span, out, block, tail) }
+    unsafe { band_sweep(values.len(), band, out, block, tail) }
 }
 
 /// [`band_sweep_f32`] over the task vector `x − base` of bf16 values stored little-endian in
@@ -51,14 +45,7 @@ pub(super) unsafe fn band_sweep_f32(
 /// # Safety
 /// The CPU must support AVX-512 F/BW (the caller checks with the dispatch level).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,bmi1,bmi2,lzcnt,popcnt")]
-pub(super) unsafe fn band_sweep_bf16(
-    x: &[u8],
-    base: &[u8],
-    start: u64,
-    lo_key: u32,
-    span: u32,
-    out: &mut Vec<u64>,
-) -> u64 {
+pub(super) unsafe fn band_sweep_bf16(x: &[u8], base: &[u8], band: Band, out: &mut Vec<u64>) -> u64 {
     let n = x.len().min(base.len()) / 2;
     let (px, pb) = (x.as_ptr(), base.as_ptr());
     // SAFETY: the sweep loads whole blocks below `n`; the loads are unaligned.
@@ -72,7 +59,7 @@ pub(super) unsafe fn band_sweep_bf16(
         d.mag_key() as u32
     };
     // SAFETY: the caller's guarantees.
-    unsafe { band_sweep(n, start, lo_key, span, out, block, tail) }
+    unsafe { band_sweep(n, band, out, block, tail) }
 }
 
 /// Sixteen bf16 values from element `at` of the little-endian bytes at `p`, as f32 (lanes
@@ -97,9 +84,7 @@ unsafe fn load_bf16(lanes: u16, p: *const u8, at: usize) -> __m512 {
 #[inline]
 unsafe fn band_sweep(
     n: usize,
-    start: u64,
-    lo_key: u32,
-    span: u32,
+    Band { start, lo_key, span }: Band,
     out: &mut Vec<u64>,
     block: impl Fn(usize) -> __m512i,
     tail: impl Fn(usize) -> u32,

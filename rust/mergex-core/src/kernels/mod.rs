@@ -6,6 +6,19 @@ pub mod real;
 
 use real::Real;
 
+/// A selection band over f32 magnitude keys (`bits & 0x7fff_ffff`, see `methods::select`)
+/// for a sweep of a sub-block: the keys from `lo_key` to `lo_key + span`, the sub-block's
+/// first element being flat index `start`.
+#[derive(Debug, Clone, Copy)]
+pub struct Band {
+    /// Flat index of the sub-block's first element.
+    pub start: u64,
+    /// The band's lowest key.
+    pub lo_key: u32,
+    /// Keys in the band above `lo_key`.
+    pub span: u32,
+}
+
 /// Which of the elements whose key equals a top-k cut's key (`TopCut::at`) are kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ties {

@@ -510,7 +510,7 @@ mod tests {
 pub mod dispatch {
     use super::Real;
     use crate::format::dtype::Dtype;
-    pub use crate::kernels::{Ties, TiesInputs, TiesValues, TopCut};
+    pub use crate::kernels::{Band, Ties, TiesInputs, TiesValues, TopCut};
 
     /// A build of the kernels, from the most portable.
     #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -626,44 +626,29 @@ pub mod dispatch {
 
     /// A selection band's sweep over f32 values with packed candidates, where a build has a
     /// faster form of it than the portable loop (AVX-512): the count of magnitude keys under
-    /// `lo_key`, the in-band candidates `key << 32 | index` appended to `out` in index order.
+    /// the band, and its candidates `key << 32 | index` appended to `out` in index order.
     /// `None` where no such build runs; the caller then sweeps the portable way, which gives
     /// the same count and candidates.
-    pub fn band_sweep_f32(
-        values: &[f32],
-        start: u64,
-        lo_key: u32,
-        span: u32,
-        out: &mut Vec<u64>,
-    ) -> Option<u64> {
+    pub fn band_sweep_f32(values: &[f32], band: Band, out: &mut Vec<u64>) -> Option<u64> {
         #[cfg(target_arch = "x86_64")]
         if level() == Level::Avx512 {
             // SAFETY: `level` only picks AVX-512 when the CPU has it.
-            return Some(unsafe { crate::kernels::avx512::band_sweep_f32(values, start, lo_key, span, out) });
+            return Some(unsafe { crate::kernels::avx512::band_sweep_f32(values, band, out) });
         }
-        let _ = (values, start, lo_key, span, out);
+        let _ = (values, band, out);
         None
     }
 
     /// [`band_sweep_f32`] over the task vector `x − base` of bf16 values as stored
     /// (little-endian, any alignment), where a build has that form (AVX-512): `None` where
     /// none runs, and then nothing was done.
-    pub fn band_sweep_bf16(
-        x: &[u8],
-        base: &[u8],
-        start: u64,
-        lo_key: u32,
-        span: u32,
-        out: &mut Vec<u64>,
-    ) -> Option<u64> {
+    pub fn band_sweep_bf16(x: &[u8], base: &[u8], band: Band, out: &mut Vec<u64>) -> Option<u64> {
         #[cfg(target_arch = "x86_64")]
         if level() == Level::Avx512 {
             // SAFETY: `level` only picks AVX-512 when the CPU has it.
-            return Some(unsafe {
-                crate::kernels::avx512::band_sweep_bf16(x, base, start, lo_key, span, out)
-            });
+            return Some(unsafe { crate::kernels::avx512::band_sweep_bf16(x, base, band, out) });
         }
-        let _ = (x, base, start, lo_key, span, out);
+        let _ = (x, base, band, out);
         None
     }
 

@@ -364,7 +364,8 @@ impl Selector {
                 let packed = acc.packed(slot);
                 let before = packed.len();
                 let fast = T::as_f32s(values).and_then(|v| {
-                    crate::kernels::real::dispatch::band_sweep_f32(v, start, lo_key, span, packed)
+                    let band = crate::kernels::Band { start, lo_key, span };
+                    crate::kernels::real::dispatch::band_sweep_f32(v, band, packed)
                 });
                 let under = match fast {
                     Some(under) => under,
@@ -407,7 +408,8 @@ impl Selector {
         let over = self.band_full();
         let packed = acc.packed(slot);
         let before = packed.len();
-        let under = crate::kernels::real::dispatch::band_sweep_bf16(x, base, start, lo_key, span, packed);
+        let band = crate::kernels::Band { start, lo_key, span };
+        let under = crate::kernels::real::dispatch::band_sweep_bf16(x, base, band, packed);
         let added = packed.len() - before;
         *acc.count(slot) += under.unwrap_or(0);
         self.band_added(slot, added as u64, over, acc);
@@ -801,7 +803,8 @@ mod tests {
             let push = |k: u32, i: u64| want.push(u64::from(k) << 32 | i);
             let under = band_sweep(&values, start, lo_key, span, key, Some(push));
             let mut got = vec![7u64; before];
-            if let Some(fast) = crate::kernels::real::dispatch::band_sweep_f32(&values, start, lo_key, span, &mut got) {
+            let band = crate::kernels::Band { start, lo_key, span };
+            if let Some(fast) = crate::kernels::real::dispatch::band_sweep_f32(&values, band, &mut got) {
                 prop_assert_eq!(fast, under);
                 prop_assert_eq!(got, want);
             }
@@ -835,7 +838,8 @@ mod tests {
             let (x, b) = (stored(|p| p.0), stored(|p| p.1));
             let skip = usize::from(odd);
             let mut got = Vec::new();
-            let fast = crate::kernels::real::dispatch::band_sweep_bf16(&x[skip..], &b[skip..], start, lo_key, span, &mut got);
+            let band = crate::kernels::Band { start, lo_key, span };
+            let fast = crate::kernels::real::dispatch::band_sweep_bf16(&x[skip..], &b[skip..], band, &mut got);
             if let Some(fast) = fast {
                 prop_assert_eq!(fast, under);
                 prop_assert_eq!(got, want);
