@@ -1,12 +1,11 @@
-//! Reading element ranges of an input tensor, decoded to the working precision.
+//! Reading element ranges of an input tensor as stored: the engine decodes them, or hands the
+//! bytes to kernels that read them undecoded.
 
-use std::cell::RefCell;
 use std::sync::Arc;
 
 use crate::error::Result;
 use crate::format::file::SafeFile;
 use crate::format::header::TensorEntry;
-use crate::kernels::real::Real;
 
 /// An input tensor seen through the output tensor's shape: the whole tensor, or (for
 /// embeddings of padded vocabularies) its top-left block.
@@ -56,30 +55,6 @@ impl View {
             j += seg;
         }
         Ok(())
-    }
-
-    /// Read the raw bytes of source elements `[src, src+n)` into this thread's buffer and
-    /// hand them to `f`.
-    fn with_raw<R>(&self, src: u64, n: u64, f: impl FnOnce(&[u8]) -> R) -> Result<R> {
-        thread_local! {
-            static RAW: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
-        }
-        let sz = self.elem();
-        RAW.with(|raw| {
-            let mut raw = raw.borrow_mut();
-            raw.resize((n * sz) as usize, 0);
-            self.file.read_at(&self.entry, src * sz, &mut raw)?;
-            Ok(f(&raw))
-        })
-    }
-
-    /// Decode output elements `[start, start + out.len())` into `out`.
-    pub fn read<T: Real>(&self, start: u64, out: &mut [T]) -> Result<()> {
-        let dtype = self.entry.dtype;
-        self.runs(start, out.len() as u64, |src, o, n| {
-            let dst = out.get_mut(o..o + n as usize).unwrap_or_default();
-            self.with_raw(src, n, |bytes| crate::kernels::real::dispatch::decode(dtype, bytes, dst))
-        })
     }
 
     /// Copy the stored bytes of output elements `[start, start + n)` into `out` (`n` times

@@ -48,7 +48,8 @@ struct Timings {
 /// Per-worker buffers, reused across the chunks a worker runs.
 struct Scratch<T> {
     inputs: Vec<Vec<T>>,
-    /// Each input's stored bytes over a sub-block (weighted sums).
+    /// Stored bytes over a sub-block: each input's (weighted sums, and methods that take
+    /// them undecoded), or one buffer every input is read through (decoding).
     raws: Vec<Vec<u8>>,
     out: Vec<T>,
     bytes: Vec<u8>,

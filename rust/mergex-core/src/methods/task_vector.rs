@@ -416,7 +416,8 @@ impl<T: Real> TaskVector<T> {
     /// A statistics pass's chunk from the stored bf16 inputs ([`TensorMerge::takes_stored`]):
     /// the selections' band sweeps over the task vectors, taken while reading.
     fn stat_stored(&self, x: &mut ChunkInputs<'_, T>, acc: &mut Stats) -> Result<()> {
-        let sweeps = !self.rescaling() && self.sparsifiers.iter().all(Sparsifier::sweeps_stored);
+        let dtypes: Vec<Dtype> = x.stored.iter().map(|r| r.dtype).collect();
+        let sweeps = self.wants_pass() && self.takes_stored(&dtypes);
         match x.stored.split_first() {
             Some((base, models)) if sweeps => {
                 for (i, (m, sp)) in models.iter().zip(&self.sparsifiers).enumerate() {
