@@ -388,11 +388,29 @@ def machine_info() -> dict[str, object]:
                     info["memory_bytes"] = int(ln.split()[1]) * 1024
     except OSError:
         pass
+    info["file_huge_pages_bytes"] = file_huge_pages()
     try:
         info["mergex"] = version("mergex")
     except PackageNotFoundError:
         info["mergex"] = None
     return info
+
+
+def file_huge_pages() -> int | None:
+    """Bytes of file data the page cache holds in huge pages (Linux ``FileHugePages``).
+
+    Reads from huge pages are much cheaper (on the benchmark VM the 8-layer set read in
+    0.14 s from them against 0.33-0.46 s from small pages), so the ratios to the read depend
+    on it; files read into a freshly emptied cache tend to get them.
+    """
+    try:
+        with open("/proc/meminfo") as f:
+            for ln in f:
+                if ln.startswith("FileHugePages:"):
+                    return int(ln.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
 
 
 def print_table(results: list[Result]) -> None:
@@ -572,6 +590,9 @@ def main(argv: list[str] | None = None) -> int:
 
     print()
     print_table(results)
+    huge = file_huge_pages()
+    if huge is not None:
+        print(f"page cache: {huge / 2**30:.1f} GiB of file data in huge pages (reads from them are faster)")
     if args.json:
         report = {
             "set": str(models.root),
