@@ -13,6 +13,7 @@ use serde::Serialize;
 
 use super::plan::{Engine, Prepared};
 use super::progress::Progress;
+use super::read::View;
 use crate::error::{Error, Result};
 use crate::format::dtype::Dtype;
 use crate::format::writer::{Placement, Writer};
@@ -301,12 +302,6 @@ fn with_chunk<T: Real>(
         v.will_need(start, len);
     }
     s.inputs.resize_with(views.len(), Vec::new);
-    // Decoding reads every input through one buffer, which stays in the first-level cache;
-    // the method that takes the stored bytes gets each input's own.
-    let raws = if work.decode { 1 } else { views.len() };
-    if s.raws.len() < raws {
-        s.raws.resize_with(raws, Vec::new);
-    }
     if work.encode {
         s.bytes.resize(len as usize * size, 0);
     }
@@ -314,24 +309,25 @@ fn with_chunk<T: Real>(
     while at < start + len {
         let n = sub.min(start + len - at) as usize;
         let d = if work.decode { n } else { 0 };
-        for (k, (v, buf)) in views.iter().zip(s.inputs.iter_mut()).enumerate() {
-            let Some(raw) = s.raws.get_mut(if work.decode { 0 } else { k }) else { break };
-            raw.resize(n * v.entry.dtype.size(), 0);
-            v.read_raw(at, raw)?;
-            buf.resize(d, T::ZERO);
-            crate::kernels::real::dispatch::decode(v.entry.dtype, raw, &mut buf[..d]);
+        if work.decode {
+            // Every input read through one buffer, which stays in the first-level cache.
+            s.raws.resize_with(s.raws.len().max(1), Vec::new);
+            for (v, buf) in views.iter().zip(s.inputs.iter_mut()) {
+                let raw = &mut s.raws[0];
+                raw.resize(n * v.entry.dtype.size(), 0);
+                v.read_raw(at, raw)?;
+                buf.resize(n, T::ZERO);
+                crate::kernels::real::dispatch::decode(v.entry.dtype, raw, buf);
+            }
+        } else {
+            read_stored(&views, &mut s.raws, at, n)?;
         }
         s.out.resize(n, T::ZERO);
         let (base, models): (Option<&[T]>, &mut [Vec<T>]) = match (&t.base, s.inputs.split_first_mut()) {
             (Some(_), Some((b, rest))) => (Some(&b[..d]), rest),
             _ => (None, &mut s.inputs[..]),
         };
-        let stored = match work.decode {
-            true => Vec::new(),
-            false => {
-                views.iter().zip(&s.raws).map(|(v, r)| Raw { dtype: v.entry.dtype, bytes: &r[..] }).collect()
-            }
-        };
+        let stored = if work.decode { Vec::new() } else { stored(&views, &s.raws) };
         let models = models.iter_mut().map(|m| &mut m[..d]).collect();
         let mut x = ChunkInputs { start: at, base, models, stored, decoded: work.decode };
         f(&mut x, &mut s.out[..n], &mut s.stats)?;
@@ -370,16 +366,11 @@ fn weighted_chunk<T: Real>(
     for v in &views {
         v.will_need(start, len);
     }
-    s.raws.resize_with(views.len(), Vec::new);
     let mut at = start;
     while at < start + len {
         let n = sub.min(start + len - at) as usize;
-        for (v, raw) in views.iter().zip(s.raws.iter_mut()) {
-            raw.resize(n * v.entry.dtype.size(), 0);
-            v.read_raw(at, raw)?;
-        }
-        let raws: Vec<Raw<'_>> =
-            views.iter().zip(&s.raws).map(|(v, r)| Raw { dtype: v.entry.dtype, bytes: r }).collect();
+        read_stored(&views, &mut s.raws, at, n)?;
+        let raws = stored(&views, &s.raws);
         let (base, models) = match (sum.task, raws.split_first()) {
             (Some(_), Some((b, rest))) => (Some(*b), rest),
             _ => (None, &raws[..]),
@@ -398,6 +389,22 @@ fn weighted_chunk<T: Real>(
         progress.add_bytes(v.bytes_for(len));
     }
     Ok(())
+}
+
+/// Read every view's stored bytes for elements `[at, at + n)`, each into its own buffer of
+/// `raws` (in view order), for [`stored`].
+fn read_stored(views: &[&View], raws: &mut Vec<Vec<u8>>, at: u64, n: usize) -> Result<()> {
+    raws.resize_with(raws.len().max(views.len()), Vec::new);
+    for (v, raw) in views.iter().zip(raws.iter_mut()) {
+        raw.resize(n * v.entry.dtype.size(), 0);
+        v.read_raw(at, raw)?;
+    }
+    Ok(())
+}
+
+/// The bytes [`read_stored`] read, with their views' dtypes.
+fn stored<'r>(views: &[&View], raws: &'r [Vec<u8>]) -> Vec<Raw<'r>> {
+    views.iter().zip(raws).map(|(v, r)| Raw { dtype: v.entry.dtype, bytes: r }).collect()
 }
 
 /// Picks the f32 or f64 constructor of the method.

@@ -326,17 +326,24 @@ pub fn weighted_sum<'a, T: Real>(x: &SumInputs<'a, T>, out: &mut [T]) {
                 None => crate::kernels::axpy(acc, w, v),
             }
         }
-        match (b, x.lambda) {
-            (Some(b), Some(lambda)) => {
-                for ((o, &a), &b) in o.iter_mut().zip(acc.iter()).zip(b) {
-                    let mixed = x.divisor.map_or(a, |d| a / d);
-                    *o = b + mixed * lambda;
-                }
+        finish_sum(o, acc, b, x.divisor, x.lambda);
+    }
+}
+
+/// The last step of [`weighted_sum`] from the accumulated `acc`: with `base` and `lambda`,
+/// `out = base + (acc [/ divisor])·λ`; else `out = acc [/ divisor]`.
+#[inline(always)]
+fn finish_sum<T: Real>(out: &mut [T], acc: &[T], base: Option<&[T]>, divisor: Option<T>, lambda: Option<T>) {
+    match (base, lambda) {
+        (Some(b), Some(lambda)) => {
+            for ((o, &a), &b) in out.iter_mut().zip(acc).zip(b) {
+                let mixed = divisor.map_or(a, |d| a / d);
+                *o = b + mixed * lambda;
             }
-            _ => {
-                for (o, &a) in o.iter_mut().zip(acc.iter()) {
-                    *o = x.divisor.map_or(a, |d| a / d);
-                }
+        }
+        _ => {
+            for (o, &a) in out.iter_mut().zip(acc) {
+                *o = divisor.map_or(a, |d| a / d);
             }
         }
     }
@@ -388,19 +395,7 @@ fn weighted_sum_bf16<'a, T: Real>(x: &SumInputs<'a, T>, out: &mut [T]) -> usize 
                 }
             }
         }
-        match (base, lambda) {
-            (Some(_), Some(lambda)) => {
-                for ((o, &a), &b) in o.iter_mut().zip(&acc).zip(&b) {
-                    let mixed = divisor.map_or(a, |d| a / d);
-                    *o = b + mixed * lambda;
-                }
-            }
-            _ => {
-                for (o, &a) in o.iter_mut().zip(&acc) {
-                    *o = divisor.map_or(a, |d| a / d);
-                }
-            }
-        }
+        finish_sum(o, &acc, base.map(|_| &b[..]), divisor, lambda);
     }
     whole
 }
