@@ -97,6 +97,13 @@ impl View {
         self.file.will_need(&self.entry, b, e);
     }
 
+    /// [`View::will_need`] for element ranges `(start, len)`, in ascending order, skipped
+    /// when the first and the last are in the page cache already.
+    pub fn will_need_all(&self, ranges: &[(u64, u64)]) {
+        let spans: Vec<(u64, u64)> = ranges.iter().map(|&(start, len)| self.span(start, len)).collect();
+        self.file.will_need_all(&self.entry, &spans);
+    }
+
     /// Release the mapped pages behind output elements `[start, start+len)` (after
     /// [`View::raw`]).
     pub fn release(&self, start: u64, len: u64) {

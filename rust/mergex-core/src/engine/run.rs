@@ -191,19 +191,17 @@ impl Engine {
         let sample = merger.sample_ranges();
         if !sample.is_empty() {
             // A few small ranges, read by the workers; not counted as progress. All are
-            // announced first, so that cold reads queue together instead of one by one.
+            // announced first, so that cold reads queue together instead of one by one
+            // (unless an input's first and last ranges are cached: then it is warm).
             // The merged sample does not depend on which worker read which range.
             for v in t.views() {
-                for &(start, len) in &sample {
-                    v.will_need(start, len);
-                }
+                v.will_need_all(&sample);
             }
             let (m, quiet) = (&*merger, Progress::default());
+            let work = Work { announce: false, ..Work::stats(true) };
             sample.par_iter().try_for_each(|&(start, len)| {
                 scratch.with(|s| {
-                    with_chunk(t, s, start, len, &quiet, Work::stats(true), |x, _, stats| {
-                        m.sample_chunk(x, stats)
-                    })
+                    with_chunk(t, s, start, len, &quiet, work, |x, _, stats| m.sample_chunk(x, stats))
                 })
             })?;
             merger.end_sample(scratch.take_stats())?;
@@ -238,7 +236,7 @@ impl Engine {
         let size = t.out.dtype.size() as u64;
         let clock = Instant::now();
         let fused = merger.weighted_sum();
-        let work = Work { decode: !m.takes_stored(&dtypes), encode: true };
+        let work = Work { decode: !m.takes_stored(&dtypes), encode: true, announce: true };
         let written = chunks.par_iter().try_for_each(|&(start, len)| {
             scratch.with(|s| {
                 match &fused {
@@ -269,12 +267,15 @@ struct Work {
     decode: bool,
     /// Round the output into place.
     encode: bool,
+    /// Announce the chunk's reads first ([`View::will_need`]); the sample's ranges are all
+    /// announced together before any is read.
+    announce: bool,
 }
 
 impl Work {
     /// A statistics (or sample) pass's work.
     fn stats(decode: bool) -> Work {
-        Work { decode, encode: false }
+        Work { decode, encode: false, announce: true }
     }
 }
 
@@ -298,7 +299,7 @@ fn with_chunk<T: Real>(
     let sub = SUB_BLOCK.div_ceil(unit) * unit;
     let size = t.out.dtype.size();
     let views: Vec<_> = t.views().collect();
-    for v in &views {
+    for v in views.iter().filter(|_| work.announce) {
         v.will_need(start, len);
     }
     s.inputs.resize_with(views.len(), Vec::new);

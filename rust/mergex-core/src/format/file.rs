@@ -140,6 +140,21 @@ impl SafeFile {
         }
     }
 
+    /// [`SafeFile::will_need`] for many byte ranges `[begin, end)` of a tensor, in ascending
+    /// order, unless the first byte of the first and the last byte of the last are in the
+    /// page cache already: a tensor's sample is 64 small ranges, and looking up two pages of
+    /// each, for every input, cost a tenth of a warm TIES merge's time.
+    pub fn will_need_all(&self, t: &TensorEntry, ranges: &[(u64, u64)]) {
+        let (Some(&(begin, _)), Some(&(_, end))) = (ranges.first(), ranges.last()) else { return };
+        let Ok((start, stop)) = self.span(t, begin, end) else { return };
+        if stop <= start || (self.cached(start) && self.cached(stop - 1)) {
+            return;
+        }
+        for &(b, e) in ranges {
+            self.will_need(t, b, e);
+        }
+    }
+
     /// Whether the page holding absolute offset `at` is in the page cache: `mincore` over
     /// that page of the file's map, which looks the page up without reading it, faulting it
     /// in or starting read-ahead (a one-byte `preadv2(RWF_NOWAIT)` may start read-ahead, which

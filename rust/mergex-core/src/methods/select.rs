@@ -517,8 +517,7 @@ impl Selector {
                 for (i, &c) in counts.iter().enumerate() {
                     if under + u64::from(c) > at {
                         let key = lo_key + i as u64;
-                        let ties =
-                            items.iter().filter(|&&p| p >> 32 == key).map(|&p| p & 0xffff_ffff).collect();
+                        let ties = ties_of(&items, key, c as usize);
                         drop(items);
                         return self.finish_ties(key, below + under, ties);
                     }
@@ -627,6 +626,23 @@ fn locate(hist: &[u64], at: u64) -> (u64, u64, u64) {
         before += c;
     }
     (0, 0, 0)
+}
+
+/// The indices of the `count` packed candidates whose key is `key`, in their order. Every
+/// candidate is written to the next free place and the place moves on only for a tie: ties
+/// are many and interleaved with the other keys, and a branch on each cost more than the
+/// counting sweep.
+fn ties_of(items: &[u64], key: u64, count: usize) -> Vec<u64> {
+    let mut ties = vec![0u64; count + 1];
+    let mut len = 0;
+    for &p in items {
+        if let Some(slot) = ties.get_mut(len) {
+            *slot = p & 0xffff_ffff;
+        }
+        len += usize::from(p >> 32 == key);
+    }
+    ties.truncate(len.min(count));
+    ties
 }
 
 /// Unsigned keys of one width, for the vectorized sweeps.
