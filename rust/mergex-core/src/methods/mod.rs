@@ -94,8 +94,10 @@ pub struct Stats {
     /// Collected pairs per slot (candidates, per-chunk counts).
     pub items: Vec<Vec<(u64, u64)>>,
     /// Collected candidates packed in one word per slot, `key << 32 | index` (32-bit keys
-    /// of tensors under 2^32 elements: half the memory of a pair).
-    pub packed: Vec<Vec<u64>>,
+    /// of tensors under 2^32 elements: half the memory of a pair), as each worker's list:
+    /// merging keeps the lists apart, since appending one to another copied half of a
+    /// pass's candidates, and their order does not matter (they are counted or sorted).
+    pub packed: Vec<Vec<Vec<u64>>>,
     /// Slots whose collection outgrew its cap and was given up.
     pub overflow: Vec<bool>,
     /// Counts per slot (elements under a selection's band).
@@ -124,7 +126,13 @@ impl Stats {
             }
         }
         append_lists(&mut self.items, other.items);
-        append_lists(&mut self.packed, other.packed);
+        if self.packed.len() < other.packed.len() {
+            self.packed.resize_with(other.packed.len(), Vec::new);
+        }
+        for (a, b) in self.packed.iter_mut().zip(other.packed) {
+            a.retain(|list| !list.is_empty());
+            a.extend(b.into_iter().filter(|list| !list.is_empty()));
+        }
         if self.overflow.len() < other.overflow.len() {
             self.overflow.resize(other.overflow.len(), false);
         }
@@ -168,16 +176,21 @@ impl Stats {
         &mut self.items[i]
     }
 
-    /// The packed candidates of slot `i` (see [`Stats::packed`]).
+    /// The first list of packed candidates of slot `i` (see [`Stats::packed`]): a worker's
+    /// own, which it pushes to.
     pub fn packed(&mut self, i: usize) -> &mut Vec<u64> {
         if self.packed.len() <= i {
-            self.packed.resize(i + 1, Vec::new());
+            self.packed.resize_with(i + 1, Vec::new);
         }
-        &mut self.packed[i]
+        let lists = &mut self.packed[i];
+        if lists.is_empty() {
+            lists.push(Vec::new());
+        }
+        &mut lists[0]
     }
 
-    /// Take the packed candidates of slot `i`.
-    pub fn take_packed(&mut self, i: usize) -> Vec<u64> {
+    /// Take the lists of packed candidates of slot `i`.
+    pub fn take_packed(&mut self, i: usize) -> Vec<Vec<u64>> {
         self.packed.get_mut(i).map(std::mem::take).unwrap_or_default()
     }
 
@@ -220,7 +233,8 @@ impl Stats {
                 *part.items(i) = std::mem::take(v);
             }
             if let Some(v) = self.packed.get_mut(i) {
-                *part.packed(i) = std::mem::take(v);
+                part.packed.resize_with(i + 1, Vec::new);
+                part.packed[i] = std::mem::take(v);
             }
             if self.overflowed(i) {
                 part.set_overflow(i);

@@ -441,7 +441,7 @@ impl Selector {
                 // candidates beyond the cap) a histogram pass follows, as without a band.
                 let (items, packed) = (stats.take_items(slot), stats.take_packed(slot));
                 let under = stats.take_count(slot);
-                let gathered = (items.len() + packed.len()) as u64;
+                let gathered = (items.len() + packed.iter().map(Vec::len).sum::<usize>()) as u64;
                 let hit = under <= self.rank && self.rank - under < gathered;
                 if hit && !stats.overflowed(slot) {
                     if self.pack {
@@ -493,20 +493,21 @@ impl Selector {
         self.finish_from(items, below, |&(k, _)| k, |&(_, i)| i)
     }
 
-    /// [`Selector::finish_gather`] with packed candidates (`key << 32 | index`).
+    /// [`Selector::finish_gather`] with packed candidates (`key << 32 | index`), in the
+    /// lists the workers collected.
     ///
     /// When the band's keys (`lo_key` and the `span` above it) are few enough, one counting
     /// pass over the candidates gives the cut and the count under it at full resolution
     /// (the radix select sweeps them three times); then one more collects the ties. The
     /// counts (4 bytes a key, at most two keys per candidate the cap allows) and the packed
     /// candidates (8 bytes) stay within the 16 bytes a candidate the cap is sized for.
-    fn finish_packed(&self, items: Vec<u64>, below: u64, band: Option<(u64, u64)>) -> State {
+    fn finish_packed(&self, lists: Vec<Vec<u64>>, below: u64, band: Option<(u64, u64)>) -> State {
         let at = self.rank - below;
         let few = |&(_, span): &(u64, u64)| span < DIRECT_KEYS && span < 2 * self.gather_cap;
         if let Some((lo_key, span)) = band.filter(few) {
             let mut counts = vec![0u32; span as usize + 1];
             let mut inside = true;
-            for &p in &items {
+            for &p in lists.iter().flatten() {
                 match (p >> 32).checked_sub(lo_key).and_then(|i| counts.get_mut(i as usize)) {
                     Some(c) => *c += 1,
                     None => inside = false,
@@ -517,13 +518,21 @@ impl Selector {
                 for (i, &c) in counts.iter().enumerate() {
                     if under + u64::from(c) > at {
                         let key = lo_key + i as u64;
-                        let ties = ties_of(&items, key, c as usize);
-                        drop(items);
+                        let ties = ties_of(&lists, key, c as usize);
+                        drop(lists);
                         return self.finish_ties(key, below + under, ties);
                     }
                     under += u64::from(c);
                 }
             }
+        }
+        // One list: the longest, the others appended one by one (each freed once moved).
+        let mut lists = lists;
+        lists.sort_by_key(|list| std::cmp::Reverse(list.len()));
+        let mut rest = lists.into_iter();
+        let mut items = rest.next().unwrap_or_default();
+        for list in rest {
+            items.extend(list);
         }
         self.finish_from(items, below, |&p| p >> 32, |&p| p & 0xffff_ffff)
     }
@@ -628,14 +637,15 @@ fn locate(hist: &[u64], at: u64) -> (u64, u64, u64) {
     (0, 0, 0)
 }
 
-/// The indices of the `count` packed candidates whose key is `key`, in their order. Every
+/// The indices of the `count` packed candidates in `lists` whose key is `key`, in the lists'
+/// order. Every
 /// candidate is written to the next free place and the place moves on only for a tie: ties
 /// are many and interleaved with the other keys, and a branch on each cost more than the
 /// counting sweep.
-fn ties_of(items: &[u64], key: u64, count: usize) -> Vec<u64> {
+fn ties_of(lists: &[Vec<u64>], key: u64, count: usize) -> Vec<u64> {
     let mut ties = vec![0u64; count + 1];
     let mut len = 0;
-    for &p in items {
+    for &p in lists.iter().flatten() {
         if let Some(slot) = ties.get_mut(len) {
             *slot = p & 0xffff_ffff;
         }
