@@ -501,7 +501,7 @@ impl Selector {
     /// (the radix select sweeps them three times); then one more collects the ties. The
     /// counts (4 bytes a key, at most two keys per candidate the cap allows) and the packed
     /// candidates (8 bytes) stay within the 16 bytes a candidate the cap is sized for.
-    fn finish_packed(&self, lists: Vec<Vec<u64>>, below: u64, band: Option<(u64, u64)>) -> State {
+    fn finish_packed(&self, mut lists: Vec<Vec<u64>>, below: u64, band: Option<(u64, u64)>) -> State {
         let at = self.rank - below;
         let few = |&(_, span): &(u64, u64)| span < DIRECT_KEYS && span < 2 * self.gather_cap;
         if let Some((lo_key, span)) = band.filter(few) {
@@ -527,7 +527,6 @@ impl Selector {
             }
         }
         // One list: the longest, the others appended one by one (each freed once moved).
-        let mut lists = lists;
         lists.sort_by_key(|list| std::cmp::Reverse(list.len()));
         let mut rest = lists.into_iter();
         let mut items = rest.next().unwrap_or_default();
@@ -638,10 +637,9 @@ fn locate(hist: &[u64], at: u64) -> (u64, u64, u64) {
 }
 
 /// The indices of the `count` packed candidates in `lists` whose key is `key`, in the lists'
-/// order. Every
-/// candidate is written to the next free place and the place moves on only for a tie: ties
-/// are many and interleaved with the other keys, and a branch on each cost more than the
-/// counting sweep.
+/// order. Every candidate is written to the next free place and the place moves on only for
+/// a tie: ties are many and interleaved with the other keys, and a branch on each cost more
+/// than the counting sweep.
 fn ties_of(lists: &[Vec<u64>], key: u64, count: usize) -> Vec<u64> {
     let mut ties = vec![0u64; count + 1];
     let mut len = 0;
