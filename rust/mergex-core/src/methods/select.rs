@@ -761,6 +761,21 @@ fn top_mask_lanes<T: Real, K: Lane>(
             continue;
         }
         let mut ties = vs.iter().enumerate().fold(0u32, |m, (j, v)| m | (u32::from(key(v) == at) << j));
+        // Only the block where the kept ordinals start or end keeps some of its ties: the
+        // others keep all or none, which two predictable tests tell (visiting the ties one
+        // by one mispredicted wherever a block held a tie).
+        let seen = ordinal + u64::from(ties.count_ones());
+        if seen <= lo || ordinal >= hi {
+            ordinal = seen;
+            continue;
+        }
+        if ordinal >= lo && seen <= hi {
+            for (j, k) in ks.iter_mut().enumerate() {
+                *k |= ties >> j & 1 == 1;
+            }
+            ordinal = seen;
+            continue;
+        }
         while ties != 0 {
             let j = ties.trailing_zeros() as usize;
             ties &= ties - 1;
