@@ -1,6 +1,8 @@
 //! Element-wise kernels: dtype conversion and the arithmetic shared by merge methods.
 
 #[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
 mod avx512;
 pub mod real;
 

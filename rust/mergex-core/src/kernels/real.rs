@@ -620,37 +620,70 @@ pub mod dispatch {
     }
 
     /// A selection band's sweep over f32 values with packed candidates, where a build has a
-    /// faster form of it than the portable loop (AVX-512): the count of magnitude keys under
-    /// the band, and its candidates `key << 32 | index` appended to `out` in index order.
-    /// `None` where no such build runs; the caller then sweeps the portable way, which gives
-    /// the same count and candidates.
+    /// faster form of it than the portable loop (AVX-512, AVX2): the count of magnitude keys
+    /// under the band, and its candidates `key << 32 | index` appended to `out` in index
+    /// order. `None` where no such build runs; the caller then sweeps the portable way, which
+    /// gives the same count and candidates.
     pub fn band_sweep_f32(values: &[f32], band: Band, out: &mut Vec<u64>) -> Option<u64> {
-        #[cfg(target_arch = "x86_64")]
-        if level() == Level::Avx512 {
-            // SAFETY: `level` only picks AVX-512 when the CPU has it.
-            return Some(unsafe { crate::kernels::avx512::band_sweep_f32(values, band, out) });
+        band_sweep_f32_at(level(), values, band, out)
+    }
+
+    /// [`band_sweep_f32`] in the build `level`, where the CPU has it (for tests of every
+    /// build on one machine).
+    pub fn band_sweep_f32_at(level: Level, values: &[f32], band: Band, out: &mut Vec<u64>) -> Option<u64> {
+        if level > supported() {
+            return None;
         }
-        let _ = (values, band, out);
-        None
+        match level {
+            // SAFETY: the CPU has every feature of `level` (checked above).
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx512 => Some(unsafe { crate::kernels::avx512::band_sweep_f32(values, band, out) }),
+            // SAFETY: as above.
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx2 => Some(unsafe { crate::kernels::avx2::band_sweep_f32(values, band, out) }),
+            _ => {
+                let _ = (values, band, out);
+                None
+            }
+        }
     }
 
     /// [`band_sweep_f32`] over the task vector `x − base` of bf16 values as stored
-    /// (little-endian, any alignment), where a build has that form (AVX-512): `None` where
-    /// none runs, and then nothing was done.
+    /// (little-endian, any alignment), where a build has that form (AVX-512, AVX2): `None`
+    /// where none runs, and then nothing was done.
     pub fn band_sweep_bf16(x: &[u8], base: &[u8], band: Band, out: &mut Vec<u64>) -> Option<u64> {
-        #[cfg(target_arch = "x86_64")]
-        if level() == Level::Avx512 {
-            // SAFETY: `level` only picks AVX-512 when the CPU has it.
-            return Some(unsafe { crate::kernels::avx512::band_sweep_bf16(x, base, band, out) });
-        }
-        let _ = (x, base, band, out);
-        None
+        band_sweep_bf16_at(level(), x, base, band, out)
     }
 
-    /// Whether this build has the kernels that read bf16 as stored ([`band_sweep_bf16`], and
-    /// [`ties_f32`] with [`TiesValues::Bf16`]) for `models` models.
-    pub fn has_bf16_kernels(models: usize) -> bool {
-        has_fused_ties(models)
+    /// [`band_sweep_bf16`] in the build `level`, where the CPU has it.
+    pub fn band_sweep_bf16_at(
+        level: Level,
+        x: &[u8],
+        base: &[u8],
+        band: Band,
+        out: &mut Vec<u64>,
+    ) -> Option<u64> {
+        if level > supported() {
+            return None;
+        }
+        match level {
+            // SAFETY: the CPU has every feature of `level` (checked above).
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx512 => Some(unsafe { crate::kernels::avx512::band_sweep_bf16(x, base, band, out) }),
+            // SAFETY: as above.
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx2 => Some(unsafe { crate::kernels::avx2::band_sweep_bf16(x, base, band, out) }),
+            _ => {
+                let _ = (x, base, band, out);
+                None
+            }
+        }
+    }
+
+    /// Whether this build has [`band_sweep_bf16`], which reads bf16 as stored (the fused
+    /// TIES output reads it too, where [`has_fused_ties`]).
+    pub fn has_bf16_sweep() -> bool {
+        cfg!(target_arch = "x86_64") && level() >= Level::Avx2
     }
 
     /// The lane sums of `|x|` (where `keep`, when given) of the whole groups of four
@@ -673,27 +706,43 @@ pub mod dispatch {
 
     /// Whether [`ties_f32`] has a fused form in this build for `models` models.
     pub fn has_fused_ties(models: usize) -> bool {
-        #[cfg(target_arch = "x86_64")]
-        if level() == Level::Avx512 {
-            return models <= crate::kernels::avx512::TIES_MODELS;
-        }
-        let _ = models;
-        false
+        has_fused_ties_at(level(), models)
     }
 
-    /// The TIES output of one sub-block, fused, where a build has that form (AVX-512; see
-    /// `kernels::avx512::ties_f32`, whose [`TopCut`]s advance past the ties seen): `false`
-    /// (nothing done) where no such build runs or there are more models than it holds.
-    pub fn ties_f32(inputs: &TiesInputs<'_>, cuts: &mut [TopCut], out: &mut [f32]) -> bool {
-        #[cfg(target_arch = "x86_64")]
-        if has_fused_ties(inputs.values.models()) {
-            // SAFETY: `has_fused_ties` is only true under AVX-512, which `level` only picks
-            // when the CPU has it.
-            unsafe { crate::kernels::avx512::ties_f32(inputs, cuts, out) };
-            return true;
+    fn has_fused_ties_at(level: Level, models: usize) -> bool {
+        match level {
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx512 => models <= crate::kernels::avx512::TIES_MODELS,
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx2 => models <= crate::kernels::avx2::TIES_MODELS,
+            _ => false,
         }
-        let _ = (inputs, cuts, out);
-        false
+    }
+
+    /// The TIES output of one sub-block, fused, where a build has that form (AVX-512 and
+    /// AVX2; see `kernels::avx512::ties_f32`, whose [`TopCut`]s advance past the ties seen):
+    /// `false` (nothing done) where no such build runs or there are more models than it
+    /// holds.
+    pub fn ties_f32(inputs: &TiesInputs<'_>, cuts: &mut [TopCut], out: &mut [f32]) -> bool {
+        ties_f32_at(level(), inputs, cuts, out)
+    }
+
+    /// [`ties_f32`] in the build `level`, where the CPU has it (for tests of every build on
+    /// one machine): `false` where it has not.
+    pub fn ties_f32_at(level: Level, inputs: &TiesInputs<'_>, cuts: &mut [TopCut], out: &mut [f32]) -> bool {
+        if level > supported() || !has_fused_ties_at(level, inputs.values.models()) {
+            return false;
+        }
+        match level {
+            // SAFETY: the CPU has every feature of `level` (checked above).
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx512 => unsafe { crate::kernels::avx512::ties_f32(inputs, cuts, out) },
+            // SAFETY: as above.
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx2 => unsafe { crate::kernels::avx2::ties_f32(inputs, cuts, out) },
+            _ => return false,
+        }
+        true
     }
 
     /// [`super::weighted_sum`] in the chosen build.

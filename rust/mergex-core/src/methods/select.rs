@@ -805,6 +805,7 @@ pub fn passes(cut: &Cut, key: u64, ordinal: &mut u64, above: bool) -> bool {
 mod tests {
     use super::*;
     use crate::format::dtype::f32_to_bf16;
+    use crate::kernels::real::dispatch::{band_sweep_bf16_at, band_sweep_f32_at, ties_f32_at, Level};
     use crate::kernels::TiesValues;
     use proptest::prelude::*;
 
@@ -841,11 +842,13 @@ mod tests {
             let mut want = vec![7u64; before];
             let push = |k: u32, i: u64| want.push(u64::from(k) << 32 | i);
             let under = band_sweep(&values, start, lo_key, span, key, Some(push));
-            let mut got = vec![7u64; before];
             let band = crate::kernels::Band { start, lo_key, span };
-            if let Some(fast) = crate::kernels::real::dispatch::band_sweep_f32(&values, band, &mut got) {
-                prop_assert_eq!(fast, under);
-                prop_assert_eq!(got, want);
+            for level in [Level::Avx2, Level::Avx512] {
+                let mut got = vec![7u64; before];
+                if let Some(fast) = band_sweep_f32_at(level, &values, band, &mut got) {
+                    prop_assert_eq!(fast, under, "{:?}", level);
+                    prop_assert_eq!(&got, &want, "{:?}", level);
+                }
             }
         }
     }
@@ -876,12 +879,13 @@ mod tests {
             };
             let (x, b) = (stored(|p| p.0), stored(|p| p.1));
             let skip = usize::from(odd);
-            let mut got = Vec::new();
             let band = crate::kernels::Band { start, lo_key, span };
-            let fast = crate::kernels::real::dispatch::band_sweep_bf16(&x[skip..], &b[skip..], band, &mut got);
-            if let Some(fast) = fast {
-                prop_assert_eq!(fast, under);
-                prop_assert_eq!(got, want);
+            for level in [Level::Avx2, Level::Avx512] {
+                let mut got = Vec::new();
+                if let Some(fast) = band_sweep_bf16_at(level, &x[skip..], &b[skip..], band, &mut got) {
+                    prop_assert_eq!(fast, under, "{:?}", level);
+                    prop_assert_eq!(&got, &want, "{:?}", level);
+                }
             }
         }
     }
@@ -1137,28 +1141,39 @@ mod tests {
         for c in 0..n.div_ceil(chunk) {
             let (from, to) = (c * chunk, ((c + 1) * chunk).min(n));
             let start = from as u64;
-            let mut tops: Vec<TopCut> = cuts.iter().map(|cut| cut.top_cut_f32(start)).collect();
             let parts: Vec<&[f32]> = models.iter().map(|x| &x[from..to]).collect();
-            let mut got = vec![0f32; to - from];
             let b = &base[from..to];
-            let values = TiesValues::F32 { models: &parts, base: b };
-            let inputs = crate::kernels::TiesInputs { values, weights, scales, normalize, lambda };
-            let mut tops16 = tops.clone();
-            if !crate::kernels::real::dispatch::ties_f32(&inputs, &mut tops, &mut got) {
-                return Ok(()); // no fused form in this build
-            }
-            // The same from the values stored as bf16 (the tests' values are exact in bf16).
+            // Every fused build the CPU has, from the values decoded and as stored in bf16
+            // (the tests' values are exact in bf16), must give the same bits.
             let bf16 =
                 |x: &[f32]| -> Vec<u8> { x.iter().flat_map(|&v| f32_to_bf16(v).to_le_bytes()).collect() };
             let stored: Vec<Vec<u8>> = parts.iter().map(|x| bf16(x)).collect();
             let stored_refs: Vec<&[u8]> = stored.iter().map(|x| &x[..]).collect();
             let b16 = bf16(b);
-            let values = TiesValues::Bf16 { models: &stored_refs, base: &b16 };
-            let inputs = crate::kernels::TiesInputs { values, weights, scales, normalize, lambda };
-            let mut got16 = vec![0f32; to - from];
-            prop_assert!(crate::kernels::real::dispatch::ties_f32(&inputs, &mut tops16, &mut got16));
-            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
-            prop_assert_eq!(bits(&got16), bits(&got), "bf16 values, chunk {}", c);
+            let mut builds = Vec::new();
+            for level in [Level::Avx2, Level::Avx512] {
+                let mut tops: Vec<TopCut> = cuts.iter().map(|cut| cut.top_cut_f32(start)).collect();
+                let mut tops16 = tops.clone();
+                let values = TiesValues::F32 { models: &parts, base: b };
+                let inputs = crate::kernels::TiesInputs { values, weights, scales, normalize, lambda };
+                let mut got = vec![0f32; to - from];
+                if !ties_f32_at(level, &inputs, &mut tops, &mut got) {
+                    continue; // no fused form in this build, or not on this CPU
+                }
+                let values = TiesValues::Bf16 { models: &stored_refs, base: &b16 };
+                let inputs = crate::kernels::TiesInputs { values, weights, scales, normalize, lambda };
+                let mut got16 = vec![0f32; to - from];
+                prop_assert!(ties_f32_at(level, &inputs, &mut tops16, &mut got16));
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
+                prop_assert_eq!(bits(&got16), bits(&got), "bf16 values, chunk {}, {:?}", c, level);
+                builds.push((level, got));
+            }
+            #[cfg(target_arch = "x86_64")]
+            {
+                use std::arch::is_x86_feature_detected as has;
+                let v3 = has!("avx2") && has!("fma") && has!("bmi1") && has!("bmi2") && has!("lzcnt");
+                prop_assert!(!v3 || builds.iter().any(|(l, _)| *l == Level::Avx2), "the AVX2 build ran");
+            }
             // One step at a time.
             let mut ws = Vec::new();
             for ((d, cut), (&w, &s)) in deltas.iter().zip(&cuts).zip(weights.iter().zip(scales)) {
@@ -1171,21 +1186,23 @@ mod tests {
                         .collect::<Vec<f32>>(),
                 );
             }
-            for (j, (&g, &bj)) in got.iter().zip(b).enumerate() {
-                let total = ws.iter().fold(0f32, |t, w| t + w[j]);
-                let (mut mixed, mut div) = (0f32, 0f32);
-                for (w, &wi) in ws.iter().zip(weights) {
-                    let agree = if total >= 0.0 { w[j] > 0.0 } else { w[j] < 0.0 };
-                    mixed += if agree { w[j] } else { 0.0 };
-                    div += if agree { wi } else { 0.0 };
+            for (level, got) in &builds {
+                for (j, (&g, &bj)) in got.iter().zip(b).enumerate() {
+                    let total = ws.iter().fold(0f32, |t, w| t + w[j]);
+                    let (mut mixed, mut div) = (0f32, 0f32);
+                    for (w, &wi) in ws.iter().zip(weights) {
+                        let agree = if total >= 0.0 { w[j] > 0.0 } else { w[j] < 0.0 };
+                        mixed += if agree { w[j] } else { 0.0 };
+                        div += if agree { wi } else { 0.0 };
+                    }
+                    let want = if normalize {
+                        let d = if div == 0.0 { 1.0 } else { div };
+                        bj + (mixed / d) * lambda
+                    } else {
+                        bj + mixed * lambda
+                    };
+                    prop_assert_eq!(g.to_bits(), want.to_bits(), "chunk {} element {}, {:?}", c, j, level);
                 }
-                let want = if normalize {
-                    let d = if div == 0.0 { 1.0 } else { div };
-                    bj + (mixed / d) * lambda
-                } else {
-                    bj + mixed * lambda
-                };
-                prop_assert_eq!(g.to_bits(), want.to_bits(), "chunk {} element {}", c, j);
             }
         }
         Ok(())

@@ -288,21 +288,23 @@ impl<T: Real> TensorMerge<T> for TaskVector<T> {
     }
 
     fn takes_stored(&self, dtypes: &[Dtype]) -> bool {
-        // bf16 inputs merged in f32, in the build whose kernels read bf16 as stored.
+        // bf16 inputs merged in f32, in a build whose kernels read bf16 as stored.
         let models = self.sparsifiers.len();
-        let bf16 = T::KEY_BITS == 32
-            && dtypes.len() == models + 1
-            && dtypes.iter().all(|&d| d == Dtype::BF16)
-            && crate::kernels::real::dispatch::has_bf16_kernels(models);
+        let bf16 =
+            T::KEY_BITS == 32 && dtypes.len() == models + 1 && dtypes.iter().all(|&d| d == Dtype::BF16);
         if !bf16 {
             return false;
         }
         if self.wants_pass() {
             // A statistics pass that only sweeps the selections' bands.
-            !self.rescaling() && self.sparsifiers.iter().all(Sparsifier::sweeps_stored)
+            crate::kernels::real::dispatch::has_bf16_sweep()
+                && !self.rescaling()
+                && self.sparsifiers.iter().all(Sparsifier::sweeps_stored)
         } else {
             // The fused TIES output.
-            self.family.consensus && self.sparsifiers.iter().all(|sp| sp.top_cut().is_some())
+            crate::kernels::real::dispatch::has_fused_ties(models)
+                && self.family.consensus
+                && self.sparsifiers.iter().all(|sp| sp.top_cut().is_some())
         }
     }
 }
