@@ -10,11 +10,11 @@ use std::arch::x86_64::{
     _mm256_permute2x128_si256, _mm256_permutevar8x32_epi32, _mm256_set1_epi32, _mm256_set1_ps,
     _mm256_setr_epi32, _mm256_setzero_ps, _mm256_setzero_si256, _mm256_slli_epi32, _mm256_storeu_ps,
     _mm256_storeu_si256, _mm256_sub_epi32, _mm256_sub_ps, _mm256_unpackhi_epi32, _mm256_unpacklo_epi32,
-    _mm256_xor_ps, _mm_loadu_si128, _pdep_u32, _CMP_EQ_OQ, _CMP_GE_OQ, _CMP_GT_OQ,
+    _mm256_xor_ps, _mm256_xor_si256, _mm_loadu_si128, _pdep_u32, _CMP_EQ_OQ, _CMP_GE_OQ, _CMP_GT_OQ,
 };
 
 use super::real::Real;
-use super::{Band, Ties, TiesInputs, TiesValues, TopCut};
+use super::{Band, Keep, Ties, TiesInputs, TiesValues};
 
 /// Lanes of one block: eight f32 values.
 const LANES: usize = 8;
@@ -31,7 +31,7 @@ pub const TIES_MODELS: usize = 16;
 /// The CPU must support AVX2, FMA, BMI1/2, LZCNT and POPCNT (the caller checks with the
 /// dispatch level).
 #[target_feature(enable = "avx2,fma,bmi1,bmi2,lzcnt,popcnt")]
-pub(super) unsafe fn ties_f32(inputs: &TiesInputs<'_>, cuts: &mut [TopCut], out: &mut [f32]) {
+pub(super) unsafe fn ties_f32(inputs: &TiesInputs<'_>, mut keep: Keep<'_>, out: &mut [f32]) {
     let mut ptrs = [std::ptr::null::<u8>(); TIES_MODELS];
     let mut n = out.len();
     let (m, base, bf16) = match inputs.values {
@@ -54,15 +54,50 @@ pub(super) unsafe fn ties_f32(inputs: &TiesInputs<'_>, cuts: &mut [TopCut], out:
         TiesValues::F32 { base: b, .. } => n.min(b.len()),
         TiesValues::Bf16 { base: b, .. } => n.min(b.len() / 2),
     };
-    let m = m.min(cuts.len()).min(inputs.weights.len()).min(inputs.scales.len()).min(TIES_MODELS);
+    let m = m.min(keep.models()).min(inputs.weights.len()).min(inputs.scales.len()).min(TIES_MODELS);
     let out = out.get_mut(..n).unwrap_or_default();
+    let draws = matches!(keep, Keep::Draws { .. });
     // SAFETY: every pointer holds at least `n` values of its kind, and `m` bounds them all.
     unsafe {
-        if bf16 {
-            ties_values::<true>(inputs, &ptrs[..m], base, cuts, out);
-        } else {
-            ties_values::<false>(inputs, &ptrs[..m], base, cuts, out);
+        match (bf16, draws) {
+            (true, false) => ties_values::<true, false>(inputs, &ptrs[..m], base, &mut keep, out),
+            (false, false) => ties_values::<false, false>(inputs, &ptrs[..m], base, &mut keep, out),
+            (true, true) => ties_values::<true, true>(inputs, &ptrs[..m], base, &mut keep, out),
+            (false, true) => ties_values::<false, true>(inputs, &ptrs[..m], base, &mut keep, out),
         }
+    }
+}
+
+/// `methods::random::mix` in every lane.
+#[target_feature(enable = "avx2,fma,bmi1,bmi2,lzcnt,popcnt")]
+#[inline]
+fn mix(x: __m256i) -> __m256i {
+    use std::arch::x86_64::{_mm256_mullo_epi32, _mm256_srli_epi32};
+    let x = _mm256_xor_si256(x, _mm256_srli_epi32::<16>(x));
+    let x = _mm256_mullo_epi32(x, _mm256_set1_epi32(0x7feb_352d));
+    let x = _mm256_xor_si256(x, _mm256_srli_epi32::<15>(x));
+    let x = _mm256_mullo_epi32(x, _mm256_set1_epi32(0x846c_a68b_u32 as i32));
+    _mm256_xor_si256(x, _mm256_srli_epi32::<16>(x))
+}
+
+/// The index hashes (`methods::random::index_hashes`) of flat indices `j .. j + 8`.
+#[target_feature(enable = "avx2,fma,bmi1,bmi2,lzcnt,popcnt")]
+#[inline]
+fn index_hashes(j: u64) -> __m256i {
+    use crate::methods::random::mix as mix1;
+    if j >> 32 == (j + LANES as u64 - 1) >> 32 {
+        let high = mix1((j >> 32) as u32 ^ 0x85eb_ca6b);
+        let low =
+            _mm256_add_epi32(_mm256_set1_epi32(j as u32 as i32), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+        _mm256_xor_si256(mix(low), _mm256_set1_epi32(high as i32))
+    } else {
+        // The block crosses a multiple of 2^32: lane by lane.
+        let h: [u32; LANES] = std::array::from_fn(|l| {
+            let x = j + l as u64;
+            mix1(x as u32) ^ mix1((x >> 32) as u32 ^ 0x85eb_ca6b)
+        });
+        // SAFETY: eight u32; the load is unaligned.
+        unsafe { _mm256_loadu_si256(h.as_ptr().cast::<__m256i>()) }
     }
 }
 
@@ -96,17 +131,17 @@ unsafe fn load<const BF16: bool>(p: *const u8, at: usize, count: usize) -> __m25
 }
 
 /// [`ties_f32`] with the models' and the base's values at `models` and `base`, bf16 as
-/// stored where `BF16`, else f32.
+/// stored where `BF16`, else f32, keeping by `keep`'s draws where `DRAWS`, else its cuts.
 ///
 /// # Safety
 /// As [`ties_f32`]; every pointer holds `out.len()` values; `models` is no longer than
-/// `cuts`, the weights and the scales.
+/// `keep`'s rules, the weights and the scales.
 #[target_feature(enable = "avx2,fma,bmi1,bmi2,lzcnt,popcnt")]
-unsafe fn ties_values<const BF16: bool>(
+unsafe fn ties_values<const BF16: bool, const DRAWS: bool>(
     inputs: &TiesInputs<'_>,
     models: &[*const u8],
     base: *const u8,
-    cuts: &mut [TopCut],
+    keep: &mut Keep<'_>,
     out: &mut [f32],
 ) {
     let TiesInputs { weights, scales, normalize, lambda, .. } = *inputs;
@@ -125,14 +160,30 @@ unsafe fn ties_values<const BF16: bool>(
     // Keys are at most 0x7fff_ffff, so they compare as signed: a cut key above that keeps
     // nothing, which the largest key (for "above") and a key no value has (for "tied") say.
     let mut keys_at = [(_mm256_setzero_si256(), _mm256_setzero_si256()); TIES_MODELS];
-    for ((o, k), cut) in ords.iter_mut().zip(keys_at.iter_mut()).zip(cuts.iter()) {
-        *o = match cut.ties {
-            Ties::None => (0, 0, 0),
-            Ties::All => (0, u64::MAX, 0),
-            Ties::Range { lo, hi, next } => (lo, hi, next),
-        };
-        *k = (_mm256_set1_epi32(cut.at.min(0x7fff_ffff) as i32), _mm256_set1_epi32(cut.at as i32));
+    // Draws: each model's stream, and its threshold flipped to the signed order (`None`: keep
+    // everything).
+    let mut draws = [(_mm256_setzero_si256(), None); TIES_MODELS];
+    let mut start = 0;
+    match keep {
+        Keep::Cuts(cuts) => {
+            for ((o, k), cut) in ords.iter_mut().zip(keys_at.iter_mut()).zip(cuts.iter()) {
+                *o = match cut.ties {
+                    Ties::None => (0, 0, 0),
+                    Ties::All => (0, u64::MAX, 0),
+                    Ties::Range { lo, hi, next } => (lo, hi, next),
+                };
+                *k = (_mm256_set1_epi32(cut.at.min(0x7fff_ffff) as i32), _mm256_set1_epi32(cut.at as i32));
+            }
+        }
+        Keep::Draws { start: s, draws: d } => {
+            start = *s;
+            for (slot, &(stream, threshold)) in draws.iter_mut().zip(d.iter()) {
+                let t = u32::try_from(threshold).ok().map(|t| _mm256_set1_epi32((t ^ 0x8000_0000) as i32));
+                *slot = (_mm256_set1_epi32(stream as i32), t);
+            }
+        }
     }
+    let sign_bits = _mm256_set1_epi32(i32::MIN);
     let mut at = 0;
     while at < n {
         let count = (n - at).min(LANES);
@@ -141,35 +192,55 @@ unsafe fn ties_values<const BF16: bool>(
             _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32(valid as i32), lane_bits), lane_bits);
         // SAFETY: `count` values from `at` are inside every slice.
         let b = unsafe { load::<BF16>(base, at, count) };
+        let hashes = if DRAWS { index_hashes(start + at as u64) } else { _mm256_setzero_si256() };
         let mut total = zero;
         for i in 0..m {
             // SAFETY: as above; `i < m` bounds every per-model slice and array.
-            let (x, (gt_key, eq_key)) =
-                unsafe { (load::<BF16>(*models.get_unchecked(i), at, count), *keys_at.get_unchecked(i)) };
+            let x = unsafe { load::<BF16>(*models.get_unchecked(i), at, count) };
             let v = _mm256_sub_ps(x, b);
-            let keys = _mm256_castps_si256(_mm256_and_ps(v, magnitude));
-            let (mut above, mut tied_vec) =
-                (_mm256_cmpgt_epi32(keys, gt_key), _mm256_cmpeq_epi32(keys, eq_key));
-            if count < LANES {
-                above = _mm256_and_si256(above, valid_vec);
-                tied_vec = _mm256_and_si256(tied_vec, valid_vec);
-            }
-            let tied = _mm256_movemask_ps(_mm256_castsi256_ps(tied_vec)) as u32;
-            // SAFETY: `i < m <= TIES_MODELS`.
-            let (lo, hi, next) = unsafe { ords.get_unchecked_mut(i) };
-            let seen = *next + u64::from(tied.count_ones());
-            let keep = if tied == 0 || seen <= *lo || *next >= *hi {
-                above
-            } else if *next >= *lo && seen <= *hi {
-                _mm256_or_si256(above, tied_vec)
+            let keep = if DRAWS {
+                // Unsigned `draw < threshold`, as signed once both are flipped.
+                // SAFETY: `i < m <= TIES_MODELS`.
+                let all = match unsafe { *draws.get_unchecked(i) } {
+                    (stream, Some(t)) => {
+                        let r = _mm256_xor_si256(mix(_mm256_xor_si256(stream, hashes)), sign_bits);
+                        _mm256_cmpgt_epi32(t, r)
+                    }
+                    (_, None) => _mm256_set1_epi32(-1),
+                };
+                if count < LANES {
+                    _mm256_and_si256(all, valid_vec)
+                } else {
+                    all
+                }
             } else {
-                let from = lo.saturating_sub(*next).min(8) as u32;
-                let to = hi.saturating_sub(*next).min(8) as u32;
-                let ranks = ((1u32 << to) - 1) & !((1u32 << from) - 1);
-                let kept = _mm256_set1_epi32(_pdep_u32(ranks, tied) as i32);
-                _mm256_or_si256(above, _mm256_cmpeq_epi32(_mm256_and_si256(kept, lane_bits), lane_bits))
+                // SAFETY: `i < m <= TIES_MODELS`.
+                let (gt_key, eq_key) = unsafe { *keys_at.get_unchecked(i) };
+                let keys = _mm256_castps_si256(_mm256_and_ps(v, magnitude));
+                let (mut above, mut tied_vec) =
+                    (_mm256_cmpgt_epi32(keys, gt_key), _mm256_cmpeq_epi32(keys, eq_key));
+                if count < LANES {
+                    above = _mm256_and_si256(above, valid_vec);
+                    tied_vec = _mm256_and_si256(tied_vec, valid_vec);
+                }
+                let tied = _mm256_movemask_ps(_mm256_castsi256_ps(tied_vec)) as u32;
+                // SAFETY: `i < m <= TIES_MODELS`.
+                let (lo, hi, next) = unsafe { ords.get_unchecked_mut(i) };
+                let seen = *next + u64::from(tied.count_ones());
+                let keep = if tied == 0 || seen <= *lo || *next >= *hi {
+                    above
+                } else if *next >= *lo && seen <= *hi {
+                    _mm256_or_si256(above, tied_vec)
+                } else {
+                    let from = lo.saturating_sub(*next).min(8) as u32;
+                    let to = hi.saturating_sub(*next).min(8) as u32;
+                    let ranks = ((1u32 << to) - 1) & !((1u32 << from) - 1);
+                    let kept = _mm256_set1_epi32(_pdep_u32(ranks, tied) as i32);
+                    _mm256_or_si256(above, _mm256_cmpeq_epi32(_mm256_and_si256(kept, lane_bits), lane_bits))
+                };
+                *next = seen;
+                keep
             };
-            *next = seen;
             // SAFETY: `i < m`, within the weights and the scales.
             let (wi, si) = unsafe { (*weights.get_unchecked(i), *scales.get_unchecked(i)) };
             let wv = _mm256_and_ps(
@@ -211,9 +282,11 @@ unsafe fn ties_values<const BF16: bool>(
         }
         at += LANES;
     }
-    for (cut, &(_, _, seen)) in cuts.iter_mut().zip(&ords) {
-        if let Ties::Range { next, .. } = &mut cut.ties {
-            *next = seen;
+    if let Keep::Cuts(cuts) = keep {
+        for (cut, &(_, _, seen)) in cuts.iter_mut().zip(&ords) {
+            if let Ties::Range { next, .. } = &mut cut.ties {
+                *next = seen;
+            }
         }
     }
 }

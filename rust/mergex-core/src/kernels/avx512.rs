@@ -3,15 +3,17 @@
 //! the features.
 
 use std::arch::x86_64::{
-    __m512, __m512i, _mm256_maskz_loadu_epi16, _mm512_add_epi64, _mm512_and_si512, _mm512_castps_si512,
-    _mm512_castsi512_ps, _mm512_castsi512_si256, _mm512_cmple_epu32_mask, _mm512_cmplt_epu32_mask,
-    _mm512_cvtepu16_epi32, _mm512_cvtepu32_epi64, _mm512_extracti64x4_epi64, _mm512_loadu_si512,
-    _mm512_maskz_compress_epi64, _mm512_or_si512, _mm512_set1_epi32, _mm512_set1_epi64, _mm512_set_epi64,
+    __m512, __m512i, _mm256_maskz_loadu_epi16, _mm512_add_epi32, _mm512_add_epi64, _mm512_and_si512,
+    _mm512_castps_si512, _mm512_castsi512_ps, _mm512_castsi512_si256, _mm512_cmple_epu32_mask,
+    _mm512_cmplt_epu32_mask, _mm512_cvtepu16_epi32, _mm512_cvtepu32_epi64, _mm512_extracti64x4_epi64,
+    _mm512_loadu_si512, _mm512_mask_cmplt_epu32_mask, _mm512_maskz_compress_epi64, _mm512_or_si512,
+    _mm512_set1_epi32, _mm512_set1_epi64, _mm512_set_epi32, _mm512_set_epi64, _mm512_setzero_si512,
     _mm512_slli_epi32, _mm512_slli_epi64, _mm512_storeu_si512, _mm512_sub_epi32, _mm512_sub_ps,
+    _mm512_xor_si512,
 };
 
 use super::real::Real;
-use super::{Band, Ties, TiesInputs, TiesValues, TopCut};
+use super::{Band, Keep, Ties, TiesInputs, TiesValues};
 
 /// Lanes of one block: sixteen f32 keys.
 const LANES: usize = 16;
@@ -226,7 +228,7 @@ pub const TIES_MODELS: usize = 16;
 /// # Safety
 /// The CPU must support AVX-512 F/BW/VL/DQ (the caller checks with the dispatch level).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,bmi1,bmi2,lzcnt,popcnt")]
-pub(super) unsafe fn ties_f32(inputs: &TiesInputs<'_>, cuts: &mut [TopCut], out: &mut [f32]) {
+pub(super) unsafe fn ties_f32(inputs: &TiesInputs<'_>, mut keep: Keep<'_>, out: &mut [f32]) {
     let mut ptrs = [std::ptr::null::<u8>(); TIES_MODELS];
     let mut n = out.len();
     let (m, base, bf16) = match inputs.values {
@@ -249,30 +251,65 @@ pub(super) unsafe fn ties_f32(inputs: &TiesInputs<'_>, cuts: &mut [TopCut], out:
         TiesValues::F32 { base: b, .. } => n.min(b.len()),
         TiesValues::Bf16 { base: b, .. } => n.min(b.len() / 2),
     };
-    let m = m.min(cuts.len()).min(inputs.weights.len()).min(inputs.scales.len()).min(TIES_MODELS);
+    let m = m.min(keep.models()).min(inputs.weights.len()).min(inputs.scales.len()).min(TIES_MODELS);
     let out = out.get_mut(..n).unwrap_or_default();
+    let draws = matches!(keep, Keep::Draws { .. });
     // SAFETY: every pointer holds at least `n` values of its kind, and `m` bounds them all.
     unsafe {
-        if bf16 {
-            ties_values::<true>(inputs, &ptrs[..m], base, cuts, out);
-        } else {
-            ties_values::<false>(inputs, &ptrs[..m], base, cuts, out);
+        match (bf16, draws) {
+            (true, false) => ties_values::<true, false>(inputs, &ptrs[..m], base, &mut keep, out),
+            (false, false) => ties_values::<false, false>(inputs, &ptrs[..m], base, &mut keep, out),
+            (true, true) => ties_values::<true, true>(inputs, &ptrs[..m], base, &mut keep, out),
+            (false, true) => ties_values::<false, true>(inputs, &ptrs[..m], base, &mut keep, out),
         }
     }
 }
 
+/// `methods::random::mix` in every lane.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,bmi1,bmi2,lzcnt,popcnt")]
+#[inline]
+fn mix(x: __m512i) -> __m512i {
+    use std::arch::x86_64::{_mm512_mullo_epi32, _mm512_srli_epi32};
+    let x = _mm512_xor_si512(x, _mm512_srli_epi32::<16>(x));
+    let x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x7feb_352d));
+    let x = _mm512_xor_si512(x, _mm512_srli_epi32::<15>(x));
+    let x = _mm512_mullo_epi32(x, _mm512_set1_epi32(0x846c_a68b_u32 as i32));
+    _mm512_xor_si512(x, _mm512_srli_epi32::<16>(x))
+}
+
+/// The index hashes (`methods::random::index_hashes`) of flat indices `j .. j + 16`.
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,bmi1,bmi2,lzcnt,popcnt")]
+#[inline]
+fn index_hashes(j: u64) -> __m512i {
+    use crate::methods::random::mix as mix1;
+    let lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+    if j >> 32 == (j + LANES as u64 - 1) >> 32 {
+        let high = mix1((j >> 32) as u32 ^ 0x85eb_ca6b);
+        let low = _mm512_add_epi32(_mm512_set1_epi32(j as u32 as i32), lanes);
+        _mm512_xor_si512(mix(low), _mm512_set1_epi32(high as i32))
+    } else {
+        // The block crosses a multiple of 2^32: lane by lane.
+        let h: [u32; LANES] = std::array::from_fn(|l| {
+            let x = j + l as u64;
+            mix1(x as u32) ^ mix1((x >> 32) as u32 ^ 0x85eb_ca6b)
+        });
+        // SAFETY: sixteen u32; the load is unaligned.
+        unsafe { _mm512_loadu_si512(h.as_ptr().cast::<__m512i>()) }
+    }
+}
+
 /// [`ties_f32`] with the models' and the base's values at `models` and `base`, bf16 as
-/// stored where `BF16`, else f32.
+/// stored where `BF16`, else f32, keeping by `keep`'s draws where `DRAWS`, else its cuts.
 ///
 /// # Safety
 /// As [`ties_f32`]; every pointer holds `out.len()` values; `models` is no longer than
-/// `cuts`, the weights and the scales.
+/// `keep`'s rules, the weights and the scales.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,bmi1,bmi2,lzcnt,popcnt")]
-unsafe fn ties_values<const BF16: bool>(
+unsafe fn ties_values<const BF16: bool, const DRAWS: bool>(
     inputs: &TiesInputs<'_>,
     models: &[*const u8],
     base: *const u8,
-    cuts: &mut [TopCut],
+    keep: &mut Keep<'_>,
     out: &mut [f32],
 ) {
     // SAFETY (both loads): masked, so only lanes below `out.len()` are read.
@@ -304,41 +341,70 @@ unsafe fn ties_values<const BF16: bool>(
     // do: the fused output 1.31 → 1.17 s of a warm TIES merge.) The one block where the
     // range starts or ends deposits the kept ranks onto its tied lanes (`pdep`).
     let mut ords = [(0u64, 0u64, 0u64); TIES_MODELS];
-    for (o, cut) in ords.iter_mut().zip(cuts.iter()) {
-        *o = match cut.ties {
-            Ties::None => (0, 0, 0),
-            Ties::All => (0, u64::MAX, 0),
-            Ties::Range { lo, hi, next } => (lo, hi, next),
-        };
+    let mut keys_at = [0u32; TIES_MODELS];
+    // Draws: each model's stream, and its threshold (`None`: keep everything).
+    let mut draws = [(_mm512_setzero_si512(), None); TIES_MODELS];
+    let mut start = 0;
+    match keep {
+        Keep::Cuts(cuts) => {
+            for ((o, k), cut) in ords.iter_mut().zip(keys_at.iter_mut()).zip(cuts.iter()) {
+                *o = match cut.ties {
+                    Ties::None => (0, 0, 0),
+                    Ties::All => (0, u64::MAX, 0),
+                    Ties::Range { lo, hi, next } => (lo, hi, next),
+                };
+                *k = cut.at;
+            }
+        }
+        Keep::Draws { start: s, draws: d } => {
+            start = *s;
+            for (slot, &(stream, threshold)) in draws.iter_mut().zip(d.iter()) {
+                let t = u32::try_from(threshold).ok().map(|t| _mm512_set1_epi32(t as i32));
+                *slot = (_mm512_set1_epi32(stream as i32), t);
+            }
+        }
     }
     let mut at = 0;
     while at < n {
         let lanes: u16 = if n - at >= LANES { u16::MAX } else { (1u16 << (n - at)) - 1 };
         // SAFETY: masked loads touch only the lanes below `n - at`, inside every slice.
         let b = load(lanes, base, at);
+        let hashes = if DRAWS { index_hashes(start + at as u64) } else { _mm512_setzero_si512() };
         let mut total = zero;
         for i in 0..m {
             // SAFETY: as above; `i < m` bounds every per-model slice.
             let x = load(lanes, unsafe { *models.get_unchecked(i) }, at);
             let v = _mm512_sub_ps(x, b);
-            let key_at = _mm512_set1_epi32(unsafe { cuts.get_unchecked(i) }.at as i32);
-            let keys = _mm512_and_si512(_mm512_castps_si512(v), magnitude);
-            let above = _mm512_mask_cmpgt_epu32_mask(lanes, keys, key_at);
-            let tied = _mm512_mask_cmpeq_epu32_mask(lanes, keys, key_at);
-            // SAFETY: `i < m <= TIES_MODELS`.
-            let (lo, hi, next) = unsafe { ords.get_unchecked_mut(i) };
-            let seen = *next + u64::from(tied.count_ones());
-            let keep = if *next >= *lo && seen <= *hi {
-                above | tied
-            } else if seen <= *lo || *next >= *hi {
-                above
+            let keep = if DRAWS {
+                // SAFETY: `i < m <= TIES_MODELS`.
+                match unsafe { *draws.get_unchecked(i) } {
+                    (stream, Some(t)) => {
+                        _mm512_mask_cmplt_epu32_mask(lanes, mix(_mm512_xor_si512(stream, hashes)), t)
+                    }
+                    (_, None) => lanes,
+                }
             } else {
-                let from = lo.saturating_sub(*next).min(16) as u32;
-                let to = hi.saturating_sub(*next).min(16) as u32;
-                let ranks = ((1u32 << to) - 1) & !((1u32 << from) - 1);
-                above | _pdep_u32(ranks, u32::from(tied)) as u16
+                // SAFETY: `i < m <= TIES_MODELS`.
+                let key_at = _mm512_set1_epi32(unsafe { *keys_at.get_unchecked(i) } as i32);
+                let keys = _mm512_and_si512(_mm512_castps_si512(v), magnitude);
+                let above = _mm512_mask_cmpgt_epu32_mask(lanes, keys, key_at);
+                let tied = _mm512_mask_cmpeq_epu32_mask(lanes, keys, key_at);
+                // SAFETY: `i < m <= TIES_MODELS`.
+                let (lo, hi, next) = unsafe { ords.get_unchecked_mut(i) };
+                let seen = *next + u64::from(tied.count_ones());
+                let keep = if *next >= *lo && seen <= *hi {
+                    above | tied
+                } else if seen <= *lo || *next >= *hi {
+                    above
+                } else {
+                    let from = lo.saturating_sub(*next).min(16) as u32;
+                    let to = hi.saturating_sub(*next).min(16) as u32;
+                    let ranks = ((1u32 << to) - 1) & !((1u32 << from) - 1);
+                    above | _pdep_u32(ranks, u32::from(tied)) as u16
+                };
+                *next = seen;
+                keep
             };
-            *next = seen;
             let (wi, si) = unsafe { (*weights.get_unchecked(i), *scales.get_unchecked(i)) };
             let wv = _mm512_maskz_mul_ps(keep, _mm512_set1_ps(wi), _mm512_mul_ps(v, _mm512_set1_ps(si)));
             total = _mm512_add_ps(total, wv);
@@ -369,9 +435,11 @@ unsafe fn ties_values<const BF16: bool>(
         unsafe { _mm512_mask_storeu_ps(out.as_mut_ptr().add(at), lanes, r) };
         at += LANES;
     }
-    for (cut, &(_, _, seen)) in cuts.iter_mut().zip(&ords) {
-        if let Ties::Range { next, .. } = &mut cut.ties {
-            *next = seen;
+    if let Keep::Cuts(cuts) = keep {
+        for (cut, &(_, _, seen)) in cuts.iter_mut().zip(&ords) {
+            if let Ties::Range { next, .. } = &mut cut.ties {
+                *next = seen;
+            }
         }
     }
 }

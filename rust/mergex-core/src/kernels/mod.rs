@@ -50,6 +50,33 @@ pub struct TopCut {
     pub ties: Ties,
 }
 
+/// What a fused TIES output keeps of each model's task vector: the top of the magnitudes
+/// (a [`TopCut`] per model, each advanced past the ties it sees), or DARE's random draws
+/// (`methods::random`): element `j` of model `i` is kept iff `mix(stream_i ^ hash(j)) <
+/// threshold_i`, with `j` the flat index.
+#[derive(Debug)]
+pub enum Keep<'a> {
+    /// One cut per model.
+    Cuts(&'a mut [TopCut]),
+    /// One draw per element and model.
+    Draws {
+        /// Flat index of the sub-block's first element.
+        start: u64,
+        /// `(stream, threshold)` per model (`threshold` is `floor(d · 2^32)`, up to 2^32).
+        draws: &'a [(u32, u64)],
+    },
+}
+
+impl Keep<'_> {
+    /// Models it has a rule for.
+    pub fn models(&self) -> usize {
+        match self {
+            Keep::Cuts(c) => c.len(),
+            Keep::Draws { draws, .. } => draws.len(),
+        }
+    }
+}
+
 /// The values of a fused TIES output sub-block: the models' (not yet task vectors) and the
 /// base's, decoded to f32 or as stored in bf16.
 #[derive(Debug, Clone, Copy)]

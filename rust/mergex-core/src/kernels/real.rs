@@ -505,7 +505,7 @@ mod tests {
 pub mod dispatch {
     use super::Real;
     use crate::format::dtype::Dtype;
-    pub use crate::kernels::{Band, Ties, TiesInputs, TiesValues, TopCut};
+    pub use crate::kernels::{Band, Keep, Ties, TiesInputs, TiesValues, TopCut};
 
     /// A build of the kernels, from the most portable.
     #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -720,27 +720,30 @@ pub mod dispatch {
     }
 
     /// The TIES output of one sub-block, fused, where a build has that form (AVX-512 and
-    /// AVX2; see `kernels::avx512::ties_f32`, whose [`TopCut`]s advance past the ties seen):
-    /// `false` (nothing done) where no such build runs or there are more models than it
-    /// holds.
-    pub fn ties_f32(inputs: &TiesInputs<'_>, cuts: &mut [TopCut], out: &mut [f32]) -> bool {
-        ties_f32_at(level(), inputs, cuts, out)
+    /// AVX2; see `kernels::avx512::ties_f32`), keeping each model's top magnitudes (its
+    /// [`TopCut`], advanced past the ties seen) or DARE's draws: `false` (nothing done) where
+    /// no such build runs or there are more models than it holds.
+    pub fn ties_f32(inputs: &TiesInputs<'_>, keep: Keep<'_>, out: &mut [f32]) -> bool {
+        ties_f32_at(level(), inputs, keep, out)
     }
 
     /// [`ties_f32`] in the build `level`, where the CPU has it (for tests of every build on
     /// one machine): `false` where it has not.
-    pub fn ties_f32_at(level: Level, inputs: &TiesInputs<'_>, cuts: &mut [TopCut], out: &mut [f32]) -> bool {
+    pub fn ties_f32_at(level: Level, inputs: &TiesInputs<'_>, keep: Keep<'_>, out: &mut [f32]) -> bool {
         if level > supported() || !has_fused_ties_at(level, inputs.values.models()) {
             return false;
         }
         match level {
             // SAFETY: the CPU has every feature of `level` (checked above).
             #[cfg(target_arch = "x86_64")]
-            Level::Avx512 => unsafe { crate::kernels::avx512::ties_f32(inputs, cuts, out) },
+            Level::Avx512 => unsafe { crate::kernels::avx512::ties_f32(inputs, keep, out) },
             // SAFETY: as above.
             #[cfg(target_arch = "x86_64")]
-            Level::Avx2 => unsafe { crate::kernels::avx2::ties_f32(inputs, cuts, out) },
-            _ => return false,
+            Level::Avx2 => unsafe { crate::kernels::avx2::ties_f32(inputs, keep, out) },
+            _ => {
+                let _ = (inputs, keep, out);
+                return false;
+            }
         }
         true
     }

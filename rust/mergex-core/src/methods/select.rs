@@ -806,7 +806,7 @@ mod tests {
     use super::*;
     use crate::format::dtype::f32_to_bf16;
     use crate::kernels::real::dispatch::{band_sweep_bf16_at, band_sweep_f32_at, ties_f32_at, Level};
-    use crate::kernels::TiesValues;
+    use crate::kernels::{Keep, TiesValues};
     use proptest::prelude::*;
 
     /// Values whose keys crowd around a few magnitudes, with the special values mixed in.
@@ -1120,7 +1120,7 @@ mod tests {
     fn fused_ties_agrees(
         models: &[Vec<f32>],
         base: &[f32],
-        ks: &[usize],
+        rule: &Rule,
         weights: &[f32],
         scales: &[f32],
         normalize: bool,
@@ -1130,6 +1130,10 @@ mod tests {
         let n = base.len();
         let deltas: Vec<Vec<f32>> =
             models.iter().map(|x| x.iter().zip(base).map(|(&v, &b)| v - b).collect()).collect();
+        let ks: &[usize] = match rule {
+            Rule::TopK(ks) => ks,
+            Rule::Draws(..) => &[],
+        };
         let cuts: Vec<Cut> = deltas
             .iter()
             .zip(ks)
@@ -1157,13 +1161,17 @@ mod tests {
                 let values = TiesValues::F32 { models: &parts, base: b };
                 let inputs = crate::kernels::TiesInputs { values, weights, scales, normalize, lambda };
                 let mut got = vec![0f32; to - from];
-                if !ties_f32_at(level, &inputs, &mut tops, &mut got) {
+                let keep = |tops| match rule {
+                    Rule::TopK(_) => Keep::Cuts(tops),
+                    Rule::Draws(d, offset) => Keep::Draws { start: offset + start, draws: d },
+                };
+                if !ties_f32_at(level, &inputs, keep(&mut tops), &mut got) {
                     continue; // no fused form in this build, or not on this CPU
                 }
                 let values = TiesValues::Bf16 { models: &stored_refs, base: &b16 };
                 let inputs = crate::kernels::TiesInputs { values, weights, scales, normalize, lambda };
                 let mut got16 = vec![0f32; to - from];
-                prop_assert!(ties_f32_at(level, &inputs, &mut tops16, &mut got16));
+                prop_assert!(ties_f32_at(level, &inputs, keep(&mut tops16), &mut got16));
                 let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<u32>>();
                 prop_assert_eq!(bits(&got16), bits(&got), "bf16 values, chunk {}, {:?}", c, level);
                 builds.push((level, got));
@@ -1176,9 +1184,16 @@ mod tests {
             }
             // One step at a time.
             let mut ws = Vec::new();
-            for ((d, cut), (&w, &s)) in deltas.iter().zip(&cuts).zip(weights.iter().zip(scales)) {
+            for (i, (d, (&w, &s))) in deltas.iter().zip(weights.iter().zip(scales)).enumerate() {
                 let (d, mut keep) = (&d[from..to], Vec::new());
-                top_mask(cut, start, d, &mut keep);
+                match rule {
+                    Rule::TopK(_) => top_mask(&cuts[i], start, d, &mut keep),
+                    Rule::Draws(draws, offset) => {
+                        let (stream, threshold) = draws[i];
+                        let draw = |j: u64| u64::from(crate::methods::random::draw(stream, offset + j));
+                        keep.extend((start..start + d.len() as u64).map(|j| draw(j) < threshold));
+                    }
+                }
                 ws.push(
                     d.iter()
                         .zip(&keep)
@@ -1235,8 +1250,36 @@ mod tests {
             let ks: Vec<usize> = fracs.iter().take(models.len()).map(|f| ((f * n as f64) as usize).max(1)).collect();
             let scales = [1.0f32, 1.25, 0.5, 2.0, 1.0, 0.75];
             let m = models.len();
-            fused_ties_agrees(&models, &base, &ks, &weights[..m], &scales[..m], normalize, 0.9, chunk)?;
+            fused_ties_agrees(&models, &base, &Rule::TopK(ks), &weights[..m], &scales[..m], normalize, 0.9, chunk)?;
         }
+
+        /// DARE-TIES: the fused output keeps each model's drawn elements, as the stepwise
+        /// masks do, near a multiple of 2^32 too (where the index hashes change their high half).
+        #[test]
+        fn fused_dare_ties_is_the_stepwise_election(
+            raw in proptest::collection::vec(proptest::collection::vec(-7i32..7, 333), 1..6),
+            draws in proptest::collection::vec((any::<u32>(), prop_oneof![Just(0u64), Just(1u64 << 32), 0u64..(1 << 32)]), 6),
+            weights in proptest::collection::vec(prop_oneof![Just(0.0f32), Just(-0.5f32), Just(0.25f32), -1.0f32..1.0], 6),
+            normalize in any::<bool>(),
+            chunk in prop_oneof![Just(333usize), 1usize..70],
+            offset in prop_oneof![Just(0u64), Just((1u64 << 32) - 150), Just((3u64 << 32) - 7)],
+        ) {
+            let n = 333;
+            let base: Vec<f32> = (0..n).map(|j| (j % 4) as f32 * 0.5 - 1.0).collect();
+            let models: Vec<Vec<f32>> =
+                raw.iter().map(|r| r.iter().zip(&base).map(|(&x, &b)| b + x as f32 * 0.375).collect()).collect();
+            let scales = [1.0f32, 1.25, 0.5, 2.0, 1.0, 0.75];
+            let m = models.len();
+            let rule = Rule::Draws(draws[..m].to_vec(), offset);
+            fused_ties_agrees(&models, &base, &rule, &weights[..m], &scales[..m], normalize, 0.9, chunk)?;
+        }
+    }
+
+    /// What a fused TIES test keeps of each model: its top `k` magnitudes, or its draws.
+    enum Rule {
+        TopK(Vec<usize>),
+        /// Each model's `(stream, threshold)`, and the flat index of the first element.
+        Draws(Vec<(u32, u64)>, u64),
     }
 
     #[test]

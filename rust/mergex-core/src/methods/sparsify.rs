@@ -242,6 +242,15 @@ impl Sparsifier {
         }
     }
 
+    /// DARE's `(stream, threshold)`: [`Sparsifier::mask`] keeps element `j` iff its draw is
+    /// under the threshold (`crate::kernels::Keep::Draws`).
+    pub fn draws(&self) -> Option<(u32, u64)> {
+        match self {
+            Sparsifier::Random { stream, threshold } => Some((*stream, *threshold)),
+            _ => None,
+        }
+    }
+
     /// Whether [`Sparsifier::mask`] needs the chunk's index hashes.
     pub fn random(&self) -> bool {
         matches!(self, Sparsifier::Random { .. } | Sparsifier::Della { .. })

@@ -10,7 +10,7 @@ use super::{param, ChunkInputs, Stats, TensorCtx, TensorMerge, WeightedSum};
 use crate::error::{Error, Result};
 use crate::format::dtype::Dtype;
 use crate::kernels::real::Real;
-use crate::kernels::{TiesInputs, TiesValues};
+use crate::kernels::{Keep, TiesInputs, TiesValues};
 use rayon::prelude::*;
 
 /// The switches that tell the family's methods apart.
@@ -304,7 +304,8 @@ impl<T: Real> TensorMerge<T> for TaskVector<T> {
             // The fused TIES output.
             crate::kernels::real::dispatch::has_fused_ties(models)
                 && self.family.consensus
-                && self.sparsifiers.iter().all(|sp| sp.top_cut().is_some())
+                && (self.sparsifiers.iter().all(|sp| sp.top_cut().is_some())
+                    || self.sparsifiers.iter().all(|sp| sp.draws().is_some()))
         }
     }
 }
@@ -393,13 +394,21 @@ impl<T: Real> TaskVector<T> {
         if T::KEY_BITS > 32 || !crate::kernels::real::dispatch::has_fused_ties(x.models.len()) {
             return false;
         }
+        // What each model keeps: the top of its magnitudes (TIES) or its draws (DARE-TIES).
         let cuts: Option<Vec<_>> =
             self.sparsifiers.iter().map(|sp| sp.top_cut().map(|c| c.top_cut_f32(x.start))).collect();
+        let draws: Option<Vec<_>> = self.sparsifiers.iter().map(Sparsifier::draws).collect();
         let lambda = T::as_f32s(std::slice::from_ref(&self.lambda)).and_then(|l| l.first().copied());
-        let (Some(mut cuts), Some(weights), Some(scales), Some(lambda)) =
-            (cuts, T::as_f32s(&self.weights), T::as_f32s(&self.scales), lambda)
+        let (Some(weights), Some(scales), Some(lambda)) =
+            (T::as_f32s(&self.weights), T::as_f32s(&self.scales), lambda)
         else {
             return false;
+        };
+        let (mut cuts, draws) = (cuts.unwrap_or_default(), draws.unwrap_or_default());
+        let keep = match (cuts.len(), draws.len()) {
+            (n, _) if n == self.sparsifiers.len() && n > 0 => Keep::Cuts(&mut cuts),
+            (_, n) if n == self.sparsifiers.len() && n > 0 => Keep::Draws { start: x.start, draws: &draws },
+            _ => return false,
         };
         let decoded: Option<Vec<&[f32]>> = x.models.iter().map(|m| T::as_f32s(m)).collect();
         let stored: Vec<&[u8]> = x.stored.iter().skip(1).map(|r| r.bytes).collect();
@@ -411,8 +420,7 @@ impl<T: Real> TaskVector<T> {
             _ => return false,
         };
         let inputs = TiesInputs { values, weights, scales, normalize: self.normalize, lambda };
-        T::as_f32s_mut(out)
-            .is_some_and(|out| crate::kernels::real::dispatch::ties_f32(&inputs, &mut cuts, out))
+        T::as_f32s_mut(out).is_some_and(|out| crate::kernels::real::dispatch::ties_f32(&inputs, keep, out))
     }
 
     /// A statistics pass's chunk from the stored bf16 inputs ([`TensorMerge::takes_stored`]):
