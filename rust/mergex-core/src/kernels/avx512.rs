@@ -3,13 +3,13 @@
 //! the features.
 
 use std::arch::x86_64::{
-    __m512, __m512i, _mm256_maskz_loadu_epi16, _mm512_add_epi32, _mm512_add_epi64, _mm512_and_si512,
-    _mm512_castps_si512, _mm512_castsi512_ps, _mm512_castsi512_si256, _mm512_cmple_epu32_mask,
-    _mm512_cmplt_epu32_mask, _mm512_cvtepu16_epi32, _mm512_cvtepu32_epi64, _mm512_extracti64x4_epi64,
-    _mm512_loadu_si512, _mm512_mask_cmplt_epu32_mask, _mm512_maskz_compress_epi64, _mm512_or_si512,
-    _mm512_set1_epi32, _mm512_set1_epi64, _mm512_set_epi32, _mm512_set_epi64, _mm512_setzero_si512,
-    _mm512_slli_epi32, _mm512_slli_epi64, _mm512_storeu_si512, _mm512_sub_epi32, _mm512_sub_ps,
-    _mm512_xor_si512,
+    __m512, __m512d, __m512i, _mm256_maskz_loadu_epi16, _mm512_add_epi32, _mm512_add_epi64, _mm512_add_pd,
+    _mm512_and_si512, _mm512_castps_si512, _mm512_castsi512_ps, _mm512_castsi512_si256,
+    _mm512_cmple_epu32_mask, _mm512_cmplt_epu32_mask, _mm512_cvtepu16_epi32, _mm512_cvtepu32_epi64,
+    _mm512_extracti64x4_epi64, _mm512_loadu_si512, _mm512_mask_cmplt_epu32_mask, _mm512_maskz_compress_epi64,
+    _mm512_or_si512, _mm512_set1_epi32, _mm512_set1_epi64, _mm512_set_epi32, _mm512_set_epi64,
+    _mm512_setzero_si512, _mm512_slli_epi32, _mm512_slli_epi64, _mm512_storeu_si512, _mm512_sub_epi32,
+    _mm512_sub_ps, _mm512_xor_si512,
 };
 
 use super::real::Real;
@@ -442,4 +442,77 @@ unsafe fn ties_values<const BF16: bool, const DRAWS: bool>(
             }
         }
     }
+}
+
+/// DARE's L1 sums of one model's task vector `x − base`, from bf16 values as stored (two
+/// bytes an element, any alignment, `base` at least as long as `x`), for the whole groups of
+/// four 256-element blocks at the front: every block's eight f64 lane sums of `|δ|` go to
+/// `all`, and of `|δ|` where the element is drawn (`mix(stream ^ hashes[j]) < threshold`,
+/// `hashes` being the elements' index hashes, as `methods::random` defines them) to `kept`, in block order; lane `l` of a block adds
+/// its elements `l, l + 8, …` in index order, as `methods::reduce_abs` does. Returns the
+/// elements covered (a multiple of 1,024).
+///
+/// # Safety
+/// The CPU must support AVX-512 F/BW/VL/DQ (the caller checks with the dispatch level).
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,bmi1,bmi2,lzcnt,popcnt")]
+pub(super) unsafe fn dare_l1_bf16(
+    x: &[u8],
+    base: &[u8],
+    hashes: &[u32],
+    (stream, threshold): (u32, u64),
+    all: &mut dyn FnMut(&[f64; 8]),
+    kept: &mut dyn FnMut(&[f64; 8]),
+) -> usize {
+    use std::arch::x86_64::{
+        _mm512_castpd_si512, _mm512_castps512_ps256, _mm512_castsi512_pd, _mm512_cvtps_pd,
+        _mm512_extractf32x8_ps, _mm512_mask_add_pd, _mm512_setzero_pd, _mm512_storeu_pd,
+    };
+    const GROUP: usize = SUM_BLOCK * SIDE_BY_SIDE;
+    let n = (x.len().min(base.len()) / 2).min(hashes.len());
+    let groups = n / GROUP;
+    let (px, pb) = (x.as_ptr(), base.as_ptr());
+    let magnitude = _mm512_set1_epi64(0x7fff_ffff_ffff_ffff);
+    let abs = |v: __m512d| _mm512_castsi512_pd(_mm512_and_si512(_mm512_castpd_si512(v), magnitude));
+    let (stream, t) = (_mm512_set1_epi32(stream as i32), u32::try_from(threshold).ok());
+    for g in 0..groups {
+        let mut sums = [[_mm512_setzero_pd(); SIDE_BY_SIDE]; 2];
+        for step in (0..SUM_BLOCK).step_by(LANES) {
+            for b in 0..SIDE_BY_SIDE {
+                let at = g * GROUP + b * SUM_BLOCK + step;
+                // SAFETY: `at + 16 <= groups * GROUP <= n`, inside both.
+                let d = unsafe { _mm512_sub_ps(load_bf16(u16::MAX, px, at), load_bf16(u16::MAX, pb, at)) };
+                let drawn: u16 = match t {
+                    Some(t) => _mm512_cmplt_epu32_mask(
+                        // SAFETY: `at + 16 <= n`, inside `hashes`; the load is unaligned.
+                        mix(_mm512_xor_si512(stream, unsafe {
+                            _mm512_loadu_si512(hashes.as_ptr().add(at).cast::<__m512i>())
+                        })),
+                        _mm512_set1_epi32(t as i32),
+                    ),
+                    None => u16::MAX,
+                };
+                let low = abs(_mm512_cvtps_pd(_mm512_castps512_ps256(d)));
+                let high = abs(_mm512_cvtps_pd(_mm512_extractf32x8_ps::<1>(d)));
+                let [a, k] = &mut sums;
+                // Elements `at .. at + 8` in lanes 0–7, then `at + 8 .. at + 16`: each lane
+                // adds its elements in index order.
+                a[b] = _mm512_add_pd(_mm512_add_pd(a[b], low), high);
+                k[b] = _mm512_mask_add_pd(k[b], drawn as u8, k[b], low);
+                k[b] = _mm512_mask_add_pd(k[b], (drawn >> 8) as u8, k[b], high);
+            }
+        }
+        let lanes = |v: __m512d| {
+            let mut l = [0f64; 8];
+            // SAFETY: `l` holds eight f64; the store is unaligned.
+            unsafe { _mm512_storeu_pd(l.as_mut_ptr(), v) };
+            l
+        };
+        for &v in &sums[0] {
+            all(&lanes(v));
+        }
+        for &v in &sums[1] {
+            kept(&lanes(v));
+        }
+    }
+    groups * GROUP
 }

@@ -704,6 +704,33 @@ pub mod dispatch {
         None
     }
 
+    /// DARE's L1 sums of one model from stored bf16 (`kernels::avx512::dare_l1_bf16`: every
+    /// 256-element block's lane sums of `|δ|` to `all` and of the drawn `|δ|` to `kept`, the
+    /// draws from the elements' index `hashes`) for
+    /// the whole groups of four blocks at the front, where a build has that form (AVX-512):
+    /// the elements covered, or `None` where none runs.
+    pub fn dare_l1_bf16(
+        x: &[u8],
+        base: &[u8],
+        hashes: &[u32],
+        draw: (u32, u64),
+        all: &mut dyn FnMut(&[f64; 8]),
+        kept: &mut dyn FnMut(&[f64; 8]),
+    ) -> Option<usize> {
+        #[cfg(target_arch = "x86_64")]
+        if level() == Level::Avx512 {
+            // SAFETY: `level` only picks AVX-512 when the CPU has it.
+            return Some(unsafe { crate::kernels::avx512::dare_l1_bf16(x, base, hashes, draw, all, kept) });
+        }
+        let _ = (x, base, hashes, draw, all, kept);
+        None
+    }
+
+    /// Whether this build has [`dare_l1_bf16`].
+    pub fn has_dare_l1_bf16() -> bool {
+        cfg!(target_arch = "x86_64") && level() == Level::Avx512
+    }
+
     /// Whether [`ties_f32`] has a fused form in this build for `models` models.
     pub fn has_fused_ties(models: usize) -> bool {
         has_fused_ties_at(level(), models)

@@ -156,6 +156,13 @@ impl Stats {
         &mut self.sums[i]
     }
 
+    /// Slots `i` and `i + 1` of [`Stats::sums`] at once.
+    pub fn sum_pair(&mut self, i: usize) -> (&mut ExactSum, &mut ExactSum) {
+        self.sum(i + 1);
+        let (a, b) = self.sums.split_at_mut(i + 1);
+        (&mut a[i], &mut b[0])
+    }
+
     /// The histogram of slot `i`, allocated with [`select::BINS`] bins on first use.
     pub fn hist(&mut self, i: usize) -> &mut Vec<u64> {
         if self.hists.len() <= i {
@@ -654,6 +661,79 @@ mod tests {
             reduce_abs(&odd, Some(&keep), &mut g);
             block_sum(odd.iter().zip(&keep).map(|(&x, &k)| if k { (x as f64).abs() } else { 0.0 }), &mut h);
             assert_eq!(g.value().to_bits(), h.value().to_bits(), "special {n}");
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+        /// DARE's L1 sums from stored bf16 (where a build has them) are the decoded pass's:
+        /// every block's lanes, in order, for values of any magnitude, and draws of any
+        /// threshold, near a multiple of 2^32 too.
+        #[test]
+        fn dare_l1_from_stored_bf16_is_the_decoded_sum(
+            pairs in proptest::collection::vec(
+                (proptest::prop_oneof![0x0080u16..0x7f00, 0x3f80u16..0x5f80], 0u16..0x0400, proptest::bool::ANY),
+                0..3000,
+            ),
+            stream in proptest::prelude::any::<u32>(),
+            threshold in proptest::prop_oneof![proptest::strategy::Just(0u64), proptest::strategy::Just(1u64 << 32), 0u64..(1 << 32)],
+            start in proptest::prop_oneof![proptest::strategy::Just(0u64), proptest::strategy::Just((1u64 << 32) - 1024)],
+        ) {
+            use crate::format::dtype::bf16_to_f32;
+            // Magnitudes from 2^-126 to 2^127, and many within 2^0..2^64 (where a lane's sum
+            // rounds partly, so the order of its additions shows), either sign.
+            let x: Vec<u16> = pairs.iter().map(|&(a, _, neg)| a | if neg { 0x8000 } else { 0 }).collect();
+            let b: Vec<u16> = pairs.iter().map(|&(_, c, _)| c).collect();
+            let bytes = |v: &[u16]| -> Vec<u8> { v.iter().flat_map(|h| h.to_le_bytes()).collect() };
+            let delta: Vec<f32> = x.iter().zip(&b).map(|(&a, &c)| bf16_to_f32(a) - bf16_to_f32(c)).collect();
+            let mut hashes = Vec::new();
+            random::index_hashes(start, delta.len(), &mut hashes);
+            let keep: Vec<bool> = hashes.iter().map(|&h| u64::from(random::mix(stream ^ h)) < threshold).collect();
+            let (mut want_all, mut want_kept) = (ExactSum::default(), ExactSum::default());
+            reduce_abs(&delta, None, &mut want_all);
+            reduce_abs(&delta, Some(&keep), &mut want_kept);
+            let (mut all_lanes, mut kept_lanes) = (Vec::new(), Vec::new());
+            let done = crate::kernels::real::dispatch::dare_l1_bf16(
+                &bytes(&x),
+                &bytes(&b),
+                &hashes,
+                (stream, threshold),
+                &mut |l| all_lanes.push(*l),
+                &mut |l| kept_lanes.push(*l),
+            );
+            if let Some(done) = done {
+                proptest::prop_assert_eq!(done, delta.len() / 1024 * 1024);
+                // Every block's lanes, bit for bit: lane `l` adds elements `l, l + 8, …`.
+                let lanes = |k: Option<&[bool]>| -> Vec<[f64; 8]> {
+                    delta[..done]
+                        .chunks(256)
+                        .enumerate()
+                        .map(|(blk, d)| {
+                            let mut l = [0f64; 8];
+                            for (j, &v) in d.iter().enumerate() {
+                                if k.is_none_or(|k| k[blk * 256 + j]) {
+                                    l[j % 8] += (v as f64).abs();
+                                }
+                            }
+                            l
+                        })
+                        .collect()
+                };
+                let bits = |v: &[[f64; 8]]| -> Vec<u64> { v.iter().flatten().map(|x| x.to_bits()).collect() };
+                proptest::prop_assert_eq!(bits(&all_lanes), bits(&lanes(None)));
+                proptest::prop_assert_eq!(bits(&kept_lanes), bits(&lanes(Some(&keep))));
+                let (mut all, mut kept) = (ExactSum::default(), ExactSum::default());
+                for l in &all_lanes {
+                    all.add(fold(l));
+                }
+                for l in &kept_lanes {
+                    kept.add(fold(l));
+                }
+                reduce_abs(&delta[done..], None, &mut all);
+                reduce_abs(&delta[done..], Some(&keep[done..]), &mut kept);
+                proptest::prop_assert_eq!(all.value().to_bits(), want_all.value().to_bits());
+                proptest::prop_assert_eq!(kept.value().to_bits(), want_kept.value().to_bits());
+            }
         }
     }
 }

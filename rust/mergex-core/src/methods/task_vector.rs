@@ -4,8 +4,8 @@
 //! combined with or without the TIES sign election, normalized, scaled by λ, added to b.
 
 use super::random::index_hashes;
-use super::reduce_abs;
 use super::sparsify::{Kind, Setup, Sparsifier};
+use super::{fold, reduce_abs};
 use super::{param, ChunkInputs, Stats, TensorCtx, TensorMerge, WeightedSum};
 use crate::error::{Error, Result};
 use crate::format::dtype::Dtype;
@@ -296,10 +296,12 @@ impl<T: Real> TensorMerge<T> for TaskVector<T> {
             return false;
         }
         if self.wants_pass() {
-            // A statistics pass that only sweeps the selections' bands.
-            crate::kernels::real::dispatch::has_bf16_sweep()
+            // A statistics pass that only sweeps the selections' bands, or only sums DARE's
+            // L1 norms.
+            let sweeps = crate::kernels::real::dispatch::has_bf16_sweep()
                 && !self.rescaling()
-                && self.sparsifiers.iter().all(Sparsifier::sweeps_stored)
+                && self.sparsifiers.iter().all(Sparsifier::sweeps_stored);
+            sweeps || self.dare_l1_stored()
         } else {
             // The fused TIES output.
             crate::kernels::real::dispatch::has_fused_ties(models)
@@ -428,6 +430,9 @@ impl<T: Real> TaskVector<T> {
     fn stat_stored(&self, x: &mut ChunkInputs<'_, T>, acc: &mut Stats) -> Result<()> {
         let dtypes: Vec<Dtype> = x.stored.iter().map(|r| r.dtype).collect();
         let sweeps = self.wants_pass() && self.takes_stored(&dtypes);
+        if sweeps && self.dare_l1_stored() {
+            return self.dare_l1_chunk(x, acc);
+        }
         match x.stored.split_first() {
             Some((base, models)) if sweeps => {
                 for (i, (m, sp)) in models.iter().zip(&self.sparsifiers).enumerate() {
@@ -442,6 +447,57 @@ impl<T: Real> TaskVector<T> {
                 self.stat_chunk(&mut x.with_decoded(&mut values), acc)
             }
         }
+    }
+
+    /// DARE's only statistics, the L1 norms of every model's task vector and of what its
+    /// draws keep, summed from the stored bf16 values (`dispatch::dare_l1_bf16`).
+    fn dare_l1_stored(&self) -> bool {
+        self.pass == 0
+            && self.rescaling()
+            && !self.selecting()
+            && self.sparsifiers.iter().all(|sp| sp.draws().is_some())
+            && crate::kernels::real::dispatch::has_dare_l1_bf16()
+    }
+
+    /// [`TaskVector::dare_l1_stored`] over one sub-block: the kernel's whole groups of
+    /// blocks, then the rest decoded, as the decoded pass sums it.
+    fn dare_l1_chunk(&self, x: &ChunkInputs<'_, T>, acc: &mut Stats) -> Result<()> {
+        let Some((base, models)) = x.stored.split_first() else { return Ok(()) };
+        let (mut hashes, mut mask) = (Vec::new(), Vec::new());
+        index_hashes(x.start, base.bytes.len() / 2, &mut hashes);
+        for (i, (m, sp)) in models.iter().zip(&self.sparsifiers).enumerate() {
+            let Some(draw) = sp.draws() else { continue };
+            let (all, kept) = acc.sum_pair(2 * i + L1_ALL);
+            let done = crate::kernels::real::dispatch::dare_l1_bf16(
+                m.bytes,
+                base.bytes,
+                &hashes,
+                draw,
+                &mut |l| all.add(fold(l)),
+                &mut |l| kept.add(fold(l)),
+            )
+            .unwrap_or(0);
+            let n = m.bytes.len() / 2;
+            if done >= n {
+                continue;
+            }
+            let decode = |b: &[u8]| -> Vec<T> {
+                let mut v = vec![T::ZERO; n - done];
+                crate::kernels::real::dispatch::decode(
+                    Dtype::BF16,
+                    b.get(2 * done..).unwrap_or_default(),
+                    &mut v,
+                );
+                v
+            };
+            let (xs, bs) = (decode(m.bytes), decode(base.bytes));
+            let delta: Vec<T> = xs.iter().zip(&bs).map(|(&v, &b)| v - b).collect();
+            let start = x.start + done as u64;
+            sp.mask(start, &delta, hashes.get(done..).unwrap_or_default(), &mut mask);
+            reduce_abs(&delta, None, all);
+            reduce_abs(&delta, Some(&mask), kept);
+        }
+        Ok(())
     }
 
     /// The sign election (TIES) over the weighted, sparsified task vectors `W_i` (in
