@@ -419,3 +419,87 @@ unsafe fn band_sweep(
     }
     under
 }
+
+/// [`super::avx512::dare_l1_bf16`] with eight lanes a step: the same sums, lane for lane.
+///
+/// # Safety
+/// The CPU must support AVX2 (the caller checks with the dispatch level).
+#[target_feature(enable = "avx2,fma,bmi1,bmi2,lzcnt,popcnt")]
+pub(super) unsafe fn dare_l1_bf16(
+    x: &[u8],
+    base: &[u8],
+    hashes: &[u32],
+    (stream, threshold): (u32, u64),
+    all: &mut dyn FnMut(&[f64; 8]),
+    kept: &mut dyn FnMut(&[f64; 8]),
+) -> usize {
+    use std::arch::x86_64::{
+        __m256d, _mm256_add_pd, _mm256_and_pd, _mm256_castps256_ps128, _mm256_castsi256_pd,
+        _mm256_castsi256_si128, _mm256_cvtepi32_epi64, _mm256_cvtps_pd, _mm256_extractf128_ps,
+        _mm256_extracti128_si256, _mm256_set1_epi64x, _mm256_setzero_pd, _mm256_storeu_pd,
+    };
+    /// Elements of a block, and blocks in a group (as the AVX-512 form covers them).
+    const BLOCK: usize = 256;
+    const GROUP: usize = 4 * BLOCK;
+    /// Blocks summed side by side (two: eight accumulators fill half the registers).
+    const PAIR: usize = 2;
+    let n = (x.len().min(base.len()) / 2).min(hashes.len());
+    let groups = n / GROUP;
+    let (px, pb) = (x.as_ptr(), base.as_ptr());
+    let magnitude = _mm256_castsi256_pd(_mm256_set1_epi64x(0x7fff_ffff_ffff_ffff));
+    let abs = |v: __m256d| _mm256_and_pd(v, magnitude);
+    let stream = _mm256_set1_epi32(stream as i32);
+    // Unsigned `draw < threshold`, as signed once both are flipped; `None`: all drawn.
+    let t = u32::try_from(threshold).ok().map(|t| _mm256_set1_epi32((t ^ 0x8000_0000) as i32));
+    let sign_bits = _mm256_set1_epi32(i32::MIN);
+    let lanes = |v: __m256d, w: __m256d| {
+        let mut l = [0f64; 8];
+        // SAFETY: `l` holds eight f64; the stores are unaligned.
+        unsafe {
+            _mm256_storeu_pd(l.as_mut_ptr(), v);
+            _mm256_storeu_pd(l.as_mut_ptr().add(4), w);
+        }
+        l
+    };
+    for g in 0..groups {
+        for pair in 0..GROUP / BLOCK / PAIR {
+            // Per block of the pair: all (lanes 0–3, 4–7), kept (lanes 0–3, 4–7).
+            let mut sums = [[_mm256_setzero_pd(); 4]; PAIR];
+            for step in (0..BLOCK).step_by(LANES) {
+                for (b, s) in sums.iter_mut().enumerate() {
+                    let at = g * GROUP + (pair * PAIR + b) * BLOCK + step;
+                    // SAFETY: `at + 8 <= groups * GROUP <= n`, inside all three.
+                    let (d, h) = unsafe {
+                        let d = _mm256_sub_ps(load::<true>(px, at, LANES), load::<true>(pb, at, LANES));
+                        (d, _mm256_loadu_si256(hashes.as_ptr().add(at).cast::<__m256i>()))
+                    };
+                    let drawn = match t {
+                        Some(t) => _mm256_cmpgt_epi32(
+                            t,
+                            _mm256_xor_si256(mix(_mm256_xor_si256(stream, h)), sign_bits),
+                        ),
+                        None => _mm256_set1_epi32(-1),
+                    };
+                    let low = abs(_mm256_cvtps_pd(_mm256_castps256_ps128(d)));
+                    let high = abs(_mm256_cvtps_pd(_mm256_extractf128_ps::<1>(d)));
+                    let keep_low = _mm256_castsi256_pd(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(drawn)));
+                    let keep_high =
+                        _mm256_castsi256_pd(_mm256_cvtepi32_epi64(_mm256_extracti128_si256::<1>(drawn)));
+                    // One element a lane a step: each lane adds its elements in index order,
+                    // and an element not drawn adds +0 (the lane is never −0).
+                    s[0] = _mm256_add_pd(s[0], low);
+                    s[1] = _mm256_add_pd(s[1], high);
+                    s[2] = _mm256_add_pd(s[2], _mm256_and_pd(low, keep_low));
+                    s[3] = _mm256_add_pd(s[3], _mm256_and_pd(high, keep_high));
+                }
+            }
+            for s in &sums {
+                all(&lanes(s[0], s[1]));
+            }
+            for s in &sums {
+                kept(&lanes(s[2], s[3]));
+            }
+        }
+    }
+    groups * GROUP
+}

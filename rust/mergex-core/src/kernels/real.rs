@@ -707,8 +707,8 @@ pub mod dispatch {
     /// DARE's L1 sums of one model from stored bf16 (`kernels::avx512::dare_l1_bf16`: every
     /// 256-element block's lane sums of `|δ|` to `all` and of the drawn `|δ|` to `kept`, the
     /// draws from the elements' index `hashes`) for
-    /// the whole groups of four blocks at the front, where a build has that form (AVX-512):
-    /// the elements covered, or `None` where none runs.
+    /// the whole groups of four blocks at the front, where a build has that form (AVX-512,
+    /// AVX2): the elements covered, or `None` where none runs.
     pub fn dare_l1_bf16(
         x: &[u8],
         base: &[u8],
@@ -717,18 +717,44 @@ pub mod dispatch {
         all: &mut dyn FnMut(&[f64; 8]),
         kept: &mut dyn FnMut(&[f64; 8]),
     ) -> Option<usize> {
-        #[cfg(target_arch = "x86_64")]
-        if level() == Level::Avx512 {
-            // SAFETY: `level` only picks AVX-512 when the CPU has it.
-            return Some(unsafe { crate::kernels::avx512::dare_l1_bf16(x, base, hashes, draw, all, kept) });
+        dare_l1_bf16_at(level(), x, base, hashes, draw, all, kept)
+    }
+
+    /// [`dare_l1_bf16`] in the build `level`, where the CPU has it (for tests of every build
+    /// on one machine).
+    pub fn dare_l1_bf16_at(
+        level: Level,
+        x: &[u8],
+        base: &[u8],
+        hashes: &[u32],
+        draw: (u32, u64),
+        all: &mut dyn FnMut(&[f64; 8]),
+        kept: &mut dyn FnMut(&[f64; 8]),
+    ) -> Option<usize> {
+        if level > supported() {
+            return None;
         }
-        let _ = (x, base, hashes, draw, all, kept);
-        None
+        match level {
+            // SAFETY: the CPU has every feature of `level` (checked above).
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx512 => {
+                Some(unsafe { crate::kernels::avx512::dare_l1_bf16(x, base, hashes, draw, all, kept) })
+            }
+            // SAFETY: as above.
+            #[cfg(target_arch = "x86_64")]
+            Level::Avx2 => {
+                Some(unsafe { crate::kernels::avx2::dare_l1_bf16(x, base, hashes, draw, all, kept) })
+            }
+            _ => {
+                let _ = (x, base, hashes, draw, all, kept);
+                None
+            }
+        }
     }
 
     /// Whether this build has [`dare_l1_bf16`].
     pub fn has_dare_l1_bf16() -> bool {
-        cfg!(target_arch = "x86_64") && level() == Level::Avx512
+        cfg!(target_arch = "x86_64") && level() >= Level::Avx2
     }
 
     /// Whether [`ties_f32`] has a fused form in this build for `models` models.

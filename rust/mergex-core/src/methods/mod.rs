@@ -680,6 +680,7 @@ mod tests {
             start in proptest::prop_oneof![proptest::strategy::Just(0u64), proptest::strategy::Just((1u64 << 32) - 1024)],
         ) {
             use crate::format::dtype::bf16_to_f32;
+            use crate::kernels::real::dispatch::{dare_l1_bf16_at, Level};
             // Magnitudes from 2^-126 to 2^127, and many within 2^0..2^64 (where a lane's sum
             // rounds partly, so the order of its additions shows), either sign.
             let x: Vec<u16> = pairs.iter().map(|&(a, _, neg)| a | if neg { 0x8000 } else { 0 }).collect();
@@ -692,48 +693,55 @@ mod tests {
             let (mut want_all, mut want_kept) = (ExactSum::default(), ExactSum::default());
             reduce_abs(&delta, None, &mut want_all);
             reduce_abs(&delta, Some(&keep), &mut want_kept);
-            let (mut all_lanes, mut kept_lanes) = (Vec::new(), Vec::new());
-            let done = crate::kernels::real::dispatch::dare_l1_bf16(
-                &bytes(&x),
-                &bytes(&b),
-                &hashes,
-                (stream, threshold),
-                &mut |l| all_lanes.push(*l),
-                &mut |l| kept_lanes.push(*l),
-            );
-            if let Some(done) = done {
-                proptest::prop_assert_eq!(done, delta.len() / 1024 * 1024);
-                // Every block's lanes, bit for bit: lane `l` adds elements `l, l + 8, …`.
-                let lanes = |k: Option<&[bool]>| -> Vec<[f64; 8]> {
-                    delta[..done]
-                        .chunks(256)
-                        .enumerate()
-                        .map(|(blk, d)| {
-                            let mut l = [0f64; 8];
-                            for (j, &v) in d.iter().enumerate() {
-                                if k.is_none_or(|k| k[blk * 256 + j]) {
-                                    l[j % 8] += (v as f64).abs();
+            let mut ran = 0;
+            for level in [Level::Avx2, Level::Avx512] {
+                let (mut all_lanes, mut kept_lanes) = (Vec::new(), Vec::new());
+                let done = dare_l1_bf16_at(
+                    level,
+                    &bytes(&x),
+                    &bytes(&b),
+                    &hashes,
+                    (stream, threshold),
+                    &mut |l| all_lanes.push(*l),
+                    &mut |l| kept_lanes.push(*l),
+                );
+                if let Some(done) = done {
+                    proptest::prop_assert_eq!(done, delta.len() / 1024 * 1024);
+                    // Every block's lanes, bit for bit: lane `l` adds elements `l, l + 8, …`.
+                    let lanes = |k: Option<&[bool]>| -> Vec<[f64; 8]> {
+                        delta[..done]
+                            .chunks(256)
+                            .enumerate()
+                            .map(|(blk, d)| {
+                                let mut l = [0f64; 8];
+                                for (j, &v) in d.iter().enumerate() {
+                                    if k.is_none_or(|k| k[blk * 256 + j]) {
+                                        l[j % 8] += (v as f64).abs();
+                                    }
                                 }
-                            }
-                            l
-                        })
-                        .collect()
-                };
-                let bits = |v: &[[f64; 8]]| -> Vec<u64> { v.iter().flatten().map(|x| x.to_bits()).collect() };
-                proptest::prop_assert_eq!(bits(&all_lanes), bits(&lanes(None)));
-                proptest::prop_assert_eq!(bits(&kept_lanes), bits(&lanes(Some(&keep))));
-                let (mut all, mut kept) = (ExactSum::default(), ExactSum::default());
-                for l in &all_lanes {
-                    all.add(fold(l));
+                                l
+                            })
+                            .collect()
+                    };
+                    let bits = |v: &[[f64; 8]]| -> Vec<u64> { v.iter().flatten().map(|x| x.to_bits()).collect() };
+                    proptest::prop_assert_eq!(bits(&all_lanes), bits(&lanes(None)), "{:?}", level);
+                    proptest::prop_assert_eq!(bits(&kept_lanes), bits(&lanes(Some(&keep))), "{:?}", level);
+                    let (mut all, mut kept) = (ExactSum::default(), ExactSum::default());
+                    for l in &all_lanes {
+                        all.add(fold(l));
+                    }
+                    for l in &kept_lanes {
+                        kept.add(fold(l));
+                    }
+                    reduce_abs(&delta[done..], None, &mut all);
+                    reduce_abs(&delta[done..], Some(&keep[done..]), &mut kept);
+                    proptest::prop_assert_eq!(all.value().to_bits(), want_all.value().to_bits());
+                    proptest::prop_assert_eq!(kept.value().to_bits(), want_kept.value().to_bits());
+                    ran += 1;
                 }
-                for l in &kept_lanes {
-                    kept.add(fold(l));
-                }
-                reduce_abs(&delta[done..], None, &mut all);
-                reduce_abs(&delta[done..], Some(&keep[done..]), &mut kept);
-                proptest::prop_assert_eq!(all.value().to_bits(), want_all.value().to_bits());
-                proptest::prop_assert_eq!(kept.value().to_bits(), want_kept.value().to_bits());
             }
+            #[cfg(target_arch = "x86_64")]
+            proptest::prop_assert!(ran > 0 || !std::arch::is_x86_feature_detected!("avx2"), "no build ran");
         }
     }
 }
