@@ -378,33 +378,55 @@ unsafe fn band_sweep(
     let mut under = 0u64;
     let mut len = out.len();
     let dst = out.as_mut_ptr();
-    for b in 0..blocks {
-        let at = b * LANES;
-        let keys = _mm256_and_si256(block(at), magnitude);
-        // Unsigned order: `keys >= lo` where the larger of the two is `keys`.
-        let at_least = _mm256_cmpeq_epi32(_mm256_max_epu32(keys, lo), keys);
-        under += u64::from(8 - (_mm256_movemask_ps(_mm256_castsi256_ps(at_least)) as u32).count_ones());
-        let d = _mm256_sub_epi32(keys, lo);
-        let hits = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_min_epu32(d, width), d)));
-        // `start + at` is below 2^32 (the caller's guarantee), so the index fits 32 bits.
-        let index = _mm256_add_epi32(_mm256_set1_epi32((start + at as u64) as u32 as i32), lanes);
-        // (index, key) pairs: little-endian, each is the candidate `key << 32 | index`.
-        let (low, high) = (_mm256_unpacklo_epi32(index, keys), _mm256_unpackhi_epi32(index, keys));
-        let halves =
-            [_mm256_permute2x128_si256::<0x20>(low, high), _mm256_permute2x128_si256::<0x31>(low, high)];
-        for (h, packed) in halves.into_iter().enumerate() {
-            let mask = (hits >> (4 * h)) as usize & 0xf;
-            // SAFETY: `mask < 16`; `len` never passes the candidates so far, and the
-            // capacity reserved above covers every candidate of this call plus the four
-            // lanes a store may write past them; the loads and stores are unaligned.
+    // Two sweeps a window of blocks, as in the AVX-512 form: count, test and list the blocks
+    // with a candidate, then pack and store only those.
+    const WINDOW: usize = 2048;
+    let mut hits = [0u8; WINDOW];
+    let mut listed = [0u16; WINDOW];
+    for w in (0..blocks).step_by(WINDOW) {
+        let count = (blocks - w).min(WINDOW);
+        let mut found = 0;
+        for k in 0..count {
+            let keys = _mm256_and_si256(block((w + k) * LANES), magnitude);
+            // Unsigned order: `keys >= lo` where the larger of the two is `keys`.
+            let at_least = _mm256_cmpeq_epi32(_mm256_max_epu32(keys, lo), keys);
+            under += u64::from(8 - (_mm256_movemask_ps(_mm256_castsi256_ps(at_least)) as u32).count_ones());
+            let d = _mm256_sub_epi32(keys, lo);
+            let h =
+                _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpeq_epi32(_mm256_min_epu32(d, width), d)));
+            // SAFETY: `k < count <= WINDOW` and `found <= k`.
             unsafe {
-                let order = _mm256_loadu_si256(COMPRESS.get_unchecked(mask).as_ptr().cast::<__m256i>());
-                _mm256_storeu_si256(
-                    dst.add(len).cast::<__m256i>(),
-                    _mm256_permutevar8x32_epi32(packed, order),
-                );
+                *hits.get_unchecked_mut(k) = h as u8;
+                *listed.get_unchecked_mut(found) = k as u16;
             }
-            len += mask.count_ones() as usize;
+            found += usize::from(h != 0);
+        }
+        for &k in listed.get(..found).unwrap_or_default() {
+            let k = usize::from(k);
+            let at = (w + k) * LANES;
+            let keys = _mm256_and_si256(block(at), magnitude);
+            // SAFETY: `k < count <= WINDOW`.
+            let h = unsafe { *hits.get_unchecked(k) };
+            // `start + at` is below 2^32 (the caller's guarantee), so the index fits 32 bits.
+            let index = _mm256_add_epi32(_mm256_set1_epi32((start + at as u64) as u32 as i32), lanes);
+            // (index, key) pairs: little-endian, each is the candidate `key << 32 | index`.
+            let (low, high) = (_mm256_unpacklo_epi32(index, keys), _mm256_unpackhi_epi32(index, keys));
+            let halves =
+                [_mm256_permute2x128_si256::<0x20>(low, high), _mm256_permute2x128_si256::<0x31>(low, high)];
+            for (half, packed) in halves.into_iter().enumerate() {
+                let mask = usize::from(h >> (4 * half)) & 0xf;
+                // SAFETY: `mask < 16`; `len` never passes the candidates so far, and the
+                // capacity reserved above covers every candidate of this call plus the four
+                // lanes a store may write past them; the loads and stores are unaligned.
+                unsafe {
+                    let order = _mm256_loadu_si256(COMPRESS.get_unchecked(mask).as_ptr().cast::<__m256i>());
+                    _mm256_storeu_si256(
+                        dst.add(len).cast::<__m256i>(),
+                        _mm256_permutevar8x32_epi32(packed, order),
+                    );
+                }
+                len += mask.count_ones() as usize;
+            }
         }
     }
     // SAFETY: the first `len` elements were all written (the old ones, then the packed

@@ -6,10 +6,10 @@ use std::arch::x86_64::{
     __m512, __m512d, __m512i, _mm256_maskz_loadu_epi16, _mm512_add_epi32, _mm512_add_epi64, _mm512_add_pd,
     _mm512_and_si512, _mm512_castps_si512, _mm512_castsi512_ps, _mm512_castsi512_si256,
     _mm512_cmple_epu32_mask, _mm512_cmplt_epu32_mask, _mm512_cvtepu16_epi32, _mm512_cvtepu32_epi64,
-    _mm512_extracti64x4_epi64, _mm512_loadu_si512, _mm512_mask_cmplt_epu32_mask, _mm512_maskz_compress_epi64,
-    _mm512_or_si512, _mm512_set1_epi32, _mm512_set1_epi64, _mm512_set_epi32, _mm512_set_epi64,
-    _mm512_setzero_si512, _mm512_slli_epi32, _mm512_slli_epi64, _mm512_storeu_si512, _mm512_sub_epi32,
-    _mm512_sub_ps, _mm512_xor_si512,
+    _mm512_extracti64x4_epi64, _mm512_loadu_si512, _mm512_mask_add_epi32, _mm512_mask_cmplt_epu32_mask,
+    _mm512_maskz_compress_epi64, _mm512_or_si512, _mm512_reduce_add_epi32, _mm512_set1_epi32,
+    _mm512_set1_epi64, _mm512_set_epi32, _mm512_set_epi64, _mm512_setzero_si512, _mm512_slli_epi32,
+    _mm512_slli_epi64, _mm512_storeu_si512, _mm512_sub_epi32, _mm512_sub_ps, _mm512_xor_si512,
 };
 
 use super::real::Real;
@@ -100,29 +100,59 @@ unsafe fn band_sweep(
     let width = _mm512_set1_epi32(span as i32);
     let lanes = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
     let eight = _mm512_set1_epi64(8);
-    let mut under = 0u64;
     let mut len = out.len();
     let dst = out.as_mut_ptr();
-    for b in 0..blocks {
-        let at = b * LANES;
-        let keys = _mm512_and_si512(block(at), magnitude);
-        under += u64::from(_mm512_cmplt_epu32_mask(keys, lo).count_ones());
-        let hits = _mm512_cmple_epu32_mask(_mm512_sub_epi32(keys, lo), width);
-        let index = _mm512_add_epi64(_mm512_set1_epi64((start + at as u64) as i64), lanes);
-        let low = _mm512_slli_epi64::<32>(_mm512_cvtepu32_epi64(_mm512_castsi512_si256(keys)));
-        let high = _mm512_slli_epi64::<32>(_mm512_cvtepu32_epi64(_mm512_extracti64x4_epi64::<1>(keys)));
-        let (hits_low, hits_high) = ((hits & 0xff) as u8, (hits >> 8) as u8);
-        // SAFETY: `len` never passes the candidates so far, and the capacity reserved above
-        // covers every candidate of this call plus the eight lanes each store may write
-        // past them; the stores are unaligned.
-        unsafe {
-            let packed = _mm512_maskz_compress_epi64(hits_low, _mm512_or_si512(low, index));
-            _mm512_storeu_si512(dst.add(len).cast::<__m512i>(), packed);
-            len += hits_low.count_ones() as usize;
-            let packed =
-                _mm512_maskz_compress_epi64(hits_high, _mm512_or_si512(high, _mm512_add_epi64(index, eight)));
-            _mm512_storeu_si512(dst.add(len).cast::<__m512i>(), packed);
-            len += hits_high.count_ones() as usize;
+    // Keys under the band, counted per lane (at most one a block, so no lane overflows
+    // within a window).
+    let one = _mm512_set1_epi32(1);
+    let mut under = 0u64;
+    // Two sweeps a window of blocks: the first counts, tests and lists the blocks with a
+    // candidate (a quarter of them, in no pattern a branch could follow), the second packs
+    // and stores only those.
+    const WINDOW: usize = 1024;
+    let mut hits = [0u16; WINDOW];
+    let mut listed = [0u16; WINDOW];
+    for w in (0..blocks).step_by(WINDOW) {
+        let count = (blocks - w).min(WINDOW);
+        let mut under_lanes = _mm512_setzero_si512();
+        let mut found = 0;
+        for k in 0..count {
+            let keys = _mm512_and_si512(block((w + k) * LANES), magnitude);
+            under_lanes =
+                _mm512_mask_add_epi32(under_lanes, _mm512_cmplt_epu32_mask(keys, lo), under_lanes, one);
+            let h = _mm512_cmple_epu32_mask(_mm512_sub_epi32(keys, lo), width);
+            // SAFETY: `k < count <= WINDOW` and `found <= k`.
+            unsafe {
+                *hits.get_unchecked_mut(k) = h;
+                *listed.get_unchecked_mut(found) = k as u16;
+            }
+            found += usize::from(h != 0);
+        }
+        under += u64::from(_mm512_reduce_add_epi32(under_lanes) as u32);
+        for &k in listed.get(..found).unwrap_or_default() {
+            let k = usize::from(k);
+            let at = (w + k) * LANES;
+            let keys = _mm512_and_si512(block(at), magnitude);
+            // SAFETY: `k < count <= WINDOW`.
+            let h = unsafe { *hits.get_unchecked(k) };
+            let index = _mm512_add_epi64(_mm512_set1_epi64((start + at as u64) as i64), lanes);
+            let low = _mm512_slli_epi64::<32>(_mm512_cvtepu32_epi64(_mm512_castsi512_si256(keys)));
+            let high = _mm512_slli_epi64::<32>(_mm512_cvtepu32_epi64(_mm512_extracti64x4_epi64::<1>(keys)));
+            let (hits_low, hits_high) = ((h & 0xff) as u8, (h >> 8) as u8);
+            // SAFETY: `len` never passes the candidates so far, and the capacity reserved
+            // above covers every candidate of this call plus the eight lanes each store may
+            // write past them; the stores are unaligned.
+            unsafe {
+                let packed = _mm512_maskz_compress_epi64(hits_low, _mm512_or_si512(low, index));
+                _mm512_storeu_si512(dst.add(len).cast::<__m512i>(), packed);
+                len += hits_low.count_ones() as usize;
+                let packed = _mm512_maskz_compress_epi64(
+                    hits_high,
+                    _mm512_or_si512(high, _mm512_add_epi64(index, eight)),
+                );
+                _mm512_storeu_si512(dst.add(len).cast::<__m512i>(), packed);
+                len += hits_high.count_ones() as usize;
+            }
         }
     }
     // SAFETY: the first `len` elements were all written (the old ones, then the compressed

@@ -854,6 +854,53 @@ mod tests {
     }
 
     proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+        /// Sweeps longer than the kernels' windows of blocks (16,384 elements) count and
+        /// gather what the portable sweep does across the windows' seams.
+        #[test]
+        fn long_band_sweeps_are_the_portable_one(
+            seed in any::<u64>(),
+            n in 16_000usize..50_000,
+            lo_key in prop_oneof![Just(0x3f00_0000u32), 0x3e00_0000u32..0x3f80_0000],
+            span in prop_oneof![Just(0x0080_0000u32), 0u32..0x0100_0000],
+            start in prop_oneof![Just(0u64), Just((1u64 << 32) - 60_000)],
+        ) {
+            let mut x = seed | 1;
+            let values: Vec<f32> = (0..n)
+                .map(|_| {
+                    x ^= x << 13;
+                    x ^= x >> 7;
+                    x ^= x << 17;
+                    (x >> 40) as f32 / (1u64 << 24) as f32 - 0.5
+                })
+                .collect();
+            let key = |v: &f32| v.mag_key() as u32;
+            let mut want = Vec::new();
+            let push = |k: u32, i: u64| want.push(u64::from(k) << 32 | i);
+            let under = band_sweep(&values, start, lo_key, span, key, Some(push));
+            let band = crate::kernels::Band { start, lo_key, span };
+            let bf16: Vec<u8> = values.iter().flat_map(|&v| f32_to_bf16(v).to_le_bytes()).collect();
+            let zeros = vec![0u8; bf16.len()];
+            let deltas: Vec<f32> = bf16.chunks(2).map(|h| crate::format::dtype::bf16_to_f32(u16::from_le_bytes([h[0], h[1]]))).collect();
+            let mut want16 = Vec::new();
+            let push16 = |k: u32, i: u64| want16.push(u64::from(k) << 32 | i);
+            let under16 = band_sweep(&deltas, start, lo_key, span, key, Some(push16));
+            for level in [Level::Avx2, Level::Avx512] {
+                let mut got = Vec::new();
+                if let Some(fast) = band_sweep_f32_at(level, &values, band, &mut got) {
+                    prop_assert_eq!(fast, under, "{:?}", level);
+                    prop_assert_eq!(&got, &want, "{:?}", level);
+                }
+                let mut got = Vec::new();
+                if let Some(fast) = band_sweep_bf16_at(level, &bf16, &zeros, band, &mut got) {
+                    prop_assert_eq!(fast, under16, "bf16 {:?}", level);
+                    prop_assert_eq!(&got, &want16, "bf16 {:?}", level);
+                }
+            }
+        }
+    }
+
+    proptest! {
         #![proptest_config(ProptestConfig::with_cases(256))]
         /// The band sweep over stored bf16 task vectors counts and gathers what the portable
         /// sweep does over the decoded differences, for any band, length and alignment.
