@@ -14,13 +14,10 @@ use std::arch::x86_64::{
 };
 
 use super::real::Real;
-use super::{Band, Keep, Ties, TiesInputs, TiesValues};
+use super::{bf16_delta_key, Band, Keep, Ties, TiesInputs, TiesOperands, TIES_MODELS};
 
 /// Lanes of one block: eight f32 values.
 const LANES: usize = 8;
-
-/// The models the fused TIES output handles at most, as the AVX-512 kernel.
-pub const TIES_MODELS: usize = 16;
 
 /// [`super::avx512::ties_f32`] with eight lanes a block: the same operations in the same
 /// order as the portable stepwise election, bit for bit (values left out of a sum add
@@ -32,38 +29,16 @@ pub const TIES_MODELS: usize = 16;
 /// dispatch level).
 #[target_feature(enable = "avx2,fma,bmi1,bmi2,lzcnt,popcnt")]
 pub(super) unsafe fn ties_f32(inputs: &TiesInputs<'_>, mut keep: Keep<'_>, out: &mut [f32]) {
-    let mut ptrs = [std::ptr::null::<u8>(); TIES_MODELS];
-    let mut n = out.len();
-    let (m, base, bf16) = match inputs.values {
-        TiesValues::F32 { models, base } => {
-            for (p, x) in ptrs.iter_mut().zip(models) {
-                *p = x.as_ptr().cast::<u8>();
-                n = n.min(x.len());
-            }
-            (models.len(), base.as_ptr().cast::<u8>(), false)
-        }
-        TiesValues::Bf16 { models, base } => {
-            for (p, x) in ptrs.iter_mut().zip(models) {
-                *p = x.as_ptr();
-                n = n.min(x.len() / 2);
-            }
-            (models.len(), base.as_ptr(), true)
-        }
-    };
-    let n = match inputs.values {
-        TiesValues::F32 { base: b, .. } => n.min(b.len()),
-        TiesValues::Bf16 { base: b, .. } => n.min(b.len() / 2),
-    };
-    let m = m.min(keep.models()).min(inputs.weights.len()).min(inputs.scales.len()).min(TIES_MODELS);
+    let TiesOperands { models, base, bf16, count: m, n } = TiesOperands::of(inputs, keep.models(), out.len());
     let out = out.get_mut(..n).unwrap_or_default();
     let draws = matches!(keep, Keep::Draws { .. });
     // SAFETY: every pointer holds at least `n` values of its kind, and `m` bounds them all.
     unsafe {
         match (bf16, draws) {
-            (true, false) => ties_values::<true, false>(inputs, &ptrs[..m], base, &mut keep, out),
-            (false, false) => ties_values::<false, false>(inputs, &ptrs[..m], base, &mut keep, out),
-            (true, true) => ties_values::<true, true>(inputs, &ptrs[..m], base, &mut keep, out),
-            (false, true) => ties_values::<false, true>(inputs, &ptrs[..m], base, &mut keep, out),
+            (true, false) => ties_values::<true, false>(inputs, &models[..m], base, &mut keep, out),
+            (false, false) => ties_values::<false, false>(inputs, &models[..m], base, &mut keep, out),
+            (true, true) => ties_values::<true, true>(inputs, &models[..m], base, &mut keep, out),
+            (false, true) => ties_values::<false, true>(inputs, &models[..m], base, &mut keep, out),
         }
     }
 }
@@ -92,10 +67,7 @@ fn index_hashes(j: u64) -> __m256i {
         _mm256_xor_si256(mix(low), _mm256_set1_epi32(high as i32))
     } else {
         // The block crosses a multiple of 2^32: lane by lane.
-        let h: [u32; LANES] = std::array::from_fn(|l| {
-            let x = j + l as u64;
-            mix1(x as u32) ^ mix1((x >> 32) as u32 ^ 0x85eb_ca6b)
-        });
+        let h: [u32; LANES] = std::array::from_fn(|l| crate::methods::random::index_hash(j + l as u64));
         // SAFETY: eight u32; the load is unaligned.
         unsafe { _mm256_loadu_si256(h.as_ptr().cast::<__m256i>()) }
     }
@@ -324,11 +296,7 @@ pub(super) unsafe fn band_sweep_bf16(x: &[u8], base: &[u8], band: Band, out: &mu
     let block = |at: usize| unsafe {
         _mm256_castps_si256(_mm256_sub_ps(load::<true>(px, at, LANES), load::<true>(pb, at, LANES)))
     };
-    let tail = |at: usize| {
-        let get = |b: &[u8]| b.get(2 * at..2 * at + 2).map_or(0, |h| u16::from_le_bytes([h[0], h[1]]));
-        let d = crate::format::dtype::bf16_to_f32(get(x)) - crate::format::dtype::bf16_to_f32(get(base));
-        d.mag_key() as u32
-    };
+    let tail = |at: usize| bf16_delta_key(x, base, at);
     // SAFETY: the caller's guarantees.
     unsafe { band_sweep(n, band, out, block, tail) }
 }

@@ -13,7 +13,7 @@ use std::arch::x86_64::{
 };
 
 use super::real::Real;
-use super::{Band, Keep, Ties, TiesInputs, TiesValues};
+use super::{bf16_delta_key, Band, Keep, Ties, TiesInputs, TiesOperands, TIES_MODELS};
 
 /// Lanes of one block: sixteen f32 keys.
 const LANES: usize = 16;
@@ -55,11 +55,7 @@ pub(super) unsafe fn band_sweep_bf16(x: &[u8], base: &[u8], band: Band, out: &mu
         let d = _mm512_sub_ps(load_bf16(u16::MAX, px, at), load_bf16(u16::MAX, pb, at));
         _mm512_castps_si512(d)
     };
-    let tail = |at: usize| {
-        let get = |b: &[u8]| b.get(2 * at..2 * at + 2).map_or(0, |h| u16::from_le_bytes([h[0], h[1]]));
-        let d = crate::format::dtype::bf16_to_f32(get(x)) - crate::format::dtype::bf16_to_f32(get(base));
-        d.mag_key() as u32
-    };
+    let tail = |at: usize| bf16_delta_key(x, base, at);
     // SAFETY: the caller's guarantees.
     unsafe { band_sweep(n, band, out, block, tail) }
 }
@@ -239,10 +235,6 @@ pub(super) unsafe fn abs_block_sums_f32(
     groups * GROUP
 }
 
-/// The models a fused TIES output sub-block handles at most (their weighted task vectors
-/// are held in registers).
-pub const TIES_MODELS: usize = 16;
-
 /// The TIES output of one sub-block, fused (`methods::task_vector`: the task vectors, the
 /// keep masks, the weighted task vectors and the sign election in one sweep, every model's 16
 /// lanes in a register): `δ_i = x_i − base`; `W_i = w_i·(δ_i·s_i)` where model `i`'s cut
@@ -259,38 +251,16 @@ pub const TIES_MODELS: usize = 16;
 /// The CPU must support AVX-512 F/BW/VL/DQ (the caller checks with the dispatch level).
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,bmi1,bmi2,lzcnt,popcnt")]
 pub(super) unsafe fn ties_f32(inputs: &TiesInputs<'_>, mut keep: Keep<'_>, out: &mut [f32]) {
-    let mut ptrs = [std::ptr::null::<u8>(); TIES_MODELS];
-    let mut n = out.len();
-    let (m, base, bf16) = match inputs.values {
-        TiesValues::F32 { models, base } => {
-            for (p, x) in ptrs.iter_mut().zip(models) {
-                *p = x.as_ptr().cast::<u8>();
-                n = n.min(x.len());
-            }
-            (models.len(), base.as_ptr().cast::<u8>(), false)
-        }
-        TiesValues::Bf16 { models, base } => {
-            for (p, x) in ptrs.iter_mut().zip(models) {
-                *p = x.as_ptr();
-                n = n.min(x.len() / 2);
-            }
-            (models.len(), base.as_ptr(), true)
-        }
-    };
-    let n = match inputs.values {
-        TiesValues::F32 { base: b, .. } => n.min(b.len()),
-        TiesValues::Bf16 { base: b, .. } => n.min(b.len() / 2),
-    };
-    let m = m.min(keep.models()).min(inputs.weights.len()).min(inputs.scales.len()).min(TIES_MODELS);
+    let TiesOperands { models, base, bf16, count: m, n } = TiesOperands::of(inputs, keep.models(), out.len());
     let out = out.get_mut(..n).unwrap_or_default();
     let draws = matches!(keep, Keep::Draws { .. });
     // SAFETY: every pointer holds at least `n` values of its kind, and `m` bounds them all.
     unsafe {
         match (bf16, draws) {
-            (true, false) => ties_values::<true, false>(inputs, &ptrs[..m], base, &mut keep, out),
-            (false, false) => ties_values::<false, false>(inputs, &ptrs[..m], base, &mut keep, out),
-            (true, true) => ties_values::<true, true>(inputs, &ptrs[..m], base, &mut keep, out),
-            (false, true) => ties_values::<false, true>(inputs, &ptrs[..m], base, &mut keep, out),
+            (true, false) => ties_values::<true, false>(inputs, &models[..m], base, &mut keep, out),
+            (false, false) => ties_values::<false, false>(inputs, &models[..m], base, &mut keep, out),
+            (true, true) => ties_values::<true, true>(inputs, &models[..m], base, &mut keep, out),
+            (false, true) => ties_values::<false, true>(inputs, &models[..m], base, &mut keep, out),
         }
     }
 }
@@ -319,10 +289,7 @@ fn index_hashes(j: u64) -> __m512i {
         _mm512_xor_si512(mix(low), _mm512_set1_epi32(high as i32))
     } else {
         // The block crosses a multiple of 2^32: lane by lane.
-        let h: [u32; LANES] = std::array::from_fn(|l| {
-            let x = j + l as u64;
-            mix1(x as u32) ^ mix1((x >> 32) as u32 ^ 0x85eb_ca6b)
-        });
+        let h: [u32; LANES] = std::array::from_fn(|l| crate::methods::random::index_hash(j + l as u64));
         // SAFETY: sixteen u32; the load is unaligned.
         unsafe { _mm512_loadu_si512(h.as_ptr().cast::<__m512i>()) }
     }

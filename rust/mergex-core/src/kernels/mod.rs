@@ -107,6 +107,57 @@ impl TiesValues<'_> {
     }
 }
 
+/// The models a fused TIES output sub-block handles at most (their weighted task vectors
+/// are held in registers).
+pub const TIES_MODELS: usize = 16;
+
+/// A fused TIES sub-block's values as pointers, for the SIMD kernels: each model's, the
+/// base's, whether they are bf16 as stored (else f32), how many models have values, weights,
+/// scales and a keep rule (at most [`TIES_MODELS`]), and how many elements all of them and
+/// the output hold.
+#[cfg(target_arch = "x86_64")]
+struct TiesOperands {
+    models: [*const u8; TIES_MODELS],
+    base: *const u8,
+    bf16: bool,
+    count: usize,
+    n: usize,
+}
+
+#[cfg(target_arch = "x86_64")]
+impl TiesOperands {
+    fn of(inputs: &TiesInputs<'_>, rules: usize, out: usize) -> TiesOperands {
+        let mut models = [std::ptr::null::<u8>(); TIES_MODELS];
+        let (count, base, bf16, n) = match inputs.values {
+            TiesValues::F32 { models: xs, base } => {
+                for (p, x) in models.iter_mut().zip(xs) {
+                    *p = x.as_ptr().cast::<u8>();
+                }
+                let n = xs.iter().map(|x| x.len()).fold(out.min(base.len()), usize::min);
+                (xs.len(), base.as_ptr().cast::<u8>(), false, n)
+            }
+            TiesValues::Bf16 { models: xs, base } => {
+                for (p, x) in models.iter_mut().zip(xs) {
+                    *p = x.as_ptr();
+                }
+                let n = xs.iter().map(|x| x.len() / 2).fold(out.min(base.len() / 2), usize::min);
+                (xs.len(), base.as_ptr(), true, n)
+            }
+        };
+        let count = count.min(rules).min(inputs.weights.len()).min(inputs.scales.len()).min(TIES_MODELS);
+        TiesOperands { models, base, bf16, count, n }
+    }
+}
+
+/// The magnitude key of element `at` of the task vector `x − base`, both bf16 as stored
+/// (zero past either's end): the one-element tail of the SIMD band sweeps.
+#[cfg(target_arch = "x86_64")]
+fn bf16_delta_key(x: &[u8], base: &[u8], at: usize) -> u32 {
+    let get = |b: &[u8]| b.get(2 * at..2 * at + 2).map_or(0, |h| u16::from_le_bytes([h[0], h[1]]));
+    let d = crate::format::dtype::bf16_to_f32(get(x)) - crate::format::dtype::bf16_to_f32(get(base));
+    real::Real::mag_key(d) as u32
+}
+
 /// The inputs of a fused TIES output sub-block (`real::dispatch::ties_f32`): the values,
 /// one weight and rescale factor per model, whether to normalize by the agreeing weights,
 /// and λ.

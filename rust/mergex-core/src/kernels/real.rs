@@ -612,6 +612,31 @@ pub mod dispatch {
         }};
     }
 
+    /// `Some` of the AVX-512 or AVX2 form of the kernel `$f` in the build `$level` where the
+    /// CPU has that build; `None` for the portable build (which has no such form), or a build
+    /// the CPU lacks.
+    macro_rules! at_level {
+        ($level:expr, $f:ident($($arg:expr),*)) => {{
+            #[cfg(target_arch = "x86_64")]
+            match $level {
+                l if l > supported() => None,
+                // SAFETY: the CPU has every feature of the build (the arm above).
+                Level::Avx512 => Some(unsafe { crate::kernels::avx512::$f($($arg),*) }),
+                // SAFETY: as above.
+                Level::Avx2 => Some(unsafe { crate::kernels::avx2::$f($($arg),*) }),
+                Level::Portable => {
+                    let _ = ($($arg),*);
+                    None
+                }
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            {
+                let _ = ($level, $($arg),*);
+                None
+            }
+        }};
+    }
+
     /// Run `f` in the chosen build: `f`'s body, and what it inlines, is generated once per
     /// build (it must be `#[inline(always)]`), and the chosen copy is called.
     #[inline(always)]
@@ -631,21 +656,7 @@ pub mod dispatch {
     /// [`band_sweep_f32`] in the build `level`, where the CPU has it (for tests of every
     /// build on one machine).
     pub fn band_sweep_f32_at(level: Level, values: &[f32], band: Band, out: &mut Vec<u64>) -> Option<u64> {
-        if level > supported() {
-            return None;
-        }
-        match level {
-            // SAFETY: the CPU has every feature of `level` (checked above).
-            #[cfg(target_arch = "x86_64")]
-            Level::Avx512 => Some(unsafe { crate::kernels::avx512::band_sweep_f32(values, band, out) }),
-            // SAFETY: as above.
-            #[cfg(target_arch = "x86_64")]
-            Level::Avx2 => Some(unsafe { crate::kernels::avx2::band_sweep_f32(values, band, out) }),
-            _ => {
-                let _ = (values, band, out);
-                None
-            }
-        }
+        at_level!(level, band_sweep_f32(values, band, out))
     }
 
     /// [`band_sweep_f32`] over the task vector `x − base` of bf16 values as stored
@@ -663,21 +674,7 @@ pub mod dispatch {
         band: Band,
         out: &mut Vec<u64>,
     ) -> Option<u64> {
-        if level > supported() {
-            return None;
-        }
-        match level {
-            // SAFETY: the CPU has every feature of `level` (checked above).
-            #[cfg(target_arch = "x86_64")]
-            Level::Avx512 => Some(unsafe { crate::kernels::avx512::band_sweep_bf16(x, base, band, out) }),
-            // SAFETY: as above.
-            #[cfg(target_arch = "x86_64")]
-            Level::Avx2 => Some(unsafe { crate::kernels::avx2::band_sweep_bf16(x, base, band, out) }),
-            _ => {
-                let _ = (x, base, band, out);
-                None
-            }
-        }
+        at_level!(level, band_sweep_bf16(x, base, band, out))
     }
 
     /// Whether this build has [`band_sweep_bf16`], which reads bf16 as stored (the fused
@@ -706,9 +703,9 @@ pub mod dispatch {
 
     /// DARE's L1 sums of one model from stored bf16 (`kernels::avx512::dare_l1_bf16`: every
     /// 256-element block's lane sums of `|δ|` to `all` and of the drawn `|δ|` to `kept`, the
-    /// draws from the elements' index `hashes`) for
-    /// the whole groups of four blocks at the front, where a build has that form (AVX-512,
-    /// AVX2): the elements covered, or `None` where none runs.
+    /// draws from the elements' index `hashes`) for the whole groups of four blocks at the
+    /// front, where a build has that form (AVX-512, AVX2): the elements covered, or `None`
+    /// where none runs.
     pub fn dare_l1_bf16(
         x: &[u8],
         base: &[u8],
@@ -731,25 +728,7 @@ pub mod dispatch {
         all: &mut dyn FnMut(&[f64; 8]),
         kept: &mut dyn FnMut(&[f64; 8]),
     ) -> Option<usize> {
-        if level > supported() {
-            return None;
-        }
-        match level {
-            // SAFETY: the CPU has every feature of `level` (checked above).
-            #[cfg(target_arch = "x86_64")]
-            Level::Avx512 => {
-                Some(unsafe { crate::kernels::avx512::dare_l1_bf16(x, base, hashes, draw, all, kept) })
-            }
-            // SAFETY: as above.
-            #[cfg(target_arch = "x86_64")]
-            Level::Avx2 => {
-                Some(unsafe { crate::kernels::avx2::dare_l1_bf16(x, base, hashes, draw, all, kept) })
-            }
-            _ => {
-                let _ = (x, base, hashes, draw, all, kept);
-                None
-            }
-        }
+        at_level!(level, dare_l1_bf16(x, base, hashes, draw, all, kept))
     }
 
     /// Whether this build has [`dare_l1_bf16`].
@@ -765,9 +744,9 @@ pub mod dispatch {
     fn has_fused_ties_at(level: Level, models: usize) -> bool {
         match level {
             #[cfg(target_arch = "x86_64")]
-            Level::Avx512 => models <= crate::kernels::avx512::TIES_MODELS,
+            Level::Avx512 => models <= crate::kernels::TIES_MODELS,
             #[cfg(target_arch = "x86_64")]
-            Level::Avx2 => models <= crate::kernels::avx2::TIES_MODELS,
+            Level::Avx2 => models <= crate::kernels::TIES_MODELS,
             _ => false,
         }
     }
@@ -783,22 +762,8 @@ pub mod dispatch {
     /// [`ties_f32`] in the build `level`, where the CPU has it (for tests of every build on
     /// one machine): `false` where it has not.
     pub fn ties_f32_at(level: Level, inputs: &TiesInputs<'_>, keep: Keep<'_>, out: &mut [f32]) -> bool {
-        if level > supported() || !has_fused_ties_at(level, inputs.values.models()) {
-            return false;
-        }
-        match level {
-            // SAFETY: the CPU has every feature of `level` (checked above).
-            #[cfg(target_arch = "x86_64")]
-            Level::Avx512 => unsafe { crate::kernels::avx512::ties_f32(inputs, keep, out) },
-            // SAFETY: as above.
-            #[cfg(target_arch = "x86_64")]
-            Level::Avx2 => unsafe { crate::kernels::avx2::ties_f32(inputs, keep, out) },
-            _ => {
-                let _ = (inputs, keep, out);
-                return false;
-            }
-        }
-        true
+        has_fused_ties_at(level, inputs.values.models())
+            && at_level!(level, ties_f32(inputs, keep, out)).is_some()
     }
 
     /// [`super::weighted_sum`] in the chosen build.

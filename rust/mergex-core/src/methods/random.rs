@@ -32,6 +32,13 @@ pub fn draw(stream: u32, j: u64) -> u32 {
 /// The stream-independent half of [`draw`] for elements `start..start+n`:
 /// `mix(lo32(j)) ^ mix(hi32(j) ^ 0x85ebca6b)`, shared by every model of a chunk; then
 /// `draw(stream, j) == mix(stream ^ hashes[j - start])`.
+/// The index hash of flat index `j` (what [`index_hashes`] gives for it): `draw(stream, j)`
+/// is `mix(stream ^ index_hash(j))`.
+#[inline(always)]
+pub fn index_hash(j: u64) -> u32 {
+    mix(j as u32) ^ mix((j >> 32) as u32 ^ 0x85eb_ca6b)
+}
+
 #[inline(always)]
 pub fn index_hashes(start: u64, n: usize, out: &mut Vec<u32>) {
     out.clear();
