@@ -265,9 +265,10 @@ unsafe fn ties_values<const BF16: bool, const DRAWS: bool>(
 
 /// [`super::avx512::band_sweep_f32`] with eight lanes a block: the count of magnitude keys
 /// under `band.lo_key`, and, appended to `out` in index order, `key << 32 | (band.start + j)`
-/// for every element `j` whose key is in the band. AVX2 has no compress: each half block's
-/// four packed candidates are moved into place by a permutation looked up by their mask,
-/// and stored whether or not there are any (no branch depends on the data).
+/// for every element `j` whose key is in the band. As in the AVX-512 form, a first sweep
+/// lists the blocks with a hit; AVX2 has no compress, so each listed half block's four
+/// packed candidates are moved into place by a permutation looked up by their mask (no
+/// branch depends on the data).
 /// `band.start + values.len()` must not exceed 2^32.
 ///
 /// # Safety
@@ -336,7 +337,7 @@ unsafe fn band_sweep(
     tail: impl Fn(usize) -> u32,
 ) -> u64 {
     let blocks = n / LANES;
-    // Every half block stores four candidates at the current end: room for all the
+    // A listed half block stores four candidates at the current end: room for all the
     // candidates plus one store's overhang.
     out.reserve(blocks * LANES + LANES);
     let magnitude = _mm256_set1_epi32(0x7fff_ffff);

@@ -24,9 +24,9 @@ const LANES: usize = 16;
 /// `band.start + values.len()` must not exceed 2^32.
 ///
 /// The portable form tests a block of lanes, then pushes its hits one by one; a block with
-/// a hit is a mispredicted branch, and about one block in four has one. Here every block
-/// compresses its in-band lanes into place and stores them whether or not there are any,
-/// then moves the end of `out` by their count: no branch depends on the data.
+/// a hit is a mispredicted branch, and about one block in four has one. Here a first sweep
+/// lists the blocks with a hit, and a second compresses each listed block's in-band lanes
+/// into place and moves the end of `out` by their count: no branch depends on the data.
 ///
 /// # Safety
 /// The CPU must support AVX-512 F (the caller checks with the dispatch level).
@@ -88,8 +88,8 @@ unsafe fn band_sweep(
     tail: impl Fn(usize) -> u32,
 ) -> u64 {
     let blocks = n / LANES;
-    // Every block stores two full vectors of eight candidates at the current end: room for
-    // all the candidates plus one vector's overhang.
+    // A listed block stores two full vectors of eight candidates at the current end: room
+    // for all the candidates plus one vector's overhang.
     out.reserve(blocks * LANES + LANES);
     let magnitude = _mm512_set1_epi32(0x7fff_ffff);
     let lo = _mm512_set1_epi32(lo_key as i32);
@@ -445,9 +445,9 @@ unsafe fn ties_values<const BF16: bool, const DRAWS: bool>(
 /// bytes an element, any alignment, `base` at least as long as `x`), for the whole groups of
 /// four 256-element blocks at the front: every block's eight f64 lane sums of `|δ|` go to
 /// `all`, and of `|δ|` where the element is drawn (`mix(stream ^ hashes[j]) < threshold`,
-/// `hashes` being the elements' index hashes, as `methods::random` defines them) to `kept`, in block order; lane `l` of a block adds
-/// its elements `l, l + 8, …` in index order, as `methods::reduce_abs` does. Returns the
-/// elements covered (a multiple of 1,024).
+/// `hashes` being the elements' index hashes, as `methods::random` defines them) to `kept`,
+/// in block order; lane `l` of a block adds its elements `l, l + 8, …` in index order, as
+/// `methods::reduce_abs` does. Returns the elements covered (a multiple of 1,024).
 ///
 /// # Safety
 /// The CPU must support AVX-512 F/BW/VL/DQ (the caller checks with the dispatch level).

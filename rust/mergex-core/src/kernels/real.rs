@@ -677,9 +677,10 @@ pub mod dispatch {
         at_level!(level, band_sweep_bf16(x, base, band, out))
     }
 
-    /// Whether this build has [`band_sweep_bf16`], which reads bf16 as stored (the fused
-    /// TIES output reads it too, where [`has_fused_ties`]).
-    pub fn has_bf16_sweep() -> bool {
+    /// Whether this build has the statistics kernels that read bf16 as stored
+    /// ([`band_sweep_bf16`] and [`dare_l1_bf16`]; the fused TIES output reads it too, where
+    /// [`has_fused_ties`]).
+    pub fn has_bf16_kernels() -> bool {
         cfg!(target_arch = "x86_64") && level() >= Level::Avx2
     }
 
@@ -731,24 +732,13 @@ pub mod dispatch {
         at_level!(level, dare_l1_bf16(x, base, hashes, draw, all, kept))
     }
 
-    /// Whether this build has [`dare_l1_bf16`].
-    pub fn has_dare_l1_bf16() -> bool {
-        cfg!(target_arch = "x86_64") && level() >= Level::Avx2
-    }
-
     /// Whether [`ties_f32`] has a fused form in this build for `models` models.
     pub fn has_fused_ties(models: usize) -> bool {
         has_fused_ties_at(level(), models)
     }
 
     fn has_fused_ties_at(level: Level, models: usize) -> bool {
-        match level {
-            #[cfg(target_arch = "x86_64")]
-            Level::Avx512 => models <= crate::kernels::TIES_MODELS,
-            #[cfg(target_arch = "x86_64")]
-            Level::Avx2 => models <= crate::kernels::TIES_MODELS,
-            _ => false,
-        }
+        cfg!(target_arch = "x86_64") && level >= Level::Avx2 && models <= crate::kernels::TIES_MODELS
     }
 
     /// The TIES output of one sub-block, fused, where a build has that form (AVX-512 and

@@ -26,19 +26,18 @@ pub fn stream(seed: u32, tensor: &str, model_pos: u32) -> u32 {
 /// The draw of element `j` (flat index) in `stream`.
 #[inline(always)]
 pub fn draw(stream: u32, j: u64) -> u32 {
-    mix(stream ^ mix(j as u32) ^ mix((j >> 32) as u32 ^ 0x85eb_ca6b))
+    mix(stream ^ index_hash(j))
 }
 
-/// The stream-independent half of [`draw`] for elements `start..start+n`:
-/// `mix(lo32(j)) ^ mix(hi32(j) ^ 0x85ebca6b)`, shared by every model of a chunk; then
-/// `draw(stream, j) == mix(stream ^ hashes[j - start])`.
-/// The index hash of flat index `j` (what [`index_hashes`] gives for it): `draw(stream, j)`
-/// is `mix(stream ^ index_hash(j))`.
+/// The stream-independent half of [`draw`] for flat index `j`:
+/// `mix(lo32(j)) ^ mix(hi32(j) ^ 0x85ebca6b)`.
 #[inline(always)]
 pub fn index_hash(j: u64) -> u32 {
     mix(j as u32) ^ mix((j >> 32) as u32 ^ 0x85eb_ca6b)
 }
 
+/// [`index_hash`] of elements `start..start+n`, shared by every model of a chunk; then
+/// `draw(stream, j) == mix(stream ^ hashes[j - start])`.
 #[inline(always)]
 pub fn index_hashes(start: u64, n: usize, out: &mut Vec<u32>) {
     out.clear();

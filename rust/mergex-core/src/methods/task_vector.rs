@@ -29,9 +29,9 @@ pub(super) const BREADCRUMBS_TIES: Family = Family { sparsify: Kind::Outliers, c
 pub(super) const DELLA: Family = Family { sparsify: Kind::Della, consensus: true };
 pub(super) const DELLA_LINEAR: Family = Family { sparsify: Kind::Della, consensus: false };
 
-/// Sum slots per model: ‖δ‖₁ and ‖δ ⊙ mask‖₁.
+/// Sum slots per model: ‖δ‖₁ and ‖δ ⊙ mask‖₁ (adjacent: [`Stats::sum_pair`] takes both).
 const L1_ALL: usize = 0;
-const L1_KEPT: usize = 1;
+const L1_KEPT: usize = L1_ALL + 1;
 
 struct TaskVector<T> {
     family: Family,
@@ -298,7 +298,7 @@ impl<T: Real> TensorMerge<T> for TaskVector<T> {
         if self.wants_pass() {
             // A statistics pass that only sweeps the selections' bands, or only sums DARE's
             // L1 norms.
-            let sweeps = crate::kernels::real::dispatch::has_bf16_sweep()
+            let sweeps = crate::kernels::real::dispatch::has_bf16_kernels()
                 && !self.rescaling()
                 && self.sparsifiers.iter().all(Sparsifier::sweeps_stored);
             sweeps || self.dare_l1_stored()
@@ -396,21 +396,24 @@ impl<T: Real> TaskVector<T> {
         if T::KEY_BITS > 32 || !crate::kernels::real::dispatch::has_fused_ties(x.models.len()) {
             return false;
         }
-        // What each model keeps: the top of its magnitudes (TIES) or its draws (DARE-TIES).
-        let cuts: Option<Vec<_>> =
-            self.sparsifiers.iter().map(|sp| sp.top_cut().map(|c| c.top_cut_f32(x.start))).collect();
-        let draws: Option<Vec<_>> = self.sparsifiers.iter().map(Sparsifier::draws).collect();
         let lambda = T::as_f32s(std::slice::from_ref(&self.lambda)).and_then(|l| l.first().copied());
         let (Some(weights), Some(scales), Some(lambda)) =
             (T::as_f32s(&self.weights), T::as_f32s(&self.scales), lambda)
         else {
             return false;
         };
-        let (mut cuts, draws) = (cuts.unwrap_or_default(), draws.unwrap_or_default());
-        let keep = match (cuts.len(), draws.len()) {
-            (n, _) if n == self.sparsifiers.len() && n > 0 => Keep::Cuts(&mut cuts),
-            (_, n) if n == self.sparsifiers.len() && n > 0 => Keep::Draws { start: x.start, draws: &draws },
-            _ => return false,
+        // What each model keeps: the top of its magnitudes (TIES) or its draws (DARE-TIES).
+        let (mut cuts, draws): (Vec<_>, Vec<_>);
+        let keep = if let Some(c) =
+            self.sparsifiers.iter().map(|sp| sp.top_cut().map(|c| c.top_cut_f32(x.start))).collect()
+        {
+            cuts = c;
+            Keep::Cuts(&mut cuts)
+        } else if let Some(d) = self.sparsifiers.iter().map(Sparsifier::draws).collect() {
+            draws = d;
+            Keep::Draws { start: x.start, draws: &draws }
+        } else {
+            return false;
         };
         let decoded: Option<Vec<&[f32]>> = x.models.iter().map(|m| T::as_f32s(m)).collect();
         let stored: Vec<&[u8]> = x.stored.iter().skip(1).map(|r| r.bytes).collect();
@@ -456,7 +459,7 @@ impl<T: Real> TaskVector<T> {
             && self.rescaling()
             && !self.selecting()
             && self.sparsifiers.iter().all(|sp| sp.draws().is_some())
-            && crate::kernels::real::dispatch::has_dare_l1_bf16()
+            && crate::kernels::real::dispatch::has_bf16_kernels()
     }
 
     /// [`TaskVector::dare_l1_stored`] over one sub-block: the kernel's whole groups of
