@@ -4,7 +4,14 @@ For each method the script writes a merge config over a set made by ``make_exper
 then measures in the same run:
 
 * **read**: the time to read every input safetensors file once, sequentially, with large
-  reads (the floor for any tool that must look at every input byte);
+  reads (what the targets compare against);
+* **read ∥**: the same bytes read once by all the merge's threads together, each taking
+  every Nth 4 MiB piece of every file (the least a merge on this many cores can spend
+  reading them);
+* **write ∥**: as many bytes as the merge wrote, written into a new file by the same
+  threads together (page cache only, no flush): the least a merge can spend writing;
+* **fixed**: the same CLI merging a one-tensor model (its start-up, config, plan and
+  flush: what every merge costs whatever its size);
 * **mergex**: ``mergex merge CONFIG OUT --ram-budget B --overwrite --quiet`` as a child
   process, timed, with that child's own peak RSS from ``os.wait4``;
 * **mergekit** (with ``--mergekit PYTHON``): ``mergekit-yaml CONFIG OUT`` from that
@@ -30,6 +37,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
@@ -39,6 +47,8 @@ from pathlib import Path
 import make_experts
 
 READ_BUFFER = 16 * 1024 * 1024
+PARALLEL_PIECE = 4 * 1024 * 1024  # a thread's share of a file, round-robin
+PARALLEL_READ = 512 * 1024  # one read within a piece
 TASK_FAMILY = {
     "task_arithmetic",
     "ties",
@@ -221,6 +231,84 @@ def read_all(files: list[Path]) -> tuple[float, int]:
     return time.perf_counter() - start, total
 
 
+def usable_cpus() -> int:
+    """The CPUs this process may run on (mergex's default thread count)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def read_parallel(files: list[Path], threads: int) -> float:
+    """Read every file once with ``threads`` threads together; return the seconds.
+
+    Thread ``t`` reads pieces ``t, t + threads, …`` (of ``PARALLEL_PIECE`` bytes) of every
+    file, as the merge's workers share a tensor's chunks; the reads release the GIL.
+    """
+    sizes = [p.stat().st_size for p in files]
+
+    def work(t: int) -> None:
+        buf = memoryview(bytearray(PARALLEL_READ))
+        for path, size in zip(files, sizes, strict=True):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                for piece in range(t * PARALLEL_PIECE, size, threads * PARALLEL_PIECE):
+                    for at in range(piece, min(piece + PARALLEL_PIECE, size), PARALLEL_READ):
+                        os.preadv(fd, [buf], at)
+            finally:
+                os.close(fd)
+
+    workers = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
+    start = time.perf_counter()
+    for w in workers:
+        w.start()
+    for w in workers:
+        w.join()
+    return time.perf_counter() - start
+
+
+def write_parallel(path: Path, size: int, threads: int) -> float:
+    """Write ``size`` bytes into the new file ``path`` with ``threads`` threads together,
+    pieces shared as in ``read_parallel``; return the seconds (the file is removed, unflushed).
+    """
+    buf = memoryview(os.urandom(PARALLEL_READ))
+    fd = os.open(path, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o644)
+
+    def work(t: int) -> None:
+        for piece in range(t * PARALLEL_PIECE, size, threads * PARALLEL_PIECE):
+            for at in range(piece, min(piece + PARALLEL_PIECE, size), PARALLEL_READ):
+                os.pwrite(fd, buf[: min(PARALLEL_READ, size - at)], at)
+
+    workers = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
+    try:
+        start = time.perf_counter()
+        for w in workers:
+            w.start()
+        for w in workers:
+            w.join()
+        return time.perf_counter() - start
+    finally:
+        os.close(fd)
+        path.unlink()
+
+
+def tiny_merge(work: Path, base_cmd: list[str]) -> list[str]:
+    """A linear merge of two one-tensor models (256 bf16 zeros) in ``work/tiny``: the CLI
+    command whose time is the fixed cost of any merge through it."""
+    root = work / "tiny"
+    header = json.dumps({"w": {"dtype": "BF16", "shape": [256], "data_offsets": [0, 512]}}).encode()
+    header += b" " * (-len(header) % 8)
+    lines = ["merge_method: linear", "models:"]
+    for name in ("a", "b"):
+        (root / name).mkdir(parents=True, exist_ok=True)
+        data = len(header).to_bytes(8, "little") + header + bytes(512)
+        (root / name / "model.safetensors").write_bytes(data)
+        lines += [f"  - model: {json.dumps(str(root / name))}", "    parameters: {weight: 1.0}"]
+    config = root / "tiny.yml"
+    config.write_text("\n".join(lines) + "\n")
+    return [*base_cmd, "merge", str(config), str(root / "out"), "--overwrite", "--quiet"]
+
+
 @dataclass
 class ChildRun:
     """One timed child process."""
@@ -302,6 +390,8 @@ class Result:
     tool: str
     input_bytes: int
     read_seconds: list[float] = field(default_factory=list)
+    parallel_read_seconds: list[float] = field(default_factory=list)
+    parallel_write_seconds: list[float] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
     peak_rss: list[int] = field(default_factory=list)
     output_bytes: int = 0
@@ -311,6 +401,16 @@ class Result:
     def best_read(self) -> float:
         """Fastest read of the inputs."""
         return min(self.read_seconds) if self.read_seconds else float("nan")
+
+    @property
+    def best_parallel_read(self) -> float:
+        """Fastest read of the inputs by all the merge's threads."""
+        return min(self.parallel_read_seconds) if self.parallel_read_seconds else float("nan")
+
+    @property
+    def best_parallel_write(self) -> float:
+        """Fastest write of the output's size by all the merge's threads."""
+        return min(self.parallel_write_seconds) if self.parallel_write_seconds else float("nan")
 
     @property
     def best(self) -> float:
@@ -337,6 +437,10 @@ def measure(
             evict(inputs)
         secs, _ = read_all(inputs)
         result.read_seconds.append(secs)
+        if args.cold:
+            evict(inputs)
+        threads = args.threads or usable_cpus()
+        result.parallel_read_seconds.append(read_parallel(inputs, threads))
         if out.exists():
             shutil.rmtree(out)
         os.sync()
@@ -357,14 +461,38 @@ def measure(
             break
         result.seconds.append(run.seconds)
         result.peak_rss.append(run.peak_rss)
+        os.sync()  # the output's writeback must not overlap the measured write
+        result.parallel_write_seconds.append(
+            write_parallel(out.parent / ".write-floor", result.output_bytes, threads)
+        )
         print(
-            f"  {tool} {name} [{i + 1}/{args.repeat}]: read {secs:.2f} s,"
-            f" merge {run.seconds:.2f} s, peak RSS {run.peak_rss / 2**20:.0f} MiB",
+            f"  {tool} {name} [{i + 1}/{args.repeat}]: read {secs:.2f} s"
+            f" ({result.parallel_read_seconds[-1]:.2f} s on all threads),"
+            f" merge {run.seconds:.2f} s, peak RSS {run.peak_rss / 2**20:.0f} MiB,"
+            f" writing its output's size on all threads {result.parallel_write_seconds[-1]:.2f} s",
             flush=True,
         )
     if not args.keep_output and out.exists():
         shutil.rmtree(out)
     return result
+
+
+def measure_fixed(work: Path, base_cmd: list[str], args: argparse.Namespace) -> float | None:
+    """The best of at least three runs of ``tiny_merge``, or None if it fails."""
+    cmd = tiny_merge(work, base_cmd)
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    best = None
+    for _ in range(max(3, args.repeat)):
+        run = run_child(cmd)
+        if run.returncode != 0:
+            print(f"  fixed cost not measured: the one-tensor merge failed (exit {run.returncode})")
+            if args.verbose:
+                print(run.stderr, file=sys.stderr)
+            return None
+        best = run.seconds if best is None else min(best, run.seconds)
+    print(f"  fixed cost (one-tensor merge): {best:.3f} s", flush=True)
+    return best
 
 
 # --- reporting ------------------------------------------------------------------
@@ -413,17 +541,22 @@ def file_huge_pages() -> int | None:
     return None
 
 
-def print_table(results: list[Result]) -> None:
-    """Print seconds, GB/s, peak RSS and the ratio to the plain read, a row a run."""
+def print_table(results: list[Result], fixed: float | None) -> None:
+    """Print seconds, GB/s, peak RSS and the ratio to the plain read, a row a run; for
+    mergex also the floor: its fixed cost plus the all-thread read and write, against the
+    read."""
     header = (
         "method",
         "tool",
         "input GB",
         "read s",
+        "read ∥ s",
+        "write ∥ s",
         "merge s",
         "GB/s",
         "peak RSS MiB",
         "x read",
+        "floor x",
     )
     rows = [header]
     for r in results:
@@ -434,7 +567,10 @@ def print_table(results: list[Result]) -> None:
                     r.tool,
                     f"{r.input_bytes / 1e9:.3f}",
                     "",
+                    "",
+                    "",
                     "FAILED",
+                    "",
                     "",
                     "",
                     "",
@@ -447,10 +583,15 @@ def print_table(results: list[Result]) -> None:
                 r.tool,
                 f"{r.input_bytes / 1e9:.3f}",
                 f"{r.best_read:.2f}",
+                f"{r.best_parallel_read:.2f}",
+                f"{r.best_parallel_write:.2f}",
                 f"{r.best:.2f}",
                 f"{r.input_bytes / r.best / 1e9:.2f}",
                 f"{max(r.peak_rss) / 2**20:.0f}",
                 f"{r.best / r.best_read:.2f}",
+                f"{(fixed + r.best_parallel_read + r.best_parallel_write) / r.best_read:.2f}"
+                if fixed and r.tool == "mergex"
+                else "",
             )
         )
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
@@ -554,10 +695,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.mergekit:
         tools.append(("mergekit", mergekit_command(args.mergekit)))
     if not args.no_space_check:
-        # One output at a time unless kept; each is about one model's size.
+        # One output at a time unless kept, each about one model's size, and the write ∥
+        # file of the same size beside the newest.
         per_output = folder_bytes(models.base)
         kept = len(methods) * len(tools) if args.keep_output else 1
-        check_space(work, per_output * kept)
+        check_space(work, per_output * (kept + 1))
 
     print(
         f"set {models.root}: base + {len(models.experts)} experts,"
@@ -566,6 +708,7 @@ def main(argv: list[str] | None = None) -> int:
         f" {'cold' if args.cold else 'warm'} page cache, best of {args.repeat}",
         flush=True,
     )
+    fixed = measure_fixed(work, tools[0][1], args)
     results: list[Result] = []
     for method in methods:
         config = method_config(method, models)
@@ -589,7 +732,12 @@ def main(argv: list[str] | None = None) -> int:
             results.append(measure(method, tool, cmd, inputs, out, args))
 
     print()
-    print_table(results)
+    print_table(results, fixed)
+    if fixed is not None:
+        print(
+            f"fixed cost of a merge through this CLI (a one-tensor model): {fixed:.3f} s;"
+            " floor x = (fixed + read ∥ + write ∥) / read, the least any merge through it could show"
+        )
     huge = file_huge_pages()
     if huge is not None:
         print(f"page cache: {huge / 2**30:.1f} GiB of file data in huge pages (reads from them are faster)")
@@ -601,6 +749,7 @@ def main(argv: list[str] | None = None) -> int:
             "threads": args.threads,
             "cold": args.cold,
             "repeat": args.repeat,
+            "fixed_seconds": fixed,
             "machine": machine_info(),
             "results": [asdict(r) for r in results],
         }

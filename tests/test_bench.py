@@ -1,0 +1,86 @@
+"""The benchmark's floor measurements (``benches/bench.py``): what they read, write and run."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCHES = Path(__file__).resolve().parent.parent / "benches"
+sys.path.insert(0, str(BENCHES))
+
+import bench  # noqa: E402  (beside make_experts.py, which it imports)
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_read_parallel_reads_every_byte_once(tmp_path, monkeypatch, threads):
+    # Sizes around the piece and read lengths, so that every edge is crossed.
+    piece, step = 4096, 1024
+    monkeypatch.setattr(bench, "PARALLEL_PIECE", piece)
+    monkeypatch.setattr(bench, "PARALLEL_READ", step)
+    sizes = [0, 1, step - 1, piece, piece + 1, 3 * piece + step + 7]
+    files = []
+    for i, size in enumerate(sizes):
+        path = tmp_path / f"f{i}"
+        path.write_bytes(bytes([i + 1]) * size)
+        files.append(path)
+    seen: dict[str, list[tuple[int, int]]] = {}
+    real_preadv = os.preadv
+
+    def preadv(fd, buffers, offset):
+        n = real_preadv(fd, buffers, offset)
+        seen.setdefault(os.readlink(f"/proc/self/fd/{fd}"), []).append((offset, n))
+        return n
+
+    monkeypatch.setattr(bench.os, "preadv", preadv)
+    assert bench.read_parallel(files, threads) >= 0
+    for i, (path, size) in enumerate(zip(files, sizes, strict=True)):
+        got = sorted(seen.get(str(path), []))
+        covered = [b for at, n in got for b in range(at, at + n)]
+        assert covered == list(range(size)), f"file {i} of {size} bytes"
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_write_parallel_writes_the_size_and_removes_the_file(tmp_path, monkeypatch, threads):
+    monkeypatch.setattr(bench, "PARALLEL_PIECE", 4096)
+    monkeypatch.setattr(bench, "PARALLEL_READ", 1024)
+    path = tmp_path / "w"
+    written: list[tuple[int, int]] = []
+    real_pwrite = os.pwrite
+
+    def pwrite(fd, data, offset):
+        n = real_pwrite(fd, data, offset)
+        written.append((offset, n))
+        return n
+
+    monkeypatch.setattr(bench.os, "pwrite", pwrite)
+    size = 3 * 4096 + 1024 + 5
+    assert bench.write_parallel(path, size, threads) >= 0
+    assert [b for at, n in sorted(written) for b in range(at, at + n)] == list(range(size))
+    assert not path.exists()
+
+
+def test_tiny_merge_is_a_merge_the_cli_runs(tmp_path, mergex_mod):
+    cmd = bench.tiny_merge(tmp_path, [sys.executable, "-m", "mergex"])
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr
+    (info,) = mergex_mod.inspect(tmp_path / "tiny" / "out")
+    assert (info.name, info.shape) == ("w", (256,))
+
+
+def test_the_floor_is_fixed_plus_parallel_read_and_write_over_the_read(capsys):
+    r = bench.Result("linear", "mergex", 4 * 10**9)
+    r.read_seconds += [0.5, 0.4]
+    r.parallel_read_seconds += [0.3, 0.2]
+    r.parallel_write_seconds += [0.1, 0.15]
+    r.seconds += [0.7, 0.6]
+    r.peak_rss += [2**20]
+    bench.print_table([r], fixed=0.1)
+    header, _, row = capsys.readouterr().out.splitlines()[:3]
+    table = dict(zip(re.split(r"\s{2,}", header.strip()), row.split(), strict=True))
+    assert table["x read"] == "1.50"  # 0.6 / 0.4
+    assert table["floor x"] == "1.00"  # (0.1 + 0.2 + 0.1) / 0.4, each the best of its rounds
