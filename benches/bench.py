@@ -40,6 +40,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -240,25 +241,18 @@ def usable_cpus() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def read_parallel(files: list[Path], threads: int) -> float:
-    """Read every file once with ``threads`` threads together; return the seconds.
+def offsets(t: int, threads: int, size: int) -> list[int]:
+    """Where thread ``t`` of ``threads`` reads or writes a file of ``size`` bytes: its pieces
+    ``t, t + threads, …`` of ``PARALLEL_PIECE`` bytes, in steps of ``PARALLEL_READ``."""
+    return [
+        at
+        for piece in range(t * PARALLEL_PIECE, size, threads * PARALLEL_PIECE)
+        for at in range(piece, min(piece + PARALLEL_PIECE, size), PARALLEL_READ)
+    ]
 
-    Thread ``t`` reads pieces ``t, t + threads, …`` (of ``PARALLEL_PIECE`` bytes) of every
-    file, as the merge's workers share a tensor's chunks; the reads release the GIL.
-    """
-    sizes = [p.stat().st_size for p in files]
 
-    def work(t: int) -> None:
-        buf = memoryview(bytearray(PARALLEL_READ))
-        for path, size in zip(files, sizes, strict=True):
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                for piece in range(t * PARALLEL_PIECE, size, threads * PARALLEL_PIECE):
-                    for at in range(piece, min(piece + PARALLEL_PIECE, size), PARALLEL_READ):
-                        os.preadv(fd, [buf], at)
-            finally:
-                os.close(fd)
-
+def on_threads(work: Callable[[int], None], threads: int) -> float:
+    """Run ``work(t)`` for every ``t < threads`` on threads of their own; the seconds."""
     workers = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
     start = time.perf_counter()
     for w in workers:
@@ -268,32 +262,40 @@ def read_parallel(files: list[Path], threads: int) -> float:
     return time.perf_counter() - start
 
 
+def read_parallel(files: list[Path], threads: int) -> float:
+    """Read every file once with ``threads`` threads together (``offsets``, as the merge's
+    workers share a tensor's chunks; the reads release the GIL); return the seconds."""
+    sizes = [p.stat().st_size for p in files]
+
+    def work(t: int) -> None:
+        buf = memoryview(bytearray(PARALLEL_READ))
+        for path, size in zip(files, sizes, strict=True):
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                for at in offsets(t, threads, size):
+                    os.preadv(fd, [buf], at)
+            finally:
+                os.close(fd)
+
+    return on_threads(work, threads)
+
+
 def write_parallel(path: Path, size: int, threads: int) -> float:
-    """Write ``size`` bytes over the file ``path`` with ``threads`` threads together, pieces
-    shared as in ``read_parallel``; return the seconds. The file is first filled (not
-    timed), so the timed writes only copy into pages the page cache already holds: no merge
-    can put its output there for less. The file is removed unflushed.
+    """Write ``size`` bytes over the file ``path`` with ``threads`` threads together
+    (``offsets``); return the seconds. The file is first filled (not timed), so the timed
+    writes only copy into pages the page cache already holds: no merge can put its output
+    there for less. The file is removed unflushed.
     """
     buf = memoryview(os.urandom(PARALLEL_READ))
     fd = os.open(path, os.O_CREAT | os.O_TRUNC | os.O_WRONLY, 0o644)
 
     def work(t: int) -> None:
-        for piece in range(t * PARALLEL_PIECE, size, threads * PARALLEL_PIECE):
-            for at in range(piece, min(piece + PARALLEL_PIECE, size), PARALLEL_READ):
-                os.pwrite(fd, buf[: min(PARALLEL_READ, size - at)], at)
-
-    def run_all() -> float:
-        workers = [threading.Thread(target=work, args=(t,)) for t in range(threads)]
-        start = time.perf_counter()
-        for w in workers:
-            w.start()
-        for w in workers:
-            w.join()
-        return time.perf_counter() - start
+        for at in offsets(t, threads, size):
+            os.pwrite(fd, buf[: min(PARALLEL_READ, size - at)], at)
 
     try:
-        run_all()
-        return run_all()
+        on_threads(work, threads)
+        return on_threads(work, threads)
     finally:
         os.close(fd)
         path.unlink()
