@@ -391,6 +391,11 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.glob("*.safetensors")) if folder.is_dir() else 0
 
 
+def best_of(seconds: list[float]) -> float:
+    """The fastest of some timings (NaN if there are none)."""
+    return min(seconds, default=float("nan"))
+
+
 @dataclass
 class Result:
     """All measurements of one method with one tool."""
@@ -409,22 +414,22 @@ class Result:
     @property
     def best_read(self) -> float:
         """Fastest read of the inputs."""
-        return min(self.read_seconds) if self.read_seconds else float("nan")
+        return best_of(self.read_seconds)
 
     @property
     def best_parallel_read(self) -> float:
         """Fastest read of the inputs by all the merge's threads."""
-        return min(self.parallel_read_seconds) if self.parallel_read_seconds else float("nan")
+        return best_of(self.parallel_read_seconds)
 
     @property
     def best_parallel_write(self) -> float:
         """Fastest write of the output's size by all the merge's threads."""
-        return min(self.parallel_write_seconds) if self.parallel_write_seconds else float("nan")
+        return best_of(self.parallel_write_seconds)
 
     @property
     def best(self) -> float:
         """Fastest merge."""
-        return min(self.seconds) if self.seconds else float("nan")
+        return best_of(self.seconds)
 
 
 def measure(
@@ -599,7 +604,7 @@ def print_table(results: list[Result], fixed: float | None) -> None:
                 f"{max(r.peak_rss) / 2**20:.0f}",
                 f"{r.best / r.best_read:.2f}",
                 f"{(fixed + r.best_parallel_read + r.best_parallel_write) / r.best_read:.2f}"
-                if fixed and r.tool == "mergex"
+                if fixed is not None and r.tool == "mergex"
                 else "",
             )
         )
