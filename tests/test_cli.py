@@ -71,6 +71,8 @@ def test_shipped_examples_merge(example, tmp_path):
     r = models.run_cli(["merge", f"examples/{example}.yml", str(out), "--ram-budget", "64KiB"], cwd=ROOT)
     assert r.returncode == 0, r.stderr
     assert "wrote" in r.stdout
+    # The summary times the top-k selections' samples apart from the passes (TIES only here).
+    assert ("sample: " in r.stdout.rsplit("passes: ", 1)[-1]) == (example == "ties"), r.stdout
     merged = models.read_output(out)
     expect_layers = 4 if example == "frankenmerge" else 2
     assert merged.config()["num_hidden_layers"] == expect_layers

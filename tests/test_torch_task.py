@@ -167,12 +167,14 @@ def case_config(case: str, base: models.Model, xs: list[models.Model]) -> tuple[
 
 
 class Recorder:
-    """Wraps a torch method's builder: per tensor, the passes it planned and ran."""
+    """Wraps a torch method's builder: per tensor, the passes it planned and ran, and the
+    tensors that read a sample first."""
 
     def __init__(self, build: Callable[[TensorCtx], TorchMerge]) -> None:
         self.build = build
         self.planned: dict[str, int] = {}
         self.ran: dict[str, int] = {}
+        self.sampled: set[str] = set()
         self.dtypes: set[torch.dtype] = set()
 
     def __call__(self, ctx: TensorCtx) -> TorchMerge:
@@ -187,6 +189,13 @@ class Recorder:
             end_pass()
 
         merger.end_pass = counted  # type: ignore[method-assign]
+        end_sample = merger.end_sample
+
+        def sampled() -> None:
+            self.sampled.add(ctx.name)
+            end_sample()
+
+        merger.end_sample = sampled  # type: ignore[method-assign]
         return merger
 
 
@@ -204,6 +213,8 @@ def run_both(mergex_mod, monkeypatch, cfg: dict, root: Path, seed: int, budget: 
     assert Counter(p + 1 for p in rec.planned.values()) == plan.passes
     assert max(rec.ran.values(), default=0) == len(r.stat_pass_seconds) == len(t.stat_pass_seconds)
     assert r.kernels in ("avx512", "avx2", "portable") and t.kernels == "torch (cpu)"
+    # Both engines time the samples apart from the passes, and only when one was read.
+    assert (r.sample_seconds > 0) == (t.sample_seconds > 0) == bool(rec.sampled)
     return models.read_output(root / "rust"), models.read_output(root / "torch"), rec
 
 
@@ -284,6 +295,16 @@ def test_magnitude_cuts_take_several_passes(families, mergex_mod, monkeypatch, t
     _, _, rec = run_both(mergex_mod, monkeypatch, cfg, tmp_path, seed)
     assert rec.ran["lm_head.weight"] == 4
     assert rec.planned["lm_head.weight"] == 2
+
+
+def test_samples_are_timed_apart_from_the_passes(families, mergex_mod, monkeypatch, tmp_path):
+    # A TIES merge of tensors larger than a sample reads one first (run_both checks that both
+    # engines then report its seconds); a merge without a selection reads none.
+    base, xs = families["planted"]
+    for case, samples in (("ties", True), ("task_arithmetic", False)):
+        cfg, seed = case_config(case, base, xs)
+        _, _, rec = run_both(mergex_mod, monkeypatch, cfg, tmp_path / case, seed)
+        assert bool(rec.sampled) == samples, case
 
 
 def test_progress_ends_at_its_total_with_samples(families, mergex_mod, monkeypatch, tmp_path):

@@ -44,8 +44,12 @@ class MergeResult:
     peak_rss: int
     """Peak resident memory of this process so far, in bytes."""
     warnings: list[str] = field(default_factory=list)
+    sample_seconds: float = 0.0
+    """Wall seconds reading the selections' samples and planning their bands before the
+    first pass (TIES and other top-k methods), summed over tensors."""
     stat_pass_seconds: list[float] = field(default_factory=list)
-    """Wall seconds of the k-th statistics pass, summed over tensors."""
+    """Wall seconds of the k-th statistics pass, with merging its statistics (e.g.
+    resolving the cuts), summed over tensors."""
     output_seconds: float = 0.0
     """Wall seconds of the output passes."""
     kernels: str = ""
@@ -335,6 +339,7 @@ def merge(
         seconds=time.perf_counter() - start,
         peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         warnings=folder.notes + job.warnings,
+        sample_seconds=float(summary["sample_seconds"]),
         stat_pass_seconds=[float(x) for x in summary["stat_pass_seconds"]],
         output_seconds=float(summary["output_seconds"]),
         kernels=str(summary["kernels"]) if backend.engine == "rust" else f"torch ({backend.device})",

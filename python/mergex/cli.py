@@ -143,10 +143,11 @@ def merge(
                 f"in {result.seconds:.1f} s; read {format_size(result.bytes_read)} at {rate:.2f} GB/s; "
                 f"peak RSS {format_size(result.peak_rss)}"
             )
+            sample = [f"sample: {result.sample_seconds:.1f} s"] if result.sample_seconds > 0 else []
             passes = [f"statistics {i + 1}: {t:.1f} s" for i, t in enumerate(result.stat_pass_seconds)]
             typer.echo(
                 "passes: "
-                + ", ".join([*passes, f"output: {result.output_seconds:.1f} s"])
+                + ", ".join([*sample, *passes, f"output: {result.output_seconds:.1f} s"])
                 + f"; kernels: {result.kernels}"
             )
 

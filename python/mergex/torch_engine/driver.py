@@ -77,6 +77,7 @@ class Driver:
         if not self.cuda:
             # --threads bounds torch's CPU threads as it bounds the Rust engine's.
             torch.set_num_threads(int(spec["threads"]))
+        self.sample_seconds = 0.0
         self.stat_seconds: list[float] = []
         self.output_seconds = 0.0
 
@@ -120,6 +121,7 @@ class Driver:
         finally:
             self.reader.shutdown(wait=True)
         summary: dict[str, Any] = dict(json.loads(self.stream.close()))
+        summary["sample_seconds"] = self.sample_seconds
         summary["stat_pass_seconds"] = self.stat_seconds
         summary["output_seconds"] = self.output_seconds
         return summary
@@ -150,9 +152,11 @@ class Driver:
         merger = self.builder(ctx)
         sample = merger.sample_ranges()
         if sample:
+            clock = time.perf_counter()
             for x in self.chunks(i, replace(ctx, chunks=sample), count=False):
                 merger.sample_chunk(x)
             merger.end_sample()
+            self.sample_seconds += time.perf_counter() - clock
         npass = 0
         while merger.wants_pass():
             clock = time.perf_counter()

@@ -31,7 +31,11 @@ pub struct RunSummary {
     pub bytes_written: u64,
     /// Output tensors.
     pub tensors: usize,
-    /// Wall seconds spent in the k-th statistics pass, summed over tensors.
+    /// Wall seconds spent reading the selections' samples and planning their bands before
+    /// the first pass, summed over tensors.
+    pub sample_seconds: f64,
+    /// Wall seconds spent in the k-th statistics pass (with merging its statistics, e.g.
+    /// resolving the cuts), summed over tensors.
     pub stat_pass_seconds: Vec<f64>,
     /// Wall seconds spent in output passes (and copies).
     pub output_seconds: f64,
@@ -39,9 +43,10 @@ pub struct RunSummary {
     pub kernels: String,
 }
 
-/// Wall time per pass, summed over tensors.
+/// Wall time of the samples and of each pass, summed over tensors.
 #[derive(Debug, Default)]
 struct Timings {
+    sample: f64,
     stats: Vec<f64>,
     output: f64,
 }
@@ -138,6 +143,7 @@ impl Engine {
             Ok(())
         })?;
         let mut summary = self.close_sink(sink, dir, progress)?;
+        summary.sample_seconds = times.sample;
         summary.stat_pass_seconds = times.stats;
         summary.output_seconds = times.output;
         Ok(summary)
@@ -190,6 +196,7 @@ impl Engine {
         let dtypes: Vec<Dtype> = t.views().map(|v| v.entry.dtype).collect();
         let sample = merger.sample_ranges();
         if !sample.is_empty() {
+            let clock = Instant::now();
             // A few small ranges, read by the workers; not counted as progress. All are
             // announced first, so that cold reads queue together instead of one by one
             // (unless an input's first and last ranges are cached: then it is warm).
@@ -205,6 +212,7 @@ impl Engine {
                 })
             })?;
             merger.end_sample(scratch.take_stats())?;
+            times.sample += clock.elapsed().as_secs_f64();
         }
         let mut pass = 0;
         while merger.wants_pass() {

@@ -265,6 +265,7 @@ impl Engine {
             bytes_read: progress.bytes_done.load(Ordering::Relaxed),
             bytes_written: self.bytes_written(),
             tensors: self.tensors.len(),
+            sample_seconds: 0.0,
             stat_pass_seconds: Vec::new(),
             output_seconds: 0.0,
             kernels: crate::kernels::real::dispatch::level().name().to_string(),
