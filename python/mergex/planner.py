@@ -13,11 +13,10 @@ from .errors import CheckpointError, ConfigError
 from .methods import MethodSpec, get_method
 from .models import Model, TensorInfo
 from .params import NOT_FOUND, layer_index, lookup, rename_layer, to_f32
+from .quant import FLOAT_DTYPES, check
 
 __all__ = ["Job", "build_job"]
 
-FLOAT_DTYPES = {"F8_E4M3", "F8_E5M2", "F16", "BF16", "F32", "F64"}
-OUTPUT_DTYPES = {"F16", "BF16", "F32", "F64"}
 _BEFORE = ("embed_tokens", "wte", "wpe", "tok_embeddings", "word_embeddings", "embeddings.")
 _EMBEDDING = (
     "embed_tokens",
@@ -100,6 +99,8 @@ class _Planner:
 
     def _open(self, ref: str) -> Model:
         m = Model.open(ref, self.cfg.source_dir)
+        if m.path not in self.models:
+            check(m)  # quantized and stray non-float tensors stop the merge here (QUANT.md)
         return self.models.setdefault(m.path, m)
 
     def _is_base(self, m: Model) -> bool:
@@ -189,7 +190,7 @@ class _Planner:
                 "copy": True,
                 "inputs": [{"model": index(src.model), "tensor": ref.name}],
             }
-        out_dtype = self.cfg.output_dtype or (ref.dtype if ref.dtype in OUTPUT_DTYPES else "BF16")
+        out_dtype = self.cfg.output_dtype or ref.dtype
         base_i = ref_i if self.uses_base and sources[ref_i].is_base else None
         members = [i for i in range(len(sources)) if i != base_i]
         self.check_count(out_name, len(members))

@@ -99,6 +99,22 @@ pub enum Error {
         /// The dtype string found.
         dtype: String,
     },
+    /// A dtype of a quantized format that mergex refuses (`F8_E4M3FNUZ`, `F4`, `F6_*`).
+    #[error("{path}: tensor '{tensor}' has dtype {dtype}, a quantized format mergex does not support")]
+    RefusedDtype {
+        /// The file.
+        path: PathBuf,
+        /// The tensor name.
+        tensor: String,
+        /// The dtype string found.
+        dtype: String,
+    },
+    /// A GGUF file where a safetensors file was expected.
+    #[error("{path}: GGUF checkpoints are not supported (the file starts with 'GGUF'); use the model's safetensors release")]
+    Gguf {
+        /// The file.
+        path: PathBuf,
+    },
     /// The shape and dtype imply a byte size other than the data offsets give.
     #[error("{path}: tensor '{tensor}': shape {shape:?} of {dtype} needs {expected} bytes but its data offsets span {actual}")]
     ShapeSize {

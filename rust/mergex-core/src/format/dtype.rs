@@ -28,6 +28,9 @@ pub enum Dtype {
     F8_E4M3,
     /// 8-bit float, 5 exponent bits, 2 mantissa bits (IEEE-like).
     F8_E5M2,
+    /// 8-bit power of two 2^(b-127), the shared scale of MX formats and of `ue8m0` block
+    /// FP8 scales (QUANT.md §2). Never a value to merge on its own.
+    F8_E8M0,
     /// IEEE half precision.
     F16,
     /// bfloat16.
@@ -53,6 +56,7 @@ impl Dtype {
             "U64" => Dtype::U64,
             "F8_E4M3" => Dtype::F8_E4M3,
             "F8_E5M2" => Dtype::F8_E5M2,
+            "F8_E8M0" => Dtype::F8_E8M0,
             "F16" => Dtype::F16,
             "BF16" => Dtype::BF16,
             "F32" => Dtype::F32,
@@ -75,6 +79,7 @@ impl Dtype {
             Dtype::U64 => "U64",
             Dtype::F8_E4M3 => "F8_E4M3",
             Dtype::F8_E5M2 => "F8_E5M2",
+            Dtype::F8_E8M0 => "F8_E8M0",
             Dtype::F16 => "F16",
             Dtype::BF16 => "BF16",
             Dtype::F32 => "F32",
@@ -85,7 +90,7 @@ impl Dtype {
     /// Bytes per element.
     pub fn size(self) -> usize {
         match self {
-            Dtype::BOOL | Dtype::U8 | Dtype::I8 | Dtype::F8_E4M3 | Dtype::F8_E5M2 => 1,
+            Dtype::BOOL | Dtype::U8 | Dtype::I8 | Dtype::F8_E4M3 | Dtype::F8_E5M2 | Dtype::F8_E8M0 => 1,
             Dtype::I16 | Dtype::U16 | Dtype::F16 | Dtype::BF16 => 2,
             Dtype::I32 | Dtype::U32 | Dtype::F32 => 4,
             Dtype::I64 | Dtype::U64 | Dtype::F64 => 8,
@@ -93,6 +98,7 @@ impl Dtype {
     }
 
     /// Whether values of this dtype are merged (floating point); others are copied through.
+    /// F8_E8M0 is not: it only ever holds the scales of a quantized weight.
     pub fn is_float(self) -> bool {
         matches!(self, Dtype::F8_E4M3 | Dtype::F8_E5M2 | Dtype::F16 | Dtype::BF16 | Dtype::F32 | Dtype::F64)
     }
@@ -102,6 +108,10 @@ impl Dtype {
         matches!(self, Dtype::F16 | Dtype::BF16 | Dtype::F32 | Dtype::F64)
     }
 }
+
+/// The safetensors dtypes of quantized formats that mergex refuses (QUANT.md §2, §9): the
+/// header parser names them as such instead of as unknown.
+pub const REFUSED_DTYPES: &[&str] = &["F8_E4M3FNUZ", "F8_E5M2FNUZ", "F4", "F6_E2M3", "F6_E3M2"];
 
 /// Decode one bfloat16 bit pattern (exact).
 #[inline(always)]
@@ -195,9 +205,11 @@ mod tests {
 
     #[test]
     fn names_round_trip() {
-        for d in [Dtype::BOOL, Dtype::F8_E4M3, Dtype::BF16, Dtype::F64, Dtype::I64] {
+        for d in [Dtype::BOOL, Dtype::F8_E4M3, Dtype::F8_E8M0, Dtype::BF16, Dtype::F64, Dtype::I64] {
             assert_eq!(Dtype::from_name(d.name()), Some(d));
         }
         assert_eq!(Dtype::from_name("F4"), None);
+        assert!(!Dtype::F8_E8M0.is_float());
+        assert_eq!(Dtype::F8_E8M0.size(), 1);
     }
 }

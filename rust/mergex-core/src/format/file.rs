@@ -36,6 +36,9 @@ impl SafeFile {
         }
         let mut prefix = [0u8; 8];
         file.read_exact(&mut prefix).map_err(|e| Error::io(path, "read", e))?;
+        if prefix.starts_with(b"GGUF") {
+            return Err(Error::Gguf { path: path.to_path_buf() });
+        }
         let header_len = u64::from_le_bytes(prefix);
         if header_len > file_len - 8 || header_len > MAX_HEADER_LEN {
             return Err(Error::HeaderLength { path: path.to_path_buf(), header_len, file_len });

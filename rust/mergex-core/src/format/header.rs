@@ -8,7 +8,7 @@ use serde::de::{Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::dtype::Dtype;
+use super::dtype::{Dtype, REFUSED_DTYPES};
 use crate::error::{Error, Result};
 
 /// Headers larger than this are refused (the safetensors reference limit).
@@ -112,10 +112,13 @@ fn parse_entry(path: &Path, name: String, value: &Value) -> Result<TensorEntry> 
     let bad = |field| Error::BadTensorEntry { path: path.to_path_buf(), tensor: name.clone(), field };
     let obj = value.as_object().ok_or_else(|| bad("dtype"))?;
     let dtype_name = obj.get("dtype").and_then(Value::as_str).ok_or_else(|| bad("dtype"))?;
-    let dtype = Dtype::from_name(dtype_name).ok_or_else(|| Error::UnknownDtype {
-        path: path.to_path_buf(),
-        tensor: name.clone(),
-        dtype: dtype_name.to_string(),
+    let dtype = Dtype::from_name(dtype_name).ok_or_else(|| {
+        let (path, tensor, dtype) = (path.to_path_buf(), name.clone(), dtype_name.to_string());
+        if REFUSED_DTYPES.contains(&dtype_name) {
+            Error::RefusedDtype { path, tensor, dtype }
+        } else {
+            Error::UnknownDtype { path, tensor, dtype }
+        }
     })?;
     let shape = obj
         .get("shape")
@@ -223,6 +226,8 @@ mod tests {
         assert!(matches!(parse(dup, 2), Err(Error::DuplicateTensor { .. })));
         let dtype = r#"{"a":{"dtype":"Q4","shape":[1],"data_offsets":[0,1]}}"#;
         assert!(matches!(parse(dtype, 1), Err(Error::UnknownDtype { .. })));
+        let fnuz = r#"{"a":{"dtype":"F8_E4M3FNUZ","shape":[1],"data_offsets":[0,1]}}"#;
+        assert!(matches!(parse(fnuz, 1), Err(Error::RefusedDtype { .. })));
         let overflow = r#"{"a":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,8]}}"#;
         assert!(matches!(parse(overflow, 8), Err(Error::ShapeSize { .. })));
         let neg = r#"{"a":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}}"#;
