@@ -666,13 +666,13 @@ def test_della_bounds_are_open(tmp_path, trio, mergex_mod):
 # --------------------------------------------------------------------------- listing and plan
 
 
-def test_methods_listed_ready():
+def test_methods_listed():
     res = models.run_cli(["methods"])
     assert res.returncode == 0, res.stderr
     for method in TASK_METHODS:
         rows = [ln for ln in res.stdout.splitlines() if f" {method} " in ln]
         assert rows, f"{method} not listed:\n{res.stdout}"
-        assert "ready" in rows[0], rows[0]
+        assert "density*=1.0" in rows[0] and " required " in rows[0], rows[0]
 
 
 def test_plan_passes(trio, mergex_mod):

@@ -19,7 +19,6 @@ from typing import Annotated, NoReturn
 import typer
 
 from .errors import ConfigError, MergexError
-from .methods import Param
 
 app = typer.Typer(
     name="mergex",
@@ -231,24 +230,25 @@ def inspect(
         c.print(f"{len(tensors)} tensors, {format_size(sum(x.nbytes for x in tensors))} in {files} file(s)")
 
 
-def _default(p: Param) -> str:
-    if p.default is None:
-        return "optional" if p.name == "scale" else "required"
-    return str(p.default).lower() if isinstance(p.default, bool) else str(p.default)
-
-
 @app.command()
 def methods() -> None:
     """List the merge methods with their parameters and defaults."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from .methods import METHODS
 
-    t = Table("method", "base", "passes", "parameters (default; * per model)", "status")
+    t = Table(show_lines=True)
+    t.add_column("method", no_wrap=True)
+    t.add_column("what it computes")
+    t.add_column("base")
+    t.add_column("passes", no_wrap=True)
+    t.add_column("parameters (default; * per model)", overflow="fold")
     for m in METHODS.values():
-        params = ", ".join(f"{p.name}{'*' if p.per_model else ''}={_default(p)}" for p in m.params)
-        t.add_row(m.name, m.base, m.passes, params or "-", "ready" if m.available else "planned")
+        params = ", ".join(f"{p.name}{'*' if p.per_model else ''}={p.default_text()}" for p in m.params)
+        summary = f"{m.summary} (passes: {m.passes_note})" if m.passes_note else m.summary
+        t.add_row(m.name, escape(summary), m.base, m.passes, escape(params) or "-")
     Console().print(t)
 
 

@@ -170,11 +170,6 @@ def _parse(raw: dict[str, Any], source_dir: Path | None) -> MergeConfig:
     spec = get_method(method)
     if spec is None:
         raise ConfigError(f"merge_method: unknown method {method!r} (known: {', '.join(METHODS)})")
-    if not spec.available:
-        supported = ", ".join(m.name for m in METHODS.values() if m.available)
-        raise ConfigError(
-            f"merge_method: {method!r} is not supported yet in this version (supported: {supported})"
-        )
     has_models, has_slices = "models" in raw, "slices" in raw
     if has_models == has_slices:
         raise ConfigError("config: give exactly one of 'models' and 'slices'")

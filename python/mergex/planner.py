@@ -67,17 +67,6 @@ class Job:
     warnings: list[str] = field(default_factory=list)
 
 
-# Models besides the base each method accepts: (at least, at most, in words).
-_COUNTS: dict[str, tuple[int, int | None, str]] = {
-    "passthrough": (1, 1, "exactly one model per tensor (use one source per slice)"),
-    "slerp": (1, 1, "the base model and exactly one other model"),
-    "nearswap": (1, 1, "the base model and exactly one other model"),
-    "arcee_fusion": (1, 1, "the base model and exactly one other model"),
-    "nuslerp": (2, 2, "exactly two models besides the base"),
-    "model_stock": (2, None, "a base model and at least two other models"),
-}
-
-
 def _is_before(name: str) -> bool:
     return any(k in name for k in _BEFORE)
 
@@ -162,7 +151,7 @@ class _Planner:
         if v is NOT_FOUND:
             v = param.default
         if v is None:
-            if name == "scale":
+            if not param.required:
                 return None
             who = f" of model {model.ref}" if model else ""
             raise ConfigError(f"parameter '{name}'{who} is required but not set for tensor '{tensor}'")
@@ -264,12 +253,11 @@ class _Planner:
 
     def check_count(self, tensor: str, others: int) -> None:
         """The number of models besides the base that the method accepts."""
-        rule = _COUNTS.get(self.spec.name)
-        if rule is None:
-            return
-        low, high, words = rule
+        low, high = self.spec.min_models, self.spec.max_models
         if others < low or (high is not None and others > high):
-            raise ConfigError(f"{self.spec.name} takes {words}; got {others} for tensor '{tensor}'")
+            raise ConfigError(
+                f"{self.spec.name} takes {self.spec.models_words}; got {others} for tensor '{tensor}'"
+            )
 
     def model_index(self, m: Model) -> int:
         if m.path not in self.index:

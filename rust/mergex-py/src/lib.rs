@@ -3,6 +3,7 @@
 //! result back; errors map to the `mergex.errors` hierarchy in [`errors`].
 
 mod errors;
+mod registry;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -254,6 +255,9 @@ fn _mergex(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<Stream>()?;
     m.add_function(wrap_pyfunction!(inspect, m)?)?;
     m.add_function(wrap_pyfunction!(checksum, m)?)?;
+    m.add_function(wrap_pyfunction!(registry::methods, m)?)?;
+    m.add_class::<registry::Method>()?;
+    m.add_class::<registry::MethodParam>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     Ok(())
 }

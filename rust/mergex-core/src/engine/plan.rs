@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::format::checkpoint::Checkpoint;
 use crate::format::dtype::Dtype;
 use crate::format::writer::{layout, Layout, OutTensor};
-use crate::methods::{self, BaseUse, MethodInfo, TensorCtx};
+use crate::methods::{self, MethodSpec, TensorCtx};
 
 /// The most worker threads accepted (each holds its own buffers).
 pub const MAX_THREADS: usize = 1024;
@@ -87,7 +87,7 @@ impl Prepared {
 #[derive(Debug)]
 pub struct Engine {
     pub(crate) job: Job,
-    pub(crate) method: &'static MethodInfo,
+    pub(crate) method: &'static MethodSpec,
     pub(crate) tensors: Vec<Prepared>,
     pub(crate) out: Vec<OutTensor>,
     pub(crate) layout: Layout,
@@ -205,7 +205,7 @@ fn view(models: &[Checkpoint], paths: &[&Path], r: &InputRef, shape: &[u64]) -> 
 
 fn prepare_tensor(
     job: &Job,
-    method: &'static MethodInfo,
+    method: &'static MethodSpec,
     models: &[Checkpoint],
     paths: &[&Path],
     t: &TensorJob,
@@ -257,18 +257,10 @@ fn prepare_tensor(
                 });
             }
         }
-        match (method.base, t.base.is_some()) {
-            (BaseUse::Required, false) => {
-                return Err(Error::job("base_model", format!("{} needs a base model", method.name)))
-            }
-            (BaseUse::None, true) => {
-                return Err(Error::job("base_model", format!("{} takes no base tensor", method.name)))
-            }
-            _ => {}
-        }
+        p.job = method.complete(t, paths)?;
         let wide = p.views().any(|v| v.entry.dtype == Dtype::F64);
         p.wide = wide;
-        let ctx = TensorCtx { job: t, models: paths, seed: job.seed, ram_budget: job.ram_budget };
+        let ctx = TensorCtx { job: &p.job, models: paths, seed: job.seed, ram_budget: job.ram_budget };
         let (passes, align) = if p.wide {
             let m = (method.build_f64)(&ctx)?;
             (m.planned_passes(), m.align())

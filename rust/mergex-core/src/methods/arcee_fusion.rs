@@ -4,6 +4,7 @@
 //! statistics found by radix selection over the chunks (rows whole inside a chunk).
 
 use super::select::{Selector, Side};
+use super::spec::{spec, BaseUse, MethodSpec, Passes};
 use super::{ChunkInputs, Stats, TensorCtx, TensorMerge};
 use crate::error::Result;
 use crate::kernels::real::Real;
@@ -14,8 +15,17 @@ struct Fusion {
     threshold: Option<f64>,
 }
 
+pub(super) const ARCEE_FUSION: MethodSpec = spec!(build {
+    name: "arcee_fusion",
+    summary: "take the other model's values where their importance is an outlier",
+    base: BaseUse::Required,
+    min_models: 1,
+    max_models: Some(1),
+    params: &[],
+    passes: Passes::exactly(3),
+});
+
 pub(super) fn build<T: Real>(ctx: &TensorCtx<'_>) -> Result<Box<dyn TensorMerge<T>>> {
-    ctx.expect_models(1, Some(1), "arcee_fusion takes the base model and exactly one other model")?;
     let shape = &ctx.job.shape;
     let n: u64 = shape.iter().product();
     let row = if shape.len() >= 2 { shape.last().copied().unwrap_or(1) } else { n }.max(1);

@@ -1,5 +1,6 @@
 //! `linear`: a weighted average (METHODS.md §1).
 
+use super::spec::{spec, BaseUse, Default, MethodSpec, ParamSpec, Passes};
 use super::{param, ChunkInputs, TensorCtx, TensorMerge, WeightedSum};
 use crate::error::Result;
 use crate::kernels::{axpy, real::Real};
@@ -9,6 +10,19 @@ struct Linear<T> {
     /// Σ w_i in f32, config order; `None` when not normalizing.
     divisor: Option<T>,
 }
+
+pub(super) const LINEAR: MethodSpec = spec!(build {
+    name: "linear",
+    summary: "weighted average of the models",
+    base: BaseUse::None,
+    min_models: 1,
+    max_models: None,
+    params: &[
+        ParamSpec::number("weight", true, Default::Required, "the model's weight"),
+        ParamSpec::flag("normalize", true, "divide by the summed weights"),
+    ],
+    passes: Passes::exactly(1),
+});
 
 pub(super) fn build<T: Real>(ctx: &TensorCtx<'_>) -> Result<Box<dyn TensorMerge<T>>> {
     let weights = (0..ctx.job.inputs.len())

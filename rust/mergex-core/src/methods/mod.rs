@@ -1,6 +1,7 @@
 //! Merge methods. Each method turns one output tensor's job into a [`TensorMerge`], which
 //! the engine drives chunk by chunk: optional statistics passes, then the output pass.
-//! Methods register in [`METHODS`], the one table the engine consults.
+//! Methods register in [`METHODS`], the one table the engine and the binding consult; each
+//! declares its [`MethodSpec`] next to its builder.
 
 mod arcee_fusion;
 pub mod gram;
@@ -14,6 +15,7 @@ mod sce;
 pub mod select;
 mod slerp;
 pub mod sparsify;
+pub mod spec;
 mod sphere;
 mod task_vector;
 
@@ -24,6 +26,7 @@ use crate::engine::reduce::{fold, ExactSum, BLOCK};
 use crate::error::{Error, Result};
 use crate::format::dtype::Dtype;
 use crate::kernels::real::{Raw, Real};
+pub use spec::{BaseUse, MethodSpec};
 
 /// What one chunk of an output tensor reads: the same element range of every input,
 /// decoded to the working precision. Methods may overwrite the models' buffers in place
@@ -411,16 +414,6 @@ impl TensorCtx<'_> {
         self.job.inputs.get(i).and_then(|m| m.params.get(name).copied())
     }
 
-    /// Check the number of models besides the base: `low..=high` (`words` says it in
-    /// prose for the error).
-    pub fn expect_models(&self, low: usize, high: Option<usize>, words: &str) -> Result<()> {
-        let n = self.job.inputs.len();
-        if n < low || high.is_some_and(|h| n > h) {
-            return Err(self.bad_param("models", format!("{words}; got {n}")));
-        }
-        Ok(())
-    }
-
     /// An error about a parameter of this tensor.
     pub fn bad_param(&self, name: &str, message: impl Into<String>) -> Error {
         Error::InvalidParameter {
@@ -432,113 +425,30 @@ impl TensorCtx<'_> {
     }
 }
 
-/// Whether a method reads a base model.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum BaseUse {
-    /// The method has no base (a configured base is an ordinary input).
-    None,
-    /// A base model is required.
-    Required,
-    /// A base model is used when given.
-    Optional,
-}
-
-type Build<T> = fn(&TensorCtx<'_>) -> Result<Box<dyn TensorMerge<T>>>;
-
-/// One registered method.
-#[derive(Debug)]
-pub struct MethodInfo {
-    /// Name as written in configs.
-    pub name: &'static str,
-    /// Whether it needs a base.
-    pub base: BaseUse,
-    /// Build the f32 merger of one tensor.
-    pub build_f32: Build<f32>,
-    /// Build the f64 merger of one tensor (when an input is F64).
-    pub build_f64: Build<f64>,
-}
-
-/// Declares the f32/f64 builders of task-family members.
-macro_rules! family {
-    ($($name:ident => $family:path),* $(,)?) => {
-        $(
-            fn $name<T: Real>(ctx: &TensorCtx<'_>) -> Result<Box<dyn TensorMerge<T>>> {
-                task_vector::build($family, ctx)
-            }
-        )*
-    };
-}
-
-family! {
-    task_arithmetic => task_vector::TASK_ARITHMETIC,
-    ties => task_vector::TIES,
-    dare_ties => task_vector::DARE_TIES,
-    dare_linear => task_vector::DARE_LINEAR,
-    breadcrumbs => task_vector::BREADCRUMBS,
-    breadcrumbs_ties => task_vector::BREADCRUMBS_TIES,
-    della => task_vector::DELLA,
-    della_linear => task_vector::DELLA_LINEAR,
-}
-
-/// One table entry.
-macro_rules! method {
-    ($name:literal, $base:expr, $build:ident) => {
-        MethodInfo { name: $name, base: $base, build_f32: $build::<f32>, build_f64: $build::<f64> }
-    };
-}
-
-/// The method table.
-pub static METHODS: &[MethodInfo] = &[
-    method!("linear", BaseUse::None, linear_build),
-    method!("passthrough", BaseUse::None, passthrough_build),
-    method!("task_arithmetic", BaseUse::Required, task_arithmetic),
-    method!("ties", BaseUse::Required, ties),
-    method!("dare_ties", BaseUse::Required, dare_ties),
-    method!("dare_linear", BaseUse::Required, dare_linear),
-    method!("breadcrumbs", BaseUse::Required, breadcrumbs),
-    method!("breadcrumbs_ties", BaseUse::Required, breadcrumbs_ties),
-    method!("della", BaseUse::Required, della),
-    method!("della_linear", BaseUse::Required, della_linear),
-    method!("slerp", BaseUse::Required, slerp_build),
-    method!("nuslerp", BaseUse::Optional, nuslerp_build),
-    method!("multislerp", BaseUse::Optional, multislerp_build),
-    method!("karcher", BaseUse::None, karcher_build),
-    method!("model_stock", BaseUse::Required, model_stock_build),
-    method!("sce", BaseUse::Required, sce_build),
-    method!("ram", BaseUse::Required, ram_build),
-    method!("ramplus_tl", BaseUse::Required, ramplus_build),
-    method!("nearswap", BaseUse::Required, nearswap_build),
-    method!("arcee_fusion", BaseUse::Required, arcee_fusion_build),
+/// The registry: every method the engine runs, one line each (its spec sits beside its
+/// builder, in the method's file).
+pub static METHODS: &[&MethodSpec] = &[
+    &linear::LINEAR,
+    &task_vector::TASK_ARITHMETIC,
+    &passthrough::PASSTHROUGH,
+    &task_vector::TIES,
+    &task_vector::DARE_TIES,
+    &task_vector::DARE_LINEAR,
+    &task_vector::BREADCRUMBS,
+    &task_vector::BREADCRUMBS_TIES,
+    &task_vector::DELLA,
+    &task_vector::DELLA_LINEAR,
+    &slerp::SLERP,
+    &slerp::NUSLERP,
+    &sphere::MULTISLERP,
+    &sphere::KARCHER,
+    &model_stock::MODEL_STOCK,
+    &sce::SCE,
+    &ram::RAM,
+    &ram::RAMPLUS_TL,
+    &nearswap::NEARSWAP,
+    &arcee_fusion::ARCEE_FUSION,
 ];
-
-/// Declares generic wrappers so that every table entry names a function of one shape.
-macro_rules! wrap {
-    ($($name:ident => $path:path),* $(,)?) => {
-        $(
-            fn $name<T: Real>(ctx: &TensorCtx<'_>) -> Result<Box<dyn TensorMerge<T>>> {
-                $path(ctx)
-            }
-        )*
-    };
-}
-
-wrap! {
-    slerp_build => slerp::build_slerp,
-    nuslerp_build => slerp::build_nuslerp,
-    multislerp_build => sphere::build_multislerp,
-    karcher_build => sphere::build_karcher,
-    model_stock_build => model_stock::build,
-    sce_build => sce::build,
-    ram_build => ram::build_ram,
-    ramplus_build => ram::build_ramplus,
-    nearswap_build => nearswap::build,
-    arcee_fusion_build => arcee_fusion::build,
-}
-
-wrap! {
-    linear_build => linear::build,
-    passthrough_build => passthrough::build,
-}
 
 /// Add `Σ |v|` (only where `keep` is true, when given) over one chunk's values to `acc`,
 /// the chunk-invariant way of [`block_sum`] — the same lanes and order — written over slices
@@ -610,8 +520,8 @@ fn reduce_abs_where<T: Real, const MASKED: bool>(values: &[T], keep: &[bool], ac
 }
 
 /// Look a method up by name.
-pub fn find(name: &str) -> Option<&'static MethodInfo> {
-    METHODS.iter().find(|m| m.name == name)
+pub fn find(name: &str) -> Option<&'static MethodSpec> {
+    METHODS.iter().find(|m| m.name == name).copied()
 }
 
 /// Round a parameter to f32 (METHODS.md §0) and then to the working precision.

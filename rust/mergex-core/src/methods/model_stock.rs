@@ -3,6 +3,7 @@
 //! pass for the Gram matrix of the task vectors) or per row with `filter_wise` (rows are
 //! whole inside a chunk: one pass).
 
+use super::spec::{spec, BaseUse, MethodSpec, ParamSpec, Passes};
 use super::{gram, ChunkInputs, Stats, TensorCtx, TensorMerge};
 use crate::error::Result;
 use crate::kernels::real::Real;
@@ -15,8 +16,17 @@ struct ModelStock<T> {
     t: Option<T>,
 }
 
+pub(super) const MODEL_STOCK: MethodSpec = spec!(build {
+    name: "model_stock",
+    summary: "interpolate base and mean by the task vectors' average cosine",
+    base: BaseUse::Required,
+    min_models: 2,
+    max_models: None,
+    params: &[ParamSpec::flag("filter_wise", false, "one factor per row instead of per tensor")],
+    passes: Passes::between(1, 2, "2 when the tensor spans several chunks"),
+});
+
 pub(super) fn build<T: Real>(ctx: &TensorCtx<'_>) -> Result<Box<dyn TensorMerge<T>>> {
-    ctx.expect_models(2, None, "model_stock takes a base model and at least two other models")?;
     let rows = ctx.flag("filter_wise")?.then(|| ctx.job.shape.last().copied().unwrap_or(1).max(1));
     Ok(Box::new(ModelStock::<T> { n: ctx.job.inputs.len(), rows, t: None }))
 }

@@ -1,6 +1,7 @@
 //! `nearswap` (METHODS.md §5): take the other model's value where it is close to the
 //! base, `w = clamp(t / max(|b − x|, 1e-6), 0, 1)`, `out = w·x + (1 − w)·b`.
 
+use super::spec::{spec, BaseUse, Default, MethodSpec, ParamSpec, Passes};
 use super::{param, ChunkInputs, TensorCtx, TensorMerge};
 use crate::error::Result;
 use crate::kernels::real::Real;
@@ -9,8 +10,17 @@ struct NearSwap<T> {
     t: T,
 }
 
+pub(super) const NEARSWAP: MethodSpec = spec!(build {
+    name: "nearswap",
+    summary: "move toward the other model where it is close to the base",
+    base: BaseUse::Required,
+    min_models: 1,
+    max_models: Some(1),
+    params: &[ParamSpec::number("t", false, Default::Required, "closeness threshold")],
+    passes: Passes::exactly(1),
+});
+
 pub(super) fn build<T: Real>(ctx: &TensorCtx<'_>) -> Result<Box<dyn TensorMerge<T>>> {
-    ctx.expect_models(1, Some(1), "nearswap takes the base model and exactly one other model")?;
     Ok(Box::new(NearSwap::<T> { t: param(ctx.global("t")?) }))
 }
 

@@ -1,5 +1,6 @@
 //! `passthrough`: one input per output tensor, optionally scaled (METHODS.md §5).
 
+use super::spec::{spec, BaseUse, Default, MethodSpec, ParamSpec, Passes};
 use super::{param, ChunkInputs, TensorCtx, TensorMerge};
 use crate::error::Result;
 use crate::kernels::real::Real;
@@ -8,8 +9,17 @@ struct Passthrough<T> {
     scale: Option<T>,
 }
 
+pub(super) const PASSTHROUGH: MethodSpec = spec!(build {
+    name: "passthrough",
+    summary: "copy one input per tensor (layer stacking with slices)",
+    base: BaseUse::None,
+    min_models: 1,
+    max_models: Some(1),
+    params: &[ParamSpec::number("scale", true, Default::Optional, "optional factor applied to the tensor")],
+    passes: Passes::exactly(1),
+});
+
 pub(super) fn build<T: Real>(ctx: &TensorCtx<'_>) -> Result<Box<dyn TensorMerge<T>>> {
-    ctx.expect_models(1, Some(1), "passthrough takes exactly one model per tensor")?;
     Ok(Box::new(Passthrough { scale: ctx.model_param_opt(0, "scale").map(param::<T>) }))
 }
 

@@ -2,6 +2,7 @@
 //! models are active, keep them whole where one is; `ramplus_tl` scales the unique
 //! elements of each model by how much it shares (a counting pass first).
 
+use super::spec::{spec, BaseUse, Default, MethodSpec, ParamSpec, Passes};
 use super::{ChunkInputs, Stats, TensorCtx, TensorMerge};
 use crate::error::Result;
 use crate::kernels::real::Real;
@@ -15,36 +16,50 @@ struct Ram<T> {
     lambdas: Option<Vec<T>>,
 }
 
+const EPSILON: ParamSpec =
+    ParamSpec::number("epsilon", false, Default::Value(1e-5), "activity threshold on |δ|");
+
+pub(super) const RAM: MethodSpec = spec!(build_ram {
+    name: "ram",
+    summary: "average where several task vectors are active, keep where one is",
+    base: BaseUse::Required,
+    min_models: 1,
+    max_models: None,
+    params: &[EPSILON],
+    passes: Passes::exactly(1),
+});
+
+pub(super) const RAMPLUS_TL: MethodSpec = spec!(build_ramplus {
+    name: "ramplus_tl",
+    summary: "RAM with each model's unique elements scaled by how much it shares",
+    base: BaseUse::Required,
+    min_models: 1,
+    max_models: None,
+    params: &[
+        EPSILON,
+        ParamSpec::number("r", false, Default::Value(0.1), "strength of the unique-element boost"),
+        // ρ is clamped to [0, alpha]: a negative alpha leaves no such interval.
+        ParamSpec::number("alpha", false, Default::Value(0.2), "cap of the shared/unique ratio")
+            .at_least(0.0),
+    ],
+    passes: Passes::between(1, 2, "2 when the tensor spans several chunks"),
+});
+
 pub(super) fn build_ram<T: Real>(ctx: &TensorCtx<'_>) -> Result<Box<dyn TensorMerge<T>>> {
-    base_check(ctx)?;
     Ok(Box::new(Ram::<T> { k: ctx.job.inputs.len(), eps: eps(ctx)?, plus: None, lambdas: None }))
 }
 
 pub(super) fn build_ramplus<T: Real>(ctx: &TensorCtx<'_>) -> Result<Box<dyn TensorMerge<T>>> {
-    base_check(ctx)?;
-    let f = |n: &str| ctx.global(n).map(|v| v as f32 as f64);
-    let alpha = f("alpha")?;
-    if alpha.is_nan() || alpha < 0.0 {
-        // ρ is clamped to [0, alpha]: a negative alpha leaves no such interval.
-        return Err(ctx.bad_param("alpha", format!("must be 0 or more, got {alpha}")));
-    }
     Ok(Box::new(Ram::<T> {
         k: ctx.job.inputs.len(),
         eps: eps(ctx)?,
-        plus: Some((f("r")?, alpha, f("epsilon")?)),
+        plus: Some((ctx.global("r")?, ctx.global("alpha")?, ctx.global("epsilon")?)),
         lambdas: None,
     }))
 }
 
-fn base_check(ctx: &TensorCtx<'_>) -> Result<()> {
-    if ctx.job.base.is_none() {
-        return Err(ctx.bad_param("base_model", "this method needs a base model"));
-    }
-    Ok(())
-}
-
 fn eps<T: Real>(ctx: &TensorCtx<'_>) -> Result<T> {
-    Ok(T::from_f64(ctx.global("epsilon")? as f32 as f64))
+    Ok(T::from_f64(ctx.global("epsilon")?))
 }
 
 /// Task vectors in place, and per element the number of active models in `count`.

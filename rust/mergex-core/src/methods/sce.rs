@@ -4,6 +4,7 @@
 
 use super::select::{Selector, Side};
 use super::sparsify::Sparsifier;
+use super::spec::{spec, BaseUse, Default, MethodSpec, ParamSpec, Passes};
 use super::{ChunkInputs, Stats, TensorCtx, TensorMerge};
 use crate::engine::reduce::block_sum;
 use crate::error::Result;
@@ -24,14 +25,24 @@ struct Sce<T> {
 
 const COUNT_SLOT: usize = 0;
 
+pub(super) const SCE: MethodSpec = spec!(build {
+    name: "sce",
+    summary: "select by variance, elect signs, weight by mean square",
+    base: BaseUse::Required,
+    min_models: 1,
+    max_models: None,
+    params: &[ParamSpec::number(
+        "select_topk",
+        false,
+        Default::Value(1.0),
+        "fraction of highest-variance elements kept",
+    )
+    .within(0.0, 1.0)],
+    passes: Passes::between(1, 4, "more when select_topk < 1 and a cut's band misses"),
+});
+
 pub(super) fn build<T: Real>(ctx: &TensorCtx<'_>) -> Result<Box<dyn TensorMerge<T>>> {
-    if ctx.job.base.is_none() {
-        return Err(ctx.bad_param("base_model", "sce needs a base model"));
-    }
-    let topk = ctx.global("select_topk")? as f32 as f64;
-    if !(0.0..=1.0).contains(&topk) {
-        return Err(ctx.bad_param("select_topk", format!("must be within [0, 1], got {topk}")));
-    }
+    let topk = ctx.global("select_topk")?;
     let n = ctx.job.shape.iter().product();
     let select = (topk >= 1.0).then_some(Sparsifier::All);
     Ok(Box::new(Sce::<T> {

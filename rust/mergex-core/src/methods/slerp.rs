@@ -3,6 +3,7 @@
 //! pass), each row (rows are whole inside a chunk: one pass) or each column (per-column
 //! exact sums, then the output pass).
 
+use super::spec::{spec, BaseUse, Default, MethodSpec, ParamSpec, Passes};
 use super::{gram, ChunkInputs, Stats, TensorCtx, TensorMerge};
 use crate::engine::reduce::ExactSum;
 use crate::error::Result;
@@ -24,8 +25,36 @@ struct Slerp<T> {
     coef: Option<(T, T)>,
 }
 
+pub(super) const SLERP: MethodSpec = spec!(build_slerp {
+    name: "slerp",
+    summary: "spherical interpolation between the base and one other model",
+    base: BaseUse::Required,
+    min_models: 1,
+    max_models: Some(1),
+    params: &[ParamSpec::number(
+        "t",
+        false,
+        Default::Required,
+        "interpolation factor: 0 gives the base, 1 the other model",
+    )],
+    passes: Passes::between(1, 2, "2 when the tensor spans several chunks"),
+});
+
+pub(super) const NUSLERP: MethodSpec = spec!(build_nuslerp {
+    name: "nuslerp",
+    summary: "spherical interpolation of two models (of their task vectors with a base)",
+    base: BaseUse::Optional,
+    min_models: 2,
+    max_models: Some(2),
+    params: &[
+        ParamSpec::number("weight", true, Default::Required, "the model's weight"),
+        ParamSpec::flag("nuslerp_flatten", true, "one vector per tensor"),
+        ParamSpec::flag("nuslerp_row_wise", false, "with flatten off: columns instead of rows"),
+    ],
+    passes: Passes::between(1, 2, "2 when a vector spans several chunks"),
+});
+
 pub(super) fn build_slerp<T: Real>(ctx: &TensorCtx<'_>) -> Result<Box<dyn TensorMerge<T>>> {
-    ctx.expect_models(1, Some(1), "slerp takes the base model and exactly one other model")?;
     Ok(Box::new(Slerp::<T> { t: f32_of(ctx.global("t")?), coef: None }))
 }
 
@@ -85,7 +114,6 @@ struct Nuslerp<T> {
 }
 
 pub(super) fn build_nuslerp<T: Real>(ctx: &TensorCtx<'_>) -> Result<Box<dyn TensorMerge<T>>> {
-    ctx.expect_models(2, Some(2), "nuslerp takes exactly two models besides the base")?;
     let (w1, w2) = (f32_of(ctx.model_param(0, "weight")?), f32_of(ctx.model_param(1, "weight")?));
     let t = if (w1 + w2).abs() < 1e-6 { 0.5 } else { w2 / (w1 + w2) };
     let shape = &ctx.job.shape;

@@ -6,6 +6,7 @@
 //! with one statistics pass instead of one per step (a documented deviation from the pass
 //! count in METHODS.md §7, not from the result beyond f32 rounding).
 
+use super::spec::{spec, BaseUse, Default, MethodSpec, ParamSpec, Passes};
 use super::{gram, ChunkInputs, Stats, TensorCtx, TensorMerge};
 use crate::error::{Error, Result};
 use crate::kernels::real::Real;
@@ -75,6 +76,33 @@ fn quad(g: &[Vec<f64>], a: &[f64], b: &[f64]) -> f64 {
     s
 }
 
+pub(super) const MULTISLERP: MethodSpec = spec!(build_multislerp {
+    name: "multislerp",
+    summary: "weighted spherical mean of any number of models",
+    base: BaseUse::Optional,
+    min_models: 1,
+    max_models: None,
+    params: &[
+        ParamSpec::number("weight", true, Default::Required, "the model's weight"),
+        ParamSpec::flag("normalize_weights", true, "scale the weights to sum to 1"),
+        ParamSpec::number("eps", false, Default::Value(1e-8), "numerical floor"),
+    ],
+    passes: Passes::between(1, 2, "2 when the tensor spans several chunks"),
+});
+
+pub(super) const KARCHER: MethodSpec = spec!(build_karcher {
+    name: "karcher",
+    summary: "Karcher (Riemannian) mean of all models, the base included",
+    base: BaseUse::None,
+    min_models: 1,
+    max_models: None,
+    params: &[
+        ParamSpec::number("max_iter", false, Default::Value(10.0), "iterations").count().at_least(0.0),
+        ParamSpec::number("tol", false, Default::Value(1e-5), "convergence tolerance"),
+    ],
+    passes: Passes::between(1, 2, "2 when the tensor spans several chunks"),
+});
+
 pub(super) fn build_multislerp<T: Real>(ctx: &TensorCtx<'_>) -> Result<Box<dyn TensorMerge<T>>> {
     let k = ctx.job.inputs.len();
     let mut w: Vec<f64> =
@@ -125,7 +153,7 @@ pub(super) fn build_multislerp<T: Real>(ctx: &TensorCtx<'_>) -> Result<Box<dyn T
 
 pub(super) fn build_karcher<T: Real>(ctx: &TensorCtx<'_>) -> Result<Box<dyn TensorMerge<T>>> {
     let k = ctx.job.inputs.len();
-    let max_iter = ctx.global("max_iter")?.max(0.0) as usize;
+    let max_iter = ctx.global("max_iter")? as usize;
     let tol = ctx.global("tol")? as f32 as f64;
     let solve = move |g: &[Vec<f64>]| -> Result<Vec<f64>> { Ok(karcher(g, k, max_iter, tol)) };
     Ok(Box::new(Combination::<T> { k, deltas: false, solve: Box::new(solve), coef: None, fixed: false }))

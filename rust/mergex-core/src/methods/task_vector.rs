@@ -5,6 +5,7 @@
 
 use super::random::index_hashes;
 use super::sparsify::{Kind, Setup, Sparsifier};
+use super::spec::{spec, BaseUse, Default, MethodSpec, ParamSpec, Passes};
 use super::{fold, reduce_abs};
 use super::{param, ChunkInputs, Stats, TensorCtx, TensorMerge, WeightedSum};
 use crate::error::{Error, Result};
@@ -20,14 +21,122 @@ pub(super) struct Family {
     consensus: bool,
 }
 
-pub(super) const TASK_ARITHMETIC: Family = Family { sparsify: Kind::None, consensus: false };
-pub(super) const TIES: Family = Family { sparsify: Kind::Magnitude, consensus: true };
-pub(super) const DARE_TIES: Family = Family { sparsify: Kind::Random, consensus: true };
-pub(super) const DARE_LINEAR: Family = Family { sparsify: Kind::Random, consensus: false };
-pub(super) const BREADCRUMBS: Family = Family { sparsify: Kind::Outliers, consensus: false };
-pub(super) const BREADCRUMBS_TIES: Family = Family { sparsify: Kind::Outliers, consensus: true };
-pub(super) const DELLA: Family = Family { sparsify: Kind::Della, consensus: true };
-pub(super) const DELLA_LINEAR: Family = Family { sparsify: Kind::Della, consensus: false };
+const WEIGHT: ParamSpec = ParamSpec::number("weight", true, Default::Required, "the model's weight");
+const DENSITY: ParamSpec =
+    ParamSpec::number("density", true, Default::Value(1.0), "fraction of the task vector kept").at_least(0.0);
+const GAMMA: ParamSpec =
+    ParamSpec::number("gamma", true, Default::Value(0.01), "fraction of top outliers dropped").at_least(0.0);
+const EPSILON: ParamSpec =
+    ParamSpec::number("epsilon", true, Default::Value(0.15), "spread of keep probabilities");
+const LAMBDA: ParamSpec =
+    ParamSpec::number("lambda", false, Default::Value(1.0), "scale of the merged task vector");
+const INT8_MASK: ParamSpec =
+    ParamSpec::flag("int8_mask", false, "accepted for mergekit compatibility; no effect");
+const NORMALIZE: ParamSpec = ParamSpec::flag("normalize", true, "divide by the summed weights");
+const NO_NORMALIZE: ParamSpec = ParamSpec::flag("normalize", false, "divide by the summed weights");
+const RESCALE: ParamSpec = ParamSpec::flag("rescale", true, "L1-rescale what the sparsifier kept");
+const NO_RESCALE: ParamSpec = ParamSpec::flag("rescale", false, "L1-rescale what the sparsifier kept");
+
+/// One member of the family: its switches, builders and spec.
+macro_rules! member {
+    ($spec:ident, $build:ident, $name:literal, $summary:literal, $family:expr, [$($param:expr),*], $passes:expr) => {
+        fn $build<T: Real>(ctx: &TensorCtx<'_>) -> Result<Box<dyn TensorMerge<T>>> {
+            build($family, ctx)
+        }
+
+        pub(super) const $spec: MethodSpec = spec!($build {
+            name: $name,
+            summary: $summary,
+            base: BaseUse::Required,
+            min_models: 1,
+            max_models: None,
+            params: &[$($param),*],
+            passes: $passes,
+        });
+    };
+}
+
+const SELECTION: Passes = Passes::between(1, 3, "1 at density 1; 3 when a cut's band misses its sample");
+const RANDOM: Passes = Passes::between(1, 2, "1 at density 1");
+
+member!(
+    TASK_ARITHMETIC,
+    build_task_arithmetic,
+    "task_arithmetic",
+    "base + λ · Σ w_i (x_i - base)",
+    Family { sparsify: Kind::None, consensus: false },
+    [
+        WEIGHT,
+        NO_NORMALIZE,
+        ParamSpec::flag("rescale", false, "no effect without a sparsifier"),
+        LAMBDA,
+        INT8_MASK
+    ],
+    Passes::exactly(1)
+);
+member!(
+    TIES,
+    build_ties,
+    "ties",
+    "TIES: magnitude top-k, sign election",
+    Family { sparsify: Kind::Magnitude, consensus: true },
+    [WEIGHT, DENSITY, NORMALIZE, NO_RESCALE, LAMBDA, INT8_MASK],
+    SELECTION
+);
+member!(
+    DARE_TIES,
+    build_dare_ties,
+    "dare_ties",
+    "DARE random drops with sign election",
+    Family { sparsify: Kind::Random, consensus: true },
+    [WEIGHT, DENSITY, NO_NORMALIZE, RESCALE, LAMBDA, INT8_MASK],
+    RANDOM
+);
+member!(
+    DARE_LINEAR,
+    build_dare_linear,
+    "dare_linear",
+    "DARE random drops",
+    Family { sparsify: Kind::Random, consensus: false },
+    [WEIGHT, DENSITY, NO_NORMALIZE, RESCALE, LAMBDA, INT8_MASK],
+    RANDOM
+);
+member!(
+    BREADCRUMBS,
+    build_breadcrumbs,
+    "breadcrumbs",
+    "drop the smallest and the largest outliers",
+    Family { sparsify: Kind::Outliers, consensus: false },
+    [WEIGHT, DENSITY, GAMMA, NO_NORMALIZE, NO_RESCALE, LAMBDA, INT8_MASK],
+    SELECTION
+);
+member!(
+    BREADCRUMBS_TIES,
+    build_breadcrumbs_ties,
+    "breadcrumbs_ties",
+    "breadcrumbs with sign election",
+    Family { sparsify: Kind::Outliers, consensus: true },
+    [WEIGHT, DENSITY, GAMMA, NO_NORMALIZE, NO_RESCALE, LAMBDA, INT8_MASK],
+    SELECTION
+);
+member!(
+    DELLA,
+    build_della,
+    "della",
+    "DELLA magnitude-ranked random drops, sign election",
+    Family { sparsify: Kind::Della, consensus: true },
+    [WEIGHT, DENSITY, EPSILON, NORMALIZE, RESCALE, LAMBDA, INT8_MASK],
+    RANDOM
+);
+member!(
+    DELLA_LINEAR,
+    build_della_linear,
+    "della_linear",
+    "DELLA without sign election",
+    Family { sparsify: Kind::Della, consensus: false },
+    [WEIGHT, DENSITY, EPSILON, NO_NORMALIZE, RESCALE, LAMBDA, INT8_MASK],
+    RANDOM
+);
 
 /// Sum slots per model: ‖δ‖₁ and ‖δ ⊙ mask‖₁ (adjacent: [`Stats::sum_pair`] takes both).
 const L1_ALL: usize = 0;
@@ -59,11 +168,8 @@ struct TaskVector<T> {
 }
 
 /// Build one member of the family for one tensor.
-pub(super) fn build<T: Real>(family: Family, ctx: &TensorCtx<'_>) -> Result<Box<dyn TensorMerge<T>>> {
+fn build<T: Real>(family: Family, ctx: &TensorCtx<'_>) -> Result<Box<dyn TensorMerge<T>>> {
     let job = ctx.job;
-    if job.base.is_none() {
-        return Err(ctx.bad_param("base_model", "this method needs a base model"));
-    }
     let m = job.inputs.len();
     // Breadcrumbs cuts twice per model, the others at most once.
     let selectors = if family.sparsify == Kind::Outliers { 2 } else { 1 } * m.max(1) as u64;
@@ -80,13 +186,7 @@ pub(super) fn build<T: Real>(family: Family, ctx: &TensorCtx<'_>) -> Result<Box<
             continue;
         }
         let d = f32_param(ctx.model_param(i, "density")?);
-        if d < 0.0 || d.is_nan() {
-            return Err(model_error(ctx, i, "density", format!("must be at least 0, got {d}")));
-        }
         let gamma = f32_param(ctx.model_param_opt(i, "gamma").unwrap_or(0.0));
-        if gamma < 0.0 || gamma.is_nan() {
-            return Err(model_error(ctx, i, "gamma", format!("must be at least 0, got {gamma}")));
-        }
         let eps = f32_param(ctx.model_param_opt(i, "epsilon").unwrap_or(0.0));
         if family.sparsify == Kind::Della && d < 1.0 && !(d - eps > 0.0 && d + eps < 1.0) {
             return Err(model_error(
