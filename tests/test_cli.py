@@ -134,13 +134,12 @@ def test_api_interrupt_removes_temporary_output(tmp_path, monkeypatch):
     parent.mkdir()
     calls = []
 
-    def interrupt(done, total, tdone, ttotal):
-        calls.append(done)
+    def interrupt(p):
+        calls.append(p.bytes_done)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(mergex.api, "_rich_progress", lambda quiet: (interrupt, lambda: None))
     with pytest.raises(KeyboardInterrupt):
-        mergex.merge(cfg, parent / "merged", ram_budget="64KiB", threads=1)
+        mergex.merge(cfg, parent / "merged", ram_budget="64KiB", threads=1, progress=interrupt)
     assert calls
     assert list(parent.iterdir()) == []
 
@@ -151,3 +150,31 @@ def test_python_dash_m_runs_the_cli():
     )
     assert r.returncode == 0
     assert "merge" in r.stdout and "plan" in r.stdout
+
+
+def test_help_shows_every_default_and_plain_usage():
+    # Bracketed parts of help texts are escaped from rich's markup (it ate them), and
+    # required arguments read CONFIG OUT, not typer's {config} {out}.
+    r = models.run_cli(["merge", "--help"])
+    assert r.returncode == 0, r.stderr
+    text = " ".join(r.stdout.replace("│", " ").split())
+    assert "merge [OPTIONS] CONFIG OUT" in text
+    for part in (
+        "[default: 1/4 of available, ≤ 4GiB]",
+        "[default: all CPUs]",
+        "[default: 0]",
+        "mergex[torch]",
+    ):
+        assert part in text, part
+    assert "[default: 5GB]" in " ".join(models.run_cli(["plan", "--help"]).stdout.replace("│", " ").split())
+
+
+@pytest.mark.parametrize("threads", ["0", "2000"])
+def test_threads_out_of_range_is_a_usage_error(zoo, tmp_path, threads):
+    cfg = models.dump_yaml(
+        {"merge_method": "linear", "models": [{"model": str(zoo().path)}]}, tmp_path / "m.yml"
+    )
+    r = models.run_cli(["merge", cfg, tmp_path / "out", "--threads", threads])
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip() == f"error: threads: expected an integer from 1 to 1024, got {threads}"
+    assert not (tmp_path / "out").exists()

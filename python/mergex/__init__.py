@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from ._mergex import __version__
-from .api import MergePlan, MergeResult, inspect, merge, plan
+from .api import MergePlan, MergeProgress, MergeResult, inspect, merge, plan
 from .config import MergeConfig, load_config
 from .errors import (
     CheckpointError,
@@ -25,6 +25,7 @@ __all__ = [
     "MergeConfig",
     "MergeInterrupted",
     "MergePlan",
+    "MergeProgress",
     "MergeResult",
     "MergexError",
     "MergexIOError",

@@ -4,9 +4,16 @@ from typing import final
 
 from typing_extensions import Buffer
 
-__all__ = ["MergeJob", "Method", "MethodParam", "Stream", "__version__", "checksum", "inspect", "methods"]
+__all__ = [
+    "DEFAULT_SHARD_SIZE",
+    "MAX_THREADS",
+    "MIN_RAM_BUDGET",
+    "MergeJob", "Method", "MethodParam", "Stream", "__version__", "checksum", "inspect", "methods"]
 
 __version__: str
+MAX_THREADS: int
+MIN_RAM_BUDGET: int
+DEFAULT_SHARD_SIZE: int
 
 @final
 class MergeJob:

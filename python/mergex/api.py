@@ -21,12 +21,12 @@ from .output import OutputFolder, check_output_path
 from .planner import Job, build_job
 from .units import default_ram_budget, default_threads, parse_size
 
-__all__ = ["MergePlan", "MergeResult", "inspect", "merge", "plan"]
+__all__ = ["MergePlan", "MergeProgress", "MergeResult", "inspect", "merge", "plan"]
 
 ConfigSource = str | os.PathLike[str] | dict[str, Any] | MergeConfig
 Size = int | str
-DEFAULT_SHARD_SIZE = 5_000_000_000
-MAX_THREADS = 1024
+DEFAULT_SHARD_SIZE = _mergex.DEFAULT_SHARD_SIZE
+MAX_THREADS = _mergex.MAX_THREADS
 
 
 @dataclass
@@ -146,7 +146,20 @@ def plan(
     )
 
 
-ProgressCallback = Callable[[int, int, int, int], None]
+@dataclass(frozen=True)
+class MergeProgress:
+    """Where a running merge stands, as handed to a ``progress`` callback about ten times a
+    second."""
+
+    bytes_done: int
+    """Input bytes processed, over all passes."""
+    bytes_total: int
+    """Input bytes to process, over all passes (0 until known)."""
+    tensors_done: int
+    tensors_total: int
+
+
+ProgressCallback = Callable[[MergeProgress], None]
 
 
 @dataclass
@@ -206,7 +219,7 @@ def _run_engine(
         while t.is_alive():
             t.join(0.1)
             if on_progress is not None:
-                on_progress(*engine.progress())
+                on_progress(MergeProgress(*engine.progress()))
     except BaseException:
         engine.cancel()
         t.join()
@@ -214,36 +227,6 @@ def _run_engine(
     if "error" in result:
         raise result["error"]
     return dict(result["summary"])
-
-
-def _rich_progress(quiet: bool) -> tuple[ProgressCallback | None, Callable[[], None]]:
-    if quiet:
-        return None, lambda: None
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
-
-    bar = Progress(
-        TextColumn("[bold]merging[/]"),
-        BarColumn(),
-        DownloadColumn(binary_units=True),
-        TransferSpeedColumn(),
-        TextColumn("{task.fields[tensors]}"),
-        TimeRemainingColumn(),
-        transient=False,
-    )
-    task = bar.add_task("merge", total=None, tensors="")
-    bar.start()
-
-    def update(done: int, total: int, tdone: int, ttotal: int) -> None:
-        bar.update(task, completed=done, total=total or None, tensors=f"{tdone}/{ttotal} tensors")
-
-    return update, bar.stop
 
 
 def merge(
@@ -255,7 +238,7 @@ def merge(
     shard_size: Size | None = None,
     seed: int | None = None,
     overwrite: bool = False,
-    progress: bool = True,
+    progress: ProgressCallback | None = None,
     resume: bool = False,
     engine: str | None = None,
     device: str | None = None,
@@ -276,7 +259,9 @@ def merge(
         shard_size: Largest output file (tensor bytes), default 5 GB.
         seed: Seed of the random methods; default the config's ``seed``, else 0.
         overwrite: Replace an existing output folder written by mergex.
-        progress: Draw a progress bar on the terminal.
+        progress: Called with a :class:`MergeProgress` about ten times a second while the
+            engine runs (from the calling thread; an exception it raises stops the merge
+            as Ctrl-C does). The CLI draws its progress bar with it.
         resume: Continue a merge into ``out`` that was killed before it finished: the
             shards it completed are kept after their checksums are verified, the rest are
             recomputed. Refused if the configuration or inputs changed since.
@@ -299,6 +284,10 @@ def merge(
         KeyboardInterrupt: Interrupted; the temporary output was removed.
     """
     start = time.perf_counter()
+    if isinstance(progress, bool):  # the bar moved to the CLI; False still means none
+        if progress:
+            raise ConfigError("progress: expected a callback taking a MergeProgress (or None)")
+        progress = None
     cfg, job = _resolve(config, ram_budget, threads, shard_size, seed)
     backend = _backend(engine, device, gpu_budget)
     target = check_output_path(Path(out), [m.path for m in job.models], overwrite)
@@ -314,12 +303,8 @@ def merge(
     except BaseException:
         folder.discard()
         raise
-    on_progress, stop = _rich_progress(not progress)
     try:
-        try:
-            summary = _run_engine(core, folder.tmp, on_progress, backend, job.spec)
-        finally:
-            stop()
+        summary = _run_engine(core, folder.tmp, progress, backend, job.spec)
         folder.write_model_config(job.reference, job.output_dtype, job.total_layers if job.layered else None)
         tok_ref = cfg.tokenizer_source
         tok = job.reference if tok_ref in (None, "base") else Model.open(tok_ref, cfg.source_dir)

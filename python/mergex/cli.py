@@ -11,14 +11,18 @@ import signal
 import sys
 import traceback
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from types import FrameType
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
+from typer.core import TyperCommand
 
 from .errors import ConfigError, MergexError
+
+if TYPE_CHECKING:
+    from .api import MergeProgress
 
 app = typer.Typer(
     name="mergex",
@@ -28,16 +32,29 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
+class _Command(TyperCommand):
+    """Usage lines as ``mergex merge [OPTIONS] CONFIG OUT``: typer writes required arguments
+    in braces (``{CONFIG}``), which reads like a set of choices."""
+
+    def collect_usage_pieces(self, ctx: Any) -> list[str]:
+        return [p.removeprefix("{").removesuffix("}") for p in super().collect_usage_pieces(ctx)]
+
+
+ShardSize = Annotated[
+    str | None,
+    typer.Option("--shard-size", help="Largest output file, e.g. 2GB or 500MiB \\[default: 5GB]."),
+]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks on errors.")]
 RamBudget = Annotated[
     str | None,
     typer.Option(
         "--ram-budget",
-        help="Memory budget, e.g. 512MiB or 4GiB [default: 1/4 of available, ≤ 4GiB].",
+        help="Memory budget, e.g. 512MiB or 4GiB \\[default: 1/4 of available, ≤ 4GiB].",
     ),
 ]
 Threads = Annotated[
-    int | None, typer.Option("--threads", min=1, max=1024, help="Worker threads [default: all CPUs].")
+    int | None, typer.Option("--threads", help="Worker threads \\[default: all CPUs].")
 ]
 
 
@@ -80,16 +97,54 @@ def _sigterm(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
-@app.command()
+class _ProgressBar:
+    """The merge's progress bar (rich, on stderr): bytes over all passes, their rate, the
+    tensors finished and the time left."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TimeRemainingColumn,
+            TransferSpeedColumn,
+        )
+
+        self.bar = Progress(
+            TextColumn("[bold]merging[/]"),
+            BarColumn(),
+            DownloadColumn(binary_units=True),
+            TransferSpeedColumn(),
+            TextColumn("{task.fields[tensors]}"),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+        )
+        self.task = self.bar.add_task("merge", total=None, tensors="")
+
+    def __enter__(self) -> _ProgressBar:
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.stop()
+
+    def update(self, p: MergeProgress) -> None:
+        tensors = f"{p.tensors_done}/{p.tensors_total} tensors"
+        self.bar.update(self.task, completed=p.bytes_done, total=p.bytes_total or None, tensors=tensors)
+
+
+@app.command(cls=_Command)
 def merge(
-    config: Annotated[Path, typer.Argument(help="The merge configuration (YAML).")],
-    out: Annotated[Path, typer.Argument(help="The output folder.")],
+    config: Annotated[Path, typer.Argument(metavar="CONFIG", help="The merge configuration (YAML).")],
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="The output folder.")],
     ram_budget: RamBudget = None,
     threads: Threads = None,
-    shard_size: Annotated[str, typer.Option("--shard-size", help="Largest output file, e.g. 5GB.")] = "5GB",
+    shard_size: ShardSize = None,
     seed: Annotated[
         int | None,
-        typer.Option("--seed", min=0, max=2**32 - 1, help="Seed of random methods [default: 0]."),
+        typer.Option("--seed", min=0, max=2**32 - 1, help="Seed of random methods \\[default: 0]."),
     ] = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing output folder.")
@@ -104,11 +159,11 @@ def merge(
     ] = "cpu",
     engine: Annotated[
         str | None,
-        typer.Option("--engine", help="rust or torch (needs mergex[torch]) [default: rust on cpu]."),
+        typer.Option("--engine", help="rust or torch (needs mergex\\[torch]) \\[default: rust on cpu]."),
     ] = None,
     gpu_budget: Annotated[
         str | None,
-        typer.Option("--gpu-budget", help="Device memory for chunks, e.g. 8GiB [default: 80% of free]."),
+        typer.Option("--gpu-budget", help="Device memory for chunks, e.g. 8GiB \\[default: 80% of free]."),
     ] = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
     verbose: Verbose = False,
@@ -118,7 +173,8 @@ def merge(
     from .units import format_size
 
     signal.signal(signal.SIGTERM, _sigterm)
-    with _errors(verbose):
+    bar = _ProgressBar() if not quiet and sys.stderr.isatty() else None
+    with _errors(verbose), bar or nullcontext():
         result = run_merge(
             config,
             out,
@@ -127,7 +183,7 @@ def merge(
             shard_size=shard_size,
             seed=seed,
             overwrite=overwrite,
-            progress=not quiet and sys.stderr.isatty(),
+            progress=bar.update if bar is not None else None,
             resume=resume,
             engine=engine,
             device=device,
@@ -151,12 +207,12 @@ def merge(
             )
 
 
-@app.command()
+@app.command(cls=_Command)
 def plan(
-    config: Annotated[Path, typer.Argument(help="The merge configuration (YAML).")],
+    config: Annotated[Path, typer.Argument(metavar="CONFIG", help="The merge configuration (YAML).")],
     ram_budget: RamBudget = None,
     threads: Threads = None,
-    shard_size: Annotated[str, typer.Option("--shard-size", help="Largest output file, e.g. 5GB.")] = "5GB",
+    shard_size: ShardSize = None,
     throughput: Annotated[
         str | None,
         typer.Option(
@@ -207,9 +263,9 @@ def plan(
             c.print(f"[yellow]warning:[/] {w}")
 
 
-@app.command()
+@app.command(cls=_Command)
 def inspect(
-    path: Annotated[Path, typer.Argument(help="A checkpoint folder or .safetensors file.")],
+    path: Annotated[Path, typer.Argument(metavar="PATH", help="A checkpoint folder or .safetensors file.")],
     verbose: Verbose = False,
 ) -> None:
     """List the tensors of a checkpoint: name, dtype, shape and bytes."""
@@ -230,7 +286,7 @@ def inspect(
         c.print(f"{len(tensors)} tensors, {format_size(sum(x.nbytes for x in tensors))} in {files} file(s)")
 
 
-@app.command()
+@app.command(cls=_Command)
 def methods() -> None:
     """List the merge methods with their parameters and defaults."""
     from rich.console import Console

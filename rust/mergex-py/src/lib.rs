@@ -259,5 +259,9 @@ fn _mergex(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<registry::Method>()?;
     m.add_class::<registry::MethodParam>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    // The engine's limits and defaults, so that the Python side states none of them again.
+    m.add("MAX_THREADS", mergex_core::engine::plan::MAX_THREADS)?;
+    m.add("MIN_RAM_BUDGET", mergex_core::engine::plan::MIN_RAM_BUDGET)?;
+    m.add("DEFAULT_SHARD_SIZE", mergex_core::engine::plan::DEFAULT_SHARD_SIZE)?;
     Ok(())
 }

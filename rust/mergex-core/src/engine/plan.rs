@@ -19,6 +19,9 @@ use crate::methods::{self, MethodSpec, TensorCtx};
 pub const MAX_THREADS: usize = 1024;
 /// The smallest RAM budget accepted.
 pub const MIN_RAM_BUDGET: u64 = 64 * 1024;
+/// Largest data size of one output file when the caller does not say (what the Hub's
+/// checkpoints use: 5 GB).
+pub const DEFAULT_SHARD_SIZE: u64 = 5_000_000_000;
 /// Largest chunk, in elements: beyond this, bigger chunks buy nothing.
 const MAX_CHUNK: u64 = 1 << 22;
 /// Chunks a tensor is cut into per thread at least (when it is large enough): with two, a
