@@ -116,11 +116,6 @@ impl Checkpoint {
         Ok(Checkpoint { root: root.to_path_buf(), files, tensors })
     }
 
-    /// The folder or file this checkpoint was opened from.
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
     /// The files of the checkpoint.
     pub fn files(&self) -> &[Arc<SafeFile>] {
         &self.files

@@ -27,8 +27,6 @@ pub trait Real:
     const ZERO: Self;
     /// One.
     const ONE: Self;
-    /// Bytes per value.
-    const BYTES: usize;
     /// Width of [`Real::mag_key`].
     const KEY_BITS: u32;
     /// An integer key that orders magnitudes: `|a| < |b|` iff `key(a) < key(b)` (NaN last).
@@ -43,8 +41,6 @@ pub trait Real:
         let _ = values;
         None
     }
-    /// The magnitude a key stands for.
-    fn key_value(key: u64) -> f64;
     /// Convert a parameter (already rounded to f32 by the planner) or a statistic.
     fn from_f64(v: f64) -> Self;
     /// Widen for whole-tensor reductions.
@@ -141,14 +137,10 @@ macro_rules! decode_into {
 impl Real for f32 {
     const ZERO: Self = 0.0;
     const ONE: Self = 1.0;
-    const BYTES: usize = 4;
     const KEY_BITS: u32 = 32;
     #[inline(always)]
     fn mag_key(self) -> u64 {
         (self.to_bits() & 0x7fff_ffff) as u64
-    }
-    fn key_value(key: u64) -> f64 {
-        f32::from_bits(key as u32) as f64
     }
     fn as_f32s(values: &[f32]) -> Option<&[f32]> {
         Some(values)
@@ -219,14 +211,10 @@ fn f64_to_bf16(x: f64) -> u16 {
 impl Real for f64 {
     const ZERO: Self = 0.0;
     const ONE: Self = 1.0;
-    const BYTES: usize = 8;
     const KEY_BITS: u32 = 64;
     #[inline(always)]
     fn mag_key(self) -> u64 {
         self.to_bits() & 0x7fff_ffff_ffff_ffff
-    }
-    fn key_value(key: u64) -> f64 {
-        f64::from_bits(key)
     }
     #[inline(always)]
     fn from_f64(v: f64) -> Self {
