@@ -26,8 +26,8 @@ python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ig
 python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore .
 
 step "python: lint and types"
-ruff check python tests benches examples
-ruff format --check python tests benches examples
+ruff check python tests benches examples scripts
+ruff format --check python tests benches examples scripts
 mypy
 python3 -m mypy.stubtest mergex._mergex
 

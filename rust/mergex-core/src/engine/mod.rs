@@ -1,11 +1,9 @@
 //! The chunked merge engine: plan (open inputs, validate, lay out the output), then run
 //! every output tensor as passes over chunks of element ranges.
 
-pub mod job;
 pub mod plan;
 pub mod progress;
 pub mod read;
-pub mod reduce;
 mod run;
 pub mod stream;
 

@@ -6,17 +6,22 @@ use std::path::Path;
 
 use serde::Serialize;
 
-use super::job::{InputRef, Job, TensorJob};
 use super::read::View;
-use super::reduce::BLOCK;
 use crate::error::{Error, Result};
 use crate::format::checkpoint::Checkpoint;
 use crate::format::dtype::Dtype;
 use crate::format::writer::{layout, Layout, OutTensor};
+use crate::job::{InputRef, Job, TensorJob};
 use crate::methods::{self, MethodSpec, TensorCtx};
+use crate::numeric::reduce::BLOCK;
 
 /// The most worker threads accepted (each holds its own buffers).
 pub const MAX_THREADS: usize = 1024;
+/// Elements per sub-block: a chunk is merged in sub-blocks small enough that every
+/// input's decoded values stay in the CPU cache between decoding and merging, while reads,
+/// writes and page releases still happen once per (large) chunk.
+pub(crate) const SUB_BLOCK: u64 = 16 * 1024;
+
 /// The smallest RAM budget accepted.
 pub const MIN_RAM_BUDGET: u64 = 64 * 1024;
 /// Largest data size of one output file when the caller does not say (what the Hub's
@@ -81,7 +86,7 @@ impl Prepared {
     fn sub_block_bytes(&self) -> u64 {
         let work = if self.wide { 8 } else { 4 };
         let stored: u64 = self.views().map(|v| v.entry.dtype.size() as u64).sum();
-        let sub = crate::engine::run::SUB_BLOCK.max(self.unit());
+        let sub = SUB_BLOCK.max(self.unit());
         (self.views().count() as u64 + 1).saturating_mul(work).saturating_add(stored).saturating_mul(sub)
     }
 }

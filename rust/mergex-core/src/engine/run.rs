@@ -11,13 +11,14 @@ use std::time::Instant;
 use rayon::prelude::*;
 use serde::Serialize;
 
-use super::plan::{Engine, Prepared};
+use super::plan::{Engine, Prepared, SUB_BLOCK};
 use super::progress::Progress;
 use super::read::View;
 use crate::error::{Error, Result};
 use crate::format::dtype::Dtype;
 use crate::format::writer::{Placement, Writer};
-use crate::kernels::real::{Raw, Real, SumInputs};
+use crate::kernels::real::{Raw, Real};
+use crate::kernels::sums::SumInputs;
 use crate::methods::{ChunkInputs, Stats, TensorCtx, TensorMerge, WeightedSum};
 
 /// What a finished merge reports.
@@ -263,11 +264,6 @@ impl Engine {
     }
 }
 
-/// Elements per sub-block: a chunk is merged in sub-blocks small enough that every
-/// input's decoded values stay in the CPU cache between decoding and merging, while reads,
-/// writes and page releases still happen once per (large) chunk.
-pub(crate) const SUB_BLOCK: u64 = 16 * 1024;
-
 /// What [`with_chunk`] does around the method's work.
 #[derive(Debug, Clone, Copy)]
 struct Work {
@@ -326,7 +322,7 @@ fn with_chunk<T: Real>(
                 raw.resize(n * v.entry.dtype.size(), 0);
                 v.read_raw(at, raw)?;
                 buf.resize(n, T::ZERO);
-                crate::kernels::real::dispatch::decode(v.entry.dtype, raw, buf);
+                crate::kernels::dispatch::decode(v.entry.dtype, raw, buf);
             }
         } else {
             read_stored(&views, &mut s.raws, at, n)?;
@@ -343,7 +339,7 @@ fn with_chunk<T: Real>(
         if work.encode {
             let off = (at - start) as usize * size;
             if let Some(dst) = s.bytes.get_mut(off..off + n * size) {
-                crate::kernels::real::dispatch::encode(&s.out[..n], t.out.dtype, dst);
+                crate::kernels::dispatch::encode(&s.out[..n], t.out.dtype, dst);
             }
         }
         at += n as u64;
@@ -387,10 +383,10 @@ fn weighted_chunk<T: Real>(
         let x = SumInputs { models, weights: &sum.weights, base, divisor: sum.divisor, lambda: sum.task };
         s.out.resize(n, T::ZERO);
         let out = &mut s.out[..n];
-        crate::kernels::real::dispatch::weighted_sum(&x, out);
+        crate::kernels::dispatch::weighted_sum(&x, out);
         let off = (at - start) as usize * size;
         if let Some(dst) = s.bytes.get_mut(off..off + n * size) {
-            crate::kernels::real::dispatch::encode(out, t.out.dtype, dst);
+            crate::kernels::dispatch::encode(out, t.out.dtype, dst);
         }
         at += n as u64;
     }

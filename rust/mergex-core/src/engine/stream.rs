@@ -10,12 +10,12 @@ use rayon::prelude::*;
 use rayon::ThreadPool;
 use serde::Serialize;
 
-use super::job::Resume;
 use super::plan::{Engine, Prepared};
 use super::progress::Progress;
 use super::run::RunSummary;
 use crate::error::{Error, Result};
 use crate::format::writer::{write_index, Writer};
+use crate::job::Resume;
 use crate::kernels::real::Real;
 
 /// Elements of one input that a reader thread copies at a time: a chunk's inputs are cut
@@ -208,7 +208,7 @@ impl Engine {
         }
         let size = p.out.dtype.size();
         bytes.resize(values.len() * size, 0);
-        crate::kernels::real::dispatch::encode(values, p.out.dtype, bytes);
+        crate::kernels::dispatch::encode(values, p.out.dtype, bytes);
         sink.writer.write_at(place.shard, place.offset + start * size as u64, bytes)
     }
 
@@ -268,7 +268,7 @@ impl Engine {
             sample_seconds: 0.0,
             stat_pass_seconds: Vec::new(),
             output_seconds: 0.0,
-            kernels: crate::kernels::real::dispatch::level().name().to_string(),
+            kernels: crate::kernels::dispatch::level().name().to_string(),
         })
     }
 

@@ -1,6 +1,6 @@
 //! Kernels written with AVX2 intrinsics, for the CPUs without AVX-512 (most desktop and
 //! laptop processors), where the portable loops compile to something much slower. Only
-//! called through [`super::real::dispatch`], once the CPU is known to have the features.
+//! called through [`super::dispatch`], once the CPU is known to have the features.
 
 use std::arch::x86_64::{
     __m256, __m256i, _mm256_add_epi32, _mm256_add_ps, _mm256_and_ps, _mm256_and_si256, _mm256_andnot_ps,
@@ -13,8 +13,8 @@ use std::arch::x86_64::{
     _mm256_xor_ps, _mm256_xor_si256, _mm_loadu_si128, _pdep_u32, _CMP_EQ_OQ, _CMP_GE_OQ, _CMP_GT_OQ,
 };
 
+use super::ops::{bf16_delta_key, Band, Keep, Ties, TiesInputs, TiesOperands, TIES_MODELS};
 use super::real::Real;
-use super::{bf16_delta_key, Band, Keep, Ties, TiesInputs, TiesOperands, TIES_MODELS};
 
 /// Lanes of one block: eight f32 values.
 const LANES: usize = 8;
@@ -43,7 +43,7 @@ pub(super) unsafe fn ties_f32(inputs: &TiesInputs<'_>, mut keep: Keep<'_>, out: 
     }
 }
 
-/// `methods::random::mix` in every lane.
+/// `numeric::random::mix` in every lane.
 #[target_feature(enable = "avx2,fma,bmi1,bmi2,lzcnt,popcnt")]
 #[inline]
 fn mix(x: __m256i) -> __m256i {
@@ -55,11 +55,11 @@ fn mix(x: __m256i) -> __m256i {
     _mm256_xor_si256(x, _mm256_srli_epi32::<16>(x))
 }
 
-/// The index hashes (`methods::random::index_hashes`) of flat indices `j .. j + 8`.
+/// The index hashes (`numeric::random::index_hashes`) of flat indices `j .. j + 8`.
 #[target_feature(enable = "avx2,fma,bmi1,bmi2,lzcnt,popcnt")]
 #[inline]
 fn index_hashes(j: u64) -> __m256i {
-    use crate::methods::random::mix as mix1;
+    use crate::numeric::random::mix as mix1;
     if j >> 32 == (j + LANES as u64 - 1) >> 32 {
         let high = mix1((j >> 32) as u32 ^ 0x85eb_ca6b);
         let low =
@@ -67,7 +67,7 @@ fn index_hashes(j: u64) -> __m256i {
         _mm256_xor_si256(mix(low), _mm256_set1_epi32(high as i32))
     } else {
         // The block crosses a multiple of 2^32: lane by lane.
-        let h: [u32; LANES] = std::array::from_fn(|l| crate::methods::random::index_hash(j + l as u64));
+        let h: [u32; LANES] = std::array::from_fn(|l| crate::numeric::random::index_hash(j + l as u64));
         // SAFETY: eight u32; the load is unaligned.
         unsafe { _mm256_loadu_si256(h.as_ptr().cast::<__m256i>()) }
     }

@@ -1,5 +1,5 @@
 //! Kernels written with AVX-512 intrinsics, where the portable loops compile to something
-//! much slower. Only called through [`super::real::dispatch`], once the CPU is known to have
+//! much slower. Only called through [`super::dispatch`], once the CPU is known to have
 //! the features.
 
 use std::arch::x86_64::{
@@ -12,8 +12,8 @@ use std::arch::x86_64::{
     _mm512_slli_epi64, _mm512_storeu_si512, _mm512_sub_epi32, _mm512_sub_ps, _mm512_xor_si512,
 };
 
+use super::ops::{bf16_delta_key, Band, Keep, Ties, TiesInputs, TiesOperands, TIES_MODELS};
 use super::real::Real;
-use super::{bf16_delta_key, Band, Keep, Ties, TiesInputs, TiesOperands, TIES_MODELS};
 
 /// Lanes of one block: sixteen f32 keys.
 const LANES: usize = 16;
@@ -165,7 +165,7 @@ unsafe fn band_sweep(
 }
 
 /// Elements of one block of an exact sum.
-const SUM_BLOCK: usize = crate::engine::reduce::BLOCK as usize;
+const SUM_BLOCK: usize = crate::numeric::reduce::BLOCK as usize;
 /// Blocks summed side by side.
 const SIDE_BY_SIDE: usize = 4;
 
@@ -265,7 +265,7 @@ pub(super) unsafe fn ties_f32(inputs: &TiesInputs<'_>, mut keep: Keep<'_>, out: 
     }
 }
 
-/// `methods::random::mix` in every lane.
+/// `numeric::random::mix` in every lane.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,bmi1,bmi2,lzcnt,popcnt")]
 #[inline]
 fn mix(x: __m512i) -> __m512i {
@@ -277,11 +277,11 @@ fn mix(x: __m512i) -> __m512i {
     _mm512_xor_si512(x, _mm512_srli_epi32::<16>(x))
 }
 
-/// The index hashes (`methods::random::index_hashes`) of flat indices `j .. j + 16`.
+/// The index hashes (`numeric::random::index_hashes`) of flat indices `j .. j + 16`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,bmi1,bmi2,lzcnt,popcnt")]
 #[inline]
 fn index_hashes(j: u64) -> __m512i {
-    use crate::methods::random::mix as mix1;
+    use crate::numeric::random::mix as mix1;
     let lanes = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
     if j >> 32 == (j + LANES as u64 - 1) >> 32 {
         let high = mix1((j >> 32) as u32 ^ 0x85eb_ca6b);
@@ -289,7 +289,7 @@ fn index_hashes(j: u64) -> __m512i {
         _mm512_xor_si512(mix(low), _mm512_set1_epi32(high as i32))
     } else {
         // The block crosses a multiple of 2^32: lane by lane.
-        let h: [u32; LANES] = std::array::from_fn(|l| crate::methods::random::index_hash(j + l as u64));
+        let h: [u32; LANES] = std::array::from_fn(|l| crate::numeric::random::index_hash(j + l as u64));
         // SAFETY: sixteen u32; the load is unaligned.
         unsafe { _mm512_loadu_si512(h.as_ptr().cast::<__m512i>()) }
     }

@@ -3,9 +3,11 @@
 //! outlier (`≥ median + 1.5·IQR` over the tensor). The quartiles are exact order
 //! statistics found by radix selection over the chunks (rows whole inside a chunk).
 
+use super::inputs::ChunkInputs;
+use super::merge::{TensorCtx, TensorMerge};
 use super::select::{Selector, Side};
 use super::spec::{spec, BaseUse, MethodSpec, Passes};
-use super::{ChunkInputs, Stats, TensorCtx, TensorMerge};
+use super::stats::Stats;
 use crate::error::Result;
 use crate::kernels::real::Real;
 

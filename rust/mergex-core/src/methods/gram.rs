@@ -2,9 +2,9 @@
 //! chunk-invariant way: f64 within each 256-element block (eight lanes, fixed order), block
 //! sums combined exactly.
 
-use super::Stats;
-use crate::engine::reduce::{fold, BLOCK};
+use super::stats::Stats;
 use crate::kernels::real::Real;
+use crate::numeric::reduce::{fold, BLOCK};
 
 /// Slot of pair (i, k), i ≤ k, among `first..` sums.
 fn slot(first: usize, k_count: usize, i: usize, k: usize) -> usize {

@@ -1,7 +1,8 @@
 //! `linear`: a weighted average (METHODS.md §1).
 
+use super::inputs::ChunkInputs;
+use super::merge::{param, TensorCtx, TensorMerge, WeightedSum};
 use super::spec::{spec, BaseUse, Default, MethodSpec, ParamSpec, Passes};
-use super::{param, ChunkInputs, TensorCtx, TensorMerge, WeightedSum};
 use crate::error::Result;
 use crate::kernels::{axpy, real::Real};
 

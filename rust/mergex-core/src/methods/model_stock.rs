@@ -3,8 +3,11 @@
 //! pass for the Gram matrix of the task vectors) or per row with `filter_wise` (rows are
 //! whole inside a chunk: one pass).
 
+use super::gram;
+use super::inputs::ChunkInputs;
+use super::merge::{TensorCtx, TensorMerge};
 use super::spec::{spec, BaseUse, MethodSpec, ParamSpec, Passes};
-use super::{gram, ChunkInputs, Stats, TensorCtx, TensorMerge};
+use super::stats::Stats;
 use crate::error::Result;
 use crate::kernels::real::Real;
 

@@ -1,8 +1,9 @@
 //! `nearswap` (METHODS.md §5): take the other model's value where it is close to the
 //! base, `w = clamp(t / max(|b − x|, 1e-6), 0, 1)`, `out = w·x + (1 − w)·b`.
 
+use super::inputs::ChunkInputs;
+use super::merge::{param, TensorCtx, TensorMerge};
 use super::spec::{spec, BaseUse, Default, MethodSpec, ParamSpec, Passes};
-use super::{param, ChunkInputs, TensorCtx, TensorMerge};
 use crate::error::Result;
 use crate::kernels::real::Real;
 

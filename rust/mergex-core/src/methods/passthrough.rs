@@ -1,7 +1,8 @@
 //! `passthrough`: one input per output tensor, optionally scaled (METHODS.md §5).
 
+use super::inputs::ChunkInputs;
+use super::merge::{param, TensorCtx, TensorMerge};
 use super::spec::{spec, BaseUse, Default, MethodSpec, ParamSpec, Passes};
-use super::{param, ChunkInputs, TensorCtx, TensorMerge};
 use crate::error::Result;
 use crate::kernels::real::Real;
 

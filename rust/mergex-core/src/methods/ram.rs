@@ -2,8 +2,10 @@
 //! models are active, keep them whole where one is; `ramplus_tl` scales the unique
 //! elements of each model by how much it shares (a counting pass first).
 
+use super::inputs::ChunkInputs;
+use super::merge::{TensorCtx, TensorMerge};
 use super::spec::{spec, BaseUse, Default, MethodSpec, ParamSpec, Passes};
-use super::{ChunkInputs, Stats, TensorCtx, TensorMerge};
+use super::stats::Stats;
 use crate::error::Result;
 use crate::kernels::real::Real;
 

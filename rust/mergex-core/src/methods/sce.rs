@@ -2,13 +2,15 @@
 //! (exact top-k of the per-element variance), elect signs on the unweighted task vectors,
 //! and weight each model by the mean square of its (selected) task vector.
 
+use super::inputs::ChunkInputs;
+use super::merge::{TensorCtx, TensorMerge};
 use super::select::{Selector, Side};
 use super::sparsify::Sparsifier;
 use super::spec::{spec, BaseUse, Default, MethodSpec, ParamSpec, Passes};
-use super::{ChunkInputs, Stats, TensorCtx, TensorMerge};
-use crate::engine::reduce::block_sum;
+use super::stats::Stats;
 use crate::error::Result;
 use crate::kernels::real::Real;
+use crate::numeric::reduce::block_sum;
 
 struct Sce<T> {
     /// Models besides the base.

@@ -3,11 +3,14 @@
 //! pass), each row (rows are whole inside a chunk: one pass) or each column (per-column
 //! exact sums, then the output pass).
 
+use super::gram;
+use super::inputs::ChunkInputs;
+use super::merge::{TensorCtx, TensorMerge};
 use super::spec::{spec, BaseUse, Default, MethodSpec, ParamSpec, Passes};
-use super::{gram, ChunkInputs, Stats, TensorCtx, TensorMerge};
-use crate::engine::reduce::ExactSum;
+use super::stats::Stats;
 use crate::error::Result;
 use crate::kernels::real::Real;
+use crate::numeric::reduce::ExactSum;
 
 /// Interpolation coefficients `(c_a, c_b)` with `out = c_a·a + c_b·b`, in f64.
 fn slerp_coefficients(t: f64, dot: f64, parallel: bool) -> (f64, f64) {

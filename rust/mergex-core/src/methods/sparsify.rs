@@ -1,11 +1,11 @@
 //! The sparsifiers of METHODS.md §3, per model and per tensor: which elements of a task
 //! vector δ are kept. Magnitude-based ones need exact rank cuts (see [`super::select`]);
-//! random ones replay the counter-based draw of [`super::random`].
+//! random ones replay the counter-based draw of [`crate::numeric::random`].
 
-use super::random::{mix, stream, threshold};
 use super::select::{passes, top_mask, Selector, Side};
-use super::Stats;
+use super::stats::Stats;
 use crate::kernels::real::Real;
+use crate::numeric::random::{mix, stream, threshold};
 
 /// Which sparsifier a method uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -267,7 +267,7 @@ impl Sparsifier {
 
     /// The keep mask of one chunk of δ starting at flat index `start` (selections must be
     /// resolved; chunks hold whole DELLA groups). `hashes` are the chunk's
-    /// [`super::random::index_hashes`] when [`Sparsifier::random`].
+    /// [`crate::numeric::random::index_hashes`] when [`Sparsifier::random`].
     #[inline(always)]
     pub fn mask<T: Real>(&self, start: u64, delta: &[T], hashes: &[u32], keep: &mut Vec<bool>) {
         keep.clear();
@@ -363,7 +363,7 @@ mod tests {
     fn della_keeps_more_of_the_larger_magnitudes() {
         let delta: Vec<f32> = (0..4096).map(|i| (i % 64) as f32).collect();
         let (mut keep, mut hashes) = (Vec::new(), Vec::new());
-        super::super::random::index_hashes(0, delta.len(), &mut hashes);
+        crate::numeric::random::index_hashes(0, delta.len(), &mut hashes);
         della_mask(stream(0, "t", 0), 0.5, 0.4, Rows { len: 64, inner: 1 }, &hashes, &delta, &mut keep);
         let low: usize = keep.iter().enumerate().filter(|(i, &k)| k && i % 64 < 16).count();
         let high: usize = keep.iter().enumerate().filter(|(i, &k)| k && i % 64 >= 48).count();

@@ -7,9 +7,9 @@
 
 use std::path::Path;
 
-use super::{TensorCtx, TensorMerge};
-use crate::engine::job::TensorJob;
+use super::merge::{TensorCtx, TensorMerge};
 use crate::error::{Error, Result};
+use crate::job::TensorJob;
 
 /// Whether a method reads a base model.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -283,7 +283,7 @@ impl MethodSpec {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::engine::job::InputRef;
+    use crate::job::InputRef;
     use crate::methods::{find, METHODS};
 
     fn job(inputs: usize, base: bool, params: &[(&str, f64)], per_model: &[(&str, f64)]) -> TensorJob {

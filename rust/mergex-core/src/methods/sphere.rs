@@ -6,8 +6,11 @@
 //! with one statistics pass instead of one per step (a documented deviation from the pass
 //! count in METHODS.md §7, not from the result beyond f32 rounding).
 
+use super::gram;
+use super::inputs::ChunkInputs;
+use super::merge::{TensorCtx, TensorMerge};
 use super::spec::{spec, BaseUse, Default, MethodSpec, ParamSpec, Passes};
-use super::{gram, ChunkInputs, Stats, TensorCtx, TensorMerge};
+use super::stats::Stats;
 use crate::error::{Error, Result};
 use crate::kernels::real::Real;
 

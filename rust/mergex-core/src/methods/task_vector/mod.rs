@@ -3,16 +3,21 @@
 //! task vectors δ_i = x_i − b, sparsified per model (optionally L1-rescaled), weighted,
 //! combined with or without the TIES sign election, normalized, scaled by λ, added to b.
 
-use super::random::index_hashes;
+use super::inputs::ChunkInputs;
+use super::l1::reduce_abs;
+use super::merge::{param, TensorCtx, TensorMerge, WeightedSum};
 use super::sparsify::{Kind, Setup, Sparsifier};
 use super::spec::{spec, BaseUse, Default, MethodSpec, ParamSpec, Passes};
-use super::{fold, reduce_abs};
-use super::{param, ChunkInputs, Stats, TensorCtx, TensorMerge, WeightedSum};
+use super::stats::Stats;
 use crate::error::{Error, Result};
 use crate::format::dtype::Dtype;
 use crate::kernels::real::Real;
 use crate::kernels::{Keep, TiesInputs, TiesValues};
+use crate::numeric::random::index_hashes;
+use crate::numeric::reduce::fold;
 use rayon::prelude::*;
+
+mod stored;
 
 /// The switches that tell the family's methods apart.
 #[derive(Debug, Clone, Copy)]
@@ -325,7 +330,7 @@ impl<T: Real> TensorMerge<T> for TaskVector<T> {
         if !x.decoded {
             return self.stat_stored(x, acc);
         }
-        crate::kernels::real::dispatch::fast(
+        crate::kernels::dispatch::fast(
             #[inline(always)]
             || self.stat_chunk_impl(x, acc),
         )
@@ -381,7 +386,7 @@ impl<T: Real> TensorMerge<T> for TaskVector<T> {
             }
             return;
         }
-        crate::kernels::real::dispatch::fast(
+        crate::kernels::dispatch::fast(
             #[inline(always)]
             || self.merge_chunk_impl(x, out),
         )
@@ -398,13 +403,13 @@ impl<T: Real> TensorMerge<T> for TaskVector<T> {
         if self.wants_pass() {
             // A statistics pass that only sweeps the selections' bands, or only sums DARE's
             // L1 norms.
-            let sweeps = crate::kernels::real::dispatch::has_bf16_kernels()
+            let sweeps = crate::kernels::dispatch::has_bf16_kernels()
                 && !self.rescaling()
                 && self.sparsifiers.iter().all(Sparsifier::sweeps_stored);
             sweeps || self.dare_l1_stored()
         } else {
             // The fused TIES output.
-            crate::kernels::real::dispatch::has_fused_ties(models)
+            crate::kernels::dispatch::has_fused_ties(models)
                 && self.family.consensus
                 && (self.sparsifiers.iter().all(|sp| sp.top_cut().is_some())
                     || self.sparsifiers.iter().all(|sp| sp.draws().is_some()))
@@ -415,7 +420,7 @@ impl<T: Real> TensorMerge<T> for TaskVector<T> {
 /// The per-chunk work, compiled once per SIMD build (AVX-512, AVX2, portable) through
 /// [`dispatch::fast`].
 ///
-/// [`dispatch::fast`]: crate::kernels::real::dispatch::fast
+/// [`dispatch::fast`]: crate::kernels::dispatch::fast
 impl<T: Real> TaskVector<T> {
     #[inline(always)]
     fn stat_chunk_impl(&self, x: &mut ChunkInputs<'_, T>, acc: &mut Stats) -> Result<()> {
@@ -485,122 +490,6 @@ impl<T: Real> TaskVector<T> {
             }
             *o = b + mixed * self.lambda;
         }
-    }
-
-    /// TIES with a top-k cut per model, in f32, in the build that has a fused form of the
-    /// task vectors, keep masks, weighting and election (AVX-512): the same output from the
-    /// models' values (not yet task vectors), in one sweep with every model's lanes in
-    /// registers. `false` (nothing done) elsewhere.
-    #[inline(always)]
-    fn fused_ties(&self, x: &ChunkInputs<'_, T>, base: &[T], out: &mut [T]) -> bool {
-        if T::KEY_BITS > 32 || !crate::kernels::real::dispatch::has_fused_ties(x.models.len()) {
-            return false;
-        }
-        let lambda = T::as_f32s(std::slice::from_ref(&self.lambda)).and_then(|l| l.first().copied());
-        let (Some(weights), Some(scales), Some(lambda)) =
-            (T::as_f32s(&self.weights), T::as_f32s(&self.scales), lambda)
-        else {
-            return false;
-        };
-        // What each model keeps: the top of its magnitudes (TIES) or its draws (DARE-TIES).
-        let (mut cuts, draws): (Vec<_>, Vec<_>);
-        let keep = if let Some(c) =
-            self.sparsifiers.iter().map(|sp| sp.top_cut().map(|c| c.top_cut_f32(x.start))).collect()
-        {
-            cuts = c;
-            Keep::Cuts(&mut cuts)
-        } else if let Some(d) = self.sparsifiers.iter().map(Sparsifier::draws).collect() {
-            draws = d;
-            Keep::Draws { start: x.start, draws: &draws }
-        } else {
-            return false;
-        };
-        let decoded: Option<Vec<&[f32]>> = x.models.iter().map(|m| T::as_f32s(m)).collect();
-        let stored: Vec<&[u8]> = x.stored.iter().skip(1).map(|r| r.bytes).collect();
-        let values = match (x.decoded, &decoded, T::as_f32s(base), x.stored.first()) {
-            (true, Some(models), Some(base), _) => TiesValues::F32 { models, base },
-            (false, _, _, Some(b)) if x.stored.iter().all(|r| r.dtype == Dtype::BF16) => {
-                TiesValues::Bf16 { models: &stored, base: b.bytes }
-            }
-            _ => return false,
-        };
-        let inputs = TiesInputs { values, weights, scales, normalize: self.normalize, lambda };
-        T::as_f32s_mut(out).is_some_and(|out| crate::kernels::real::dispatch::ties_f32(&inputs, keep, out))
-    }
-
-    /// A statistics pass's chunk from the stored bf16 inputs ([`TensorMerge::takes_stored`]):
-    /// the selections' band sweeps over the task vectors, taken while reading.
-    fn stat_stored(&self, x: &mut ChunkInputs<'_, T>, acc: &mut Stats) -> Result<()> {
-        let dtypes: Vec<Dtype> = x.stored.iter().map(|r| r.dtype).collect();
-        let sweeps = self.wants_pass() && self.takes_stored(&dtypes);
-        if sweeps && self.dare_l1_stored() {
-            return self.dare_l1_chunk(x, acc);
-        }
-        match x.stored.split_first() {
-            Some((base, models)) if sweeps => {
-                for (i, (m, sp)) in models.iter().zip(&self.sparsifiers).enumerate() {
-                    sp.collect_stored_bf16(i, x.start, m.bytes, base.bytes, acc);
-                }
-                Ok(())
-            }
-            // Not reached (`takes_stored` promised the sweeps), but never wrong.
-            _ => {
-                let n = x.stored.first().map_or(0, |r| r.bytes.len() / r.dtype.size());
-                let mut values = x.decode_stored(n);
-                self.stat_chunk(&mut x.with_decoded(&mut values), acc)
-            }
-        }
-    }
-
-    /// DARE's only statistics, the L1 norms of every model's task vector and of what its
-    /// draws keep, summed from the stored bf16 values (`dispatch::dare_l1_bf16`).
-    fn dare_l1_stored(&self) -> bool {
-        self.pass == 0
-            && self.rescaling()
-            && !self.selecting()
-            && self.sparsifiers.iter().all(|sp| sp.draws().is_some())
-            && crate::kernels::real::dispatch::has_bf16_kernels()
-    }
-
-    /// [`TaskVector::dare_l1_stored`] over one sub-block: the kernel's whole groups of
-    /// blocks, then the rest decoded, as the decoded pass sums it.
-    fn dare_l1_chunk(&self, x: &ChunkInputs<'_, T>, acc: &mut Stats) -> Result<()> {
-        let Some((base, models)) = x.stored.split_first() else { return Ok(()) };
-        let (mut hashes, mut mask) = (Vec::new(), Vec::new());
-        index_hashes(x.start, base.bytes.len() / 2, &mut hashes);
-        for (i, (m, sp)) in models.iter().zip(&self.sparsifiers).enumerate() {
-            let Some(draw) = sp.draws() else { continue };
-            let (all, kept) = acc.sum_pair(2 * i + L1_ALL);
-            let done = crate::kernels::real::dispatch::dare_l1_bf16(
-                m.bytes,
-                base.bytes,
-                &hashes,
-                draw,
-                &mut |l| all.add(fold(l)),
-                &mut |l| kept.add(fold(l)),
-            )
-            .unwrap_or(0);
-            let n = m.bytes.len() / 2;
-            if done >= n {
-                continue;
-            }
-            let decode = |b: &[u8]| -> Vec<T> {
-                let mut v = vec![T::ZERO; n - done];
-                crate::kernels::real::dispatch::decode(
-                    Dtype::BF16,
-                    b.get(2 * done..).unwrap_or_default(),
-                    &mut v,
-                );
-                v
-            };
-            let (xs, bs) = (decode(m.bytes), decode(base.bytes));
-            let delta: Vec<T> = xs.iter().zip(&bs).map(|(&v, &b)| v - b).collect();
-            let start = x.start + done as u64;
-            sp.mask(start, &delta, hashes.get(done..).unwrap_or_default(), &mut mask);
-            reduce_abs(&delta, None, all);
-            reduce_abs(&delta, Some(&mask), kept);
-        }
-        Ok(())
     }
 
     /// The sign election (TIES) over the weighted, sparsified task vectors `W_i` (in
