@@ -74,7 +74,6 @@ pub enum Side {
     Value,
 }
 
-
 #[derive(Debug, Clone)]
 enum State {
     /// Histogram the next 16 bits of the keys that start with `prefix`.
