@@ -8,6 +8,7 @@ everything else (bad checkpoint, missing tensor, shape mismatch, missing model f
 from __future__ import annotations
 
 import json
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -339,3 +340,27 @@ def test_api_existing_output_error_type(tmp_path, mergex_mod):
     with pytest.raises(FileExistsError) as info:
         mergex_mod.merge(str(linear_yaml(tmp_path, a, b)), out, progress=False)
     assert isinstance(info.value, mergex_mod.OutputExistsError)
+
+
+def test_api_errors_carry_the_file_and_tensor(tmp_path, mergex_mod):
+    # From the Rust reader (a header whose shape disagrees with its offsets) and from the
+    # Python planner (a missing tensor): `path` and `tensor` as attributes.
+    setup = case_offsets_disagree_with_shape(tmp_path)
+    with pytest.raises(mergex_mod.CheckpointError) as info:
+        mergex_mod.merge(setup.config, tmp_path / "out", progress=None)
+    assert info.value.path == str(tmp_path / "model_b" / "model.safetensors")
+    assert info.value.tensor == "model.layers.0.self_attn.q_proj.weight"
+    setup = case_missing_tensor(tmp_path / "missing")
+    with pytest.raises(mergex_mod.CheckpointError) as info:
+        mergex_mod.plan(setup.config)
+    assert info.value.tensor == "model.layers.1.mlp.up_proj.weight"
+    assert info.value.path == str(tmp_path / "missing" / "model_b")
+    cfg = {
+        "merge_method": "linear",
+        "models": [{"model": str(setup.inputs[0]), "parameters": {"weight": math.nan}}],
+    }
+    with pytest.raises(
+        mergex_mod.ConfigError, match=r"'weight'.*expected a finite number, got nan"
+    ) as cfg_info:
+        mergex_mod.plan(cfg)
+    assert cfg_info.value.path is None and cfg_info.value.tensor is not None

@@ -312,6 +312,8 @@ def test_quantized_or_stray_input_stops_the_merge(tmp_path, mergex_mod, case):
     assert line.startswith(f"model {b}:"), line
     for w in words:
         assert w in line, line
+    assert info.value.path is not None and info.value.path.startswith(str(b))
+    assert info.value.tensor is None or info.value.tensor in line
     assert list(out.parent.iterdir()) == [], "something was written"
     assert models.file_hashes(a, b) == before, "an input was modified"
     # The plan refuses it too, so nothing downstream ever sees the quantized tensors.

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import mergex
 import mergex.units
@@ -160,7 +161,7 @@ def test_narrower_embedding_blocks_land_in_place(mergex_mod, tmp_path):
 def test_unknown_stored_dtype_is_a_config_error(monkeypatch):
     monkeypatch.delitem(driver._DTYPES, "F8_E5M2")
     d = driver.Driver.__new__(driver.Driver)
-    d.infos = [{"dtypes": ["BF16", "F8_E5M2"]}]
+    d.infos = [SimpleNamespace(dtypes=["BF16", "F8_E5M2"])]
     d.spec = {"tensors": [{"name": "w"}]}
     with pytest.raises(ConfigError, match="cannot decode F8_E5M2"):
         d.input_dtypes(0)

@@ -128,20 +128,20 @@ def plan(
         ConfigError, CheckpointError, ModelNotFoundError: As :func:`merge`.
     """
     _, job = _resolve(config, ram_budget, threads, shard_size, None)
-    s = json.loads(_mergex.MergeJob(json.dumps(job.spec)).plan())
+    s = _mergex.MergeJob(json.dumps(job.spec)).plan()
     return MergePlan(
-        method=s["method"],
+        method=s.method,
         models=[m.path for m in job.models],
-        tensors=s["tensors"],
-        bytes_read=s["bytes_read"],
-        input_bytes=s["input_bytes"],
-        bytes_written=s["bytes_written"],
-        threads=s["threads"],
-        ram_budget=s["ram_budget"],
-        max_chunk_elems=s["max_chunk_elems"],
-        passes={int(k): v for k, v in s["passes"].items()},
-        shards=[tuple(x) for x in s["shards"]],
-        peak_memory=s["peak_memory"],
+        tensors=s.tensors,
+        bytes_read=s.bytes_read,
+        input_bytes=s.input_bytes,
+        bytes_written=s.bytes_written,
+        threads=s.threads,
+        ram_budget=s.ram_budget,
+        max_chunk_elems=s.max_chunk_elems,
+        passes=dict(s.passes),
+        shards=list(s.shards),
+        peak_memory=s.peak_memory,
         warnings=job.warnings,
     )
 
@@ -170,14 +170,15 @@ class _Backend:
     device: str = "cpu"
     gpu_budget: int | None = None
 
-    def run(self, engine: Any, spec: dict[str, Any], out: Path) -> dict[str, Any]:
+    def run(self, engine: _mergex.MergeJob, spec: dict[str, Any], out: Path) -> _mergex.RunSummary:
         if self.engine == "rust":
-            return dict(json.loads(engine.run(str(out))))
+            return engine.run(str(out))
         from . import torch_engine
 
-        infos = json.loads(engine.tensors())
         stream = engine.open_stream(str(out))
-        return torch_engine.run(stream, infos, spec, device=self.device, gpu_budget=self.gpu_budget)
+        return torch_engine.run(
+            stream, engine.tensors(), spec, device=self.device, gpu_budget=self.gpu_budget
+        )
 
 
 def _backend(engine: str | None, device: str | None, gpu_budget: Size | None) -> _Backend:
@@ -201,8 +202,12 @@ def _backend(engine: str | None, device: str | None, gpu_budget: Size | None) ->
 
 
 def _run_engine(
-    engine: Any, out: Path, on_progress: ProgressCallback | None, backend: _Backend, spec: dict[str, Any]
-) -> dict[str, Any]:
+    engine: _mergex.MergeJob,
+    out: Path,
+    on_progress: ProgressCallback | None,
+    backend: _Backend,
+    spec: dict[str, Any],
+) -> _mergex.RunSummary:
     """Run the engine in a worker thread so the main thread stays responsive to Ctrl-C and
     can draw progress; on KeyboardInterrupt the engine is cancelled and joined."""
     result: dict[str, Any] = {}
@@ -226,7 +231,8 @@ def _run_engine(
         raise
     if "error" in result:
         raise result["error"]
-    return dict(result["summary"])
+    summary: _mergex.RunSummary = result["summary"]
+    return summary
 
 
 def merge(
@@ -319,15 +325,15 @@ def merge(
     return MergeResult(
         out_dir=target,
         files=files,
-        bytes_read=int(summary["bytes_read"]),
-        bytes_written=int(summary["bytes_written"]),
+        bytes_read=summary.bytes_read,
+        bytes_written=summary.bytes_written,
         seconds=time.perf_counter() - start,
         peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
         warnings=folder.notes + job.warnings,
-        sample_seconds=float(summary["sample_seconds"]),
-        stat_pass_seconds=[float(x) for x in summary["stat_pass_seconds"]],
-        output_seconds=float(summary["output_seconds"]),
-        kernels=str(summary["kernels"]) if backend.engine == "rust" else f"torch ({backend.device})",
+        sample_seconds=summary.sample_seconds,
+        stat_pass_seconds=summary.stat_pass_seconds,
+        output_seconds=summary.output_seconds,
+        kernels=summary.kernels,
     )
 
 

@@ -53,9 +53,7 @@ RamBudget = Annotated[
         help="Memory budget, e.g. 512MiB or 4GiB \\[default: 1/4 of available, ≤ 4GiB].",
     ),
 ]
-Threads = Annotated[
-    int | None, typer.Option("--threads", help="Worker threads \\[default: all CPUs].")
-]
+Threads = Annotated[int | None, typer.Option("--threads", help="Worker threads \\[default: all CPUs].")]
 
 
 def _fail(message: str, code: int) -> NoReturn:

@@ -15,7 +15,19 @@ __all__ = [
 
 
 class MergexError(Exception):
-    """Base class of every error mergex raises on purpose."""
+    """Base class of every error mergex raises on purpose.
+
+    ``path`` and ``tensor`` name the file (or model folder) and the tensor the error is
+    about, where there is one; the message names them too.
+    """
+
+    path: str | None = None
+    tensor: str | None = None
+
+    def __init__(self, *args: object, path: object = None, tensor: str | None = None) -> None:
+        super().__init__(*args)
+        self.path = None if path is None else str(path)
+        self.tensor = tensor
 
 
 class ConfigError(MergexError, ValueError):

@@ -147,6 +147,8 @@ class Model:
         if found is None:
             files = sorted({t.file for t in self.tensors.values()}) or [str(self.path)]
             raise CheckpointError(
-                f"tensor '{name}' not found in model {self.ref} (searched {', '.join(files)})"
+                f"tensor '{name}' not found in model {self.ref} (searched {', '.join(files)})",
+                path=self.path,
+                tensor=name,
             )
         return self.tensors[found]

@@ -3,6 +3,7 @@ tensors feed each, and every parameter's value for each tensor (CONFIG.md, METHO
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -157,9 +158,12 @@ class _Planner:
             raise ConfigError(f"parameter '{name}'{who} is required but not set for tensor '{tensor}'")
         if isinstance(v, bool):
             return 1.0 if v else 0.0
-        if isinstance(v, int | float):
+        if isinstance(v, int | float) and math.isfinite(v):
             return to_f32(float(v))
-        raise ConfigError(f"parameter '{name}' for tensor '{tensor}': expected a number, got {v!r}")
+        what = "a finite number" if isinstance(v, float) else "a number"
+        raise ConfigError(
+            f"parameter '{name}' for tensor '{tensor}': expected {what}, got {v!r}", tensor=tensor
+        )
 
     def tensor(self, sl: _Slice, out_name: str, in_names: list[str], p: float) -> dict[str, Any] | None:
         sources = sl.sources

@@ -89,6 +89,12 @@ class Detected:
     refused: bool
     """True for the formats QUANT.md §9 refuses; False for those mergex will read."""
 
+    @property
+    def tensor(self) -> str | None:
+        """The tensor that matched, when a tensor did."""
+        _, found, name = self.signal.rpartition("tensor ")
+        return name if found else None
+
 
 def quantization_config(config: dict[str, Any]) -> dict[str, Any] | None:
     """``quantization_config`` of a config.json, or of its ``text_config`` when the top level
@@ -266,7 +272,9 @@ def detect(model: Model) -> Detected | None:
         if n.endswith(_WEIGHT_COMPANIONS) and n not in parts:
             raise CheckpointError(
                 f"model {model.ref}: tensor {n} is a quantization companion without its weight "
-                f"({n.rsplit('.', 1)[0]}.weight is missing)"
+                f"({n.rsplit('.', 1)[0]}.weight is missing)",
+                path=model.path,
+                tensor=n,
             )
     first = next((n for n in model.order if n in parts and n.endswith(_COMPANIONS)), None)
     scales = next((n for n in model.order if is_activation_scale(n)), None)
@@ -285,7 +293,8 @@ def detect(model: Model) -> Detected | None:
             f"model {model.ref}: config.json says the weights are {by_config.format} "
             f"({by_config.signal}) but no tensor has a quantization companion (weight_scale, "
             f"weight_scale_inv, weight_packed, _blocks/_scales); remove quantization_config "
-            f"if the weights are plain"
+            f"if the weights are plain",
+            path=model.path,
         )
     if first is not None:
         return Detected(parts[first], f"tensor {first}", False)
@@ -299,16 +308,22 @@ def check(model: Model) -> None:
         CheckpointError: One line naming the model, the format and the signal.
     """
     for f in sorted(model.folder.glob("*.gguf")) if model.path.is_dir() else []:
-        raise CheckpointError(f"model {model.ref}: GGUF checkpoints are not supported (file {f.name})")
+        raise CheckpointError(
+            f"model {model.ref}: GGUF checkpoints are not supported (file {f.name})", path=f
+        )
     found = detect(model)
     if found is not None:
         if found.refused:
             raise CheckpointError(
-                f"model {model.ref}: {found.format} checkpoints are not supported ({found.signal})"
+                f"model {model.ref}: {found.format} checkpoints are not supported ({found.signal})",
+                path=model.path,
+                tensor=found.tensor,
             )
         raise CheckpointError(
             f"model {model.ref}: {found.format} checkpoints are not supported yet ({found.signal}); "
-            f"dequantize it to BF16 first"
+            f"dequantize it to BF16 first",
+            path=model.path,
+            tensor=found.tensor,
         )
     for name in model.order:
         dtype = model.tensors[name].dtype
@@ -316,5 +331,7 @@ def check(model: Model) -> None:
             raise CheckpointError(
                 f"model {model.ref}: tensor {name} is {dtype} but belongs to no quantized weight "
                 f"(no scale or other companion tensor); mergex merges only float tensors and copies "
-                f"BOOL masks and integer *_ids buffers"
+                f"BOOL masks and integer *_ids buffers",
+                path=model.path,
+                tensor=name,
             )

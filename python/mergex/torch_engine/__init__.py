@@ -14,6 +14,8 @@ from ..errors import ConfigError
 if TYPE_CHECKING:
     from types import ModuleType
 
+    from .._mergex import RunSummary, TensorInfo
+
 __all__ = ["check_device", "load_torch", "run"]
 
 
@@ -43,7 +45,7 @@ def check_device(device: str) -> str:
     return device
 
 
-def run(stream: Any, infos: list[dict[str, Any]], spec: dict[str, Any], **kw: Any) -> dict[str, Any]:
+def run(stream: Any, infos: list[TensorInfo], spec: dict[str, Any], **kw: Any) -> RunSummary:
     from .driver import Driver
 
     return Driver(stream, infos, spec, **kw).run()

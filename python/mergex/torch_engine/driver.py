@@ -12,12 +12,11 @@ on a GPU the host-to-device copy runs on its own CUDA stream.
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -25,6 +24,9 @@ import torch
 from ..errors import ConfigError
 from .base import Chunk, TensorCtx, as_dict
 from .methods import METHODS
+
+if TYPE_CHECKING:
+    from .._mergex import RunSummary, TensorInfo
 
 # Host memory per chunk element and input: two raw read buffers (double buffering, at
 # most the working width), the decoded values (on the device; on the CPU, a host buffer)
@@ -52,7 +54,7 @@ class Driver:
     def __init__(
         self,
         stream: Any,
-        infos: list[dict[str, Any]],
+        infos: list[TensorInfo],
         spec: dict[str, Any],
         *,
         device: str = "cpu",
@@ -87,26 +89,26 @@ class Driver:
         free, _ = torch.cuda.mem_get_info(self.device)
         return int(free * 0.8)
 
-    def chunk_elems(self, info: dict[str, Any]) -> int:
+    def chunk_elems(self, info: TensorInfo) -> int:
         """Elements per chunk: what the RAM and device budgets allow for all inputs, a whole
         number of the engine's units, never more than the tensor (rounded up to a unit)."""
-        unit = int(info["unit"])
-        wsize = 8 if info["wide"] else 4
-        per_elem = int(info["views"]) * wsize
+        unit = int(info.unit)
+        wsize = 8 if info.wide else 4
+        per_elem = int(info.views) * wsize
         host = int(self.ram_budget * _WORK_SHARE) // (per_elem * _HOST_FACTOR)
         dev = self.gpu_budget // (per_elem * _DEVICE_FACTOR)
-        numel = int(np.prod(info["shape"], dtype=np.int64)) if info["shape"] else 1
+        numel = int(np.prod(info.shape, dtype=np.int64)) if info.shape else 1
         elems = max(unit, min(host, dev) // unit * unit)
         return min(elems, -(-numel // unit) * unit)
 
-    def run(self) -> dict[str, Any]:
+    def run(self) -> RunSummary:
         try:
             for i, info in enumerate(self.infos):
-                if info["kept"]:
+                if info.kept:
                     self.stream.end(i)
                     continue
                 self.stream.begin(i)
-                if info["copy"]:
+                if info.copy:
                     clock = time.perf_counter()
                     self.stream.copy(i)
                     self.output_seconds += time.perf_counter() - clock
@@ -120,15 +122,14 @@ class Driver:
             ) from None
         finally:
             self.reader.shutdown(wait=True)
-        summary: dict[str, Any] = dict(json.loads(self.stream.close()))
-        summary["sample_seconds"] = self.sample_seconds
-        summary["stat_pass_seconds"] = self.stat_seconds
-        summary["output_seconds"] = self.output_seconds
+        summary: RunSummary = self.stream.close().with_timings(
+            self.sample_seconds, self.stat_seconds, self.output_seconds, f"torch ({self.device})"
+        )
         return summary
 
-    def context(self, i: int, info: dict[str, Any]) -> TensorCtx:
+    def context(self, i: int, info: TensorInfo) -> TensorCtx:
         job = self.spec["tensors"][i]
-        shape = tuple(int(s) for s in info["shape"])
+        shape = tuple(int(s) for s in info.shape)
         numel = int(np.prod(shape, dtype=np.int64)) if shape else 1
         step = self.chunk_elems(info)
         return TensorCtx(
@@ -141,13 +142,13 @@ class Driver:
             positions=[int(r.get("position", 0)) for r in job["inputs"]],
             has_base=job.get("base") is not None,
             seed=int(self.spec.get("seed", 0)),
-            dtype=torch.float64 if info["wide"] else torch.float32,
+            dtype=torch.float64 if info.wide else torch.float32,
             device=self.device,
             ram_budget=self.ram_budget,
             chunks=[(s, min(step, numel - s)) for s in range(0, numel, step)],
         )
 
-    def merge_tensor(self, i: int, info: dict[str, Any]) -> None:
+    def merge_tensor(self, i: int, info: TensorInfo) -> None:
         ctx = self.context(i, info)
         merger = self.builder(ctx)
         sample = merger.sample_ranges()
@@ -196,7 +197,7 @@ class Driver:
     def input_dtypes(self, i: int) -> list[torch.dtype]:
         """The stored dtype of every input of tensor ``i``, in read order."""
         kinds = []
-        for name in self.infos[i]["dtypes"]:
+        for name in self.infos[i].dtypes:
             kind = _DTYPES.get(name)
             if kind is None:
                 raise ConfigError(
@@ -213,7 +214,7 @@ class Driver:
         A raw chunk holds input ``v``'s stored bytes at byte ``v * n * slot``; each input is
         viewed as its stored dtype and widened into row ``v`` of the decoded chunk."""
         kinds = self.input_dtypes(i)
-        slot, views = int(self.infos[i]["slot"]), len(kinds)
+        slot, views = int(self.infos[i].slot), len(kinds)
         size = max((n for _, n in ctx.chunks), default=0)
         for event in self.copied:
             if event is not None:

@@ -286,6 +286,70 @@ impl Error {
         }
     }
 
+    /// The file, folder or model the error is about, when there is one.
+    pub fn path(&self) -> Option<&std::path::Path> {
+        match self {
+            Error::Io { path, .. }
+            | Error::FileTooSmall { path, .. }
+            | Error::HeaderLength { path, .. }
+            | Error::HeaderJson { path, .. }
+            | Error::BadTensorEntry { path, .. }
+            | Error::DuplicateTensor { path, .. }
+            | Error::UnknownDtype { path, .. }
+            | Error::RefusedDtype { path, .. }
+            | Error::Gguf { path }
+            | Error::ShapeSize { path, .. }
+            | Error::OffsetsOutOfFile { path, .. }
+            | Error::OffsetsNotContiguous { path, .. }
+            | Error::TrailingData { path, .. }
+            | Error::IndexJson { path, .. }
+            | Error::PickleCheckpoint { path }
+            | Error::InputChanged { path } => Some(path),
+            Error::DuplicateAcrossFiles { second: path, .. }
+            | Error::IndexMismatch { index: path, .. }
+            | Error::ShardOutsideFolder { index: path, .. }
+            | Error::NoCheckpoint { dir: path }
+            | Error::MissingTensor { model: path, .. }
+            | Error::ShapeMismatch { model: path, .. }
+            | Error::NotFloat { model: path, .. } => Some(path),
+            Error::InvalidParameter { model, .. } => model.as_deref(),
+            Error::InvalidJob { .. } | Error::Degenerate { .. } | Error::Cancelled => None,
+        }
+    }
+
+    /// The tensor the error is about, when there is one.
+    pub fn tensor(&self) -> Option<&str> {
+        match self {
+            Error::BadTensorEntry { tensor, .. }
+            | Error::DuplicateTensor { tensor, .. }
+            | Error::DuplicateAcrossFiles { tensor, .. }
+            | Error::UnknownDtype { tensor, .. }
+            | Error::RefusedDtype { tensor, .. }
+            | Error::ShapeSize { tensor, .. }
+            | Error::OffsetsOutOfFile { tensor, .. }
+            | Error::OffsetsNotContiguous { tensor, .. }
+            | Error::IndexMismatch { tensor, .. }
+            | Error::MissingTensor { tensor, .. }
+            | Error::ShapeMismatch { tensor, .. }
+            | Error::NotFloat { tensor, .. }
+            | Error::InvalidParameter { tensor, .. }
+            | Error::Degenerate { tensor, .. } => Some(tensor),
+            Error::Io { .. }
+            | Error::FileTooSmall { .. }
+            | Error::HeaderLength { .. }
+            | Error::HeaderJson { .. }
+            | Error::Gguf { .. }
+            | Error::TrailingData { .. }
+            | Error::IndexJson { .. }
+            | Error::ShardOutsideFolder { .. }
+            | Error::NoCheckpoint { .. }
+            | Error::PickleCheckpoint { .. }
+            | Error::InvalidJob { .. }
+            | Error::InputChanged { .. }
+            | Error::Cancelled => None,
+        }
+    }
+
     pub(crate) fn io(path: impl Into<PathBuf>, op: &'static str, source: std::io::Error) -> Self {
         Error::Io { path: path.into(), op, source }
     }

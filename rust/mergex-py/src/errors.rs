@@ -1,29 +1,31 @@
-//! The one place where core errors become Python exceptions (classes of `mergex.errors`).
+//! The one place where core errors become Python exceptions: the classes of
+//! `mergex.errors`, one per error kind (the match is exhaustive), with the error's file and
+//! tensor as the exception's `path` and `tensor` attributes.
 
 use mergex_core::{Error, ErrorKind};
-use pyo3::exceptions::PyRuntimeError;
 use pyo3::prelude::*;
-use pyo3::types::PyType;
 
-fn class_name(kind: ErrorKind) -> &'static str {
-    match kind {
-        ErrorKind::Config => "ConfigError",
-        ErrorKind::Checkpoint => "CheckpointError",
-        ErrorKind::NotFound => "ModelNotFoundError",
-        ErrorKind::Io => "MergexIOError",
-        ErrorKind::Cancelled => "MergeInterrupted",
-    }
-}
+pyo3::import_exception!(mergex.errors, ConfigError);
+pyo3::import_exception!(mergex.errors, CheckpointError);
+pyo3::import_exception!(mergex.errors, ModelNotFoundError);
+pyo3::import_exception!(mergex.errors, MergexIOError);
+pyo3::import_exception!(mergex.errors, MergeInterrupted);
 
 /// Convert a core error to an instance of the matching `mergex.errors` class.
 pub(crate) fn to_py(py: Python<'_>, e: Error) -> PyErr {
     let message = e.to_string();
-    let class = py
-        .import("mergex.errors")
-        .and_then(|m| m.getattr(class_name(e.kind())))
-        .and_then(|c| c.cast_into::<PyType>().map_err(PyErr::from));
-    match class {
-        Ok(cls) => PyErr::from_type(cls, message),
-        Err(_) => PyRuntimeError::new_err(message),
-    }
+    let err = match e.kind() {
+        ErrorKind::Config => ConfigError::new_err(message),
+        ErrorKind::Checkpoint => CheckpointError::new_err(message),
+        ErrorKind::NotFound => ModelNotFoundError::new_err(message),
+        ErrorKind::Io => MergexIOError::new_err(message),
+        ErrorKind::Cancelled => MergeInterrupted::new_err(message),
+    };
+    let value = err.value(py);
+    let path = e.path().map(|p| p.display().to_string());
+    // Setting an attribute on a fresh exception instance cannot fail short of memory; the
+    // message already names both, so a failure here loses nothing.
+    let _ = value.setattr("path", path);
+    let _ = value.setattr("tensor", e.tensor());
+    err
 }

@@ -4,6 +4,7 @@
 
 mod errors;
 mod registry;
+mod results;
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -35,22 +36,22 @@ impl MergeJob {
         Ok(MergeJob { engine: Arc::new(engine), progress: Arc::new(Progress::default()) })
     }
 
-    /// The plan summary, as JSON.
-    fn plan(&self, py: Python<'_>) -> PyResult<String> {
-        json(py, &self.engine.plan())
+    /// The plan summary.
+    fn plan(&self) -> results::PlanSummary {
+        self.engine.plan().into()
     }
 
-    /// Run the merge into `out_dir` (an existing, empty folder); returns the summary as JSON.
+    /// Run the merge into `out_dir` (an existing, empty folder); returns its summary.
     /// The GIL is released for the whole run, so other Python threads (progress display,
     /// Ctrl-C handling) keep going.
-    fn run(&self, py: Python<'_>, out_dir: PathBuf) -> PyResult<String> {
+    fn run(&self, py: Python<'_>, out_dir: PathBuf) -> PyResult<results::RunSummary> {
         let summary = py.detach(|| self.engine.run(&out_dir, &self.progress)).map_err(|e| to_py(py, e))?;
-        json(py, &summary)
+        Ok(summary.into())
     }
 
-    /// The output tensors as the engine prepared them (chunk sizes, passes, inputs), as JSON.
-    fn tensors(&self, py: Python<'_>) -> PyResult<String> {
-        json(py, &self.engine.tensor_infos())
+    /// The output tensors as the engine prepared them (chunk sizes, passes, inputs).
+    fn tensors(&self) -> Vec<results::TensorInfo> {
+        self.engine.tensor_infos().into_iter().map(Into::into).collect()
     }
 
     /// Create the output files in `out_dir` and return a stream through which another
@@ -192,14 +193,14 @@ impl Stream {
         self.with_sink(py, |sink| py.detach(|| engine.end_tensor(sink, t, progress)))
     }
 
-    /// Flush everything and write the index; returns the run summary as JSON (the caller
-    /// fills in its pass timings).
-    fn close(&self, py: Python<'_>) -> PyResult<String> {
+    /// Flush everything and write the index; returns the run summary (the caller puts in
+    /// its own pass timings with `with_timings`).
+    fn close(&self, py: Python<'_>) -> PyResult<results::RunSummary> {
         let sink = self.sink.lock().map_err(|_| closed(py))?.take().ok_or_else(|| closed(py))?;
         let (engine, progress) = (&self.engine, &self.progress);
         let summary =
             py.detach(|| engine.close_sink(sink, &self.out_dir, progress)).map_err(|e| to_py(py, e))?;
-        json(py, &summary)
+        Ok(summary.into())
     }
 }
 
@@ -212,12 +213,6 @@ fn closed(py: Python<'_>) -> PyErr {
 
 fn bad_buffer(py: Python<'_>, message: &str) -> PyErr {
     to_py(py, mergex_core::Error::InvalidJob { field: "buffer".into(), message: message.into() })
-}
-
-fn json<S: serde::Serialize>(py: Python<'_>, value: &S) -> PyResult<String> {
-    serde_json::to_string(value).map_err(|e| {
-        to_py(py, mergex_core::Error::InvalidJob { field: "json".into(), message: e.to_string() })
-    })
 }
 
 /// Tensors of a checkpoint (folder or file): (name, dtype, shape, file, bytes), in file order.
@@ -258,6 +253,9 @@ fn _mergex(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(registry::methods, m)?)?;
     m.add_class::<registry::Method>()?;
     m.add_class::<registry::MethodParam>()?;
+    m.add_class::<results::PlanSummary>()?;
+    m.add_class::<results::RunSummary>()?;
+    m.add_class::<results::TensorInfo>()?;
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     // The engine's limits and defaults, so that the Python side states none of them again.
     m.add("MAX_THREADS", mergex_core::engine::plan::MAX_THREADS)?;
