@@ -107,8 +107,8 @@ def test_yaml_errors_name_the_file_and_line(tmp_path):
 
 
 def _weights(job, out_name):
-    t = next(t for t in job.spec["tensors"] if t["name"] == out_name)
-    return [i["params"]["weight"] for i in t["inputs"]]
+    t = next(t for t in job.spec.tensors if t.name == out_name)
+    return [i.params["weight"] for i in t.inputs]
 
 
 def _plan(cfg, **kw):

@@ -19,6 +19,7 @@ import pytest
 import torch
 from mergex import api
 from mergex.errors import ConfigError
+from mergex.job import EngineJob, InputRef, TensorJob
 from mergex.torch_engine import driver
 
 # Each stored dtype, paired with the dtype the other model stores the same tensor in, so
@@ -64,7 +65,7 @@ def write(root: Path, name: str, tensors: dict) -> Path:
     return path
 
 
-def run_both(spec: dict, tmp_path: Path, budget: str) -> tuple[models.Output, models.Output]:
+def run_both(spec: EngineJob, tmp_path: Path, budget: str) -> tuple[models.Output, models.Output]:
     """Run an engine job written by hand on both engines. The planner refuses 8-bit float
     codes without their scales (QUANT.md §1), but the engines' decoding of every stored
     pattern is what a quantized weight's codes go through, so it is tested here directly."""
@@ -72,9 +73,9 @@ def run_both(spec: dict, tmp_path: Path, budget: str) -> tuple[models.Output, mo
     for engine in ("rust", "torch"):
         out = tmp_path / f"{engine}-{budget}"
         out.mkdir()
-        job = {**spec, "ram_budget": mergex.units.parse_size(budget, "budget"), "threads": 2}
-        core = mergex._mergex.MergeJob(json.dumps(job))
-        api._Backend(engine).run(core, job, out)
+        spec.ram_budget = mergex.units.parse_size(budget, "budget")
+        core = mergex._mergex.MergeJob(spec.to_json())
+        api._Backend(engine).run(core, spec, out)
         outs.append(models.read_output(out))
     return outs[0], outs[1]
 
@@ -106,24 +107,24 @@ def test_every_stored_dtype_decodes_like_rust(mergex_mod, tmp_path, budget):
     a = {f"x.{d}": (d, (N,), every_pattern(d, rng)) for d in PAIRS}
     b = {f"x.{d}": (p, (N,), finite(p, rng)) for d, p in PAIRS.items()}
     paths = [write(tmp_path, "a", a), write(tmp_path, "b", b)]
-    spec = {
-        "method": "linear",
-        "models": [str(p) for p in paths],
-        "tensors": [
-            {
-                "name": name,
-                "dtype": "F64",
-                "shape": [N],
-                "inputs": [
-                    {"model": k, "tensor": name, "position": k, "params": {"weight": w}}
-                    for k, w in enumerate((1.0, 0.75))
-                ],
-                "params": {"normalize": 1.0},
-            }
+    spec = EngineJob(
+        method="linear",
+        models=[str(p) for p in paths],
+        tensors=[
+            TensorJob(
+                name,
+                "F64",
+                [N],
+                [InputRef(k, name, k, {"weight": w}) for k, w in enumerate((1.0, 0.75))],
+                {"normalize": 1.0},
+            )
             for name in a
         ],
-        "shard_size": 5_000_000_000,
-    }
+        seed=0,
+        ram_budget=0,
+        threads=2,
+        shard_size=5_000_000_000,
+    )
     rust, torch_out = run_both(spec, tmp_path, budget)
     assert_same(rust, torch_out)
     # The merge is not trivial: most values are finite and nonzero.
@@ -162,6 +163,6 @@ def test_unknown_stored_dtype_is_a_config_error(monkeypatch):
     monkeypatch.delitem(driver._DTYPES, "F8_E5M2")
     d = driver.Driver.__new__(driver.Driver)
     d.infos = [SimpleNamespace(dtypes=["BF16", "F8_E5M2"])]
-    d.spec = {"tensors": [{"name": "w"}]}
+    d.spec = SimpleNamespace(tensors=[SimpleNamespace(name="w")])
     with pytest.raises(ConfigError, match="cannot decode F8_E5M2"):
         d.input_dtypes(0)

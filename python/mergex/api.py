@@ -16,6 +16,7 @@ from typing import Any
 from . import _mergex
 from .config import MergeConfig, load_config
 from .errors import ConfigError
+from .job import EngineJob, Resume
 from .models import Model, TensorInfo
 from .output import OutputFolder, check_output_path
 from .planner import Job, build_job
@@ -104,7 +105,7 @@ def _resolve(
 def _fingerprint(job: Job) -> str:
     """What the output depends on: the job (less budget and threads, which never change the
     bytes) and every input file's size and modification time."""
-    spec = {k: v for k, v in job.spec.items() if k not in ("ram_budget", "threads", "resume")}
+    spec = job.spec.fingerprint_part()
     files = sorted({t.file for m in job.models for t in m.tensors.values()})
     stamps = []
     for f in files:
@@ -128,7 +129,7 @@ def plan(
         ConfigError, CheckpointError, ModelNotFoundError: As :func:`merge`.
     """
     _, job = _resolve(config, ram_budget, threads, shard_size, None)
-    s = _mergex.MergeJob(json.dumps(job.spec)).plan()
+    s = _mergex.MergeJob(job.spec.to_json()).plan()
     return MergePlan(
         method=s.method,
         models=[m.path for m in job.models],
@@ -170,7 +171,7 @@ class _Backend:
     device: str = "cpu"
     gpu_budget: int | None = None
 
-    def run(self, engine: _mergex.MergeJob, spec: dict[str, Any], out: Path) -> _mergex.RunSummary:
+    def run(self, engine: _mergex.MergeJob, spec: EngineJob, out: Path) -> _mergex.RunSummary:
         if self.engine == "rust":
             return engine.run(str(out))
         from . import torch_engine
@@ -206,7 +207,7 @@ def _run_engine(
     out: Path,
     on_progress: ProgressCallback | None,
     backend: _Backend,
-    spec: dict[str, Any],
+    spec: EngineJob,
 ) -> _mergex.RunSummary:
     """Run the engine in a worker thread so the main thread stays responsive to Ctrl-C and
     can draw progress; on KeyboardInterrupt the engine is cancelled and joined."""
@@ -300,12 +301,8 @@ def merge(
     fingerprint = _fingerprint(job)
     folder = OutputFolder(target, fingerprint, resume)
     try:
-        job.spec["resume"] = {
-            "state_file": str(folder.state),
-            "fingerprint": fingerprint,
-            "done": folder.done,
-        }
-        core = _mergex.MergeJob(json.dumps(job.spec))
+        job.spec.resume = Resume(str(folder.state), fingerprint, dict(folder.done))
+        core = _mergex.MergeJob(job.spec.to_json())
     except BaseException:
         folder.discard()
         raise
@@ -315,7 +312,7 @@ def merge(
         tok_ref = cfg.tokenizer_source
         tok = job.reference if tok_ref in (None, "base") else Model.open(tok_ref, cfg.source_dir)
         folder.copy_tokenizer(tok, cfg.chat_template)
-        folder.write_run_config(cfg.raw, int(job.spec["seed"]))
+        folder.write_run_config(cfg.raw, job.spec.seed)
         folder.write_card(cfg.merge_method, job.models, job.base, job.output_dtype)
         folder.commit()
     except BaseException:

@@ -11,6 +11,7 @@ from typing import Any
 
 from .config import MergeConfig
 from .errors import CheckpointError, ConfigError
+from .job import EngineJob, InputRef, TensorJob
 from .methods import MethodSpec, get_method
 from .models import Model, TensorInfo
 from .params import NOT_FOUND, layer_index, lookup, rename_layer, to_f32
@@ -55,8 +56,8 @@ class _Slice:
 class Job:
     """A planned merge: the engine job plus what the output folder needs."""
 
-    spec: dict[str, Any]
-    """The JSON-able job for the Rust engine."""
+    spec: EngineJob
+    """The job for the engine."""
     models: list[Model]
     base: Model | None
     reference: Model
@@ -165,7 +166,7 @@ class _Planner:
             f"parameter '{name}' for tensor '{tensor}': expected {what}, got {v!r}", tensor=tensor
         )
 
-    def tensor(self, sl: _Slice, out_name: str, in_names: list[str], p: float) -> dict[str, Any] | None:
+    def tensor(self, sl: _Slice, out_name: str, in_names: list[str], p: float) -> TensorJob:
         sources = sl.sources
         infos: list[TensorInfo] = []
         for s, n in zip(sources, in_names, strict=True):
@@ -176,13 +177,9 @@ class _Planner:
         if ref.dtype not in FLOAT_DTYPES:
             src = sources[ref_i]
             self.warnings.append(f"{out_name}: {ref.dtype} tensor copied from {src.model.ref}, not merged")
-            return {
-                "name": out_name,
-                "dtype": ref.dtype,
-                "shape": list(ref.shape),
-                "copy": True,
-                "inputs": [{"model": index(src.model), "tensor": ref.name}],
-            }
+            return TensorJob(
+                out_name, ref.dtype, list(ref.shape), [InputRef(index(src.model), ref.name)], copy=True
+            )
         out_dtype = self.cfg.output_dtype or ref.dtype
         base_i = ref_i if self.uses_base and sources[ref_i].is_base else None
         members = [i for i in range(len(sources)) if i != base_i]
@@ -217,7 +214,7 @@ class _Planner:
                     f"differs from {list(infos[a].shape)} in model {sources[a].model.ref}"
                 )
         global_levels = [(sl.params, out_name), (self.cfg.parameters, out_name)]
-        params = {}
+        params: dict[str, float] = {}
         for prm in self.spec.params:
             if not prm.per_model:
                 v = self.value(prm.name, global_levels, p, out_name, None)
@@ -228,32 +225,17 @@ class _Planner:
         for i in members:
             s = sources[i]
             levels = ([(s.params, in_names[i])] if s.listed else []) + global_levels
-            mp = {}
+            mp: dict[str, float] = {}
             for prm in self.spec.params:
                 if prm.per_model:
                     v = self.value(prm.name, levels, p, out_name, s.model)
                     if v is not None:
                         mp[prm.name] = v
-            inputs.append(
-                {
-                    "model": index(s.model),
-                    "tensor": infos[i].name,
-                    "position": positions[i],
-                    "params": mp,
-                }
-            )
-        job: dict[str, Any] = {
-            "name": out_name,
-            "dtype": out_dtype,
-            "shape": list(shape),
-            "inputs": inputs,
-            "params": params,
-        }
-        if base_i is not None:
-            job["base"] = {"model": index(sources[base_i].model), "tensor": infos[base_i].name}
+            inputs.append(InputRef(index(s.model), infos[i].name, positions[i], mp))
         if not inputs:
             raise CheckpointError(f"tensor '{out_name}': no model has the base's shape {list(ref.shape)}")
-        return job
+        base = InputRef(index(sources[base_i].model), infos[base_i].name) if base_i is not None else None
+        return TensorJob(out_name, out_dtype, list(shape), inputs, params, base)
 
     def check_count(self, tensor: str, others: int) -> None:
         """The number of models besides the base that the method accepts."""
@@ -268,10 +250,10 @@ class _Planner:
             self.index[m.path] = len(self.index)
         return self.index[m.path]
 
-    def build(self) -> tuple[list[dict[str, Any]], list[_Slice]]:
+    def build(self) -> tuple[list[TensorJob], list[_Slice]]:
         self.index: dict[Path, int] = {}
         slices = self.slices()
-        tensors: list[dict[str, Any]] = []
+        tensors: list[TensorJob] = []
 
         def add(sl: _Slice, name: str, k: int | None) -> None:
             if k is None:
@@ -280,9 +262,7 @@ class _Planner:
                 out_name = rename_layer(name, sl.offset + k)
                 in_names = [rename_layer(name, (s.layer_range or (0, 0))[0] + k) for s in sl.sources]
                 p = k / (sl.length - 1) if sl.length > 1 else 1.0
-            t = self.tensor(sl, out_name, in_names, p)
-            if t is not None:
-                tensors.append(t)
+            tensors.append(self.tensor(sl, out_name, in_names, p))
 
         first, last = slices[0], slices[-1]
         for name in first.reference.model.order:
@@ -319,18 +299,18 @@ def build_job(cfg: MergeConfig, *, ram_budget: int, threads: int, shard_size: in
         raise ConfigError("the configuration selects no tensors")
     paths = sorted(pl.index, key=pl.index.__getitem__)
     reference = pl.base or slices[0].sources[0].model
-    merged = Counter(t["dtype"] for t in tensors if not t.get("copy"))
+    merged = Counter(t.dtype for t in tensors if not t.copy)
     output_dtype = cfg.output_dtype or (merged.most_common(1)[0][0] if merged else "BF16")
-    spec = {
-        "method": cfg.merge_method,
-        "models": [str(p) for p in paths],
-        "tensors": tensors,
-        "seed": seed,
-        "ram_budget": ram_budget,
-        "threads": threads,
-        "shard_size": shard_size,
-        "metadata": {"mergex_method": cfg.merge_method},
-    }
+    spec = EngineJob(
+        method=cfg.merge_method,
+        models=[str(p) for p in paths],
+        tensors=tensors,
+        seed=seed,
+        ram_budget=ram_budget,
+        threads=threads,
+        shard_size=shard_size,
+        metadata={"mergex_method": cfg.merge_method},
+    )
     return Job(
         spec=spec,
         models=[pl.models[p] for p in paths],

@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from types import ModuleType
 
     from .._mergex import RunSummary, TensorInfo
+    from ..job import EngineJob
 
 __all__ = ["check_device", "load_torch", "run"]
 
@@ -45,7 +46,7 @@ def check_device(device: str) -> str:
     return device
 
 
-def run(stream: Any, infos: list[TensorInfo], spec: dict[str, Any], **kw: Any) -> RunSummary:
+def run(stream: Any, infos: list[TensorInfo], spec: EngineJob, **kw: Any) -> RunSummary:
     from .driver import Driver
 
     return Driver(stream, infos, spec, **kw).run()

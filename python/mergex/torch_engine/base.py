@@ -4,7 +4,6 @@ interface the driver calls (the same as the Rust engine's ``TensorMerge`` trait)
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 
@@ -132,7 +131,3 @@ def f32(value: float) -> float:
     import numpy as np
 
     return float(np.float32(value))
-
-
-def as_dict(obj: Any) -> dict[str, float]:
-    return {str(k): float(v) for k, v in (obj or {}).items()}

@@ -22,11 +22,12 @@ import numpy as np
 import torch
 
 from ..errors import ConfigError
-from .base import Chunk, TensorCtx, as_dict
+from .base import Chunk, TensorCtx
 from .methods import METHODS
 
 if TYPE_CHECKING:
     from .._mergex import RunSummary, TensorInfo
+    from ..job import EngineJob
 
 # Host memory per chunk element and input: two raw read buffers (double buffering, at
 # most the working width), the decoded values (on the device; on the CPU, a host buffer)
@@ -55,7 +56,7 @@ class Driver:
         self,
         stream: Any,
         infos: list[TensorInfo],
-        spec: dict[str, Any],
+        spec: EngineJob,
         *,
         device: str = "cpu",
         gpu_budget: int | None = None,
@@ -65,11 +66,11 @@ class Driver:
         self.spec = spec
         self.device = torch.device(device)
         self.cuda = self.device.type == "cuda"
-        self.ram_budget = int(spec["ram_budget"])
+        self.ram_budget = spec.ram_budget
         self.gpu_budget = gpu_budget if gpu_budget is not None else self._default_gpu_budget()
-        builder = METHODS.get(spec["method"])
+        builder = METHODS.get(spec.method)
         if builder is None:
-            raise ConfigError(f"merge_method {spec['method']}: not available in the torch engine")
+            raise ConfigError(f"merge_method {spec.method}: not available in the torch engine")
         self.builder = builder
         self.reader = ThreadPoolExecutor(1, thread_name_prefix="mergex-read")
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None  # type: ignore[no-untyped-call]
@@ -78,7 +79,7 @@ class Driver:
         self.copied: list[torch.cuda.Event | None] = [None, None]
         if not self.cuda:
             # --threads bounds torch's CPU threads as it bounds the Rust engine's.
-            torch.set_num_threads(int(spec["threads"]))
+            torch.set_num_threads(spec.threads)
         self.sample_seconds = 0.0
         self.stat_seconds: list[float] = []
         self.output_seconds = 0.0
@@ -128,20 +129,20 @@ class Driver:
         return summary
 
     def context(self, i: int, info: TensorInfo) -> TensorCtx:
-        job = self.spec["tensors"][i]
+        job = self.spec.tensors[i]
         shape = tuple(int(s) for s in info.shape)
         numel = int(np.prod(shape, dtype=np.int64)) if shape else 1
         step = self.chunk_elems(info)
         return TensorCtx(
             index=i,
-            name=job["name"],
+            name=job.name,
             shape=shape,
             numel=numel,
-            params=as_dict(job.get("params")),
-            model_params=[as_dict(r.get("params")) for r in job["inputs"]],
-            positions=[int(r.get("position", 0)) for r in job["inputs"]],
-            has_base=job.get("base") is not None,
-            seed=int(self.spec.get("seed", 0)),
+            params=dict(job.params),
+            model_params=[dict(r.params) for r in job.inputs],
+            positions=[r.position for r in job.inputs],
+            has_base=job.base is not None,
+            seed=self.spec.seed,
             dtype=torch.float64 if info.wide else torch.float32,
             device=self.device,
             ram_budget=self.ram_budget,
@@ -201,7 +202,7 @@ class Driver:
             kind = _DTYPES.get(name)
             if kind is None:
                 raise ConfigError(
-                    f"tensor {self.spec['tensors'][i]['name']}: the torch engine cannot decode "
+                    f"tensor {self.spec.tensors[i].name}: the torch engine cannot decode "
                     f"{name} inputs; use the Rust engine"
                 )
             kinds.append(kind)

@@ -1,0 +1,87 @@
+"""The engine job: what the planner hands the Rust engine (and the torch engine), typed. It
+mirrors ``rust/mergex-core/src/job.rs`` field for field; :meth:`EngineJob.to_json` is what
+the engine parses (it refuses unknown fields, so a field added on one side only fails at
+once)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+__all__ = ["EngineJob", "InputRef", "Resume", "TensorJob"]
+
+
+@dataclass
+class InputRef:
+    """One input tensor of one model."""
+
+    model: int
+    """Index into :attr:`EngineJob.models`."""
+    tensor: str
+    position: int = 0
+    """Position of the model among the non-base models in config order (random draws)."""
+    params: dict[str, float] = field(default_factory=dict)
+    """Per-model parameter values for this tensor, already rounded to f32."""
+
+
+@dataclass
+class TensorJob:
+    """One output tensor."""
+
+    name: str
+    dtype: str
+    shape: list[int]
+    inputs: list[InputRef]
+    params: dict[str, float] = field(default_factory=dict)
+    base: InputRef | None = None
+    copy: bool = False
+    """Copy the single input byte for byte (plain non-float tensors)."""
+
+
+@dataclass
+class Resume:
+    """Where a resumable merge records its finished shards, and those already verified."""
+
+    state_file: str
+    fingerprint: str
+    done: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class EngineJob:
+    """A whole merge, fully resolved."""
+
+    method: str
+    models: list[str]
+    tensors: list[TensorJob]
+    seed: int
+    ram_budget: int
+    threads: int
+    shard_size: int
+    metadata: dict[str, str] = field(default_factory=dict)
+    resume: Resume | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """The job as the engine's JSON reads it (fields left at their default omitted)."""
+        out = asdict(self)
+        if self.resume is None:
+            del out["resume"]
+        for t in out["tensors"]:
+            if t["base"] is None:
+                del t["base"]
+            if not t["copy"]:
+                del t["copy"]
+        return out
+
+    def to_json(self) -> str:
+        """The JSON the engine parses."""
+        return json.dumps(self.to_dict())
+
+    def fingerprint_part(self) -> dict[str, Any]:
+        """What the output depends on: everything but the budget, threads and resume state,
+        which never change the bytes."""
+        out = self.to_dict()
+        for key in ("ram_budget", "threads", "resume"):
+            out.pop(key, None)
+        return out
