@@ -90,26 +90,6 @@ def ct(fmt: str, bits: int, kind: str, **more) -> dict:
 # (id, how model b is made, words the error line must contain)
 CASES = {
     # Formats mergex will read (QUANT.md §3-§6), refused until it does.
-    "block_fp8": (dict(drop=(PROJ,), add=FP8_TENSORS, quant=FP8), ["block FP8", "not supported yet"]),
-    "block_fp8_ue8m0": (
-        dict(
-            drop=(PROJ,),
-            add={
-                PROJ: raw("F8_E4M3", (ROWS, COLS)),
-                PREFIX + "weight_scale_inv": raw("F8_E8M0", (2, 1), 127),
-            },
-            quant={**FP8, "scale_fmt": "ue8m0"},
-        ),
-        ["block FP8", "quant_method 'fp8'"],
-    ),
-    "fp8_per_tensor": (
-        dict(drop=(PROJ,), add=FP8_TENSORS, quant={**FP8, "weight_block_size": None}),
-        ["per-tensor FP8", "not supported yet"],
-    ),
-    "fp8_nested_in_text_config": (
-        dict(drop=(PROJ,), add=FP8_TENSORS, config={"text_config": {"quantization_config": FP8}}),
-        ["block FP8", "quant_method 'fp8'"],
-    ),
     "fp8_companions_without_config": (
         dict(drop=(PROJ,), add=FP8_TENSORS),
         ["block FP8", PREFIX + "weight_scale_inv", "not supported yet"],
@@ -323,13 +303,13 @@ def test_quantized_or_stray_input_stops_the_merge(tmp_path, mergex_mod, case):
 
 def test_cli_one_line_exit_1_nothing_written(tmp_path):
     a = models.make_llama(tmp_path / "a", "bf16", seed=1).path
-    b = quantized(tmp_path, drop=(PROJ,), add=FP8_TENSORS, quant=FP8)
+    b = quantized(tmp_path, drop=(PROJ,), add=CT_INT4_TENSORS, quant=CT_INT4)
     cfg = models.dump_yaml(_config(a, b), tmp_path / "merge.yml")
     res = models.run_cli(["merge", cfg, tmp_path / "out", "--quiet"])
     assert res.returncode == 1, res.stderr
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: model "), res.stderr
-    assert "block FP8" in lines[0] and "weight_scale_inv" in lines[0]
+    assert "compressed-tensors pack-quantized INT4" in lines[0] and "weight_packed" in lines[0]
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if "mergex-partial" in p.name]
 

@@ -23,6 +23,7 @@ _TOP_KEYS = {
     "parameters",
     "dtype",
     "out_dtype",
+    "out_quantization",
     "tokenizer_source",
     "chat_template",
     "seed",
@@ -245,6 +246,16 @@ def _parse(raw: dict[str, Any], source_dir: Path | None) -> MergeConfig:
         if ts == "union":
             raise ConfigError("tokenizer_source: 'union' is not supported yet (use 'base' or a model)")
         cfg.tokenizer_source = ts
+    oq = raw.get("out_quantization", "none")
+    if oq == "base":
+        if cfg.out_dtype is not None:
+            raise ConfigError("out_quantization: base writes the base's own dtypes; remove out_dtype")
+        raise ConfigError(
+            "out_quantization: 'base' (re-quantizing the output like the base) is not supported yet; "
+            "use 'none' for a plain output"
+        )
+    if oq != "none":
+        raise ConfigError(f"out_quantization: expected 'none' or 'base', got {oq!r}")
     ct = raw.get("chat_template")
     if ct is not None:
         if not isinstance(ct, str):

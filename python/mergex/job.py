@@ -9,7 +9,16 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["EngineJob", "InputRef", "Resume", "TensorJob"]
+__all__ = ["EngineJob", "InputRef", "Resume", "ScaleRef", "TensorJob"]
+
+
+@dataclass
+class ScaleRef:
+    """The scale tensor of a quantized weight, which the engine's reader decodes with it."""
+
+    tensor: str
+    block: list[int] | None = None
+    """Rows and columns of one block; ``None`` for one scale over the whole tensor."""
 
 
 @dataclass
@@ -23,6 +32,7 @@ class InputRef:
     """Position of the model among the non-base models in config order (random draws)."""
     params: dict[str, float] = field(default_factory=dict)
     """Per-model parameter values for this tensor, already rounded to f32."""
+    scale: ScaleRef | None = None
 
 
 @dataclass
@@ -72,6 +82,9 @@ class EngineJob:
                 del t["base"]
             if not t["copy"]:
                 del t["copy"]
+            for r in [*t["inputs"], *([t["base"]] if "base" in t else [])]:
+                if r["scale"] is None:
+                    del r["scale"]
         return out
 
     def to_json(self) -> str:

@@ -9,11 +9,14 @@ import re
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from . import _mergex
 from .errors import CheckpointError, ModelNotFoundError
 from .params import layer_index
+
+if TYPE_CHECKING:
+    from .quant import Quantized
 
 __all__ = ["Model", "TensorInfo", "hf_cache_dir", "resolve_model"]
 
@@ -86,6 +89,15 @@ class Model:
     path: Path
     tensors: dict[str, TensorInfo] = field(default_factory=dict)
     order: list[str] = field(default_factory=list)
+    quantized: dict[str, Quantized] = field(default_factory=dict)
+    """Quantized weights the reader decodes, by plain name (set by the planner)."""
+    hidden: set[str] = field(default_factory=set)
+    """Tensors that are no output of their own: quantization scales, activation scales."""
+
+    @property
+    def names(self) -> list[str]:
+        """The tensor names a merge sees, in file order (without :attr:`hidden`)."""
+        return [n for n in self.order if n not in self.hidden]
 
     @classmethod
     def open(cls, ref: str, config_dir: Path | None = None) -> Model:

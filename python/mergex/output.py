@@ -164,11 +164,17 @@ class OutputFolder:
         (self.tmp / name).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
     def write_model_config(self, reference: Model, dtype: str, layers: int | None) -> None:
-        """config.json from the reference model, with dtype and layer count updated."""
+        """config.json from the reference model, with dtype and layer count updated and any
+        quantization_config removed."""
         config = dict(reference.config)
         if not config:
             return
         torch_dtype = TORCH_DTYPES.get(dtype, "bfloat16")
+        # The output is plain (out_quantization: none): a quantization_config left in place
+        # would make transformers quantize it again on load (QUANT.md §8).
+        config.pop("quantization_config", None)
+        if isinstance(config.get("text_config"), dict):
+            config["text_config"] = {k: v for k, v in config["text_config"].items() if k != "quantization_config"}
         config["torch_dtype"] = torch_dtype
         if "dtype" in config:
             config["dtype"] = torch_dtype

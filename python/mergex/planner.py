@@ -11,11 +11,11 @@ from typing import Any
 
 from .config import MergeConfig
 from .errors import CheckpointError, ConfigError
-from .job import EngineJob, InputRef, TensorJob
+from .job import EngineJob, InputRef, ScaleRef, TensorJob
 from .methods import MethodSpec, get_method
 from .models import Model, TensorInfo
 from .params import NOT_FOUND, layer_index, lookup, rename_layer, to_f32
-from .quant import FLOAT_DTYPES, check
+from .quant import FLOAT_DTYPES, Quantized, check, is_activation_scale
 
 __all__ = ["Job", "build_job"]
 
@@ -69,6 +69,10 @@ class Job:
     warnings: list[str] = field(default_factory=list)
 
 
+def _scale(q: Quantized | None) -> ScaleRef | None:
+    return None if q is None else ScaleRef(q.scale, list(q.block) if q.block else None)
+
+
 def _is_before(name: str) -> bool:
     return any(k in name for k in _BEFORE)
 
@@ -91,7 +95,12 @@ class _Planner:
     def _open(self, ref: str) -> Model:
         m = Model.open(ref, self.cfg.source_dir)
         if m.path not in self.models:
-            check(m)  # quantized and stray non-float tensors stop the merge here (QUANT.md)
+            # Formats mergex does not read and stray non-float tensors stop the merge here;
+            # the weights it reads quantized are decoded by the engine's reader (QUANT.md).
+            m.quantized = check(m)
+            if m.quantized:
+                m.hidden = {q.scale for q in m.quantized.values()}
+                m.hidden |= {n for n in m.order if is_activation_scale(n)}
         return self.models.setdefault(m.path, m)
 
     def _is_base(self, m: Model) -> bool:
@@ -174,13 +183,15 @@ class _Planner:
         ref_i = next((i for i, s in enumerate(sources) if s.is_base), 0)
         ref = infos[ref_i]
         index = self.model_index
-        if ref.dtype not in FLOAT_DTYPES:
+        quantized = [s.model.quantized.get(info.name) for s, info in zip(sources, infos, strict=True)]
+        if ref.dtype not in FLOAT_DTYPES and quantized[ref_i] is None:
             src = sources[ref_i]
             self.warnings.append(f"{out_name}: {ref.dtype} tensor copied from {src.model.ref}, not merged")
             return TensorJob(
                 out_name, ref.dtype, list(ref.shape), [InputRef(index(src.model), ref.name)], copy=True
             )
-        out_dtype = self.cfg.output_dtype or ref.dtype
+        # A quantized weight is written as plain bf16 unless out_dtype says otherwise.
+        out_dtype = self.cfg.output_dtype or ("BF16" if quantized[ref_i] else ref.dtype)
         base_i = ref_i if self.uses_base and sources[ref_i].is_base else None
         members = [i for i in range(len(sources)) if i != base_i]
         self.check_count(out_name, len(members))
@@ -231,10 +242,12 @@ class _Planner:
                     v = self.value(prm.name, levels, p, out_name, s.model)
                     if v is not None:
                         mp[prm.name] = v
-            inputs.append(InputRef(index(s.model), infos[i].name, positions[i], mp))
+            inputs.append(InputRef(index(s.model), infos[i].name, positions[i], mp, _scale(quantized[i])))
         if not inputs:
             raise CheckpointError(f"tensor '{out_name}': no model has the base's shape {list(ref.shape)}")
-        base = InputRef(index(sources[base_i].model), infos[base_i].name) if base_i is not None else None
+        base = None
+        if base_i is not None:
+            base = InputRef(index(sources[base_i].model), infos[base_i].name, scale=_scale(quantized[base_i]))
         return TensorJob(out_name, out_dtype, list(shape), inputs, params, base)
 
     def check_count(self, tensor: str, others: int) -> None:
@@ -265,21 +278,21 @@ class _Planner:
             tensors.append(self.tensor(sl, out_name, in_names, p))
 
         first, last = slices[0], slices[-1]
-        for name in first.reference.model.order:
+        for name in first.reference.model.names:
             if layer_index(name) is None and _is_before(name):
                 add(first, name, None)
         for sl in slices:
             ref = sl.reference
             start = (ref.layer_range or (0, 0))[0]
             by_layer: dict[int, list[str]] = {}
-            for name in ref.model.order:
+            for name in ref.model.names:
                 li = layer_index(name)
                 if li is not None:
                     by_layer.setdefault(li, []).append(name)
             for k in range(sl.length):
                 for name in by_layer.get(start + k, []):
                     add(sl, name, k)
-        for name in last.reference.model.order:
+        for name in last.reference.model.names:
             if layer_index(name) is None and not _is_before(name):
                 add(last, name, None)
         return tensors, slices

@@ -23,7 +23,7 @@ from .errors import CheckpointError
 if TYPE_CHECKING:
     from .models import Model
 
-__all__ = ["Detected", "check", "detect", "is_plain_non_float", "quantization_config"]
+__all__ = ["Detected", "Quantized", "check", "detect", "is_plain_non_float", "quantization_config"]
 
 FLOAT_DTYPES = frozenset({"F16", "BF16", "F32", "F64"})
 """Dtypes that hold plain values; 8-bit floats are codes that need a scale."""
@@ -88,6 +88,8 @@ class Detected:
     """What matched: ``tensor X``, ``config.json quant_method 'gptq'``, ``file X``."""
     refused: bool
     """True for the formats QUANT.md §9 refuses; False for those mergex will read."""
+    family: str | None = None
+    """The ``quant_method`` of a format mergex reads, from the configuration."""
 
     @property
     def tensor(self) -> str | None:
@@ -231,7 +233,7 @@ def _by_config(config: dict[str, Any], folder: Path) -> Detected | None:
             return Detected(_REFUSED_METHODS[method], signal, True)
         if method == "fp8":
             per_tensor = q.get("weight_block_size", "absent") is None
-            return Detected("per-tensor FP8" if per_tensor else "block FP8", signal, False)
+            return Detected("per-tensor FP8" if per_tensor else "block FP8", signal, False, "fp8")
         if method == "compressed-tensors":
             fmt, refused = _compressed_tensors_format(q)
             return Detected(fmt, signal, refused)
@@ -286,7 +288,9 @@ def detect(model: Model) -> Detected | None:
         return Detected(what, f"{where}tensor {scales}", by_config is not None and by_config.refused)
     if by_config is not None:
         if first is not None:
-            return Detected(by_config.format, f"{by_config.signal}, tensor {first}", by_config.refused)
+            return Detected(
+                by_config.format, f"{by_config.signal}, tensor {first}", by_config.refused, by_config.family
+            )
         if by_config.refused:
             return by_config
         raise CheckpointError(
@@ -301,8 +305,20 @@ def detect(model: Model) -> Detected | None:
     return None
 
 
-def check(model: Model) -> None:
-    """Refuse ``model`` unless every tensor is plain: see the module's docstring.
+@dataclass(frozen=True)
+class Quantized:
+    """A quantized weight the reader decodes: its codes sit under the plain name."""
+
+    scale: str
+    """The scale tensor (QUANT.md §3: ``X.weight_scale_inv``, the multiplier)."""
+    block: tuple[int, int] | None
+    """Rows and columns of one block; ``None`` for one scale over the whole tensor."""
+
+
+def check(model: Model) -> dict[str, Quantized]:
+    """The quantized weights of ``model`` that mergex reads (block FP8 today), by plain
+    name; refuse the model when it holds anything else that is not plain: see the module's
+    docstring.
 
     Raises:
         CheckpointError: One line naming the model, the format and the signal.
@@ -312,7 +328,10 @@ def check(model: Model) -> None:
             f"model {model.ref}: GGUF checkpoints are not supported (file {f.name})", path=f
         )
     found = detect(model)
-    if found is not None:
+    quantized: dict[str, Quantized] = {}
+    if found is not None and found.family == "fp8":
+        quantized = _block_fp8(model)
+    elif found is not None:
         if found.refused:
             raise CheckpointError(
                 f"model {model.ref}: {found.format} checkpoints are not supported ({found.signal})",
@@ -325,8 +344,11 @@ def check(model: Model) -> None:
             path=model.path,
             tensor=found.tensor,
         )
+    skipped = {q.scale for q in quantized.values()}
     for name in model.order:
         dtype = model.tensors[name].dtype
+        if name in quantized or name in skipped or (quantized and is_activation_scale(name)):
+            continue
         if dtype not in FLOAT_DTYPES and not is_plain_non_float(name, dtype):
             raise CheckpointError(
                 f"model {model.ref}: tensor {name} is {dtype} but belongs to no quantized weight "
@@ -335,3 +357,46 @@ def check(model: Model) -> None:
                 path=model.path,
                 tensor=name,
             )
+    return quantized
+
+
+def _block_fp8(model: Model) -> dict[str, Quantized]:
+    """QUANT.md §3: every ``X_scale_inv`` scales the 8-bit codes ``X`` in blocks of
+    ``weight_block_size`` (or as one value, with ``weight_block_size: null``)."""
+    q = quantization_config(model.config) or {}
+
+    def fail(message: str, tensor: str | None = None) -> CheckpointError:
+        return CheckpointError(f"model {model.ref}: {message}", path=model.path, tensor=tensor)
+
+    size = q.get("weight_block_size")
+    block: tuple[int, int] | None = None
+    if size is not None:
+        ok = isinstance(size, list) and len(size) == 2 and all(isinstance(b, int) and b > 0 for b in size)
+        if not ok:
+            raise fail(f"quantization_config.weight_block_size must be two positive integers, got {size!r}")
+        block = (size[0], size[1])
+    if q.get("fmt", "e4m3") not in ("e4m3", "e5m2"):
+        raise fail(f"block FP8 with fmt {q.get('fmt')!r} is not supported (e4m3 or e5m2)")
+    e8m0 = q.get("scale_fmt") == "ue8m0"
+    scale_dtypes = {"F32", "BF16", "F16"} | ({"F8_E8M0", "U8"} if e8m0 else set())
+    out: dict[str, Quantized] = {}
+    for name in model.order:
+        if not name.endswith("_scale_inv"):
+            continue
+        weight = name[: -len("_scale_inv")]
+        codes = model.tensors.get(weight)
+        if codes is None:
+            raise fail(f"tensor {name} is a quantization companion without its weight ({weight})", name)
+        if codes.dtype not in ("F8_E4M3", "F8_E5M2"):
+            raise fail(
+                f"tensor {weight} has a scale ({name}) but is {codes.dtype}, not 8-bit float codes", weight
+            )
+        scale = model.tensors[name]
+        if scale.dtype not in scale_dtypes:
+            why = " (E8M0 scales need scale_fmt: ue8m0)" if scale.dtype in ("U8", "F8_E8M0") else ""
+            raise fail(f"scale {name} is {scale.dtype}, which block FP8 does not use{why}", name)
+        out[weight] = Quantized(name, block)
+    for name in model.order:
+        if model.tensors[name].dtype in ("F8_E4M3", "F8_E5M2") and name not in out:
+            raise fail(f"tensor {name} holds 8-bit float codes but has no scale ({name}_scale_inv)", name)
+    return out

@@ -115,6 +115,16 @@ pub enum Error {
         /// The file.
         path: PathBuf,
     },
+    /// A quantized weight's codes or scales are malformed (QUANT.md).
+    #[error("{path}: tensor '{tensor}': {message}")]
+    QuantizedWeight {
+        /// The model (checkpoint) holding it.
+        path: PathBuf,
+        /// The weight's codes tensor.
+        tensor: String,
+        /// What is wrong.
+        message: String,
+    },
     /// The shape and dtype imply a byte size other than the data offsets give.
     #[error("{path}: tensor '{tensor}': shape {shape:?} of {dtype} needs {expected} bytes but its data offsets span {actual}")]
     ShapeSize {
@@ -298,6 +308,7 @@ impl Error {
             | Error::UnknownDtype { path, .. }
             | Error::RefusedDtype { path, .. }
             | Error::Gguf { path }
+            | Error::QuantizedWeight { path, .. }
             | Error::ShapeSize { path, .. }
             | Error::OffsetsOutOfFile { path, .. }
             | Error::OffsetsNotContiguous { path, .. }
@@ -325,6 +336,7 @@ impl Error {
             | Error::DuplicateAcrossFiles { tensor, .. }
             | Error::UnknownDtype { tensor, .. }
             | Error::RefusedDtype { tensor, .. }
+            | Error::QuantizedWeight { tensor, .. }
             | Error::ShapeSize { tensor, .. }
             | Error::OffsetsOutOfFile { tensor, .. }
             | Error::OffsetsNotContiguous { tensor, .. }

@@ -85,6 +85,20 @@ pub struct InputRef {
     /// Per-model parameters for this tensor.
     #[serde(default)]
     pub params: BTreeMap<String, f64>,
+    /// The scales of a quantized weight (`tensor` holds its codes), decoded in the reader.
+    #[serde(default)]
+    pub scale: Option<ScaleRef>,
+}
+
+/// The scale tensor of a quantized weight and how it maps onto the codes (QUANT.md §3).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScaleRef {
+    /// The scale tensor's name in the same model.
+    pub tensor: String,
+    /// Rows and columns of one block; `None` for one scale over the whole tensor.
+    #[serde(default)]
+    pub block: Option<[u64; 2]>,
 }
 
 impl Job {

@@ -10,6 +10,7 @@ use super::read::View;
 use crate::error::{Error, Result};
 use crate::format::checkpoint::Checkpoint;
 use crate::format::dtype::Dtype;
+use crate::format::quant::Scales;
 use crate::format::writer::{layout, Layout, OutTensor};
 use crate::job::{InputRef, Job, TensorJob};
 use crate::methods::{self, MethodSpec, TensorCtx};
@@ -85,7 +86,7 @@ impl Prepared {
     /// stored bytes).
     fn sub_block_bytes(&self) -> u64 {
         let work = if self.wide { 8 } else { 4 };
-        let stored: u64 = self.views().map(|v| v.entry.dtype.size() as u64).sum();
+        let stored: u64 = self.views().map(|v| v.dtype().size() as u64).sum();
         let sub = SUB_BLOCK.max(self.unit());
         (self.views().count() as u64 + 1).saturating_mul(work).saturating_add(stored).saturating_mul(sub)
     }
@@ -203,12 +204,17 @@ fn view(models: &[Checkpoint], paths: &[&Path], r: &InputRef, shape: &[u64]) -> 
         .get(r.model)
         .ok_or_else(|| Error::job("tensors", format!("model index {} out of range", r.model)))?;
     let (file, entry) = m.require(&r.tensor)?;
-    View::new(file.clone(), entry.clone(), shape).ok_or_else(|| Error::ShapeMismatch {
-        model: paths.get(r.model).map(|p| p.to_path_buf()).unwrap_or_default(),
+    let model = paths.get(r.model).map(|p| p.to_path_buf()).unwrap_or_default();
+    let view = View::new(file.clone(), entry.clone(), shape).ok_or_else(|| Error::ShapeMismatch {
+        model: model.clone(),
         tensor: r.tensor.clone(),
         shape: entry.shape.clone(),
         expected: shape.to_vec(),
-    })
+    })?;
+    let Some(scale) = &r.scale else { return Ok(view) };
+    let (scale_file, scale_entry) = m.require(&scale.tensor)?;
+    let scales = Scales::new(&model, entry, scale_file.clone(), scale_entry.clone(), scale.block)?;
+    Ok(view.with_scales(scales))
 }
 
 fn prepare_tensor(
@@ -257,16 +263,16 @@ fn prepare_tensor(
             ));
         }
         for (v, r) in p.views().zip(t.base.iter().chain(t.inputs.iter())) {
-            if !v.entry.dtype.is_float() {
+            if !v.dtype().is_float() {
                 return Err(Error::NotFloat {
                     model: paths.get(r.model).map(|p| p.to_path_buf()).unwrap_or_default(),
                     tensor: r.tensor.clone(),
-                    dtype: v.entry.dtype.name(),
+                    dtype: v.dtype().name(),
                 });
             }
         }
         p.job = method.complete(t, paths)?;
-        let wide = p.views().any(|v| v.entry.dtype == Dtype::F64);
+        let wide = p.views().any(|v| v.dtype() == Dtype::F64);
         p.wide = wide;
         let ctx = TensorCtx { job: &p.job, models: paths, seed: job.seed, ram_budget: job.ram_budget };
         let (passes, align) = if p.wide {

@@ -4,8 +4,10 @@
 use std::sync::Arc;
 
 use crate::error::Result;
+use crate::format::dtype::Dtype;
 use crate::format::file::SafeFile;
 use crate::format::header::TensorEntry;
+use crate::format::quant::Scales;
 
 /// An input tensor seen through the output tensor's shape: the whole tensor, or (for
 /// embeddings of padded vocabularies) its top-left block.
@@ -19,6 +21,8 @@ pub struct View {
     in_cols: u64,
     /// Columns of the output block; 0 when the view is the whole tensor, contiguous.
     out_cols: u64,
+    /// The scales of a quantized weight: the reader hands out its decoded f32 values.
+    scales: Option<Scales>,
 }
 
 impl View {
@@ -26,17 +30,34 @@ impl View {
     /// tensor's own nor (2-D) a top-left block of it.
     pub fn new(file: Arc<SafeFile>, entry: TensorEntry, shape: &[u64]) -> Option<View> {
         if entry.shape == shape {
-            return Some(View { file, entry, in_cols: 0, out_cols: 0 });
+            return Some(View { file, entry, in_cols: 0, out_cols: 0, scales: None });
         }
         match (entry.shape.as_slice(), shape) {
             ([r, c], [ro, co]) if ro <= r && co <= c => {
                 let (in_cols, out_cols) = if co == c { (0, 0) } else { (*c, *co) };
-                Some(View { file, entry, in_cols, out_cols })
+                Some(View { file, entry, in_cols, out_cols, scales: None })
             }
             _ => None,
         }
     }
 
+    /// The same view reading a quantized weight: its codes decoded with `scales`.
+    pub fn with_scales(mut self, scales: Scales) -> View {
+        self.scales = Some(scales);
+        self
+    }
+
+    /// The dtype of what [`View::read_raw`] hands out: the stored one, or F32 for a
+    /// quantized weight (decoded in the reader).
+    pub fn dtype(&self) -> Dtype {
+        if self.scales.is_some() {
+            Dtype::F32
+        } else {
+            self.entry.dtype
+        }
+    }
+
+    /// Stored bytes per element.
     fn elem(&self) -> u64 {
         self.entry.dtype.size() as u64
     }
@@ -60,11 +81,33 @@ impl View {
     /// Copy the stored bytes of output elements `[start, start + n)` into `out` (`n` times
     /// the element size), undecoded; a block view's rows land at their output places.
     pub fn read_raw(&self, start: u64, out: &mut [u8]) -> Result<()> {
+        if let Some(scales) = &self.scales {
+            return self.read_decoded(scales, start, out);
+        }
         let sz = self.elem();
         self.runs(start, out.len() as u64 / sz, |src, o, n| {
             let (b, e) = (o * sz as usize, (o + n as usize) * sz as usize);
             self.file.read_at(&self.entry, src * sz, out.get_mut(b..e).unwrap_or_default())
         })
+    }
+
+    /// A quantized weight's elements `[start, start + n)` decoded, as f32 little-endian
+    /// bytes (`out` holds `n` of them).
+    fn read_decoded(&self, scales: &Scales, start: u64, out: &mut [u8]) -> Result<()> {
+        let sz = self.elem();
+        let n = out.len() / 4;
+        let mut codes = vec![0u8; n * sz as usize];
+        let mut values = vec![0f32; n];
+        self.runs(start, n as u64, |src, o, len| {
+            let (b, e) = (o, o + len as usize);
+            let codes = codes.get_mut(b..e).unwrap_or_default();
+            self.file.read_at(&self.entry, src * sz, codes)?;
+            scales.decode(src, codes, values.get_mut(b..e).unwrap_or_default())
+        })?;
+        for (dst, v) in out.chunks_exact_mut(4).zip(&values) {
+            dst.copy_from_slice(&v.to_le_bytes());
+        }
+        Ok(())
     }
 
     /// The raw bytes of output elements `[start, start+len)` (contiguous views only).
@@ -86,7 +129,7 @@ impl View {
 
     /// Bytes read for output elements `[start, start+len)`.
     pub fn bytes_for(&self, len: u64) -> u64 {
-        len * self.elem()
+        len * self.elem() + self.scales.as_ref().map_or(0, |s| s.bytes_for(len))
     }
 
     /// Ask the kernel to start reading output elements `[start, start+len)` from disk now

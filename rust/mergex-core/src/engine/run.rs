@@ -194,7 +194,7 @@ impl Engine {
             TensorCtx { job: &t.job, models: &paths, seed: self.job.seed, ram_budget: self.job.ram_budget };
         let mut merger = self.build(&ctx)?;
         let chunks = Self::chunks(t);
-        let dtypes: Vec<Dtype> = t.views().map(|v| v.entry.dtype).collect();
+        let dtypes: Vec<Dtype> = t.views().map(|v| v.dtype()).collect();
         let sample = merger.sample_ranges();
         if !sample.is_empty() {
             let clock = Instant::now();
@@ -319,10 +319,10 @@ fn with_chunk<T: Real>(
             s.raws.resize_with(s.raws.len().max(1), Vec::new);
             for (v, buf) in views.iter().zip(s.inputs.iter_mut()) {
                 let raw = &mut s.raws[0];
-                raw.resize(n * v.entry.dtype.size(), 0);
+                raw.resize(n * v.dtype().size(), 0);
                 v.read_raw(at, raw)?;
                 buf.resize(n, T::ZERO);
-                crate::kernels::dispatch::decode(v.entry.dtype, raw, buf);
+                crate::kernels::dispatch::decode(v.dtype(), raw, buf);
             }
         } else {
             read_stored(&views, &mut s.raws, at, n)?;
@@ -401,7 +401,7 @@ fn weighted_chunk<T: Real>(
 fn read_stored(views: &[&View], raws: &mut Vec<Vec<u8>>, at: u64, n: usize) -> Result<()> {
     raws.resize_with(raws.len().max(views.len()), Vec::new);
     for (v, raw) in views.iter().zip(raws.iter_mut()) {
-        raw.resize(n * v.entry.dtype.size(), 0);
+        raw.resize(n * v.dtype().size(), 0);
         v.read_raw(at, raw)?;
     }
     Ok(())
@@ -409,7 +409,7 @@ fn read_stored(views: &[&View], raws: &mut Vec<Vec<u8>>, at: u64, n: usize) -> R
 
 /// The bytes [`read_stored`] read, with their views' dtypes.
 fn stored<'r>(views: &[&View], raws: &'r [Vec<u8>]) -> Vec<Raw<'r>> {
-    views.iter().zip(raws).map(|(v, r)| Raw { dtype: v.entry.dtype, bytes: r }).collect()
+    views.iter().zip(raws).map(|(v, r)| Raw { dtype: v.dtype(), bytes: r }).collect()
 }
 
 /// Picks the f32 or f64 constructor of the method.

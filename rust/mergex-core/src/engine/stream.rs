@@ -89,7 +89,7 @@ impl Engine {
                 unit: t.unit(),
                 passes: t.passes,
                 views: t.views().count(),
-                dtypes: t.views().map(|v| v.entry.dtype.name()).collect(),
+                dtypes: t.views().map(|v| v.dtype().name()).collect(),
                 slot: slot(t),
                 kept,
             })
@@ -175,7 +175,7 @@ impl Engine {
         }
         let mut pieces = Vec::new();
         for (v, dst) in p.views().zip(out.chunks_mut(place.unwrap_or(0).max(1))) {
-            let size = v.entry.dtype.size();
+            let size = v.dtype().size();
             let used = dst.get_mut(..len as usize * size).unwrap_or_default();
             for (i, piece) in used.chunks_mut(READ_PIECE * size).enumerate() {
                 pieces.push((v, start + (i * READ_PIECE) as u64, piece));
@@ -280,7 +280,7 @@ impl Engine {
 
 /// Bytes per element of each input's place in a raw chunk of `p`: the widest input dtype.
 fn slot(p: &Prepared) -> usize {
-    p.views().map(|v| v.entry.dtype.size()).max().unwrap_or(1)
+    p.views().map(|v| v.dtype().size()).max().unwrap_or(1)
 }
 
 /// Rewrite the resume state atomically: fingerprint and finished shards with checksums.

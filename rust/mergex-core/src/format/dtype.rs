@@ -148,6 +148,15 @@ pub fn f8_e5m2_to_f32(b: u8) -> f32 {
     half::f16::from_bits((b as u16) << 8).to_f32()
 }
 
+/// Decode an E8M0 scale byte (QUANT.md §2): 2^(b − 127), byte 0 the subnormal 2^−127, 255 NaN.
+pub fn e8m0_to_f32(b: u8) -> f32 {
+    match b {
+        255 => f32::NAN,
+        0 => f32::from_bits(1 << 22),
+        _ => f32::from_bits(u32::from(b) << 23),
+    }
+}
+
 /// 256-entry decode table for an 8-bit float type.
 pub(crate) fn f8_table(dtype: Dtype) -> [f32; 256] {
     let mut t = [0f32; 256];
@@ -201,6 +210,15 @@ mod tests {
         assert_eq!(f8_e5m2_to_f32(0x7b), 57344.0);
         assert!(f8_e5m2_to_f32(0x7c).is_infinite());
         assert_eq!(f8_e5m2_to_f32(0x01), 2f32.powi(-16));
+    }
+
+    #[test]
+    fn e8m0_bytes_are_powers_of_two() {
+        assert_eq!(e8m0_to_f32(127), 1.0);
+        assert_eq!(e8m0_to_f32(128), 2.0);
+        assert_eq!(e8m0_to_f32(0), 2f32.powi(-127));
+        assert_eq!(e8m0_to_f32(254), 2f32.powi(127));
+        assert!(e8m0_to_f32(255).is_nan());
     }
 
     #[test]

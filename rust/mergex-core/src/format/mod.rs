@@ -4,4 +4,5 @@ pub mod checkpoint;
 pub mod dtype;
 pub mod file;
 pub mod header;
+pub mod quant;
 pub mod writer;

@@ -292,6 +292,7 @@ mod tests {
             tensor: "w".into(),
             position: model,
             params: per_model.iter().map(|&(k, v)| (k.to_string(), v)).collect(),
+            scale: None,
         };
         TensorJob {
             name: "w".into(),
@@ -303,6 +304,7 @@ mod tests {
                 tensor: "w".into(),
                 position: 0,
                 params: std::collections::BTreeMap::new(),
+                scale: None,
             }),
             inputs: (0..inputs).map(input).collect(),
             params: params.iter().map(|&(k, v)| (k.to_string(), v)).collect(),

@@ -1,0 +1,207 @@
+//! Quantized weights read as plain values (QUANT.md §3): the 8-bit float codes of a weight
+//! and its scales (one per `bm × bn` block of each matrix, or one for the whole tensor),
+//! decoded to f32 for one element range at a time, `w = code · scale` in one f32 multiply.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, OnceLock};
+
+use super::dtype::{bf16_to_f32, e8m0_to_f32, f8_table, Dtype};
+use super::file::SafeFile;
+use super::header::TensorEntry;
+use crate::error::{Error, Result};
+
+/// The scales of one quantized weight and how they map onto its codes.
+#[derive(Debug, Clone)]
+pub struct Scales {
+    /// The checkpoint the weight belongs to, for errors.
+    model: PathBuf,
+    /// The codes' tensor name, for errors.
+    codes: String,
+    codes_dtype: Dtype,
+    file: Arc<SafeFile>,
+    entry: TensorEntry,
+    /// Block rows and columns; a per-tensor scale covers the whole matrix.
+    bm: u64,
+    bn: u64,
+    /// Rows and columns of each matrix (the last two axes).
+    rows: u64,
+    cols: u64,
+    /// Scales per row of blocks, and per matrix.
+    grid_cols: u64,
+    per_matrix: u64,
+    per_tensor: bool,
+}
+
+fn bad(model: &Path, tensor: &str, message: String) -> Error {
+    Error::QuantizedWeight { path: model.to_path_buf(), tensor: tensor.to_string(), message }
+}
+
+impl Scales {
+    /// The scales `entry` (in `file`) of the codes `codes`, in blocks of `block` rows and
+    /// columns (`None`: one scale for the whole tensor). The grid must be the codes' shape
+    /// divided by the block, rounded up (a partial block is a block of its own).
+    pub fn new(
+        model: &Path,
+        codes: &TensorEntry,
+        file: Arc<SafeFile>,
+        entry: TensorEntry,
+        block: Option<[u64; 2]>,
+    ) -> Result<Scales> {
+        let fail = |m: String| bad(model, &codes.name, m);
+        if !matches!(codes.dtype, Dtype::F8_E4M3 | Dtype::F8_E5M2) {
+            return Err(fail(format!(
+                "quantized codes must be F8_E4M3 or F8_E5M2, not {}",
+                codes.dtype.name()
+            )));
+        }
+        if !matches!(entry.dtype, Dtype::F32 | Dtype::BF16 | Dtype::F16 | Dtype::F8_E8M0 | Dtype::U8) {
+            return Err(fail(format!(
+                "scale {} is {}, not F32, BF16, F16 or E8M0",
+                entry.name,
+                entry.dtype.name()
+            )));
+        }
+        let shape = &codes.shape;
+        let (rows, cols) = match shape.as_slice() {
+            [.., r, c] => (*r, *c),
+            [n] => (1, *n),
+            [] => (1, 1),
+        };
+        let lead: Vec<u64> = shape.iter().take(shape.len().saturating_sub(2)).copied().collect();
+        let (bm, bn, per_tensor) = match block {
+            None => {
+                if entry.shape.iter().product::<u64>() != 1 {
+                    return Err(fail(format!(
+                        "a per-tensor scale must hold one value, but {} has shape {:?}",
+                        entry.name, entry.shape
+                    )));
+                }
+                (rows.max(1), cols.max(1), true)
+            }
+            Some([bm, bn]) => {
+                if bm == 0 || bn == 0 || shape.len() < 2 {
+                    return Err(fail(format!("block {bm}×{bn} does not fit a weight of shape {shape:?}")));
+                }
+                let mut want = lead.clone();
+                want.extend([rows.div_ceil(bm), cols.div_ceil(bn)]);
+                if entry.shape != want {
+                    return Err(fail(format!(
+                        "scale grid {:?} of {} does not match the block size {bm}×{bn} for shape {shape:?} \
+                         (expected {want:?})",
+                        entry.shape, entry.name
+                    )));
+                }
+                (bm, bn, false)
+            }
+        };
+        let grid_cols = cols.div_ceil(bn);
+        let per_matrix = rows.div_ceil(bm) * grid_cols;
+        Ok(Scales {
+            model: model.to_path_buf(),
+            codes: codes.name.clone(),
+            codes_dtype: codes.dtype,
+            file,
+            entry,
+            bm,
+            bn,
+            rows,
+            cols,
+            grid_cols,
+            per_matrix,
+            per_tensor,
+        })
+    }
+
+    /// Scale index of code element `i` (flat).
+    fn index(&self, i: u64) -> u64 {
+        if self.per_tensor {
+            return 0;
+        }
+        let (m, rest) = (i / (self.rows * self.cols), i % (self.rows * self.cols));
+        let (r, c) = (rest / self.cols, rest % self.cols);
+        m * self.per_matrix + (r / self.bm) * self.grid_cols + c / self.bn
+    }
+
+    /// Scales `[first, last]` as f32, each checked finite and positive.
+    fn read_scales(&self, first: u64, last: u64, out: &mut Vec<f32>) -> Result<()> {
+        let size = self.entry.dtype.size();
+        let n = (last + 1 - first) as usize;
+        let mut bytes = vec![0u8; n * size];
+        self.file.read_at(&self.entry, first * size as u64, &mut bytes)?;
+        out.clear();
+        out.extend(bytes.chunks_exact(size).map(|b| match self.entry.dtype {
+            Dtype::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
+            Dtype::BF16 => bf16_to_f32(u16::from_le_bytes([b[0], b[1]])),
+            Dtype::F16 => half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32(),
+            _ => e8m0_to_f32(b[0]),
+        }));
+        if let Some(k) = out.iter().position(|s| !(s.is_finite() && *s > 0.0)) {
+            return Err(bad(
+                &self.model,
+                &self.codes,
+                format!(
+                    "scale {} at index {} is {}: scales must be finite and positive",
+                    self.entry.name,
+                    first + k as u64,
+                    out[k]
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Decode the codes of elements `[src, src + codes.len())` into `out`.
+    pub fn decode(&self, src: u64, codes: &[u8], out: &mut [f32]) -> Result<()> {
+        static E4M3: OnceLock<[f32; 256]> = OnceLock::new();
+        static E5M2: OnceLock<[f32; 256]> = OnceLock::new();
+        let table = match self.codes_dtype {
+            Dtype::F8_E5M2 => E5M2.get_or_init(|| f8_table(Dtype::F8_E5M2)),
+            _ => E4M3.get_or_init(|| f8_table(Dtype::F8_E4M3)),
+        };
+        let n = codes.len().min(out.len()) as u64;
+        if n == 0 {
+            return Ok(());
+        }
+        // The range's rows of blocks, whole: scale indices rise along a row of blocks, then
+        // start again at the next row's first column.
+        let g = self.grid_cols;
+        let first = self.index(src) / g * g;
+        let last = (self.index(src + n - 1) / g * g + g - 1)
+            .min(self.entry.shape.iter().product::<u64>().max(1) - 1);
+        let mut scales = Vec::new();
+        self.read_scales(first, last, &mut scales)?;
+        let mut i = src;
+        let end = src + n;
+        while i < end {
+            // One run of elements under the same scale: to the end of the block's columns,
+            // of the row, or of the range.
+            let c = i % self.cols;
+            let run = if self.per_tensor {
+                end - i
+            } else {
+                (self.bn - c % self.bn).min(self.cols - c).min(end - i)
+            };
+            let s = scales.get((self.index(i) - first) as usize).copied().unwrap_or(f32::NAN);
+            let (a, b) = ((i - src) as usize, (i - src + run) as usize);
+            for (o, &q) in out[a..b].iter_mut().zip(&codes[a..b]) {
+                *o = table[q as usize] * s;
+            }
+            if let Some(k) = out[a..b].iter().position(|v| !v.is_finite()) {
+                let at = i + k as u64;
+                return Err(bad(
+                    &self.model,
+                    &self.codes,
+                    format!("code at index {at} (0x{:02x}) is not a finite number", codes[a + k]),
+                ));
+            }
+            i += run;
+        }
+        Ok(())
+    }
+
+    /// Bytes of scales read for `n` codes (about; for progress and plans).
+    pub fn bytes_for(&self, n: u64) -> u64 {
+        let per = if self.per_tensor { self.rows * self.cols } else { self.bm * self.bn };
+        n.div_ceil(per.max(1)) * self.entry.dtype.size() as u64
+    }
+}

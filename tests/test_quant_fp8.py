@@ -1,0 +1,352 @@
+"""Block FP8 inputs (QUANT.md §3, ``quant_method: fp8``): the reader decodes every code with
+its block's scale, ``w = E4M3(q) · s`` in one f32 multiply, for the chunk's elements only,
+and the merge then runs as on plain inputs. Checked against a numpy decode written from the
+spec, with F32, BF16 and E8M0 scales, partial blocks, a per-tensor scale, a 3-D expert
+stack, FP8 mixed with BF16 models, both engines, every budget and thread count; the plain
+output drops every scale and the ``quantization_config``, and loads in transformers.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import models
+import numpy as np
+import pytest
+import reference as ref
+from mergex import CheckpointError, ConfigError
+
+F32 = np.float32
+BLOCK = [32, 64]  # rows, columns: the test weights have partial blocks both ways
+QUANTIZED = ("self_attn.q_proj.weight", "mlp.up_proj.weight")  # (96, 96) and (250, 96)
+STACK = "model.layers.1.mlp.experts.gate_up_proj"  # a fused 3-D expert stack
+STACK_SHAPE = (3, 40, 96)
+
+
+def e4m3(codes: np.ndarray) -> np.ndarray:
+    """QUANT.md §2: s eeee mmm, bias 7; e = 0 subnormal; no infinities."""
+    c = codes.astype(np.int64)
+    sign = np.where(c & 0x80, -1.0, 1.0)
+    e, m = (c >> 3) & 0xF, (c & 7).astype(np.float64)
+    mag = np.where(e == 0, m / 8 * 2.0**-6, (1 + m / 8) * 2.0 ** (e - 7))
+    return (sign * mag).astype(F32)
+
+
+def e8m0(b: np.ndarray) -> np.ndarray:
+    return np.ldexp(np.float64(1.0), b.astype(np.int64) - 127).astype(F32)
+
+
+def scale_grid(shape: tuple[int, ...]) -> tuple[int, ...]:
+    *lead, r, c = shape
+    return (*lead, -(-r // BLOCK[0]), -(-c // BLOCK[1]))
+
+
+def expand(scales: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """Each element's block scale (partial blocks use their real elements only)."""
+    s = np.repeat(np.repeat(scales, BLOCK[0], axis=-2), BLOCK[1], axis=-1)
+    return s[..., : shape[-2], : shape[-1]]
+
+
+class Fp8Model:
+    """A llama-shaped model whose projections (and an expert stack) are block FP8."""
+
+    def __init__(self, root: Path, name: str, seed: int, scale_dtype: str, per_tensor: bool = False):
+        rng = np.random.default_rng(seed)
+        shapes = models.llama_shapes()
+        plain = models.random_tensors(shapes, "bf16", seed)
+        self.path = root / name
+        self.values: dict[str, np.ndarray] = {}  # what a correct reader decodes, f32
+        tensors = {}
+        self.quantized = [n for n in shapes if n.endswith(QUANTIZED)] + [STACK]
+        for n in [*shapes, STACK]:
+            shape = shapes.get(n, STACK_SHAPE)
+            if n not in self.quantized:
+                tensors[n] = models.encode(plain[n], "bf16")
+                self.values[n] = ref.to_f32(ref.decode(tensors[n][2], "BF16", shape), "BF16")
+                continue
+            codes = rng.integers(0, 0x7F, size=shape, dtype=np.uint8)  # finite E4M3, both signs
+            codes |= rng.choice(np.array([0, 0x80], np.uint8), size=shape)
+            if n.endswith("q_proj.weight"):
+                codes[..., : BLOCK[0], : BLOCK[1]] = 0  # an all-zero block
+            grid = () if per_tensor else scale_grid(shape)
+            if scale_dtype == "E8M0":
+                raw_s = rng.integers(118, 130, size=grid, dtype=np.uint8)
+                s, stored = e8m0(raw_s), ("F8_E8M0", grid, raw_s.tobytes())
+            else:
+                s = (rng.random(grid) * 0.01 + 1e-4).astype(F32)
+                if scale_dtype == "BF16":
+                    stored = models.encode(s, "bf16")
+                    s = ref.to_f32(ref.decode(stored[2], "BF16", grid), "BF16")
+                else:
+                    stored = ("F32", grid, s.tobytes())
+            tensors[n] = ("F8_E4M3", shape, codes.tobytes())
+            tensors[f"{n}_scale_inv"] = stored
+            full = np.broadcast_to(s, shape) if per_tensor else expand(s, shape)
+            self.values[n] = (e4m3(codes) * full).astype(F32)
+        # A static activation scale: dropped from the plain output, never merged.
+        tensors["model.layers.0.mlp.up_proj.activation_scale"] = ("F32", (), F32(0.5).tobytes())
+        self.path.mkdir(parents=True)
+        models.write_safetensors(self.path / "model.safetensors", tensors, {"format": "pt"})
+        cfg = models.model_config(models.LAYERS, "BF16")
+        cfg["quantization_config"] = {
+            "quant_method": "fp8",
+            "fmt": "e4m3",
+            "activation_scheme": "static",
+            "weight_block_size": None if per_tensor else BLOCK,
+            **({"scale_fmt": "ue8m0"} if scale_dtype == "E8M0" else {}),
+        }
+        (self.path / "config.json").write_text(json.dumps(cfg))
+
+    def __str__(self) -> str:
+        return str(self.path)
+
+
+def plain_model(root: Path, name: str, seed: int) -> tuple[Path, dict[str, np.ndarray]]:
+    """A BF16 fine-tune of the same architecture, the expert stack included."""
+    shapes = {**models.llama_shapes(), STACK: STACK_SHAPE}
+    m = models.write_model(
+        root / name, models.random_tensors(shapes, "bf16", seed), "bf16", layers=models.LAYERS
+    )
+    return m.path, m.tensors
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    root = tmp_path_factory.mktemp("fp8")
+    return {
+        "f32": Fp8Model(root, "fp8-f32", 1, "F32"),
+        "bf16": Fp8Model(root, "fp8-bf16", 2, "BF16"),
+        "e8m0": Fp8Model(root, "fp8-e8m0", 3, "E8M0"),
+        "tensor": Fp8Model(root, "fp8-tensor", 4, "F32", per_tensor=True),
+        "plain": plain_model(root, "bf16", 5),
+    }
+
+
+def outputs(mergex_mod, cfg: dict, out: Path, **kw) -> models.Output:
+    kw = {"ram_budget": "64KiB", "threads": 2, "progress": None, **kw}
+    mergex_mod.merge(cfg, out, **kw)
+    return models.read_output(out)
+
+
+@pytest.mark.parametrize("scales", ["f32", "bf16", "e8m0", "tensor"])
+def test_linear_of_fp8_and_bf16_equals_the_numpy_decode(family, mergex_mod, tmp_path, scales):
+    q, (plain, pv) = family[scales], family["plain"]
+    cfg = {
+        "merge_method": "linear",
+        "models": [
+            {"model": str(q), "parameters": {"weight": 0.7}},
+            {"model": str(plain), "parameters": {"weight": 0.3}},
+        ],
+    }
+    out = outputs(mergex_mod, cfg, tmp_path / "out")
+    assert set(out.raw) == set(q.values), "scales or activation scales reached the output"
+    for name, x in q.values.items():
+        models.assert_tensor_equal(out, name, ref.linear([x, pv[name]], [0.7, 0.3]), "BF16")
+    config = out.config()
+    assert "quantization_config" not in config and config["torch_dtype"] == "bfloat16"
+
+
+def test_ties_with_an_fp8_base_across_budgets_threads_and_engines(family, mergex_mod, tmp_path):
+    base, e1, (plain, pv) = family["f32"], family["bf16"], family["plain"]
+    cfg = {
+        "merge_method": "ties",
+        "base_model": str(base),
+        "models": [
+            {"model": str(e1), "parameters": {"weight": 0.6, "density": 0.5}},
+            {"model": str(plain), "parameters": {"weight": 0.4, "density": 0.3}},
+        ],
+    }
+    first = outputs(mergex_mod, cfg, tmp_path / "a")
+    for name, b in base.values.items():
+        want = ref.task_family("ties", b, [e1.values[name], pv[name]], name, [0.6, 0.4], densities=[0.5, 0.3])
+        models.assert_tensor_equal(first, name, want, "BF16")
+    for k, kw in enumerate([{"ram_budget": "8MiB", "threads": 1}, {"engine": "torch"}]):
+        again = outputs(mergex_mod, cfg, tmp_path / f"b{k}", **kw)
+        assert again.raw == first.raw, kw
+
+
+def quantize_fp8(x: np.ndarray, block: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """A straightforward block FP8 encoder (QUANT.md §3): ``s = amax / 448`` per block (1 for
+    an all-zero block), each value to the nearest E4M3 code of ``x / s``."""
+    codes_all = np.array([c for c in range(256) if c & 0x7F != 0x7F], np.uint8)
+    values = e4m3(codes_all)
+    rows, cols = x.shape
+    grid = (-(-rows // block[0]), -(-cols // block[1]))
+    scales = np.ones(grid, F32)
+    codes = np.zeros(x.shape, np.uint8)
+    for br in range(grid[0]):
+        for bc in range(grid[1]):
+            sl = np.s_[br * block[0] : (br + 1) * block[0], bc * block[1] : (bc + 1) * block[1]]
+            amax = F32(np.abs(x[sl]).max())
+            s = F32(amax / F32(448)) if amax > 0 else F32(1)
+            scales[br, bc] = s
+            y = (x[sl] / s).astype(F32)
+            codes[sl] = codes_all[np.abs(y[..., None] - values).argmin(axis=-1)]
+    return codes, scales
+
+
+def test_plain_output_loads_in_transformers(mergex_mod, tmp_path):
+    # A real (tiny) Llama saved by transformers, its projections quantized to block FP8 with
+    # partial blocks, merged with a BF16 fine-tune: the plain output loads and runs, holding
+    # the numpy reference of the merge (decode, average, round to bf16).
+    import torch
+    import transformers
+    from safetensors.torch import load_file
+
+    config = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(config).to(torch.bfloat16).eval()
+    base.save_pretrained(tmp_path / "bf16")
+    tuned = {k: v + 0.02 * torch.randn(v.shape).to(v.dtype) for k, v in base.state_dict().items()}
+    base.load_state_dict(tuned)
+    base.save_pretrained(tmp_path / "tuned")
+    plain = {k: v.float().numpy() for k, v in load_file(tmp_path / "bf16" / "model.safetensors").items()}
+    block = (16, 32)
+    tensors, decoded = {}, {}
+    for name, x in plain.items():
+        if name.endswith("_proj.weight"):
+            codes, scales = quantize_fp8(x, block)
+            tensors[name] = ("F8_E4M3", x.shape, codes.tobytes())
+            tensors[name + "_scale_inv"] = ("F32", scales.shape, scales.tobytes())
+            decoded[name] = (e4m3(codes) * expand_block(scales, x.shape, block)).astype(F32)
+        else:
+            tensors[name] = models.encode(x, "bf16")
+            decoded[name] = x
+    fp8 = tmp_path / "fp8"
+    fp8.mkdir()
+    models.write_safetensors(fp8 / "model.safetensors", tensors, {"format": "pt"})
+    cfg = json.loads((tmp_path / "bf16" / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": list(block)}
+    (fp8 / "config.json").write_text(json.dumps(cfg))
+
+    merge = {
+        "merge_method": "linear",
+        "models": [
+            {"model": str(fp8), "parameters": {"weight": 0.5}},
+            {"model": str(tmp_path / "tuned"), "parameters": {"weight": 0.5}},
+        ],
+    }
+    out = tmp_path / "out"
+    mergex_mod.merge(merge, out, ram_budget="64KiB", progress=None)
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    ids = torch.arange(16).reshape(1, 16)
+    merged = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).eval()
+    tuned_np = {k: v.float().numpy() for k, v in load_file(tmp_path / "tuned" / "model.safetensors").items()}
+    want = {k: ref.round_to(ref.linear([decoded[k], tuned_np[k]], [0.5, 0.5]), "BF16") for k in decoded}
+    written = models.read_output(out)
+    for k, v in want.items():
+        np.testing.assert_array_equal(written.f32(k), v, err_msg=k)
+    with torch.no_grad():
+        assert torch.isfinite(merged(input_ids=ids).logits).all()
+    state = merged.state_dict()
+    for k, v in want.items():
+        assert torch.equal(state[k], torch.from_numpy(v).to(torch.bfloat16)), k
+
+
+def expand_block(scales: np.ndarray, shape: tuple[int, ...], block: tuple[int, int]) -> np.ndarray:
+    s = np.repeat(np.repeat(scales, block[0], axis=-2), block[1], axis=-1)
+    return s[..., : shape[-2], : shape[-1]]
+
+
+def rewrite(model: Fp8Model, root: Path, edit) -> Path:
+    """A copy of ``model`` with ``edit(tensors, config)`` applied."""
+    _, tensors = models.read_safetensors_raw(model.path / "model.safetensors")
+    cfg = json.loads((model.path / "config.json").read_text())
+    edit(tensors, cfg)
+    path = root / "bad"
+    path.mkdir()
+    models.write_safetensors(path / "model.safetensors", tensors, {"format": "pt"})
+    (path / "config.json").write_text(json.dumps(cfg))
+    return path
+
+
+W = "model.layers.0.mlp.up_proj.weight"
+S = W + "_scale_inv"
+
+
+def set_scale(value: float):
+    def edit(t, _cfg):
+        dtype, shape, raw = t[S]
+        s = np.frombuffer(raw, F32).copy()
+        s[3] = value
+        t[S] = (dtype, shape, s.tobytes())
+
+    return edit
+
+
+def set_code(code: int):
+    def edit(t, _cfg):
+        dtype, shape, raw = t[W]
+        c = np.frombuffer(raw, np.uint8).copy()
+        c[1234] = code
+        t[W] = (dtype, shape, c.tobytes())
+
+    return edit
+
+
+def drop(name: str):
+    return lambda t, _cfg: t.pop(name)
+
+
+def regrid(t, _cfg):
+    t[S] = ("F32", (7, 2), bytes(7 * 2 * 4))
+
+
+def e8m0_without_ue8m0(t, _cfg):
+    t[S] = ("F8_E8M0", (8, 2), bytes([127]) * 16)
+
+
+def bad_block(_t, cfg):
+    cfg["quantization_config"]["weight_block_size"] = [0, 64]
+
+
+BAD = {
+    "nan_scale": (set_scale(float("nan")), ["scale", "index 3", "finite and positive"]),
+    "zero_scale": (set_scale(0.0), ["index 3 is 0"]),
+    "negative_scale": (set_scale(-1.0), ["index 3 is -1"]),
+    "inf_scale": (set_scale(float("inf")), ["index 3 is inf"]),
+    "nan_code": (set_code(0x7F), ["code at index 1234 (0x7f)"]),
+    "grid_mismatch": (regrid, ["scale grid [7, 2]", "expected [8, 2]"]),
+    "missing_scale": (drop(S), [W, "no scale"]),
+    "orphan_scale": (drop(W), [S, "without its weight"]),
+    "e8m0_without_ue8m0": (e8m0_without_ue8m0, ["F8_E8M0", "scale_fmt: ue8m0"]),
+    "bad_block_size": (bad_block, ["weight_block_size"]),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD))
+def test_bad_fp8_input_is_one_line_naming_the_tensor(family, mergex_mod, tmp_path, case):
+    edit, words = BAD[case]
+    bad = rewrite(family["f32"], tmp_path, edit)
+    cfg = {"merge_method": "linear", "models": [{"model": str(bad), "parameters": {"weight": 1.0}}]}
+    parent = tmp_path / "outs"
+    parent.mkdir()
+    with pytest.raises(CheckpointError) as info:
+        mergex_mod.merge(cfg, parent / "merged", ram_budget="64KiB", progress=None)
+    line = str(info.value)
+    assert "\n" not in line and str(bad) in line, line
+    for w in words:
+        assert w in line, line
+    assert list(parent.iterdir()) == []
+
+
+def test_out_quantization_key(family, mergex_mod, tmp_path):
+    cfg = {"merge_method": "linear", "models": [{"model": str(family["f32"])}], "parameters": {"weight": 1.0}}
+    with pytest.raises(ConfigError, match=r"out_quantization: 'base'.*not supported yet"):
+        mergex_mod.plan({**cfg, "out_quantization": "base"})
+    with pytest.raises(ConfigError, match="out_quantization: base writes the base's own dtypes"):
+        mergex_mod.plan({**cfg, "out_quantization": "base", "out_dtype": "float16"})
+    with pytest.raises(ConfigError, match="expected 'none' or 'base'"):
+        mergex_mod.plan({**cfg, "out_quantization": "fp8"})
+    plan = mergex_mod.plan({**cfg, "out_quantization": "none"}, ram_budget="64KiB")
+    # Each code byte is read with its scales (one F32 scale per 32x64 block, rounded up).
+    assert plan.input_bytes >= sum(v.size for v in family["f32"].values.values())
