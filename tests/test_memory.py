@@ -59,14 +59,19 @@ def write_big_model(path: Path, seed: int) -> int:
 
 def tensor_view(folder: Path, name: str) -> np.ndarray:
     """A memory map of one tensor of a safetensors file (f32 only)."""
+    return raw_view(folder, name, np.dtype("<f4"), "F32")
+
+
+def raw_view(folder: Path, name: str, dtype: np.dtype | type, expect: str | None = None) -> np.ndarray:
+    """A memory map of one tensor of a safetensors file, as ``dtype``."""
     f = folder / "model.safetensors"
     with open(f, "rb") as fh:
         (n,) = struct.unpack("<Q", fh.read(8))
         header = json.loads(fh.read(n))
     info = header[name]
-    assert info["dtype"] == "F32"
+    assert expect is None or info["dtype"] == expect
     a, _b = info["data_offsets"]
-    return np.memmap(f, dtype="<f4", mode="r", offset=8 + n + a, shape=tuple(info["shape"]))
+    return np.memmap(f, dtype=dtype, mode="r", offset=8 + n + a, shape=tuple(info["shape"]))
 
 
 # Runs the command and prints its peak RSS (KiB) as read by wait4. The launcher matters:
@@ -221,3 +226,74 @@ def test_peak_rss_within_budget(tmp_path):
         ):
             want = ref.linear([np.array(x[sl]) for x in xs], weights)
             np.testing.assert_array_equal(np.array(got[sl]), want, err_msg=name)
+
+
+FP8_SHAPE = (12288, 4096)  # 50M one-byte codes a tensor, 48 MiB (192 MiB decoded to f32)
+FP8_BLOCK = 128
+FP8_NAMES = NAMES[1:3]
+
+
+def write_fp8_model(path: Path, seed: int) -> int:
+    """A block FP8 model folder (QUANT.md §3): random finite E4M3 codes, F32 scales."""
+    path.mkdir(parents=True)
+    n = FP8_SHAPE[0] * FP8_SHAPE[1]
+    grid = (FP8_SHAPE[0] // FP8_BLOCK, FP8_SHAPE[1] // FP8_BLOCK)
+    rng = np.random.default_rng(seed)
+    scales = {name: (rng.random(grid, dtype=np.float32) * 0.01 + 1e-3) for name in FP8_NAMES}
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name in FP8_NAMES:
+        header[name] = {"dtype": "F8_E4M3", "shape": list(FP8_SHAPE), "data_offsets": [offset, offset + n]}
+        offset += n
+        size = scales[name].nbytes
+        header[name + "_scale_inv"] = {
+            "dtype": "F32",
+            "shape": list(grid),
+            "data_offsets": [offset, offset + size],
+        }
+        offset += size
+    hbytes = json.dumps(header).encode()
+    hbytes += b" " * (-len(hbytes) % 8)
+    with open(path / "model.safetensors", "wb") as f:
+        f.write(struct.pack("<Q", len(hbytes)) + hbytes)
+        for name in FP8_NAMES:
+            rng.integers(0, 0x7F, size=FP8_SHAPE, dtype=np.uint8).tofile(f)
+            scales[name].tofile(f)
+    cfg = models.model_config(layers=2, dtype="bf16", hidden_size=FP8_SHAPE[1], vocab_size=FP8_SHAPE[0])
+    cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [FP8_BLOCK] * 2}
+    (path / "config.json").write_text(json.dumps(cfg))
+    return offset
+
+
+def test_peak_rss_within_budget_on_fp8_inputs(tmp_path):
+    # Decoding happens for a chunk's elements only: three FP8 models of 96 MiB (384 MiB
+    # once decoded to f32) merge within the 32 MiB budget.
+    folders, total_in = [], 0
+    for k in range(3):
+        folders.append(tmp_path / f"fp8-{k}")
+        total_in += write_fp8_model(folders[-1], seed=200 + k)
+    assert total_in >= 5 * BUDGET
+    cfg = {
+        "merge_method": "linear",
+        "models": [{"model": str(f), "parameters": {"weight": 1.0}} for f in folders],
+        "out_dtype": "float32",
+    }
+    out = merge_rss(cfg, tmp_path, total_in)
+    name = FP8_NAMES[0]
+    got = tensor_view(out, name).reshape(-1)
+    sl = slice(got.size - 3 * FP8_SHAPE[1] - 77, got.size)  # the last rows, across blocks
+    rows = np.arange(FP8_SHAPE[0] * FP8_SHAPE[1])[sl] // FP8_SHAPE[1]
+    cols = np.arange(FP8_SHAPE[0] * FP8_SHAPE[1])[sl] % FP8_SHAPE[1]
+    xs = []
+    for f in folders:
+        codes = np.array(raw_view(f, name, np.uint8).reshape(-1)[sl])
+        s = np.array(raw_view(f, name + "_scale_inv", np.float32))
+        xs.append((e4m3(codes) * s[rows // FP8_BLOCK, cols // FP8_BLOCK]).astype(np.float32))
+    np.testing.assert_array_equal(np.array(got[sl]), ref.linear(xs, [1.0, 1.0, 1.0]))
+
+
+def e4m3(c: np.ndarray) -> np.ndarray:
+    c = c.astype(np.int64)
+    e, m = (c >> 3) & 0xF, (c & 7).astype(np.float64)
+    mag = np.where(e == 0, m / 8 * 2.0**-6, (1 + m / 8) * 2.0 ** (e - 7))
+    return (np.where(c & 0x80, -1.0, 1.0) * mag).astype(np.float32)
