@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -85,3 +87,38 @@ def test_the_floor_is_fixed_plus_parallel_read_and_write_over_the_read(capsys):
     table = dict(zip(re.split(r"\s{2,}", header.strip()), row.split(), strict=True))
     assert table["x read"] == "1.50"  # 0.6 / 0.4
     assert table["floor x"] == "1.00"  # (0.1 + 0.2 + 0.1) / 0.4, each the best of its rounds
+
+
+def test_the_fp8_bench_set_decodes_within_half_a_step(tmp_path, mergex_mod):
+    # benches/quantize_fp8.py writes block FP8 as QUANT.md §3 says; mergex reads it back to
+    # within half an E4M3 step of the bf16 source (times the block scale).
+    import numpy as np
+    import quantize_fp8
+
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((300, 200)) * 0.02).astype(np.float32)
+    x[:128, :128] = 0.0  # an all-zero block
+    codes, scales = quantize_fp8.quantize(x)
+    assert codes.shape == x.shape and scales.shape == (3, 2)
+    assert scales[0, 0] == 1.0
+    step = np.repeat(np.repeat(scales, 128, 0), 128, 1)[:300, :200]
+    y = x / step
+    decoded = np.where(codes & 0x80, -1.0, 1.0) * quantize_fp8.VALUES[codes & 0x7F]
+    # Half the gap to the neighbouring code at each value's magnitude.
+    gap = np.diff(quantize_fp8.VALUES)[np.minimum(codes & 0x7F, 125)]
+    assert np.all(np.abs(decoded - y) <= gap / 2 + 1e-6)
+    # A whole model folder converts and merges.
+    src = tmp_path / "set" / "base"
+    src.mkdir(parents=True)
+    bits = (x.view(np.uint32) >> 16).astype("<u2")  # truncation is exact enough for the test
+    header = {"w_proj.weight": {"dtype": "BF16", "shape": [300, 200], "data_offsets": [0, bits.nbytes]}}
+    h = json.dumps(header).encode()
+    h += b" " * (-len(h) % 8)
+    (src / "model.safetensors").write_bytes(struct.pack("<Q", len(h)) + h + bits.tobytes())
+    (src / "config.json").write_text(json.dumps({"model_type": "toy"}))
+    assert quantize_fp8.main([str(tmp_path / "set"), str(tmp_path / "fp8")]) == 0
+    out = tmp_path / "out"
+    cfg = {"merge_method": "linear", "models": [{"model": str(tmp_path / "fp8" / "base")}]}
+    mergex_mod.merge({**cfg, "parameters": {"weight": 1.0}, "out_dtype": "float32"}, out, progress=None)
+    (info,) = mergex_mod.inspect(out)
+    assert (info.name, info.dtype) == ("w_proj.weight", "F32")

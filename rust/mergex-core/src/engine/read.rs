@@ -94,16 +94,26 @@ impl View {
     /// A quantized weight's elements `[start, start + n)` decoded, as f32 little-endian
     /// bytes (`out` holds `n` of them).
     fn read_decoded(&self, scales: &Scales, start: u64, out: &mut [u8]) -> Result<()> {
-        let sz = self.elem();
         let n = out.len() / 4;
-        let mut codes = vec![0u8; n * sz as usize];
+        let mut codes = vec![0u8; n];
+        let dtype = scales.codes_dtype();
+        let times = |c: &[u8], s: f32, o: &mut [f32]| crate::kernels::dispatch::f8_times(dtype, c, s, o);
+        let mut decode = |values: &mut [f32]| {
+            self.runs(start, n as u64, |src, o, len| {
+                let (b, e) = (o, o + len as usize);
+                let codes = codes.get_mut(b..e).unwrap_or_default();
+                self.file.read_at(&self.entry, src, codes)?;
+                scales.decode(src, codes, values.get_mut(b..e).unwrap_or_default(), times)
+            })
+        };
+        // SAFETY: every bit pattern is a valid f32, and `align_to_mut` only hands out the
+        // aligned middle; on a little-endian machine those bytes are the values' encoding.
+        let (head, values, tail) = unsafe { out.align_to_mut::<f32>() };
+        if cfg!(target_endian = "little") && head.is_empty() && tail.is_empty() {
+            return decode(values);
+        }
         let mut values = vec![0f32; n];
-        self.runs(start, n as u64, |src, o, len| {
-            let (b, e) = (o, o + len as usize);
-            let codes = codes.get_mut(b..e).unwrap_or_default();
-            self.file.read_at(&self.entry, src * sz, codes)?;
-            scales.decode(src, codes, values.get_mut(b..e).unwrap_or_default())
-        })?;
+        decode(&mut values)?;
         for (dst, v) in out.chunks_exact_mut(4).zip(&values) {
             dst.copy_from_slice(&v.to_le_bytes());
         }

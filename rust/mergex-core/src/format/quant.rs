@@ -3,9 +3,9 @@
 //! decoded to f32 for one element range at a time, `w = code · scale` in one f32 multiply.
 
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
-use super::dtype::{bf16_to_f32, e8m0_to_f32, f8_table, Dtype};
+use super::dtype::{bf16_to_f32, e8m0_to_f32, Dtype};
 use super::file::SafeFile;
 use super::header::TensorEntry;
 use crate::error::{Error, Result};
@@ -150,14 +150,21 @@ impl Scales {
         Ok(())
     }
 
-    /// Decode the codes of elements `[src, src + codes.len())` into `out`.
-    pub fn decode(&self, src: u64, codes: &[u8], out: &mut [f32]) -> Result<()> {
-        static E4M3: OnceLock<[f32; 256]> = OnceLock::new();
-        static E5M2: OnceLock<[f32; 256]> = OnceLock::new();
-        let table = match self.codes_dtype {
-            Dtype::F8_E5M2 => E5M2.get_or_init(|| f8_table(Dtype::F8_E5M2)),
-            _ => E4M3.get_or_init(|| f8_table(Dtype::F8_E4M3)),
-        };
+    /// The dtype of the codes.
+    pub fn codes_dtype(&self) -> Dtype {
+        self.codes_dtype
+    }
+
+    /// Decode the codes of elements `[src, src + codes.len())` into `out`, with `times`
+    /// computing `out[k] = code(codes[k]) · s` over each run of one scale (the kernels'
+    /// loop for [`Scales::codes_dtype`]).
+    pub fn decode(
+        &self,
+        src: u64,
+        codes: &[u8],
+        out: &mut [f32],
+        times: impl Fn(&[u8], f32, &mut [f32]),
+    ) -> Result<()> {
         let n = codes.len().min(out.len()) as u64;
         if n == 0 {
             return Ok(());
@@ -183,10 +190,10 @@ impl Scales {
             };
             let s = scales.get((self.index(i) - first) as usize).copied().unwrap_or(f32::NAN);
             let (a, b) = ((i - src) as usize, (i - src + run) as usize);
-            for (o, &q) in out[a..b].iter_mut().zip(&codes[a..b]) {
-                *o = table[q as usize] * s;
-            }
-            if let Some(k) = out[a..b].iter().position(|v| !v.is_finite()) {
+            times(&codes[a..b], s, &mut out[a..b]);
+            // A branch-free sweep first (it vectorizes); the position only on failure.
+            let finite = out[a..b].iter().fold(true, |ok, v| ok & v.is_finite());
+            if let Some(k) = (!finite).then(|| out[a..b].iter().position(|v| !v.is_finite())).flatten() {
                 let at = i + k as u64;
                 return Err(bad(
                     &self.model,

@@ -270,3 +270,9 @@ pub fn decode<T: Real>(dtype: Dtype, bytes: &[u8], out: &mut [T]) {
 pub fn encode<T: Real>(vals: &[T], dtype: Dtype, out: &mut [u8]) {
     dispatched!(encode_avx512, encode_avx2, T::encode(vals, dtype, out), (vals, dtype, out))
 }
+
+/// `out[k] = code(codes[k]) · s` for 8-bit float codes ([`crate::kernels::real::f8_times`]),
+/// in the widest build.
+pub fn f8_times(dtype: Dtype, codes: &[u8], s: f32, out: &mut [f32]) {
+    fast(|| super::real::f8_times(dtype, codes, s, out));
+}

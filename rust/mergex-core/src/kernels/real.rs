@@ -255,6 +255,37 @@ impl Real for f64 {
     }
 }
 
+/// `out[k] = E4M3(codes[k]) · s`, the code decoded by its bits (the same values as
+/// [`f8_table`], exact), without a table lookup so that the loop vectorizes: a normal code
+/// `s eeee mmm` is the f32 with exponent `e + 120` and mantissa `m << 20`; a subnormal one
+/// (`e = 0`) is `m · 2⁻⁹`; `s 1111 111` is NaN.
+#[inline(always)]
+pub fn e4m3_times(codes: &[u8], s: f32, out: &mut [f32]) {
+    const SUB: f32 = 1.0 / 512.0;
+    for (o, &q) in out.iter_mut().zip(codes) {
+        let q = u32::from(q);
+        let (sign, e, m) = ((q & 0x80) << 24, (q >> 3) & 0xf, q & 7);
+        let normal = f32::from_bits(sign | ((e + 120) << 23) | (m << 20));
+        let sub = f32::from_bits(sign | (m as f32 * SUB).to_bits());
+        let v = if e == 0 { sub } else { normal };
+        *o = if q & 0x7f == 0x7f { f32::NAN } else { v * s };
+    }
+}
+
+/// `out[k] = code(codes[k]) · s` for 8-bit float codes of `dtype` (E4M3 by its bits, E5M2
+/// by table), the product in f32: how a quantized weight's codes are decoded (QUANT.md §3).
+#[inline(always)]
+pub fn f8_times(dtype: Dtype, codes: &[u8], s: f32, out: &mut [f32]) {
+    if dtype == Dtype::F8_E4M3 {
+        e4m3_times(codes, s, out);
+    } else {
+        let t = table(dtype);
+        for (o, &q) in out.iter_mut().zip(codes) {
+            *o = t[q as usize] * s;
+        }
+    }
+}
+
 /// One input's stored values over a sub-block, not yet decoded.
 #[derive(Debug, Clone, Copy)]
 pub struct Raw<'a> {
@@ -267,6 +298,20 @@ pub struct Raw<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn e4m3_by_bits_is_the_table() {
+        let table = f8_table(Dtype::F8_E4M3);
+        let codes: Vec<u8> = (0..=255).collect();
+        for s in [1.0f32, 0.37, 3.5e-3, 1e30] {
+            let mut out = vec![0f32; 256];
+            f8_times(Dtype::F8_E4M3, &codes, s, &mut out);
+            for (q, v) in out.iter().enumerate() {
+                let want = table[q] * s;
+                assert!(v.to_bits() == want.to_bits() || (v.is_nan() && want.is_nan()), "{q:#x} × {s}");
+            }
+        }
+    }
 
     #[test]
     fn f64_to_bf16_has_no_double_rounding() {
