@@ -350,3 +350,33 @@ def test_out_quantization_key(family, mergex_mod, tmp_path):
     plan = mergex_mod.plan({**cfg, "out_quantization": "none"}, ram_budget="64KiB")
     # Each code byte is read with its scales (one F32 scale per 32x64 block, rounded up).
     assert plan.input_bytes >= sum(v.size for v in family["f32"].values.values())
+
+
+def test_inspect_folds_the_scales_and_plan_shows_the_formats(family, tmp_path):
+    q, (plain, _) = family["f32"], family["plain"]
+    res = models.run_cli(["inspect", q.path])
+    assert res.returncode == 0, res.stderr
+    table = res.stdout.split("format:")[0]
+    assert "_scale_inv" not in table
+    row = next(ln for ln in res.stdout.splitlines() if "layers.0.mlp.up_proj.weight" in ln)
+    assert "F8_E4M3, 32x64 blocks" in row and "[250, 96]" in row, row
+    assert "format: block FP8 (config.json quant_method 'fp8'" in res.stdout
+    assert "read by mergex (7 quantized weights" in res.stdout
+    cfg = {
+        "merge_method": "linear",
+        "models": [{"model": str(q)}, {"model": str(plain)}],
+        "parameters": {"weight": 0.5},
+    }
+    res = models.run_cli(["plan", models.dump_yaml(cfg, tmp_path / "m.yml")])
+    assert res.returncode == 0, res.stderr
+    assert f"reads {q.path} (block FP8 (7 weights, 32x64 blocks, F32 scales))" in res.stdout
+    assert f"reads {plain} (plain)" in res.stdout and "writes plain BF16" in res.stdout
+
+
+def test_inspect_names_a_refused_format(tmp_path):
+    m = models.make_llama(tmp_path / "gptq", "bf16", seed=1)
+    cfg = json.loads((m.path / "config.json").read_text())
+    (m.path / "config.json").write_text(json.dumps({**cfg, "quantization_config": {"quant_method": "gptq"}}))
+    res = models.run_cli(["inspect", m.path])
+    assert res.returncode == 0, res.stderr
+    assert "format: GPTQ (config.json quant_method 'gptq'); refused" in res.stdout

@@ -81,6 +81,10 @@ class MergePlan:
     peak_memory: int
     """Estimated peak resident memory, in bytes."""
     warnings: list[str] = field(default_factory=list)
+    formats: list[str] = field(default_factory=list)
+    """How each of :attr:`models` is stored: ``plain`` or its quantized format."""
+    output_format: str = ""
+    """How the output is written, e.g. ``plain BF16``."""
 
 
 def _resolve(
@@ -144,7 +148,21 @@ def plan(
         shards=list(s.shards),
         peak_memory=s.peak_memory,
         warnings=job.warnings,
+        formats=[quantized_format(m) for m in job.models],
+        output_format=f"plain {job.output_dtype}",
     )
+
+
+def quantized_format(model: Model) -> str:
+    """``plain``, or how a model's quantized weights are stored (as read for a merge)."""
+    if not model.quantized:
+        return "plain"
+    blocks = {q.block for q in model.quantized.values()}
+    scales = sorted({model.tensors[q.scale].dtype for q in model.quantized.values()})
+    size = (
+        "per-tensor scales" if blocks == {None} else ", ".join(f"{b[0]}x{b[1]} blocks" for b in blocks if b)
+    )
+    return f"block FP8 ({len(model.quantized)} weights, {size}, {'/'.join(scales)} scales)"
 
 
 @dataclass(frozen=True)

@@ -223,6 +223,7 @@ def plan(
 ) -> None:
     """Show what a merge will read and write, its chunks, passes, shards and peak memory."""
     from rich.console import Console
+    from rich.markup import escape
     from rich.table import Table
 
     from .api import plan as make_plan
@@ -232,8 +233,9 @@ def plan(
         p = make_plan(config, ram_budget=ram_budget, threads=threads, shard_size=shard_size)
         c = Console()
         c.print(f"[bold]{p.method}[/] merge of {len(p.models)} models, {p.tensors} output tensors")
-        for m in p.models:
-            c.print(f"  reads {m}")
+        for m, fmt in zip(p.models, p.formats, strict=True):
+            c.print(f"  reads {m} ({escape(fmt)})")
+        c.print(f"  writes {p.output_format}")
         passes = ", ".join(
             f"{n} tensors in {k} pass{'es' if k > 1 else ''}" for k, n in sorted(p.passes.items())
         )
@@ -266,22 +268,48 @@ def inspect(
     path: Annotated[Path, typer.Argument(metavar="PATH", help="A checkpoint folder or .safetensors file.")],
     verbose: Verbose = False,
 ) -> None:
-    """List the tensors of a checkpoint: name, dtype, shape and bytes."""
+    """List the tensors of a checkpoint: name, dtype, shape and bytes; a quantized checkpoint's
+    weights as one row each (plain name, format), their scales folded in."""
     from rich.console import Console
     from rich.table import Table
 
     from .api import inspect as read_tensors
+    from .models import Model
+    from .quant import check, detect
     from .units import format_size
 
     with _errors(verbose):
         tensors = read_tensors(path)
+        c = Console()
+        found, quantized = None, {}
+        if path.is_dir():
+            model = Model.open(str(path.absolute()))
+            found = detect(model)
+            if found is not None and found.family == "fp8":
+                quantized = check(model)
+        folded = {q.scale: name for name, q in quantized.items()}
+        size = {x.name: x.nbytes for x in tensors}
         t = Table("tensor", "dtype", "shape", "bytes")
         for x in tensors:
-            t.add_row(x.name, x.dtype, str(list(x.shape)), format_size(x.nbytes))
-        c = Console()
+            if x.name in folded:
+                continue
+            q = quantized.get(x.name)
+            if q is None:
+                t.add_row(x.name, x.dtype, str(list(x.shape)), format_size(x.nbytes))
+                continue
+            block = f"{q.block[0]}x{q.block[1]} blocks" if q.block else "per tensor"
+            what = f"{x.dtype}, {block}"
+            t.add_row(x.name, what, str(list(x.shape)), format_size(x.nbytes + size[q.scale]))
         c.print(t)
         files = len({x.file for x in tensors})
         c.print(f"{len(tensors)} tensors, {format_size(sum(x.nbytes for x in tensors))} in {files} file(s)")
+        if found is not None:
+            how = (
+                f"read by mergex ({len(quantized)} quantized weights, scales folded in above)"
+                if quantized
+                else ("refused" if found.refused else "not read yet")
+            )
+            c.print(f"format: {found.format} ({found.signal}); {how}")
 
 
 @app.command(cls=_Command)

@@ -174,7 +174,9 @@ class OutputFolder:
         # would make transformers quantize it again on load (QUANT.md §8).
         config.pop("quantization_config", None)
         if isinstance(config.get("text_config"), dict):
-            config["text_config"] = {k: v for k, v in config["text_config"].items() if k != "quantization_config"}
+            config["text_config"] = {
+                k: v for k, v in config["text_config"].items() if k != "quantization_config"
+            }
         config["torch_dtype"] = torch_dtype
         if "dtype" in config:
             config["dtype"] = torch_dtype
