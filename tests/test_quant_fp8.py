@@ -380,3 +380,91 @@ def test_inspect_names_a_refused_format(tmp_path):
     res = models.run_cli(["inspect", m.path])
     assert res.returncode == 0, res.stderr
     assert "format: GPTQ (config.json quant_method 'gptq'); refused" in res.stdout
+
+
+# compressed-tensors float-quantized (§4a) in every strategy, MXFP8 (§4d) and ModelOpt FP8
+# (§5): 8-bit codes times `X.weight_scale` over a region: (rows, columns) of one scale, or
+# None for one scale over the tensor.
+def ct_config(fmt: str, **weights) -> dict:
+    scheme = {"num_bits": 8, "type": "float", "symmetric": True, "dynamic": False, **weights}
+    return {
+        "quant_method": "compressed-tensors",
+        "format": fmt,
+        "quantization_status": "compressed",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": scheme}},
+    }
+
+
+LAYOUTS = {
+    "ct_tensor": (None, "F32", ct_config("float-quantized", strategy="tensor")),
+    "ct_channel": ("channel", "BF16", ct_config("float-quantized", strategy="channel")),
+    "ct_group": ((1, 32), "F32", ct_config("float-quantized", strategy="group", group_size=32)),
+    "ct_block": ((32, 64), "F32", ct_config("float-quantized", strategy="block", block_structure=[32, 64])),
+    "mxfp8": ((1, 32), "E8M0", ct_config("mxfp8-quantized", strategy="group", group_size=32)),
+    "modelopt_fp8": (None, "F32", {"quant_method": "modelopt", "quant_algo": "FP8"}),
+}
+
+
+def scaled_model(root: Path, layout: str, seed: int) -> tuple[Path, dict[str, np.ndarray]]:
+    region, scale_dtype, quant = LAYOUTS[layout]
+    rng = np.random.default_rng(seed)
+    shapes = models.llama_shapes()
+    plain = models.random_tensors(shapes, "bf16", seed)
+    tensors, values = {}, {}
+    for n, shape in shapes.items():
+        if not n.endswith(QUANTIZED):
+            tensors[n] = models.encode(plain[n], "bf16")
+            values[n] = ref.to_f32(ref.decode(tensors[n][2], "BF16", shape), "BF16")
+            continue
+        r, c = shape
+        rb, cb = (r, c) if region is None else (1, c) if region == "channel" else region
+        grid = (-(-r // rb), -(-c // cb))
+        codes = rng.integers(0, 0x7F, size=shape, dtype=np.uint8) | rng.choice(
+            np.array([0, 0x80], np.uint8), size=shape
+        )
+        if scale_dtype == "E8M0":
+            raw = rng.integers(118, 130, size=grid, dtype=np.uint8)
+            s, stored = e8m0(raw), ("U8", grid, raw.tobytes())
+        else:
+            s = (rng.random(grid) * 0.01 + 1e-4).astype(F32)
+            stored = models.encode(s, "bf16") if scale_dtype == "BF16" else ("F32", grid, s.tobytes())
+            s = ref.to_f32(ref.decode(stored[2], scale_dtype, grid), scale_dtype)
+        if layout == "modelopt_fp8":
+            stored = ("F32", (), stored[2])
+        elif region is None:
+            stored = (stored[0], (1,), stored[2])
+        tensors[n] = ("F8_E4M3", shape, codes.tobytes())
+        tensors[n + "_scale"] = stored
+        tensors[n[: -len("weight")] + "input_scale"] = ("F32", (1,), F32(0.25).tobytes())
+        full = np.repeat(np.repeat(s, rb, axis=0), cb, axis=1)[:r, :c]
+        values[n] = (e4m3(codes) * full).astype(F32)
+    path = root / layout
+    path.mkdir()
+    models.write_safetensors(path / "model.safetensors", tensors, {"format": "pt"})
+    cfg = models.model_config(models.LAYERS, "BF16")
+    if layout == "modelopt_fp8":
+        # The legacy layout: hf_quant_config.json beside a config.json without the block.
+        (path / "hf_quant_config.json").write_text(json.dumps({"quantization": {"quant_algo": "FP8"}}))
+    else:
+        cfg["quantization_config"] = quant
+    (path / "config.json").write_text(json.dumps(cfg))
+    return path, values
+
+
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_scaled_fp8_layouts_equal_the_numpy_decode(mergex_mod, tmp_path, layout):
+    path, values = scaled_model(tmp_path, layout, seed=11)
+    plain, pv = plain_model(tmp_path, "plain", 12)
+    cfg = {
+        "merge_method": "linear",
+        "models": [
+            {"model": str(path), "parameters": {"weight": 0.25}},
+            {"model": str(plain), "parameters": {"weight": 0.75}},
+        ],
+    }
+    out = outputs(mergex_mod, cfg, tmp_path / "out")
+    assert set(out.raw) == set(values), "scales or activation scales reached the output"
+    for name, x in values.items():
+        models.assert_tensor_equal(out, name, ref.linear([x, pv[name]], [0.25, 0.75]), "BF16")
+    torch_out = outputs(mergex_mod, cfg, tmp_path / "torch", engine="torch", ram_budget="1MiB", threads=1)
+    assert torch_out.raw == out.raw

@@ -114,14 +114,6 @@ CASES = {
         ),
         ["compressed-tensors nvfp4-pack-quantized", "not supported yet"],
     ),
-    "ct_fp8": (
-        dict(
-            drop=(PROJ,),
-            add={PROJ: raw("F8_E4M3", (ROWS, COLS)), PREFIX + "weight_scale": raw("F32", (ROWS, 1))},
-            quant=ct("float-quantized", 8, "float"),
-        ),
-        ["compressed-tensors float-quantized", "not supported yet"],
-    ),
     "modelopt_legacy_file": (
         dict(
             drop=(PROJ,),

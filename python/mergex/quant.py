@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -68,6 +68,9 @@ _REFUSED_METHODS = {
     "exl3": "EXL3",
     "gguf": "GGUF",
 }
+
+# compressed-tensors formats whose weights are 8-bit float codes times a scale (§4a, §4d).
+_CT_FP8 = ("float-quantized", "naive-quantized", "mxfp8-quantized")
 
 # The families QUANT.md §3-§6 describes, by quant_method.
 _FAMILIES = {
@@ -236,11 +239,15 @@ def _by_config(config: dict[str, Any], folder: Path) -> Detected | None:
             return Detected("per-tensor FP8" if per_tensor else "block FP8", signal, False, "fp8")
         if method == "compressed-tensors":
             fmt, refused = _compressed_tensors_format(q)
-            return Detected(fmt, signal, refused)
+            readable = (
+                q.get("format") in _CT_FP8 and q.get("quantization_status", "compressed") == "compressed"
+            )
+            return Detected(fmt, signal, refused, "compressed-tensors" if readable and not refused else None)
         if method == "modelopt":
             algo = q.get("quant_algo")
+            family = "modelopt" if algo == "FP8" else None
             return Detected(
-                f"ModelOpt {algo}", f"{signal}, quant_algo {algo!r}", algo not in ("NVFP4", "FP8")
+                f"ModelOpt {algo}", f"{signal}, quant_algo {algo!r}", algo not in ("NVFP4", "FP8"), family
             )
         if method == "mxfp4":
             return Detected(_FAMILIES["mxfp4"], signal, False)
@@ -255,8 +262,9 @@ def _by_config(config: dict[str, Any], folder: Path) -> Detected | None:
             raise CheckpointError(f"{hf}: invalid JSON: {e}") from None
         section = data.get("quantization") if isinstance(data, dict) else None
         algo = section.get("quant_algo") if isinstance(section, dict) else None
+        family = "modelopt" if algo == "FP8" else None
         return Detected(
-            f"ModelOpt {algo}", f"file {hf.name}, quant_algo {algo!r}", algo not in ("NVFP4", "FP8")
+            f"ModelOpt {algo}", f"file {hf.name}, quant_algo {algo!r}", algo not in ("NVFP4", "FP8"), family
         )
     return None
 
@@ -331,6 +339,10 @@ def check(model: Model) -> dict[str, Quantized]:
     quantized: dict[str, Quantized] = {}
     if found is not None and found.family == "fp8":
         quantized = _block_fp8(model)
+    elif found is not None and found.family == "compressed-tensors":
+        quantized = _ct_fp8(model)
+    elif found is not None and found.family == "modelopt":
+        quantized = _scaled_codes(model, ".weight_scale", lambda _shape: None, {"F32"}, "ModelOpt FP8")
     elif found is not None:
         if found.refused:
             raise CheckpointError(
@@ -364,39 +376,94 @@ def _block_fp8(model: Model) -> dict[str, Quantized]:
     """QUANT.md §3: every ``X_scale_inv`` scales the 8-bit codes ``X`` in blocks of
     ``weight_block_size`` (or as one value, with ``weight_block_size: null``)."""
     q = quantization_config(model.config) or {}
-
-    def fail(message: str, tensor: str | None = None) -> CheckpointError:
-        return CheckpointError(f"model {model.ref}: {message}", path=model.path, tensor=tensor)
-
     size = q.get("weight_block_size")
     block: tuple[int, int] | None = None
     if size is not None:
-        ok = isinstance(size, list) and len(size) == 2 and all(isinstance(b, int) and b > 0 for b in size)
-        if not ok:
-            raise fail(f"quantization_config.weight_block_size must be two positive integers, got {size!r}")
-        block = (size[0], size[1])
+        block = _block(model, size, "quantization_config.weight_block_size")
     if q.get("fmt", "e4m3") not in ("e4m3", "e5m2"):
-        raise fail(f"block FP8 with fmt {q.get('fmt')!r} is not supported (e4m3 or e5m2)")
+        raise _fail(model, f"block FP8 with fmt {q.get('fmt')!r} is not supported (e4m3 or e5m2)")
     e8m0 = q.get("scale_fmt") == "ue8m0"
-    scale_dtypes = {"F32", "BF16", "F16"} | ({"F8_E8M0", "U8"} if e8m0 else set())
+    dtypes = {"F32", "BF16", "F16"} | ({"F8_E8M0", "U8"} if e8m0 else set())
+    return _scaled_codes(model, "_scale_inv", lambda _shape: block, dtypes, "block FP8")
+
+
+def _ct_fp8(model: Model) -> dict[str, Quantized]:
+    """QUANT.md §4a and §4d: compressed-tensors 8-bit float weights, ``X.weight_scale`` the
+    multiplier over the strategy's region (tensor, channel, group or block), E8M0 scales in
+    groups of 32 for ``mxfp8-quantized``."""
+    q = quantization_config(model.config) or {}
+    groups = q.get("config_groups") or {}
+    w = next((g.get("weights") for g in groups.values() if isinstance(g, dict)), None) or {}
+    if w.get("num_bits") != 8 or w.get("type") != "float":
+        raise _fail(model, f"compressed-tensors {q.get('format')} with weights {w!r} is not 8-bit float")
+    strategy, mx = w.get("strategy"), q.get("format") == "mxfp8-quantized"
+
+    def region(shape: tuple[int, ...]) -> tuple[int, int] | None:
+        cols = shape[-1] if shape else 1
+        if mx:
+            return (1, 32)
+        if strategy == "tensor":
+            return None
+        if strategy == "channel":
+            return (1, cols)
+        if strategy == "group":
+            return _block(model, [1, w.get("group_size")], "weights.group_size")
+        if strategy == "block":
+            return _block(model, w.get("block_structure"), "weights.block_structure")
+        raise _fail(model, f"compressed-tensors weight strategy {strategy!r} is not supported")
+
+    dtypes = {"U8", "F8_E8M0"} if mx else {"F32", "BF16", "F16"}
+    return _scaled_codes(model, ".weight_scale", region, dtypes, f"compressed-tensors {q.get('format')}")
+
+
+def _fail(model: Model, message: str, tensor: str | None = None) -> CheckpointError:
+    return CheckpointError(f"model {model.ref}: {message}", path=model.path, tensor=tensor)
+
+
+def _block(model: Model, size: Any, key: str) -> tuple[int, int]:
+    ok = isinstance(size, list) and len(size) == 2 and all(isinstance(b, int) and b > 0 for b in size)
+    if not ok:
+        raise _fail(model, f"{key} must be two positive integers, got {size!r}")
+    return (size[0], size[1])
+
+
+def _scaled_codes(
+    model: Model,
+    suffix: str,
+    region: Callable[[tuple[int, ...]], tuple[int, int] | None],
+    scale_dtypes: set[str],
+    what: str,
+) -> dict[str, Quantized]:
+    """Every tensor named ``X`` + ``suffix`` scales the 8-bit float codes of its weight (``X``
+    for ``_scale_inv``, ``X.weight`` for ``.weight_scale``) over ``region(shape)`` (rows and
+    columns of one scale; ``None``: the whole tensor). The engine checks the grid."""
     out: dict[str, Quantized] = {}
     for name in model.order:
-        if not name.endswith("_scale_inv"):
+        if not name.endswith(suffix):
             continue
-        weight = name[: -len("_scale_inv")]
+        weight = name[: -len(suffix)] + (".weight" if suffix.startswith(".weight") else "")
         codes = model.tensors.get(weight)
         if codes is None:
-            raise fail(f"tensor {name} is a quantization companion without its weight ({weight})", name)
+            raise _fail(
+                model, f"tensor {name} is a quantization companion without its weight ({weight})", name
+            )
         if codes.dtype not in ("F8_E4M3", "F8_E5M2"):
-            raise fail(
-                f"tensor {weight} has a scale ({name}) but is {codes.dtype}, not 8-bit float codes", weight
+            raise _fail(
+                model,
+                f"tensor {weight} has a scale ({name}) but is {codes.dtype}, not 8-bit float codes",
+                weight,
             )
         scale = model.tensors[name]
         if scale.dtype not in scale_dtypes:
             why = " (E8M0 scales need scale_fmt: ue8m0)" if scale.dtype in ("U8", "F8_E8M0") else ""
-            raise fail(f"scale {name} is {scale.dtype}, which block FP8 does not use{why}", name)
-        out[weight] = Quantized(name, block)
+            raise _fail(model, f"scale {name} is {scale.dtype}, which {what} does not use{why}", name)
+        out[weight] = Quantized(name, region(codes.shape))
     for name in model.order:
         if model.tensors[name].dtype in ("F8_E4M3", "F8_E5M2") and name not in out:
-            raise fail(f"tensor {name} holds 8-bit float codes but has no scale ({name}_scale_inv)", name)
+            raise _fail(
+                model,
+                f"tensor {name} holds 8-bit float codes but has no scale "
+                f"({name}{suffix.removeprefix('.weight')})",
+                name,
+            )
     return out
