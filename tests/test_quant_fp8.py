@@ -42,9 +42,9 @@ def scale_grid(shape: tuple[int, ...]) -> tuple[int, ...]:
     return (*lead, -(-r // BLOCK[0]), -(-c // BLOCK[1]))
 
 
-def expand(scales: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+def expand(scales: np.ndarray, shape: tuple[int, ...], block: tuple[int, int] = tuple(BLOCK)) -> np.ndarray:
     """Each element's block scale (partial blocks use their real elements only)."""
-    s = np.repeat(np.repeat(scales, BLOCK[0], axis=-2), BLOCK[1], axis=-1)
+    s = np.repeat(np.repeat(scales, block[0], axis=-2), block[1], axis=-1)
     return s[..., : shape[-2], : shape[-1]]
 
 
@@ -217,7 +217,7 @@ def test_plain_output_loads_in_transformers(mergex_mod, tmp_path):
             codes, scales = quantize_fp8(x, block)
             tensors[name] = ("F8_E4M3", x.shape, codes.tobytes())
             tensors[name + "_scale_inv"] = ("F32", scales.shape, scales.tobytes())
-            decoded[name] = (e4m3(codes) * expand_block(scales, x.shape, block)).astype(F32)
+            decoded[name] = (e4m3(codes) * expand(scales, x.shape, block)).astype(F32)
         else:
             tensors[name] = models.encode(x, "bf16")
             decoded[name] = x
@@ -250,11 +250,6 @@ def test_plain_output_loads_in_transformers(mergex_mod, tmp_path):
     state = merged.state_dict()
     for k, v in want.items():
         assert torch.equal(state[k], torch.from_numpy(v).to(torch.bfloat16)), k
-
-
-def expand_block(scales: np.ndarray, shape: tuple[int, ...], block: tuple[int, int]) -> np.ndarray:
-    s = np.repeat(np.repeat(scales, block[0], axis=-2), block[1], axis=-1)
-    return s[..., : shape[-2], : shape[-1]]
 
 
 def rewrite(model: Fp8Model, root: Path, edit) -> Path:
@@ -436,7 +431,7 @@ def scaled_model(root: Path, layout: str, seed: int) -> tuple[Path, dict[str, np
         tensors[n] = ("F8_E4M3", shape, codes.tobytes())
         tensors[n + "_scale"] = stored
         tensors[n[: -len("weight")] + "input_scale"] = ("F32", (1,), F32(0.25).tobytes())
-        full = np.repeat(np.repeat(s, rb, axis=0), cb, axis=1)[:r, :c]
+        full = expand(s, shape, (rb, cb))
         values[n] = (e4m3(codes) * full).astype(F32)
     path = root / layout
     path.mkdir()
