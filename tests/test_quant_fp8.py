@@ -364,7 +364,7 @@ def test_inspect_folds_the_scales_and_plan_shows_the_formats(family, tmp_path):
     }
     res = models.run_cli(["plan", models.dump_yaml(cfg, tmp_path / "m.yml")])
     assert res.returncode == 0, res.stderr
-    assert f"reads {q.path} (block FP8 (7 weights, 32x64 blocks, F32 scales))" in res.stdout
+    assert f"reads {q.path} (FP8 (7 weights, 32x64 blocks, F32 scales))" in res.stdout
     assert f"reads {plain} (plain)" in res.stdout and "writes plain BF16" in res.stdout
 
 
@@ -459,6 +459,87 @@ def test_scaled_fp8_layouts_equal_the_numpy_decode(mergex_mod, tmp_path, layout)
     }
     out = outputs(mergex_mod, cfg, tmp_path / "out")
     assert set(out.raw) == set(values), "scales or activation scales reached the output"
+    for name, x in values.items():
+        models.assert_tensor_equal(out, name, ref.linear([x, pv[name]], [0.25, 0.75]), "BF16")
+    torch_out = outputs(mergex_mod, cfg, tmp_path / "torch", engine="torch", ram_budget="1MiB", threads=1)
+    assert torch_out.raw == out.raw
+
+
+# Packed FP4 (QUANT.md §4c, §4d, §5): two E2M1 codes a byte, the even element in the low
+# nibble; E4M3 scales per 16 values over a global divisor (compressed-tensors NVFP4) or
+# multiplier (ModelOpt NVFP4), or E8M0 scales per 32 values (MXFP4).
+E2M1 = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], F32)
+FP4 = {
+    "ct_nvfp4": (
+        16,
+        ".weight_packed",
+        ct_config("nvfp4-pack-quantized", num_bits=4, strategy="tensor_group", group_size=16),
+    ),
+    "modelopt_nvfp4": (16, ".weight", {"quant_method": "modelopt", "quant_algo": "NVFP4", "group_size": 16}),
+    "ct_mxfp4": (
+        32,
+        ".weight_packed",
+        ct_config("mxfp4-pack-quantized", num_bits=4, strategy="group", group_size=32),
+    ),
+}
+
+
+def fp4_model(root: Path, layout: str, seed: int) -> tuple[Path, dict[str, np.ndarray]]:
+    group, suffix, quant = FP4[layout]
+    rng = np.random.default_rng(seed)
+    shapes = models.llama_shapes()
+    plain = models.random_tensors(shapes, "bf16", seed)
+    tensors, values = {}, {}
+    for n, shape in shapes.items():
+        if not n.endswith(QUANTIZED):
+            tensors[n] = models.encode(plain[n], "bf16")
+            values[n] = ref.to_f32(ref.decode(tensors[n][2], "BF16", shape), "BF16")
+            continue
+        r, c = shape
+        stem = n[: -len(".weight")]
+        codes = rng.integers(0, 16, size=shape, dtype=np.uint8)
+        packed = (codes[:, 0::2] | (codes[:, 1::2] << 4)).astype(np.uint8)
+        grid = (r, c // group)
+        if layout == "ct_mxfp4":
+            raw = rng.integers(120, 130, size=grid, dtype=np.uint8)
+            eff = e8m0(raw)
+            tensors[stem + ".weight_scale"] = ("U8", grid, raw.tobytes())
+        else:
+            raw = rng.integers(0x20, 0x60, size=grid, dtype=np.uint8)  # positive finite E4M3
+            g = F32(rng.random() * 100 + 1)
+            if layout == "ct_nvfp4":
+                eff = (e4m3(raw) / g).astype(F32)
+                tensors[stem + ".weight_global_scale"] = ("F32", (1,), g.tobytes())
+                tensors[stem + ".input_global_scale"] = ("F32", (1,), g.tobytes())
+            else:
+                eff = (e4m3(raw) * g).astype(F32)
+                tensors[stem + ".weight_scale_2"] = ("F32", (), g.tobytes())
+                tensors[stem + ".input_scale"] = ("F32", (), g.tobytes())
+            tensors[stem + ".weight_scale"] = ("F8_E4M3", grid, raw.tobytes())
+        tensors[stem + suffix] = ("U8", (r, c // 2), packed.tobytes())
+        values[n] = (E2M1[codes] * expand(eff, shape, (1, group))).astype(F32)
+    path = root / layout
+    path.mkdir()
+    models.write_safetensors(path / "model.safetensors", tensors, {"format": "pt"})
+    cfg = models.model_config(models.LAYERS, "BF16")
+    cfg["quantization_config"] = quant
+    (path / "config.json").write_text(json.dumps(cfg))
+    return path, values
+
+
+@pytest.mark.parametrize("layout", sorted(FP4))
+def test_packed_fp4_layouts_equal_the_numpy_decode(mergex_mod, tmp_path, layout):
+    path, values = fp4_model(tmp_path, layout, seed=21)
+    plain, pv = plain_model(tmp_path, "plain", 22)
+    cfg = {
+        "merge_method": "linear",
+        "models": [
+            {"model": str(path), "parameters": {"weight": 0.25}},
+            {"model": str(plain), "parameters": {"weight": 0.75}},
+        ],
+    }
+    out = outputs(mergex_mod, cfg, tmp_path / "out")
+    assert set(out.raw) == set(values), "codes, scales or activation scales reached the output"
     for name, x in values.items():
         models.assert_tensor_equal(out, name, ref.linear([x, pv[name]], [0.25, 0.75]), "BF16")
     torch_out = outputs(mergex_mod, cfg, tmp_path / "torch", engine="torch", ram_budget="1MiB", threads=1)

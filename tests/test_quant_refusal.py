@@ -102,34 +102,6 @@ CASES = {
         dict(drop=(PROJ,), add=CT_INT4_TENSORS),
         ["compressed-tensors", PREFIX + "weight_packed"],
     ),
-    "ct_nvfp4": (
-        dict(
-            drop=(PROJ,),
-            add={
-                PREFIX + "weight_packed": raw("U8", (ROWS, COLS // 2)),
-                PREFIX + "weight_scale": raw("F8_E4M3", (ROWS, COLS // 16)),
-                PREFIX + "weight_global_scale": raw("F32", (1,)),
-            },
-            quant=ct("nvfp4-pack-quantized", 4, "float"),
-        ),
-        ["compressed-tensors nvfp4-pack-quantized", "not supported yet"],
-    ),
-    "modelopt_legacy_file": (
-        dict(
-            drop=(PROJ,),
-            add={
-                PROJ: raw("U8", (ROWS, COLS // 2)),
-                PREFIX + "weight_scale": raw("F8_E4M3", (ROWS, COLS // 16)),
-                PREFIX + "weight_scale_2": raw("F32", ()),
-            },
-            files={
-                "hf_quant_config.json": json.dumps(
-                    {"quantization": {"quant_algo": "NVFP4", "group_size": 16}}
-                )
-            },
-        ),
-        ["ModelOpt NVFP4", "hf_quant_config.json", "not supported yet"],
-    ),
     "gpt_oss_mxfp4": (
         dict(
             drop=(PROJ,),

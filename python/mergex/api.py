@@ -157,12 +157,14 @@ def quantized_format(model: Model) -> str:
     """``plain``, or how a model's quantized weights are stored (as read for a merge)."""
     if not model.quantized:
         return "plain"
-    blocks = {q.block for q in model.quantized.values()}
-    scales = sorted({model.tensors[q.scale].dtype for q in model.quantized.values()})
+    qs = list(model.quantized.values())
+    scales = sorted({model.tensors[q.scale].dtype for q in qs})
+    kinds = sorted({("NVFP4" if "F8_E4M3" in scales else "MXFP4") if q.fp4 else "FP8" for q in qs})
+    blocks = {q.block for q in qs}
     size = (
         "per-tensor scales" if blocks == {None} else ", ".join(f"{b[0]}x{b[1]} blocks" for b in blocks if b)
     )
-    return f"block FP8 ({len(model.quantized)} weights, {size}, {'/'.join(scales)} scales)"
+    return f"{'/'.join(kinds)} ({len(qs)} weights, {size}, {'/'.join(scales)} scales)"
 
 
 @dataclass(frozen=True)

@@ -287,7 +287,7 @@ def inspect(
             found = detect(model)
             if found is not None and found.family == "fp8":
                 quantized = check(model)
-        folded = {q.scale: name for name, q in quantized.items()}
+        folded = {q.scale for q in quantized.values()} | {q.global_scale for q in quantized.values()}
         size = {x.name: x.nbytes for x in tensors}
         t = Table("tensor", "dtype", "shape", "bytes")
         for x in tensors:

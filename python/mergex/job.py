@@ -9,7 +9,15 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["EngineJob", "InputRef", "Resume", "ScaleRef", "TensorJob"]
+__all__ = ["EngineJob", "GlobalScale", "InputRef", "Resume", "ScaleRef", "TensorJob"]
+
+
+@dataclass
+class GlobalScale:
+    """NVFP4's one-value global scale: block scales are divided or multiplied by it."""
+
+    tensor: str
+    divide: bool
 
 
 @dataclass
@@ -19,6 +27,9 @@ class ScaleRef:
     tensor: str
     block: list[int] | None = None
     """Rows and columns of one block; ``None`` for one scale over the whole tensor."""
+    packed_fp4: bool = False
+    """FP4 codes, two a byte along the last axis."""
+    global_scale: GlobalScale | None = None
 
 
 @dataclass

@@ -11,7 +11,7 @@ from typing import Any
 
 from .config import MergeConfig
 from .errors import CheckpointError, ConfigError
-from .job import EngineJob, InputRef, ScaleRef, TensorJob
+from .job import EngineJob, GlobalScale, InputRef, ScaleRef, TensorJob
 from .methods import MethodSpec, get_method
 from .models import Model, TensorInfo
 from .params import NOT_FOUND, layer_index, lookup, rename_layer, to_f32
@@ -70,7 +70,22 @@ class Job:
 
 
 def _scale(q: Quantized | None) -> ScaleRef | None:
-    return None if q is None else ScaleRef(q.scale, list(q.block) if q.block else None)
+    if q is None:
+        return None
+    g = GlobalScale(q.global_scale, q.divide) if q.global_scale else None
+    return ScaleRef(q.scale, list(q.block) if q.block else None, q.fp4, g)
+
+
+def _plain_names(m: Model) -> None:
+    """List a model's packed weights under their plain names and shapes (QUANT.md §1): the
+    planner then finds ``X.weight`` of the shape a plain model has, read from its codes."""
+    for codes, q in m.quantized.items():
+        if not (q.plain or q.shape):
+            continue
+        info = m.tensors[codes]
+        plain = q.plain or codes
+        m.tensors[plain] = TensorInfo(codes, info.dtype, q.shape or info.shape, info.file, info.nbytes)
+        m.order = [plain if n == codes else n for n in m.order]
 
 
 def _is_before(name: str) -> bool:
@@ -100,7 +115,9 @@ class _Planner:
             m.quantized = check(m)
             if m.quantized:
                 m.hidden = {q.scale for q in m.quantized.values()}
+                m.hidden |= {q.global_scale for q in m.quantized.values() if q.global_scale}
                 m.hidden |= {n for n in m.order if is_activation_scale(n)}
+                _plain_names(m)
         return self.models.setdefault(m.path, m)
 
     def _is_base(self, m: Model) -> bool:

@@ -69,8 +69,10 @@ _REFUSED_METHODS = {
     "gguf": "GGUF",
 }
 
-# compressed-tensors formats whose weights are 8-bit float codes times a scale (§4a, §4d).
+# compressed-tensors formats whose weights are 8-bit float codes times a scale (§4a, §4d),
+# and those of packed FP4 codes (§4c, §4d).
 _CT_FP8 = ("float-quantized", "naive-quantized", "mxfp8-quantized")
+_CT_FP4 = ("nvfp4-pack-quantized", "mxfp4-pack-quantized")
 
 # The families QUANT.md §3-§6 describes, by quant_method.
 _FAMILIES = {
@@ -239,13 +241,12 @@ def _by_config(config: dict[str, Any], folder: Path) -> Detected | None:
             return Detected("per-tensor FP8" if per_tensor else "block FP8", signal, False, "fp8")
         if method == "compressed-tensors":
             fmt, refused = _compressed_tensors_format(q)
-            readable = (
-                q.get("format") in _CT_FP8 and q.get("quantization_status", "compressed") == "compressed"
-            )
+            status = q.get("quantization_status", "compressed")
+            readable = q.get("format") in _CT_FP8 + _CT_FP4 and status == "compressed"
             return Detected(fmt, signal, refused, "compressed-tensors" if readable and not refused else None)
         if method == "modelopt":
             algo = q.get("quant_algo")
-            family = "modelopt" if algo == "FP8" else None
+            family = "modelopt" if algo in ("FP8", "NVFP4") else None
             return Detected(
                 f"ModelOpt {algo}", f"{signal}, quant_algo {algo!r}", algo not in ("NVFP4", "FP8"), family
             )
@@ -262,7 +263,7 @@ def _by_config(config: dict[str, Any], folder: Path) -> Detected | None:
             raise CheckpointError(f"{hf}: invalid JSON: {e}") from None
         section = data.get("quantization") if isinstance(data, dict) else None
         algo = section.get("quant_algo") if isinstance(section, dict) else None
-        family = "modelopt" if algo == "FP8" else None
+        family = "modelopt" if algo in ("FP8", "NVFP4") else None
         return Detected(
             f"ModelOpt {algo}", f"file {hf.name}, quant_algo {algo!r}", algo not in ("NVFP4", "FP8"), family
         )
@@ -315,12 +316,21 @@ def detect(model: Model) -> Detected | None:
 
 @dataclass(frozen=True)
 class Quantized:
-    """A quantized weight the reader decodes: its codes sit under the plain name."""
+    """A quantized weight the reader decodes (keyed by its codes tensor's name)."""
 
     scale: str
     """The scale tensor (QUANT.md §3: ``X.weight_scale_inv``, the multiplier)."""
     block: tuple[int, int] | None
     """Rows and columns of one block; ``None`` for one scale over the whole tensor."""
+    plain: str = ""
+    """The name the weight is merged and written under (the codes' name when empty)."""
+    shape: tuple[int, ...] = ()
+    """The weight's shape, when it is not the codes' (packed FP4: twice as wide)."""
+    fp4: bool = False
+    """FP4 (E2M1) codes, two a byte."""
+    global_scale: str | None = None
+    """NVFP4's one-value global scale, which every block scale is divided or multiplied by."""
+    divide: bool = False
 
 
 def check(model: Model) -> dict[str, Quantized]:
@@ -340,7 +350,10 @@ def check(model: Model) -> dict[str, Quantized]:
     if found is not None and found.family == "fp8":
         quantized = _block_fp8(model)
     elif found is not None and found.family == "compressed-tensors":
-        quantized = _ct_fp8(model)
+        fmt = (quantization_config(model.config) or {}).get("format")
+        quantized = _ct_fp4(model, fmt) if fmt in _CT_FP4 else _ct_fp8(model)
+    elif found is not None and found.family == "modelopt" and "NVFP4" in found.format:
+        quantized = _fp4_codes(model, ".weight", (1, 16), {"F8_E4M3"}, ("_scale_2", False), "ModelOpt NVFP4")
     elif found is not None and found.family == "modelopt":
         quantized = _scaled_codes(model, ".weight_scale", lambda _shape: None, {"F32"}, "ModelOpt FP8")
     elif found is not None:
@@ -356,7 +369,9 @@ def check(model: Model) -> dict[str, Quantized]:
             path=model.path,
             tensor=found.tensor,
         )
-    skipped = {q.scale for q in quantized.values()}
+    skipped = {q.scale for q in quantized.values()} | {
+        q.global_scale for q in quantized.values() if q.global_scale
+    }
     for name in model.order:
         dtype = model.tensors[name].dtype
         if name in quantized or name in skipped or (quantized and is_activation_scale(name)):
@@ -466,4 +481,58 @@ def _scaled_codes(
                 f"({name}{suffix.removeprefix('.weight')})",
                 name,
             )
+    return out
+
+
+def _ct_fp4(model: Model, fmt: str) -> dict[str, Quantized]:
+    """QUANT.md §4c and §4d: compressed-tensors NVFP4 (``X.weight_packed`` E2M1 codes, E4M3
+    ``X.weight_scale`` per 16 values, divided by ``X.weight_global_scale``) and MXFP4 (E8M0
+    scales per 32 values), merged as ``X.weight``."""
+    if fmt == "nvfp4-pack-quantized":
+        return _fp4_codes(model, ".weight_packed", (1, 16), {"F8_E4M3"}, ("_global_scale", True), "NVFP4")
+    return _fp4_codes(model, ".weight_packed", (1, 32), {"U8", "F8_E8M0"}, None, "MXFP4")
+
+
+def _fp4_codes(
+    model: Model,
+    codes_suffix: str,
+    block: tuple[int, int],
+    scale_dtypes: set[str],
+    global_scale: tuple[str, bool] | None,
+    what: str,
+) -> dict[str, Quantized]:
+    """Every ``X`` + ``codes_suffix`` that has an ``X.weight_scale`` is a weight of packed FP4
+    codes (``U8``, two a byte along the last axis), merged as ``X.weight`` with its last axis
+    twice the codes'; ``global_scale`` names the suffix of its one-value global scale (after
+    ``X.weight``) and whether the block scales are divided by it."""
+    out: dict[str, Quantized] = {}
+    for name in model.order:
+        if not name.endswith(".weight_scale"):
+            continue
+        stem = name[: -len(".weight_scale")]
+        codes_name = stem + codes_suffix
+        codes = model.tensors.get(codes_name)
+        if codes is None:
+            raise _fail(
+                model, f"tensor {name} is a quantization companion without its weight ({codes_name})", name
+            )
+        if codes.dtype != "U8" or not codes.shape:
+            raise _fail(
+                model, f"tensor {codes_name} should hold packed FP4 codes (U8), not {codes.dtype}", codes_name
+            )
+        scale = model.tensors[name]
+        if scale.dtype not in scale_dtypes:
+            raise _fail(model, f"scale {name} is {scale.dtype}, which {what} does not use", name)
+        g = None
+        if global_scale is not None:
+            g = stem + ".weight" + global_scale[0]
+            if g not in model.tensors:
+                raise _fail(model, f"{what} weight {codes_name} has no global scale ({g})", codes_name)
+        shape = (*codes.shape[:-1], codes.shape[-1] * 2)
+        out[codes_name] = Quantized(
+            name, block, stem + ".weight", shape, True, g, bool(global_scale and global_scale[1])
+        )
+    for name in model.order:
+        if name.endswith(codes_suffix) and model.tensors[name].dtype == "U8" and name not in out:
+            raise _fail(model, f"tensor {name} holds packed FP4 codes but has no scale ({name}_scale)", name)
     return out

@@ -99,6 +99,24 @@ pub struct ScaleRef {
     /// Rows and columns of one block; `None` for one scale over the whole tensor.
     #[serde(default)]
     pub block: Option<[u64; 2]>,
+    /// The codes are FP4 (E2M1), two a byte, the even element in the low nibble: the codes
+    /// tensor holds half as many bytes as the weight has elements along its last axis.
+    #[serde(default)]
+    pub packed_fp4: bool,
+    /// A one-value tensor every scale is divided (`divide`) or multiplied by (NVFP4's global
+    /// scale, QUANT.md §4c and §5).
+    #[serde(default)]
+    pub global_scale: Option<GlobalScale>,
+}
+
+/// The global scale of an NVFP4 weight.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GlobalScale {
+    /// The one-value tensor.
+    pub tensor: String,
+    /// Divide the block scales by it (compressed-tensors), else multiply (ModelOpt).
+    pub divide: bool,
 }
 
 impl Job {

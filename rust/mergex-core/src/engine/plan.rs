@@ -205,7 +205,13 @@ fn view(models: &[Checkpoint], paths: &[&Path], r: &InputRef, shape: &[u64]) -> 
         .ok_or_else(|| Error::job("tensors", format!("model index {} out of range", r.model)))?;
     let (file, entry) = m.require(&r.tensor)?;
     let model = paths.get(r.model).map(|p| p.to_path_buf()).unwrap_or_default();
-    let view = View::new(file.clone(), entry.clone(), shape).ok_or_else(|| Error::ShapeMismatch {
+    let fp4 = r.scale.as_ref().is_some_and(|s| s.packed_fp4);
+    let view = if fp4 {
+        View::packed_fp4(file.clone(), entry.clone(), shape)
+    } else {
+        View::new(file.clone(), entry.clone(), shape)
+    };
+    let view = view.ok_or_else(|| Error::ShapeMismatch {
         model: model.clone(),
         tensor: r.tensor.clone(),
         shape: entry.shape.clone(),
@@ -213,8 +219,32 @@ fn view(models: &[Checkpoint], paths: &[&Path], r: &InputRef, shape: &[u64]) -> 
     })?;
     let Some(scale) = &r.scale else { return Ok(view) };
     let (scale_file, scale_entry) = m.require(&scale.tensor)?;
-    let scales = Scales::new(&model, entry, scale_file.clone(), scale_entry.clone(), scale.block)?;
+    let global = match &scale.global_scale {
+        Some(g) => Some((one_value(m, &model, &g.tensor)?, g.divide)),
+        None => None,
+    };
+    let scales =
+        Scales::new(&model, entry, scale_file.clone(), scale_entry.clone(), scale.block, fp4, global)?;
     Ok(view.with_scales(scales))
+}
+
+/// The value of a one-element F32 tensor (a global scale).
+fn one_value(m: &Checkpoint, model: &Path, name: &str) -> Result<f32> {
+    let (file, entry) = m.require(name)?;
+    if entry.dtype != Dtype::F32 || entry.shape.iter().product::<u64>() != 1 {
+        return Err(Error::QuantizedWeight {
+            path: model.to_path_buf(),
+            tensor: name.to_string(),
+            message: format!(
+                "a global scale must be one F32 value, not {} {:?}",
+                entry.dtype.name(),
+                entry.shape
+            ),
+        });
+    }
+    let mut b = [0u8; 4];
+    file.read_at(entry, 0, &mut b)?;
+    Ok(f32::from_le_bytes(b))
 }
 
 fn prepare_tensor(

@@ -23,6 +23,8 @@ pub struct View {
     out_cols: u64,
     /// The scales of a quantized weight: the reader hands out its decoded f32 values.
     scales: Option<Scales>,
+    /// FP4 codes two a byte: element `i` is in byte `i / 2`.
+    packed: bool,
 }
 
 impl View {
@@ -30,15 +32,23 @@ impl View {
     /// tensor's own nor (2-D) a top-left block of it.
     pub fn new(file: Arc<SafeFile>, entry: TensorEntry, shape: &[u64]) -> Option<View> {
         if entry.shape == shape {
-            return Some(View { file, entry, in_cols: 0, out_cols: 0, scales: None });
+            return Some(View { file, entry, in_cols: 0, out_cols: 0, scales: None, packed: false });
         }
         match (entry.shape.as_slice(), shape) {
             ([r, c], [ro, co]) if ro <= r && co <= c => {
                 let (in_cols, out_cols) = if co == c { (0, 0) } else { (*c, *co) };
-                Some(View { file, entry, in_cols, out_cols, scales: None })
+                Some(View { file, entry, in_cols, out_cols, scales: None, packed: false })
             }
             _ => None,
         }
+    }
+
+    /// A view of packed FP4 codes (`U8`, two a byte along the last axis) as the weight of
+    /// `shape` they encode; `None` unless `shape` is the codes' shape twice as wide.
+    pub fn packed_fp4(file: Arc<SafeFile>, entry: TensorEntry, shape: &[u64]) -> Option<View> {
+        let (last, lead) = shape.split_last()?;
+        let fits = last % 2 == 0 && entry.shape.split_last() == Some((&(last / 2), lead));
+        fits.then_some(View { file, entry, in_cols: 0, out_cols: 0, scales: None, packed: true })
     }
 
     /// The same view reading a quantized weight: its codes decoded with `scales`.
@@ -95,10 +105,23 @@ impl View {
     /// bytes (`out` holds `n` of them).
     fn read_decoded(&self, scales: &Scales, start: u64, out: &mut [u8]) -> Result<()> {
         let n = out.len() / 4;
-        let mut codes = vec![0u8; n];
-        let dtype = scales.codes_dtype();
-        let times = |c: &[u8], s: f32, o: &mut [f32]| crate::kernels::dispatch::f8_times(dtype, c, s, o);
-        let mut decode = |values: &mut [f32]| {
+        let (dtype, fp4) = (scales.codes_dtype(), scales.is_fp4());
+        let times = |c: &[u8], s: f32, o: &mut [f32]| {
+            if fp4 {
+                crate::kernels::real::fp4_times(c, s, o);
+            } else {
+                crate::kernels::dispatch::f8_times(dtype, c, s, o);
+            }
+        };
+        let decode = |values: &mut [f32]| {
+            if self.packed {
+                // One run (packed views are whole tensors): the bytes holding the elements.
+                let (b, e) = self.span(start, n as u64);
+                let mut codes = vec![0u8; (e - b) as usize];
+                self.file.read_at(&self.entry, b, &mut codes)?;
+                return scales.decode(start, &codes, values, times);
+            }
+            let mut codes = vec![0u8; n];
             self.runs(start, n as u64, |src, o, len| {
                 let (b, e) = (o, o + len as usize);
                 let codes = codes.get_mut(b..e).unwrap_or_default();
@@ -128,6 +151,9 @@ impl View {
 
     /// Source byte span (relative to the tensor) that output elements `[start, start+len)` touch.
     fn span(&self, start: u64, len: u64) -> (u64, u64) {
+        if self.packed {
+            return (start / 2, (start + len).div_ceil(2));
+        }
         let sz = self.elem();
         if self.out_cols == 0 || len == 0 {
             return (start * sz, (start + len) * sz);
@@ -139,7 +165,8 @@ impl View {
 
     /// Bytes read for output elements `[start, start+len)`.
     pub fn bytes_for(&self, len: u64) -> u64 {
-        len * self.elem() + self.scales.as_ref().map_or(0, |s| s.bytes_for(len))
+        let codes = if self.packed { len.div_ceil(2) } else { len * self.elem() };
+        codes + self.scales.as_ref().map_or(0, |s| s.bytes_for(len))
     }
 
     /// Ask the kernel to start reading output elements `[start, start+len)` from disk now

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::dtype::{bf16_to_f32, e8m0_to_f32, Dtype};
+use super::dtype::{bf16_to_f32, e8m0_to_f32, f8_e4m3_to_f32, Dtype};
 use super::file::SafeFile;
 use super::header::TensorEntry;
 use crate::error::{Error, Result};
@@ -18,6 +18,10 @@ pub struct Scales {
     /// The codes' tensor name, for errors.
     codes: String,
     codes_dtype: Dtype,
+    /// FP4 (E2M1) codes two a byte, in a `U8` tensor half as wide as the weight.
+    fp4: bool,
+    /// Every block scale divided (`true`) or multiplied by this value (NVFP4's global scale).
+    global: Option<(f32, bool)>,
     file: Arc<SafeFile>,
     entry: TensorEntry,
     /// Block rows and columns; a per-tensor scale covers the whole matrix.
@@ -40,28 +44,44 @@ impl Scales {
     /// The scales `entry` (in `file`) of the codes `codes`, in blocks of `block` rows and
     /// columns (`None`: one scale for the whole tensor). The grid must be the codes' shape
     /// divided by the block, rounded up (a partial block is a block of its own).
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         model: &Path,
         codes: &TensorEntry,
         file: Arc<SafeFile>,
         entry: TensorEntry,
         block: Option<[u64; 2]>,
+        fp4: bool,
+        global: Option<(f32, bool)>,
     ) -> Result<Scales> {
         let fail = |m: String| bad(model, &codes.name, m);
-        if !matches!(codes.dtype, Dtype::F8_E4M3 | Dtype::F8_E5M2) {
+        if fp4 && codes.dtype != Dtype::U8 {
+            return Err(fail(format!("packed FP4 codes must be U8, not {}", codes.dtype.name())));
+        }
+        if !fp4 && !matches!(codes.dtype, Dtype::F8_E4M3 | Dtype::F8_E5M2) {
             return Err(fail(format!(
                 "quantized codes must be F8_E4M3 or F8_E5M2, not {}",
                 codes.dtype.name()
             )));
         }
-        if !matches!(entry.dtype, Dtype::F32 | Dtype::BF16 | Dtype::F16 | Dtype::F8_E8M0 | Dtype::U8) {
+        let scale_ok =
+            matches!(entry.dtype, Dtype::F32 | Dtype::BF16 | Dtype::F16 | Dtype::F8_E8M0 | Dtype::U8)
+                || (entry.dtype == Dtype::F8_E4M3 && fp4);
+        if !scale_ok {
             return Err(fail(format!(
-                "scale {} is {}, not F32, BF16, F16 or E8M0",
+                "scale {} is {}, not F32, BF16, F16, E8M0 (or E4M3 for FP4)",
                 entry.name,
                 entry.dtype.name()
             )));
         }
-        let shape = &codes.shape;
+        if let Some((g, _)) = global.filter(|(g, _)| !(g.is_finite() && *g > 0.0)) {
+            return Err(fail(format!("its global scale is {g}: it must be finite and positive")));
+        }
+        let mut logical = codes.shape.clone();
+        if let (true, Some(last)) = (fp4, logical.last_mut()) {
+            *last *= 2;
+        }
+        let shape = &logical;
         let (rows, cols) = match shape.as_slice() {
             [.., r, c] => (*r, *c),
             [n] => (1, *n),
@@ -100,6 +120,8 @@ impl Scales {
             model: model.to_path_buf(),
             codes: codes.name.clone(),
             codes_dtype: codes.dtype,
+            fp4,
+            global,
             file,
             entry,
             bm,
@@ -133,6 +155,7 @@ impl Scales {
             Dtype::F32 => f32::from_le_bytes([b[0], b[1], b[2], b[3]]),
             Dtype::BF16 => bf16_to_f32(u16::from_le_bytes([b[0], b[1]])),
             Dtype::F16 => half::f16::from_bits(u16::from_le_bytes([b[0], b[1]])).to_f32(),
+            Dtype::F8_E4M3 => f8_e4m3_to_f32(b[0]),
             _ => e8m0_to_f32(b[0]),
         }));
         if let Some(k) = out.iter().position(|s| !(s.is_finite() && *s > 0.0)) {
@@ -147,15 +170,26 @@ impl Scales {
                 ),
             ));
         }
+        if let Some((g, divide)) = self.global {
+            // One f32 operation a block, as the formats write it: E4M3(s) / g or E4M3(s) · g.
+            for v in out.iter_mut() {
+                *v = if divide { *v / g } else { *v * g };
+            }
+        }
         Ok(())
     }
 
-    /// The dtype of the codes.
+    /// The dtype of the codes (`U8` for packed FP4).
     pub fn codes_dtype(&self) -> Dtype {
         self.codes_dtype
     }
 
-    /// Decode the codes of elements `[src, src + codes.len())` into `out`, with `times`
+    /// Whether the codes are FP4, two a byte.
+    pub fn is_fp4(&self) -> bool {
+        self.fp4
+    }
+
+    /// Decode the codes of elements `[src, src + out.len())` into `out`, with `times`
     /// computing `out[k] = code(codes[k]) · s` over each run of one scale (the kernels'
     /// loop for [`Scales::codes_dtype`]).
     pub fn decode(
@@ -165,6 +199,18 @@ impl Scales {
         out: &mut [f32],
         times: impl Fn(&[u8], f32, &mut [f32]),
     ) -> Result<()> {
+        // FP4: `codes` are the bytes holding elements `[src, src + out.len())`, the first
+        // one's code in the high nibble when `src` is odd; one code a byte from here on.
+        let unpacked: Vec<u8>;
+        let codes = if self.fp4 {
+            let odd = (src & 1) as usize;
+            let n = out.len().min((codes.len() * 2).saturating_sub(odd));
+            unpacked =
+                (odd..odd + n).map(|j| codes.get(j / 2).map_or(0, |b| (b >> (4 * (j & 1))) & 0xf)).collect();
+            &unpacked[..]
+        } else {
+            codes
+        };
         let n = codes.len().min(out.len()) as u64;
         if n == 0 {
             return Ok(());
