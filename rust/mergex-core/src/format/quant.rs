@@ -258,3 +258,62 @@ impl Scales {
         n.div_ceil(per.max(1)) * self.entry.dtype.size() as u64
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::format::dtype::f8_e4m3_to_f32;
+
+    const E2M1: [f32; 16] =
+        [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0];
+
+    /// A one-file checkpoint of packed FP4 codes `[4, 64]` (two a byte) and E4M3 scales per 16.
+    fn fp4_file(codes: &[u8], scales: &[u8]) -> Arc<SafeFile> {
+        let dir = std::env::temp_dir().join(format!("mergex-quant-test-{}", std::process::id()));
+        let _ = std::fs::create_dir_all(&dir);
+        let path = dir.join("fp4.safetensors");
+        let packed: Vec<u8> = codes.chunks(2).map(|p| p[0] | (p[1] << 4)).collect();
+        let header = format!(
+            r#"{{"w":{{"dtype":"U8","shape":[4,32],"data_offsets":[0,{}]}},"s":{{"dtype":"F8_E4M3","shape":[4,4],"data_offsets":[{},{}]}}}}"#,
+            packed.len(),
+            packed.len(),
+            packed.len() + scales.len()
+        );
+        let mut h = header.into_bytes();
+        h.resize(h.len().div_ceil(8) * 8, b' ');
+        let mut bytes = (h.len() as u64).to_le_bytes().to_vec();
+        bytes.extend(h);
+        bytes.extend(&packed);
+        bytes.extend(scales);
+        let _ = std::fs::write(&path, bytes);
+        Arc::new(SafeFile::open(&path).unwrap_or_else(|e| unreachable!("{e}")))
+    }
+
+    #[test]
+    fn fp4_ranges_decode_at_any_start() {
+        let codes: Vec<u8> = (0..256u32).map(|i| ((i * 7 + 3) % 16) as u8).collect();
+        let scales: Vec<u8> = (0..16u8).map(|i| 0x30 + i).collect();
+        let file = fp4_file(&codes, &scales);
+        let (w, s) = (file.tensor("w").cloned(), file.tensor("s").cloned());
+        let (Some(w), Some(s)) = (w, s) else { unreachable!("both tensors are in the file") };
+        let global = Some((4.0f32, true));
+        let q = Scales::new(Path::new("m"), &w, file.clone(), s, Some([1, 16]), true, global)
+            .unwrap_or_else(|e| unreachable!("{e}"));
+        let want = |i: usize| E2M1[codes[i] as usize] * (f8_e4m3_to_f32(scales[i / 16]) / 4.0);
+        for (start, n) in [(0usize, 256usize), (1, 100), (17, 31), (63, 2), (255, 1)] {
+            let (b, e) = (start / 2, (start + n).div_ceil(2));
+            let mut raw = vec![0u8; e - b];
+            file.read_at(&w, b as u64, &mut raw).unwrap_or_else(|e| unreachable!("{e}"));
+            let mut out = vec![0f32; n];
+            let times = |c: &[u8], s: f32, o: &mut [f32]| {
+                for (o, &q) in o.iter_mut().zip(c) {
+                    *o = E2M1[q as usize] * s;
+                }
+            };
+            q.decode(start as u64, &raw, &mut out, times).unwrap_or_else(|e| unreachable!("{e}"));
+            for (k, v) in out.iter().enumerate() {
+                assert_eq!(v.to_bits(), want(start + k).to_bits(), "start {start}, element {k}");
+            }
+        }
+    }
+}
