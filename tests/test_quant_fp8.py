@@ -544,3 +544,14 @@ def test_packed_fp4_layouts_equal_the_numpy_decode(mergex_mod, tmp_path, layout)
         models.assert_tensor_equal(out, name, ref.linear([x, pv[name]], [0.25, 0.75]), "BF16")
     torch_out = outputs(mergex_mod, cfg, tmp_path / "torch", engine="torch", ram_budget="1MiB", threads=1)
     assert torch_out.raw == out.raw
+
+
+def test_inspect_shows_packed_fp4_under_the_plain_name(tmp_path):
+    path, _ = fp4_model(tmp_path, "ct_nvfp4", seed=3)
+    res = models.run_cli(["inspect", path])
+    assert res.returncode == 0, res.stderr
+    table = res.stdout.split("format:")[0]
+    row = next(ln for ln in table.splitlines() if "layers.0.mlp.up_proj.weight " in ln)
+    assert "FP4 (E2M1), 1x16 blocks" in row and "[250, 96]" in row, row
+    assert "weight_packed" not in table and "weight_global_scale" not in table
+    assert "read by mergex (6 quantized weights" in res.stdout

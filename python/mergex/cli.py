@@ -285,7 +285,7 @@ def inspect(
         if path.is_dir():
             model = Model.open(str(path.absolute()))
             found = detect(model)
-            if found is not None and found.family == "fp8":
+            if found is not None and found.family is not None:
                 quantized = check(model)
         folded = {q.scale for q in quantized.values()} | {q.global_scale for q in quantized.values()}
         size = {x.name: x.nbytes for x in tensors}
@@ -298,8 +298,10 @@ def inspect(
                 t.add_row(x.name, x.dtype, str(list(x.shape)), format_size(x.nbytes))
                 continue
             block = f"{q.block[0]}x{q.block[1]} blocks" if q.block else "per tensor"
-            what = f"{x.dtype}, {block}"
-            t.add_row(x.name, what, str(list(x.shape)), format_size(x.nbytes + size[q.scale]))
+            what = f"{'FP4 (E2M1)' if q.fp4 else x.dtype}, {block}"
+            nbytes = x.nbytes + size[q.scale] + (size[q.global_scale] if q.global_scale else 0)
+            shape = str(list(q.shape or x.shape))
+            t.add_row(q.plain or x.name, what, shape, format_size(nbytes))
         c.print(t)
         files = len({x.file for x in tensors})
         c.print(f"{len(tensors)} tensors, {format_size(sum(x.nbytes for x in tensors))} in {files} file(s)")
