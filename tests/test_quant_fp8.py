@@ -400,17 +400,25 @@ LAYOUTS = {
 }
 
 
+def plain_part(seed: int) -> tuple[dict, dict[str, np.ndarray], dict[str, tuple[int, ...]]]:
+    """The tensors that stay bf16 (stored, and their values), and the shapes to quantize."""
+    shapes = models.llama_shapes()
+    plain = models.random_tensors(shapes, "bf16", seed)
+    tensors, values, todo = {}, {}, {}
+    for n, shape in shapes.items():
+        if n.endswith(QUANTIZED):
+            todo[n] = shape
+            continue
+        tensors[n] = models.encode(plain[n], "bf16")
+        values[n] = ref.to_f32(ref.decode(tensors[n][2], "BF16", shape), "BF16")
+    return tensors, values, todo
+
+
 def scaled_model(root: Path, layout: str, seed: int) -> tuple[Path, dict[str, np.ndarray]]:
     region, scale_dtype, quant = LAYOUTS[layout]
     rng = np.random.default_rng(seed)
-    shapes = models.llama_shapes()
-    plain = models.random_tensors(shapes, "bf16", seed)
-    tensors, values = {}, {}
-    for n, shape in shapes.items():
-        if not n.endswith(QUANTIZED):
-            tensors[n] = models.encode(plain[n], "bf16")
-            values[n] = ref.to_f32(ref.decode(tensors[n][2], "BF16", shape), "BF16")
-            continue
+    tensors, values, todo = plain_part(seed)
+    for n, shape in todo.items():
         r, c = shape
         rb, cb = (r, c) if region is None else (1, c) if region == "channel" else region
         grid = (-(-r // rb), -(-c // cb))
@@ -446,25 +454,6 @@ def scaled_model(root: Path, layout: str, seed: int) -> tuple[Path, dict[str, np
     return path, values
 
 
-@pytest.mark.parametrize("layout", sorted(LAYOUTS))
-def test_scaled_fp8_layouts_equal_the_numpy_decode(mergex_mod, tmp_path, layout):
-    path, values = scaled_model(tmp_path, layout, seed=11)
-    plain, pv = plain_model(tmp_path, "plain", 12)
-    cfg = {
-        "merge_method": "linear",
-        "models": [
-            {"model": str(path), "parameters": {"weight": 0.25}},
-            {"model": str(plain), "parameters": {"weight": 0.75}},
-        ],
-    }
-    out = outputs(mergex_mod, cfg, tmp_path / "out")
-    assert set(out.raw) == set(values), "scales or activation scales reached the output"
-    for name, x in values.items():
-        models.assert_tensor_equal(out, name, ref.linear([x, pv[name]], [0.25, 0.75]), "BF16")
-    torch_out = outputs(mergex_mod, cfg, tmp_path / "torch", engine="torch", ram_budget="1MiB", threads=1)
-    assert torch_out.raw == out.raw
-
-
 # Packed FP4 (QUANT.md §4c, §4d, §5): two E2M1 codes a byte, the even element in the low
 # nibble; E4M3 scales per 16 values over a global divisor (compressed-tensors NVFP4) or
 # multiplier (ModelOpt NVFP4), or E8M0 scales per 32 values (MXFP4).
@@ -487,14 +476,8 @@ FP4 = {
 def fp4_model(root: Path, layout: str, seed: int) -> tuple[Path, dict[str, np.ndarray]]:
     group, suffix, quant = FP4[layout]
     rng = np.random.default_rng(seed)
-    shapes = models.llama_shapes()
-    plain = models.random_tensors(shapes, "bf16", seed)
-    tensors, values = {}, {}
-    for n, shape in shapes.items():
-        if not n.endswith(QUANTIZED):
-            tensors[n] = models.encode(plain[n], "bf16")
-            values[n] = ref.to_f32(ref.decode(tensors[n][2], "BF16", shape), "BF16")
-            continue
+    tensors, values, todo = plain_part(seed)
+    for n, shape in todo.items():
         r, c = shape
         stem = n[: -len(".weight")]
         codes = rng.integers(0, 16, size=shape, dtype=np.uint8)
@@ -527,10 +510,21 @@ def fp4_model(root: Path, layout: str, seed: int) -> tuple[Path, dict[str, np.nd
     return path, values
 
 
-@pytest.mark.parametrize("layout", sorted(FP4))
-def test_packed_fp4_layouts_equal_the_numpy_decode(mergex_mod, tmp_path, layout):
-    path, values = fp4_model(tmp_path, layout, seed=21)
-    plain, pv = plain_model(tmp_path, "plain", 22)
+def test_inspect_shows_packed_fp4_under_the_plain_name(tmp_path):
+    path, _ = fp4_model(tmp_path, "ct_nvfp4", seed=3)
+    res = models.run_cli(["inspect", path])
+    assert res.returncode == 0, res.stderr
+    table = res.stdout.split("format:")[0]
+    row = next(ln for ln in table.splitlines() if "layers.0.mlp.up_proj.weight " in ln)
+    assert "FP4 (E2M1), 1x16 blocks" in row and "[250, 96]" in row, row
+    assert "weight_packed" not in table and "weight_global_scale" not in table
+    assert "read by mergex (6 quantized weights" in res.stdout
+
+
+@pytest.mark.parametrize("layout", [*sorted(LAYOUTS), *sorted(FP4)])
+def test_scaled_layouts_equal_the_numpy_decode(mergex_mod, tmp_path, layout):
+    path, values = (scaled_model if layout in LAYOUTS else fp4_model)(tmp_path, layout, seed=11)
+    plain, pv = plain_model(tmp_path, "plain", 12)
     cfg = {
         "merge_method": "linear",
         "models": [
@@ -544,14 +538,3 @@ def test_packed_fp4_layouts_equal_the_numpy_decode(mergex_mod, tmp_path, layout)
         models.assert_tensor_equal(out, name, ref.linear([x, pv[name]], [0.25, 0.75]), "BF16")
     torch_out = outputs(mergex_mod, cfg, tmp_path / "torch", engine="torch", ram_budget="1MiB", threads=1)
     assert torch_out.raw == out.raw
-
-
-def test_inspect_shows_packed_fp4_under_the_plain_name(tmp_path):
-    path, _ = fp4_model(tmp_path, "ct_nvfp4", seed=3)
-    res = models.run_cli(["inspect", path])
-    assert res.returncode == 0, res.stderr
-    table = res.stdout.split("format:")[0]
-    row = next(ln for ln in table.splitlines() if "layers.0.mlp.up_proj.weight " in ln)
-    assert "FP4 (E2M1), 1x16 blocks" in row and "[250, 96]" in row, row
-    assert "weight_packed" not in table and "weight_global_scale" not in table
-    assert "read by mergex (6 quantized weights" in res.stdout
