@@ -94,10 +94,6 @@ CASES = {
         dict(drop=(PROJ,), add=FP8_TENSORS),
         ["block FP8", PREFIX + "weight_scale_inv", "not supported yet"],
     ),
-    "ct_int4": (
-        dict(drop=(PROJ,), add=CT_INT4_TENSORS, quant=CT_INT4),
-        ["compressed-tensors pack-quantized INT4", "not supported yet"],
-    ),
     "ct_int4_without_config": (
         dict(drop=(PROJ,), add=CT_INT4_TENSORS),
         ["compressed-tensors", PREFIX + "weight_packed"],
@@ -267,13 +263,16 @@ def test_quantized_or_stray_input_stops_the_merge(tmp_path, mergex_mod, case):
 
 def test_cli_one_line_exit_1_nothing_written(tmp_path):
     a = models.make_llama(tmp_path / "a", "bf16", seed=1).path
-    b = quantized(tmp_path, drop=(PROJ,), add=CT_INT4_TENSORS, quant=CT_INT4)
+    asymmetric = json.loads(json.dumps(CT_INT4))
+    asymmetric["config_groups"]["group_0"]["weights"]["symmetric"] = False
+    zp = {PREFIX + "weight_zero_point": raw("I32", (ROWS // 8 + 1, COLS // 32))}
+    b = quantized(tmp_path, drop=(PROJ,), add={**CT_INT4_TENSORS, **zp}, quant=asymmetric)
     cfg = models.dump_yaml(_config(a, b), tmp_path / "merge.yml")
     res = models.run_cli(["merge", cfg, tmp_path / "out", "--quiet"])
     assert res.returncode == 1, res.stderr
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: model "), res.stderr
-    assert "compressed-tensors pack-quantized INT4" in lines[0] and "weight_packed" in lines[0]
+    assert "asymmetric compressed-tensors pack-quantized" in lines[0] and "not supported yet" in lines[0]
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if "mergex-partial" in p.name]
 

@@ -159,7 +159,16 @@ def quantized_format(model: Model) -> str:
         return "plain"
     qs = list(model.quantized.values())
     scales = sorted({model.tensors[q.scale].dtype for q in qs})
-    kinds = sorted({("NVFP4" if "F8_E4M3" in scales else "MXFP4") if q.fp4 else "FP8" for q in qs})
+    kinds = sorted(
+        {
+            f"INT{q.int_bits}"
+            if q.int_bits
+            else ("NVFP4" if "F8_E4M3" in scales else "MXFP4")
+            if q.fp4
+            else "FP8"
+            for q in qs
+        }
+    )
     blocks = {q.block for q in qs}
     size = (
         "per-tensor scales" if blocks == {None} else ", ".join(f"{b[0]}x{b[1]} blocks" for b in blocks if b)

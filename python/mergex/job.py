@@ -30,6 +30,10 @@ class ScaleRef:
     packed_fp4: bool = False
     """FP4 codes, two a byte along the last axis."""
     global_scale: GlobalScale | None = None
+    int_bits: int | None = None
+    """Symmetric integers of this many bits packed in I32 words."""
+    weight_shape: str | None = None
+    """The tensor holding the weight's shape, which the engine checks."""
 
 
 @dataclass

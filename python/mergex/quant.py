@@ -73,6 +73,7 @@ _REFUSED_METHODS = {
 # and those of packed FP4 codes (§4c, §4d).
 _CT_FP8 = ("float-quantized", "naive-quantized", "mxfp8-quantized")
 _CT_FP4 = ("nvfp4-pack-quantized", "mxfp4-pack-quantized")
+_CT_INT = ("pack-quantized",)
 
 # The families QUANT.md §3-§6 describes, by quant_method.
 _FAMILIES = {
@@ -242,7 +243,7 @@ def _by_config(config: dict[str, Any], folder: Path) -> Detected | None:
         if method == "compressed-tensors":
             fmt, refused = _compressed_tensors_format(q)
             status = q.get("quantization_status", "compressed")
-            readable = q.get("format") in _CT_FP8 + _CT_FP4 and status == "compressed"
+            readable = q.get("format") in _CT_FP8 + _CT_FP4 + _CT_INT and status == "compressed"
             return Detected(fmt, signal, refused, "compressed-tensors" if readable and not refused else None)
         if method == "modelopt":
             algo = q.get("quant_algo")
@@ -331,6 +332,10 @@ class Quantized:
     global_scale: str | None = None
     """NVFP4's one-value global scale, which every block scale is divided or multiplied by."""
     divide: bool = False
+    int_bits: int = 0
+    """Symmetric integers of this many bits packed in I32 words (compressed-tensors INT4/INT8)."""
+    weight_shape: str | None = None
+    """The tensor holding the weight's shape (``X.weight_shape``), checked by the engine."""
 
 
 def check(model: Model) -> dict[str, Quantized]:
@@ -351,7 +356,10 @@ def check(model: Model) -> dict[str, Quantized]:
         quantized = _block_fp8(model)
     elif found is not None and found.family == "compressed-tensors":
         fmt = (quantization_config(model.config) or {}).get("format")
-        quantized = _ct_fp4(model, fmt) if fmt in _CT_FP4 else _ct_fp8(model)
+        if fmt in _CT_INT:
+            quantized = _ct_int(model)
+        else:
+            quantized = _ct_fp4(model, fmt) if fmt in _CT_FP4 else _ct_fp8(model)
     elif found is not None and found.family == "modelopt" and "NVFP4" in found.format:
         quantized = _fp4_codes(model, ".weight", (1, 16), {"F8_E4M3"}, ("_scale_2", False), "ModelOpt NVFP4")
     elif found is not None and found.family == "modelopt":
@@ -369,9 +377,7 @@ def check(model: Model) -> dict[str, Quantized]:
             path=model.path,
             tensor=found.tensor,
         )
-    skipped = {q.scale for q in quantized.values()} | {
-        q.global_scale for q in quantized.values() if q.global_scale
-    }
+    skipped = {n for q in quantized.values() for n in (q.scale, q.global_scale, q.weight_shape) if n}
     for name in model.order:
         dtype = model.tensors[name].dtype
         if name in quantized or name in skipped or (quantized and is_activation_scale(name)):
@@ -535,4 +541,42 @@ def _fp4_codes(
     for name in model.order:
         if name.endswith(codes_suffix) and model.tensors[name].dtype == "U8" and name not in out:
             raise _fail(model, f"tensor {name} holds packed FP4 codes but has no scale ({name}_scale)", name)
+    return out
+
+
+def _ct_int(model: Model) -> dict[str, Quantized]:
+    """QUANT.md §4b, symmetric: ``X.weight_packed`` holds 4- or 8-bit integers in I32 words
+    (``q + 2^(b-1)``, element ``i`` of a row at bit ``i·b``), ``X.weight_scale`` per group of
+    ``group_size`` columns (or per row, ``channel``), ``X.weight_shape`` the plain shape;
+    ``w = q · s``. Asymmetric packs (zero points packed along rows) are not read yet."""
+    q = quantization_config(model.config) or {}
+    groups = q.get("config_groups") or {}
+    w = next((g.get("weights") for g in groups.values() if isinstance(g, dict)), None) or {}
+    bits, strategy = w.get("num_bits"), w.get("strategy")
+    if w.get("type") != "int" or bits not in (4, 8):
+        raise _fail(model, f"compressed-tensors pack-quantized weights {w!r} are not 4- or 8-bit integers")
+    if w.get("symmetric") is False or any(n.endswith(".weight_zero_point") for n in model.order):
+        raise _fail(model, "asymmetric compressed-tensors pack-quantized checkpoints are not supported yet")
+    if strategy not in ("group", "channel"):
+        raise _fail(model, f"compressed-tensors pack-quantized strategy {strategy!r} is not supported")
+    out: dict[str, Quantized] = {}
+    for name in model.order:
+        if not name.endswith(".weight_packed"):
+            continue
+        stem = name[: -len(".weight_packed")]
+        codes = model.tensors[name]
+        scale, shape_name = stem + ".weight_scale", stem + ".weight_shape"
+        for needed in (scale, shape_name):
+            if needed not in model.tensors:
+                raise _fail(model, f"packed weight {name} has no {needed.rsplit('.', 1)[1]} ({needed})", name)
+        if codes.dtype != "I32" or not codes.shape:
+            raise _fail(
+                model, f"tensor {name} should hold I32 words of packed integers, not {codes.dtype}", name
+            )
+        if model.tensors[scale].dtype not in ("F32", "BF16", "F16"):
+            raise _fail(model, f"scale {scale} is {model.tensors[scale].dtype}, not F32, BF16 or F16", scale)
+        shape = (*codes.shape[:-1], codes.shape[-1] * 32 // bits)
+        group = shape[-1] if strategy == "channel" else w.get("group_size")
+        block = _block(model, [1, group], "weights.group_size")
+        out[name] = Quantized(scale, block, stem + ".weight", shape, int_bits=bits, weight_shape=shape_name)
     return out

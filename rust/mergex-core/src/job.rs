@@ -103,6 +103,13 @@ pub struct ScaleRef {
     /// tensor holds half as many bytes as the weight has elements along its last axis.
     #[serde(default)]
     pub packed_fp4: bool,
+    /// The codes are symmetric integers of this many bits (4 or 8) packed in `I32` words
+    /// (compressed-tensors `pack-quantized`, QUANT.md §4b).
+    #[serde(default)]
+    pub int_bits: Option<u8>,
+    /// A tensor holding the weight's shape (`weight_shape`), checked against it.
+    #[serde(default)]
+    pub weight_shape: Option<String>,
     /// A one-value tensor every scale is divided (`divide`) or multiplied by (NVFP4's global
     /// scale, QUANT.md §4c and §5).
     #[serde(default)]

@@ -10,7 +10,7 @@ use super::read::View;
 use crate::error::{Error, Result};
 use crate::format::checkpoint::Checkpoint;
 use crate::format::dtype::Dtype;
-use crate::format::quant::Scales;
+use crate::format::quant::{Packed, Scales};
 use crate::format::writer::{layout, Layout, OutTensor};
 use crate::job::{InputRef, Job, TensorJob};
 use crate::methods::{self, MethodSpec, TensorCtx};
@@ -205,11 +205,14 @@ fn view(models: &[Checkpoint], paths: &[&Path], r: &InputRef, shape: &[u64]) -> 
         .ok_or_else(|| Error::job("tensors", format!("model index {} out of range", r.model)))?;
     let (file, entry) = m.require(&r.tensor)?;
     let model = paths.get(r.model).map(|p| p.to_path_buf()).unwrap_or_default();
-    let fp4 = r.scale.as_ref().is_some_and(|s| s.packed_fp4);
-    let view = if fp4 {
-        View::packed_fp4(file.clone(), entry.clone(), shape)
-    } else {
-        View::new(file.clone(), entry.clone(), shape)
+    let packed = r.scale.as_ref().and_then(|s| match (s.packed_fp4, s.int_bits) {
+        (true, _) => Some(Packed::Fp4),
+        (false, Some(b)) => Some(Packed::Int(b)),
+        (false, None) => None,
+    });
+    let view = match packed {
+        Some(p) => View::packed(file.clone(), entry.clone(), shape, p.bits()),
+        None => View::new(file.clone(), entry.clone(), shape),
     };
     let view = view.ok_or_else(|| Error::ShapeMismatch {
         model: model.clone(),
@@ -223,9 +226,38 @@ fn view(models: &[Checkpoint], paths: &[&Path], r: &InputRef, shape: &[u64]) -> 
         Some(g) => Some((one_value(m, &model, &g.tensor)?, g.divide)),
         None => None,
     };
+    if let Some(name) = &scale.weight_shape {
+        check_weight_shape(m, &model, name, shape)?;
+    }
     let scales =
-        Scales::new(&model, entry, scale_file.clone(), scale_entry.clone(), scale.block, fp4, global)?;
+        Scales::new(&model, entry, scale_file.clone(), scale_entry.clone(), scale.block, packed, global)?;
     Ok(view.with_scales(scales))
+}
+
+/// A `weight_shape` tensor (I64 or I32) must hold `shape`.
+fn check_weight_shape(m: &Checkpoint, model: &Path, name: &str, shape: &[u64]) -> Result<()> {
+    let (file, entry) = m.require(name)?;
+    let size = entry.dtype.size();
+    let mut bytes = vec![0u8; entry.nbytes() as usize];
+    file.read_at(entry, 0, &mut bytes)?;
+    let dims: Vec<u64> = match entry.dtype {
+        Dtype::I64 => {
+            bytes.chunks_exact(size).map(|b| u64::from_le_bytes(b.try_into().unwrap_or([0; 8]))).collect()
+        }
+        Dtype::I32 => bytes
+            .chunks_exact(size)
+            .map(|b| u64::from(u32::from_le_bytes(b.try_into().unwrap_or([0; 4]))))
+            .collect(),
+        _ => Vec::new(),
+    };
+    if dims != shape {
+        return Err(Error::QuantizedWeight {
+            path: model.to_path_buf(),
+            tensor: name.to_string(),
+            message: format!("weight_shape {dims:?} disagrees with the packed codes, which hold {shape:?}"),
+        });
+    }
+    Ok(())
 }
 
 /// The value of a one-element F32 tensor (a global scale).

@@ -7,7 +7,7 @@ use crate::error::Result;
 use crate::format::dtype::Dtype;
 use crate::format::file::SafeFile;
 use crate::format::header::TensorEntry;
-use crate::format::quant::Scales;
+use crate::format::quant::{Packed, Scales};
 
 /// An input tensor seen through the output tensor's shape: the whole tensor, or (for
 /// embeddings of padded vocabularies) its top-left block.
@@ -23,8 +23,9 @@ pub struct View {
     out_cols: u64,
     /// The scales of a quantized weight: the reader hands out its decoded f32 values.
     scales: Option<Scales>,
-    /// FP4 codes two a byte: element `i` is in byte `i / 2`.
-    packed: bool,
+    /// Bits per element of packed codes (element `i` in bits `i·b .. (i+1)·b` of the
+    /// tensor's data, little-endian); 0 when each element has its own dtype-sized slot.
+    packed: u64,
 }
 
 impl View {
@@ -32,23 +33,25 @@ impl View {
     /// tensor's own nor (2-D) a top-left block of it.
     pub fn new(file: Arc<SafeFile>, entry: TensorEntry, shape: &[u64]) -> Option<View> {
         if entry.shape == shape {
-            return Some(View { file, entry, in_cols: 0, out_cols: 0, scales: None, packed: false });
+            return Some(View { file, entry, in_cols: 0, out_cols: 0, scales: None, packed: 0 });
         }
         match (entry.shape.as_slice(), shape) {
             ([r, c], [ro, co]) if ro <= r && co <= c => {
                 let (in_cols, out_cols) = if co == c { (0, 0) } else { (*c, *co) };
-                Some(View { file, entry, in_cols, out_cols, scales: None, packed: false })
+                Some(View { file, entry, in_cols, out_cols, scales: None, packed: 0 })
             }
             _ => None,
         }
     }
 
-    /// A view of packed FP4 codes (`U8`, two a byte along the last axis) as the weight of
-    /// `shape` they encode; `None` unless `shape` is the codes' shape twice as wide.
-    pub fn packed_fp4(file: Arc<SafeFile>, entry: TensorEntry, shape: &[u64]) -> Option<View> {
+    /// A view of packed codes (`bits` a element along the last axis: FP4 in `U8`, integers in
+    /// `I32` words) as the weight of `shape` they encode; `None` unless the codes' rows hold
+    /// exactly the shape's last axis.
+    pub fn packed(file: Arc<SafeFile>, entry: TensorEntry, shape: &[u64], bits: u64) -> Option<View> {
         let (last, lead) = shape.split_last()?;
-        let fits = last % 2 == 0 && entry.shape.split_last() == Some((&(last / 2), lead));
-        fits.then_some(View { file, entry, in_cols: 0, out_cols: 0, scales: None, packed: true })
+        let (codes_last, codes_lead) = entry.shape.split_last()?;
+        let fits = codes_lead == lead && codes_last * entry.dtype.size() as u64 * 8 == last * bits;
+        fits.then_some(View { file, entry, in_cols: 0, out_cols: 0, scales: None, packed: bits })
     }
 
     /// The same view reading a quantized weight: its codes decoded with `scales`.
@@ -105,16 +108,14 @@ impl View {
     /// bytes (`out` holds `n` of them).
     fn read_decoded(&self, scales: &Scales, start: u64, out: &mut [u8]) -> Result<()> {
         let n = out.len() / 4;
-        let (dtype, fp4) = (scales.codes_dtype(), scales.is_fp4());
-        let times = |c: &[u8], s: f32, o: &mut [f32]| {
-            if fp4 {
-                crate::kernels::real::fp4_times(c, s, o);
-            } else {
-                crate::kernels::dispatch::f8_times(dtype, c, s, o);
-            }
+        let (dtype, packed) = (scales.codes_dtype(), scales.packed());
+        let times = |c: &[u8], s: f32, o: &mut [f32]| match packed {
+            Some(Packed::Fp4) => crate::kernels::real::fp4_times(c, s, o),
+            Some(Packed::Int(bits)) => crate::kernels::real::int_times(c, bits, s, o),
+            None => crate::kernels::dispatch::f8_times(dtype, c, s, o),
         };
         let decode = |values: &mut [f32]| {
-            if self.packed {
+            if self.packed > 0 {
                 // One run (packed views are whole tensors): the bytes holding the elements.
                 let (b, e) = self.span(start, n as u64);
                 let mut codes = vec![0u8; (e - b) as usize];
@@ -151,8 +152,8 @@ impl View {
 
     /// Source byte span (relative to the tensor) that output elements `[start, start+len)` touch.
     fn span(&self, start: u64, len: u64) -> (u64, u64) {
-        if self.packed {
-            return (start / 2, (start + len).div_ceil(2));
+        if self.packed > 0 {
+            return (start * self.packed / 8, ((start + len) * self.packed).div_ceil(8));
         }
         let sz = self.elem();
         if self.out_cols == 0 || len == 0 {
@@ -165,7 +166,7 @@ impl View {
 
     /// Bytes read for output elements `[start, start+len)`.
     pub fn bytes_for(&self, len: u64) -> u64 {
-        let codes = if self.packed { len.div_ceil(2) } else { len * self.elem() };
+        let codes = if self.packed > 0 { (len * self.packed).div_ceil(8) } else { len * self.elem() };
         codes + self.scales.as_ref().map_or(0, |s| s.bytes_for(len))
     }
 

@@ -10,6 +10,27 @@ use super::file::SafeFile;
 use super::header::TensorEntry;
 use crate::error::{Error, Result};
 
+/// Codes stored several to a byte or word, instead of one 8-bit float a byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Packed {
+    /// FP4 (E2M1) in a `U8` tensor, two a byte, the even element in the low nibble.
+    Fp4,
+    /// Symmetric integers of 4 or 8 bits in little-endian `I32` words (compressed-tensors
+    /// `pack-quantized`, QUANT.md §4b), element `i` of a row at bit `i·bits` of the row,
+    /// stored as `q + 2^(bits−1)`.
+    Int(u8),
+}
+
+impl Packed {
+    /// Bits per element.
+    pub fn bits(self) -> u64 {
+        match self {
+            Packed::Fp4 => 4,
+            Packed::Int(b) => u64::from(b),
+        }
+    }
+}
+
 /// The scales of one quantized weight and how they map onto its codes.
 #[derive(Debug, Clone)]
 pub struct Scales {
@@ -18,8 +39,8 @@ pub struct Scales {
     /// The codes' tensor name, for errors.
     codes: String,
     codes_dtype: Dtype,
-    /// FP4 (E2M1) codes two a byte, in a `U8` tensor half as wide as the weight.
-    fp4: bool,
+    /// Codes several to a byte or word, else one 8-bit float a byte.
+    packed: Option<Packed>,
     /// Every block scale divided (`true`) or multiplied by this value (NVFP4's global scale).
     global: Option<(f32, bool)>,
     file: Arc<SafeFile>,
@@ -51,25 +72,29 @@ impl Scales {
         file: Arc<SafeFile>,
         entry: TensorEntry,
         block: Option<[u64; 2]>,
-        fp4: bool,
+        packed: Option<Packed>,
         global: Option<(f32, bool)>,
     ) -> Result<Scales> {
         let fail = |m: String| bad(model, &codes.name, m);
-        if fp4 && codes.dtype != Dtype::U8 {
-            return Err(fail(format!("packed FP4 codes must be U8, not {}", codes.dtype.name())));
+        let codes_ok = match packed {
+            None => matches!(codes.dtype, Dtype::F8_E4M3 | Dtype::F8_E5M2),
+            Some(Packed::Fp4) => codes.dtype == Dtype::U8,
+            Some(Packed::Int(b)) => codes.dtype == Dtype::I32 && (b == 4 || b == 8),
+        };
+        if !codes_ok {
+            let want = match packed {
+                None => "F8_E4M3 or F8_E5M2",
+                Some(Packed::Fp4) => "U8 (FP4 two a byte)",
+                Some(Packed::Int(_)) => "I32 words of 4- or 8-bit integers",
+            };
+            return Err(fail(format!("quantized codes must be {want}, not {}", codes.dtype.name())));
         }
-        if !fp4 && !matches!(codes.dtype, Dtype::F8_E4M3 | Dtype::F8_E5M2) {
-            return Err(fail(format!(
-                "quantized codes must be F8_E4M3 or F8_E5M2, not {}",
-                codes.dtype.name()
-            )));
-        }
-        let scale_ok =
-            matches!(entry.dtype, Dtype::F32 | Dtype::BF16 | Dtype::F16 | Dtype::F8_E8M0 | Dtype::U8)
-                || (entry.dtype == Dtype::F8_E4M3 && fp4);
+        let scale_ok = matches!(entry.dtype, Dtype::F32 | Dtype::BF16 | Dtype::F16)
+            || (matches!(entry.dtype, Dtype::F8_E8M0 | Dtype::U8) && !matches!(packed, Some(Packed::Int(_))))
+            || (entry.dtype == Dtype::F8_E4M3 && packed == Some(Packed::Fp4));
         if !scale_ok {
             return Err(fail(format!(
-                "scale {} is {}, not F32, BF16, F16, E8M0 (or E4M3 for FP4)",
+                "scale {} is {}, which these codes do not use",
                 entry.name,
                 entry.dtype.name()
             )));
@@ -78,8 +103,9 @@ impl Scales {
             return Err(fail(format!("its global scale is {g}: it must be finite and positive")));
         }
         let mut logical = codes.shape.clone();
-        if let (true, Some(last)) = (fp4, logical.last_mut()) {
-            *last *= 2;
+        if let (Some(p), Some(last)) = (packed, logical.last_mut()) {
+            // Bytes of a row, times the elements a byte holds.
+            *last = *last * codes.dtype.size() as u64 * 8 / p.bits();
         }
         let shape = &logical;
         let (rows, cols) = match shape.as_slice() {
@@ -120,7 +146,7 @@ impl Scales {
             model: model.to_path_buf(),
             codes: codes.name.clone(),
             codes_dtype: codes.dtype,
-            fp4,
+            packed,
             global,
             file,
             entry,
@@ -184,9 +210,9 @@ impl Scales {
         self.codes_dtype
     }
 
-    /// Whether the codes are FP4, two a byte.
-    pub fn is_fp4(&self) -> bool {
-        self.fp4
+    /// How the codes are packed, if they are.
+    pub fn packed(&self) -> Option<Packed> {
+        self.packed
     }
 
     /// Decode the codes of elements `[src, src + out.len())` into `out`, with `times`
@@ -199,10 +225,10 @@ impl Scales {
         out: &mut [f32],
         times: impl Fn(&[u8], f32, &mut [f32]),
     ) -> Result<()> {
-        // FP4: `codes` are the bytes holding elements `[src, src + out.len())`, the first
-        // one's code in the high nibble when `src` is odd; one code a byte from here on.
+        // Four-bit codes: `codes` are the bytes holding elements `[src, src + out.len())`, the
+        // first one's code in the high nibble when `src` is odd; one code a byte from here on.
         let unpacked: Vec<u8>;
-        let codes = if self.fp4 {
+        let codes = if self.packed.is_some_and(|p| p.bits() == 4) {
             let odd = (src & 1) as usize;
             let n = out.len().min((codes.len() * 2).saturating_sub(odd));
             unpacked =
@@ -297,7 +323,7 @@ mod tests {
         let (w, s) = (file.tensor("w").cloned(), file.tensor("s").cloned());
         let (Some(w), Some(s)) = (w, s) else { unreachable!("both tensors are in the file") };
         let global = Some((4.0f32, true));
-        let q = Scales::new(Path::new("m"), &w, file.clone(), s, Some([1, 16]), true, global)
+        let q = Scales::new(Path::new("m"), &w, file.clone(), s, Some([1, 16]), Some(Packed::Fp4), global)
             .unwrap_or_else(|e| unreachable!("{e}"));
         let want = |i: usize| E2M1[codes[i] as usize] * (f8_e4m3_to_f32(scales[i / 16]) / 4.0);
         for (start, n) in [(0usize, 256usize), (1, 100), (17, 31), (63, 2), (255, 1)] {

@@ -298,6 +298,16 @@ pub fn fp4_times(codes: &[u8], s: f32, out: &mut [f32]) {
     }
 }
 
+/// `out[k] = (u − 2^(bits−1)) · s` for symmetric integer codes stored unsigned (`u`, one a
+/// byte, already unpacked): compressed-tensors' `pack-quantized` (QUANT.md §4b).
+#[inline(always)]
+pub fn int_times(codes: &[u8], bits: u8, s: f32, out: &mut [f32]) {
+    let offset = 1i32 << (bits.clamp(1, 8) - 1);
+    for (o, &u) in out.iter_mut().zip(codes) {
+        *o = (i32::from(u) - offset) as f32 * s;
+    }
+}
+
 /// One input's stored values over a sub-block, not yet decoded.
 #[derive(Debug, Clone, Copy)]
 pub struct Raw<'a> {

@@ -538,3 +538,73 @@ def test_scaled_layouts_equal_the_numpy_decode(mergex_mod, tmp_path, layout):
         models.assert_tensor_equal(out, name, ref.linear([x, pv[name]], [0.25, 0.75]), "BF16")
     torch_out = outputs(mergex_mod, cfg, tmp_path / "torch", engine="torch", ram_budget="1MiB", threads=1)
     assert torch_out.raw == out.raw
+
+
+# compressed-tensors pack-quantized (QUANT.md §4b), symmetric: integers of 4 or 8 bits
+# stored as q + 2^(b-1) in little-endian I32 words, element i of a row at bit i·b; scales per
+# group of columns (or per row); weight_shape holds the plain shape.
+INT = {
+    "ct_int4_group": (
+        4,
+        32,
+        ct_config("pack-quantized", num_bits=4, type="int", strategy="group", group_size=32),
+    ),
+    "ct_int8_channel": (8, None, ct_config("pack-quantized", num_bits=8, type="int", strategy="channel")),
+}
+
+
+def int_model(root: Path, layout: str, seed: int, weight_shape=None) -> tuple[Path, dict[str, np.ndarray]]:
+    bits, group, quant = INT[layout]
+    rng = np.random.default_rng(seed)
+    tensors, values, todo = plain_part(seed)
+    for n, shape in todo.items():
+        r, c = shape
+        stem = n[: -len(".weight")]
+        lo, hi = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+        q = rng.integers(lo, hi + 1, size=shape)
+        u = (q - lo).astype(np.uint8)
+        raw = (u[:, 0::2] | (u[:, 1::2] << 4)).astype(np.uint8) if bits == 4 else u
+        words = np.ascontiguousarray(raw).view("<i4")  # bytes, little-endian, in I32 words
+        g = c if group is None else group
+        grid = (r, c // g)
+        s = (rng.random(grid) * 0.01 + 1e-4).astype(F32)
+        stored = models.encode(s, "bf16")
+        s = ref.to_f32(ref.decode(stored[2], "BF16", grid), "BF16")
+        tensors[stem + ".weight_packed"] = ("I32", words.shape, words.tobytes())
+        tensors[stem + ".weight_scale"] = stored
+        shape_vals = np.array(weight_shape or shape, np.int64)
+        tensors[stem + ".weight_shape"] = ("I64", (2,), shape_vals.tobytes())
+        values[n] = (q.astype(F32) * expand(s, shape, (1, g))).astype(F32)
+    path = root / layout
+    path.mkdir()
+    models.write_safetensors(path / "model.safetensors", tensors, {"format": "pt"})
+    cfg = models.model_config(models.LAYERS, "BF16")
+    cfg["quantization_config"] = quant
+    (path / "config.json").write_text(json.dumps(cfg))
+    return path, values
+
+
+@pytest.mark.parametrize("layout", sorted(INT))
+def test_packed_integers_equal_the_numpy_decode(mergex_mod, tmp_path, layout):
+    path, values = int_model(tmp_path, layout, seed=31)
+    plain, pv = plain_model(tmp_path, "plain", 32)
+    cfg = {
+        "merge_method": "ties",
+        "base_model": str(path),
+        "models": [{"model": str(plain), "parameters": {"weight": 0.8, "density": 0.5}}],
+    }
+    out = outputs(mergex_mod, cfg, tmp_path / "out")
+    assert set(out.raw) == set(values)
+    for name, b in values.items():
+        want = ref.task_family("ties", b, [pv[name]], name, [0.8], densities=[0.5])
+        models.assert_tensor_equal(out, name, want, "BF16")
+    torch_out = outputs(mergex_mod, cfg, tmp_path / "torch", engine="torch", ram_budget="1MiB", threads=1)
+    assert torch_out.raw == out.raw
+
+
+def test_weight_shape_disagreeing_with_the_codes_is_an_error(mergex_mod, tmp_path):
+    path, _ = int_model(tmp_path, "ct_int4_group", seed=33, weight_shape=(96, 88))
+    cfg = {"merge_method": "linear", "models": [{"model": str(path)}], "parameters": {"weight": 1.0}}
+    with pytest.raises(CheckpointError, match=r"weight_shape \[96, 88\] disagrees with the packed codes"):
+        mergex_mod.merge(cfg, tmp_path / "out", ram_budget="64KiB", progress=None)
+    assert not (tmp_path / "out").exists()
