@@ -550,6 +550,11 @@ INT = {
         ct_config("pack-quantized", num_bits=4, type="int", strategy="group", group_size=32),
     ),
     "ct_int8_channel": (8, None, ct_config("pack-quantized", num_bits=8, type="int", strategy="channel")),
+    "ct_int4_asymmetric": (
+        4,
+        32,
+        ct_config("pack-quantized", num_bits=4, type="int", strategy="group", group_size=32, symmetric=False),
+    ),
 }
 
 
@@ -574,7 +579,21 @@ def int_model(root: Path, layout: str, seed: int, weight_shape=None) -> tuple[Pa
         tensors[stem + ".weight_scale"] = stored
         shape_vals = np.array(weight_shape or shape, np.int64)
         tensors[stem + ".weight_shape"] = ("I64", (2,), shape_vals.tobytes())
-        values[n] = (q.astype(F32) * expand(s, shape, (1, g))).astype(F32)
+        zp = np.zeros(grid, np.int64)
+        if not quant["config_groups"]["group_0"]["weights"]["symmetric"]:
+            # Zero points packed down the rows: row r in word r·b//32 at bit (r·b) % 32.
+            zp = rng.integers(lo, hi + 1, size=grid)
+            zu = (zp - lo).astype(np.uint32)
+            per = 32 // bits
+            zrows = -(-r // per)
+            pad = np.zeros((zrows * per, grid[1]), np.uint32)
+            pad[:r] = zu
+            words_zp = np.zeros((zrows, grid[1]), np.uint32)
+            for k in range(per):
+                words_zp |= pad[k::per] << np.uint32(k * bits)
+            tensors[stem + ".weight_zero_point"] = ("I32", words_zp.shape, words_zp.astype("<u4").tobytes())
+        zfull = expand(zp, shape, (1, g))
+        values[n] = ((q - zfull).astype(F32) * expand(s, shape, (1, g))).astype(F32)
     path = root / layout
     path.mkdir()
     models.write_safetensors(path / "model.safetensors", tensors, {"format": "pt"})

@@ -263,16 +263,13 @@ def test_quantized_or_stray_input_stops_the_merge(tmp_path, mergex_mod, case):
 
 def test_cli_one_line_exit_1_nothing_written(tmp_path):
     a = models.make_llama(tmp_path / "a", "bf16", seed=1).path
-    asymmetric = json.loads(json.dumps(CT_INT4))
-    asymmetric["config_groups"]["group_0"]["weights"]["symmetric"] = False
-    zp = {PREFIX + "weight_zero_point": raw("I32", (ROWS // 8 + 1, COLS // 32))}
-    b = quantized(tmp_path, drop=(PROJ,), add={**CT_INT4_TENSORS, **zp}, quant=asymmetric)
+    b = quantized(tmp_path, drop=(PROJ,), add=FP8_TENSORS)
     cfg = models.dump_yaml(_config(a, b), tmp_path / "merge.yml")
     res = models.run_cli(["merge", cfg, tmp_path / "out", "--quiet"])
     assert res.returncode == 1, res.stderr
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: model "), res.stderr
-    assert "asymmetric compressed-tensors pack-quantized" in lines[0] and "not supported yet" in lines[0]
+    assert "block FP8" in lines[0] and "weight_scale_inv" in lines[0] and "not supported yet" in lines[0]
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if "mergex-partial" in p.name]
 

@@ -287,7 +287,12 @@ def inspect(
             found = detect(model)
             if found is not None and found.family is not None:
                 quantized = check(model)
-        folded = {n for q in quantized.values() for n in (q.scale, q.global_scale, q.weight_shape) if n}
+        folded = {
+            n
+            for q in quantized.values()
+            for n in (q.scale, q.global_scale, q.weight_shape, q.zero_point)
+            if n
+        }
         size = {x.name: x.nbytes for x in tensors}
         t = Table("tensor", "dtype", "shape", "bytes")
         for x in tensors:
@@ -300,7 +305,7 @@ def inspect(
             block = f"{q.block[0]}x{q.block[1]} blocks" if q.block else "per tensor"
             kind = f"INT{q.int_bits} (I32 words)" if q.int_bits else "FP4 (E2M1)" if q.fp4 else x.dtype
             what = f"{kind}, {block}"
-            extra = sum(size[n] for n in (q.global_scale, q.weight_shape) if n)
+            extra = sum(size[n] for n in (q.global_scale, q.weight_shape, q.zero_point) if n)
             nbytes = x.nbytes + size[q.scale] + extra
             shape = str(list(q.shape or x.shape))
             t.add_row(q.plain or x.name, what, shape, format_size(nbytes))

@@ -34,6 +34,8 @@ class ScaleRef:
     """Symmetric integers of this many bits packed in I32 words."""
     weight_shape: str | None = None
     """The tensor holding the weight's shape, which the engine checks."""
+    zero_point: str | None = None
+    """Asymmetric packed integers' zero points."""
 
 
 @dataclass

@@ -73,7 +73,8 @@ def _scale(q: Quantized | None) -> ScaleRef | None:
     if q is None:
         return None
     g = GlobalScale(q.global_scale, q.divide) if q.global_scale else None
-    return ScaleRef(q.scale, list(q.block) if q.block else None, q.fp4, g, q.int_bits or None, q.weight_shape)
+    block = list(q.block) if q.block else None
+    return ScaleRef(q.scale, block, q.fp4, g, q.int_bits or None, q.weight_shape, q.zero_point)
 
 
 def _plain_names(m: Model) -> None:
@@ -115,7 +116,12 @@ class _Planner:
             m.quantized = check(m)
             if m.quantized:
                 m.hidden = {q.scale for q in m.quantized.values()}
-                m.hidden |= {n for q in m.quantized.values() for n in (q.global_scale, q.weight_shape) if n}
+                m.hidden |= {
+                    n
+                    for q in m.quantized.values()
+                    for n in (q.global_scale, q.weight_shape, q.zero_point)
+                    if n
+                }
                 m.hidden |= {n for n in m.order if is_activation_scale(n)}
                 _plain_names(m)
         return self.models.setdefault(m.path, m)

@@ -336,6 +336,8 @@ class Quantized:
     """Symmetric integers of this many bits packed in I32 words (compressed-tensors INT4/INT8)."""
     weight_shape: str | None = None
     """The tensor holding the weight's shape (``X.weight_shape``), checked by the engine."""
+    zero_point: str | None = None
+    """Asymmetric packed integers' zero points (``X.weight_zero_point``)."""
 
 
 def check(model: Model) -> dict[str, Quantized]:
@@ -377,7 +379,9 @@ def check(model: Model) -> dict[str, Quantized]:
             path=model.path,
             tensor=found.tensor,
         )
-    skipped = {n for q in quantized.values() for n in (q.scale, q.global_scale, q.weight_shape) if n}
+    skipped = {
+        n for q in quantized.values() for n in (q.scale, q.global_scale, q.weight_shape, q.zero_point) if n
+    }
     for name in model.order:
         dtype = model.tensors[name].dtype
         if name in quantized or name in skipped or (quantized and is_activation_scale(name)):
@@ -545,18 +549,18 @@ def _fp4_codes(
 
 
 def _ct_int(model: Model) -> dict[str, Quantized]:
-    """QUANT.md §4b, symmetric: ``X.weight_packed`` holds 4- or 8-bit integers in I32 words
+    """QUANT.md §4b: ``X.weight_packed`` holds 4- or 8-bit integers in I32 words
     (``q + 2^(b-1)``, element ``i`` of a row at bit ``i·b``), ``X.weight_scale`` per group of
     ``group_size`` columns (or per row, ``channel``), ``X.weight_shape`` the plain shape;
-    ``w = q · s``. Asymmetric packs (zero points packed along rows) are not read yet."""
+    ``w = (q - zp) · s``, with asymmetric packs' zero points ``X.weight_zero_point`` packed
+    the same way down the rows (``zp = 0`` when symmetric)."""
     q = quantization_config(model.config) or {}
     groups = q.get("config_groups") or {}
     w = next((g.get("weights") for g in groups.values() if isinstance(g, dict)), None) or {}
     bits, strategy = w.get("num_bits"), w.get("strategy")
     if w.get("type") != "int" or bits not in (4, 8):
         raise _fail(model, f"compressed-tensors pack-quantized weights {w!r} are not 4- or 8-bit integers")
-    if w.get("symmetric") is False or any(n.endswith(".weight_zero_point") for n in model.order):
-        raise _fail(model, "asymmetric compressed-tensors pack-quantized checkpoints are not supported yet")
+    asymmetric = w.get("symmetric") is False
     if strategy not in ("group", "channel"):
         raise _fail(model, f"compressed-tensors pack-quantized strategy {strategy!r} is not supported")
     out: dict[str, Quantized] = {}
@@ -566,7 +570,10 @@ def _ct_int(model: Model) -> dict[str, Quantized]:
         stem = name[: -len(".weight_packed")]
         codes = model.tensors[name]
         scale, shape_name = stem + ".weight_scale", stem + ".weight_shape"
-        for needed in (scale, shape_name):
+        zero = stem + ".weight_zero_point"
+        if not asymmetric and zero in model.tensors:
+            raise _fail(model, f"{zero}: zero points in a pack declared symmetric", zero)
+        for needed in (scale, shape_name, *([zero] if asymmetric else [])):
             if needed not in model.tensors:
                 raise _fail(model, f"packed weight {name} has no {needed.rsplit('.', 1)[1]} ({needed})", name)
         if codes.dtype != "I32" or not codes.shape:
@@ -578,5 +585,13 @@ def _ct_int(model: Model) -> dict[str, Quantized]:
         shape = (*codes.shape[:-1], codes.shape[-1] * 32 // bits)
         group = shape[-1] if strategy == "channel" else w.get("group_size")
         block = _block(model, [1, group], "weights.group_size")
-        out[name] = Quantized(scale, block, stem + ".weight", shape, int_bits=bits, weight_shape=shape_name)
+        out[name] = Quantized(
+            scale,
+            block,
+            stem + ".weight",
+            shape,
+            int_bits=bits,
+            weight_shape=shape_name,
+            zero_point=zero if asymmetric else None,
+        )
     return out

@@ -110,6 +110,9 @@ pub struct ScaleRef {
     /// A tensor holding the weight's shape (`weight_shape`), checked against it.
     #[serde(default)]
     pub weight_shape: Option<String>,
+    /// The zero points of asymmetric packed integers (`weight_zero_point`).
+    #[serde(default)]
+    pub zero_point: Option<String>,
     /// A one-value tensor every scale is divided (`divide`) or multiplied by (NVFP4's global
     /// scale, QUANT.md §4c and §5).
     #[serde(default)]

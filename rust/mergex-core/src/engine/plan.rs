@@ -229,8 +229,12 @@ fn view(models: &[Checkpoint], paths: &[&Path], r: &InputRef, shape: &[u64]) -> 
     if let Some(name) = &scale.weight_shape {
         check_weight_shape(m, &model, name, shape)?;
     }
-    let scales =
+    let mut scales =
         Scales::new(&model, entry, scale_file.clone(), scale_entry.clone(), scale.block, packed, global)?;
+    if let Some(name) = &scale.zero_point {
+        let (zp_file, zp_entry) = m.require(name)?;
+        scales = scales.with_zero_points(zp_file.clone(), zp_entry.clone())?;
+    }
     Ok(view.with_scales(scales))
 }
 

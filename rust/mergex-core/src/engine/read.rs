@@ -109,9 +109,9 @@ impl View {
     fn read_decoded(&self, scales: &Scales, start: u64, out: &mut [u8]) -> Result<()> {
         let n = out.len() / 4;
         let (dtype, packed) = (scales.codes_dtype(), scales.packed());
-        let times = |c: &[u8], s: f32, o: &mut [f32]| match packed {
+        let times = |c: &[u8], s: f32, zp: i32, o: &mut [f32]| match packed {
             Some(Packed::Fp4) => crate::kernels::real::fp4_times(c, s, o),
-            Some(Packed::Int(bits)) => crate::kernels::real::int_times(c, bits, s, o),
+            Some(Packed::Int(bits)) => crate::kernels::real::int_times(c, bits, zp, s, o),
             None => crate::kernels::dispatch::f8_times(dtype, c, s, o),
         };
         let decode = |values: &mut [f32]| {

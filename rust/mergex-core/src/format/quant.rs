@@ -43,6 +43,9 @@ pub struct Scales {
     packed: Option<Packed>,
     /// Every block scale divided (`true`) or multiplied by this value (NVFP4's global scale).
     global: Option<(f32, bool)>,
+    /// Asymmetric integers' zero points: `I32` words packed down the rows, one per row and
+    /// group (QUANT.md §4b).
+    zero: Option<(Arc<SafeFile>, TensorEntry)>,
     file: Arc<SafeFile>,
     entry: TensorEntry,
     /// Block rows and columns; a per-tensor scale covers the whole matrix.
@@ -148,6 +151,7 @@ impl Scales {
             codes_dtype: codes.dtype,
             packed,
             global,
+            zero: None,
             file,
             entry,
             bm,
@@ -158,6 +162,43 @@ impl Scales {
             per_matrix,
             per_tensor,
         })
+    }
+
+    /// The same scales with the zero points of asymmetric packed integers (`entry`, `I32`
+    /// `[..., ⌈rows·b/32⌉, groups]`, row `r` at bit `(r·b) % 32` of word row `r·b / 32`).
+    pub fn with_zero_points(mut self, file: Arc<SafeFile>, entry: TensorEntry) -> Result<Scales> {
+        let Some(Packed::Int(b)) = self.packed else {
+            return Err(bad(&self.model, &self.codes, "zero points go with packed integers only".into()));
+        };
+        let matrices = (self.entry.shape.iter().product::<u64>() / self.per_matrix.max(1)).max(1);
+        let want = matrices * (self.rows * u64::from(b)).div_ceil(32) * self.grid_cols;
+        if entry.dtype != Dtype::I32 || entry.shape.iter().product::<u64>() != want || self.bm != 1 {
+            return Err(bad(
+                &self.model,
+                &self.codes,
+                format!(
+                    "zero points {} ({} {:?}) do not fit {} rows in groups of {} columns",
+                    entry.name,
+                    entry.dtype.name(),
+                    entry.shape,
+                    self.rows,
+                    self.bn
+                ),
+            ));
+        }
+        self.zero = Some((file, entry));
+        Ok(self)
+    }
+
+    /// The zero point of every (row, group) of flat rows `[r0, r1]`: `(first word row, words)`.
+    fn read_zero_points(&self, r0: u64, r1: u64) -> Result<Option<(u64, Vec<u32>)>> {
+        let (Some((file, entry)), Some(Packed::Int(b))) = (&self.zero, self.packed) else { return Ok(None) };
+        let per = (self.rows * u64::from(b)).div_ceil(32);
+        let word_row = |r: u64| (r / self.rows) * per + (r % self.rows) * u64::from(b) / 32;
+        let (w0, w1) = (word_row(r0), word_row(r1));
+        let mut bytes = vec![0u8; ((w1 + 1 - w0) * self.grid_cols * 4) as usize];
+        file.read_at(entry, w0 * self.grid_cols * 4, &mut bytes)?;
+        Ok(Some((w0, bytes.chunks_exact(4).map(|w| u32::from_le_bytes([w[0], w[1], w[2], w[3]])).collect())))
     }
 
     /// Scale index of code element `i` (flat).
@@ -223,7 +264,7 @@ impl Scales {
         src: u64,
         codes: &[u8],
         out: &mut [f32],
-        times: impl Fn(&[u8], f32, &mut [f32]),
+        times: impl Fn(&[u8], f32, i32, &mut [f32]),
     ) -> Result<()> {
         // Four-bit codes: `codes` are the bytes holding elements `[src, src + out.len())`, the
         // first one's code in the high nibble when `src` is odd; one code a byte from here on.
@@ -249,6 +290,7 @@ impl Scales {
             .min(self.entry.shape.iter().product::<u64>().max(1) - 1);
         let mut scales = Vec::new();
         self.read_scales(first, last, &mut scales)?;
+        let zero = self.read_zero_points(src / self.cols, (src + n - 1) / self.cols)?;
         let mut i = src;
         let end = src + n;
         while i < end {
@@ -262,7 +304,19 @@ impl Scales {
             };
             let s = scales.get((self.index(i) - first) as usize).copied().unwrap_or(f32::NAN);
             let (a, b) = ((i - src) as usize, (i - src + run) as usize);
-            times(&codes[a..b], s, &mut out[a..b]);
+            let zp = match (&zero, self.packed) {
+                (Some((w0, words)), Some(Packed::Int(bits))) => {
+                    let (row, bits) = (i / self.cols, u64::from(bits));
+                    let per = (self.rows * bits).div_ceil(32);
+                    let word_row = (row / self.rows) * per + (row % self.rows) * bits / 32;
+                    let at = (word_row - w0) * self.grid_cols + c / self.bn;
+                    let word = words.get(at as usize).copied().unwrap_or(0);
+                    let u = (word >> ((row % self.rows) * bits % 32)) & ((1 << bits) - 1);
+                    u as i32 - (1 << (bits - 1))
+                }
+                _ => 0,
+            };
+            times(&codes[a..b], s, zp, &mut out[a..b]);
             // A branch-free sweep first (it vectorizes); the position only on failure.
             let finite = out[a..b].iter().fold(true, |ok, v| ok & v.is_finite());
             if let Some(k) = (!finite).then(|| out[a..b].iter().position(|v| !v.is_finite())).flatten() {
@@ -331,7 +385,7 @@ mod tests {
             let mut raw = vec![0u8; e - b];
             file.read_at(&w, b as u64, &mut raw).unwrap_or_else(|e| unreachable!("{e}"));
             let mut out = vec![0f32; n];
-            let times = |c: &[u8], s: f32, o: &mut [f32]| {
+            let times = |c: &[u8], s: f32, _zp: i32, o: &mut [f32]| {
                 for (o, &q) in o.iter_mut().zip(c) {
                     *o = E2M1[q as usize] * s;
                 }

@@ -298,11 +298,12 @@ pub fn fp4_times(codes: &[u8], s: f32, out: &mut [f32]) {
     }
 }
 
-/// `out[k] = (u − 2^(bits−1)) · s` for symmetric integer codes stored unsigned (`u`, one a
-/// byte, already unpacked): compressed-tensors' `pack-quantized` (QUANT.md §4b).
+/// `out[k] = (q − zp) · s` with `q = u − 2^(bits−1)` for integer codes stored unsigned (`u`,
+/// one a byte, already unpacked): compressed-tensors' `pack-quantized` (QUANT.md §4b); `zp`
+/// is 0 for symmetric packs. `q − zp` is an exact small integer, so one f32 multiply rounds.
 #[inline(always)]
-pub fn int_times(codes: &[u8], bits: u8, s: f32, out: &mut [f32]) {
-    let offset = 1i32 << (bits.clamp(1, 8) - 1);
+pub fn int_times(codes: &[u8], bits: u8, zp: i32, s: f32, out: &mut [f32]) {
+    let offset = (1i32 << (bits.clamp(1, 8) - 1)) + zp;
     for (o, &u) in out.iter_mut().zip(codes) {
         *o = (i32::from(u) - offset) as f32 * s;
     }
