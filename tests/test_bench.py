@@ -122,3 +122,20 @@ def test_the_fp8_bench_set_decodes_within_half_a_step(tmp_path, mergex_mod):
     mergex_mod.merge({**cfg, "parameters": {"weight": 1.0}, "out_dtype": "float32"}, out, progress=None)
     (info,) = mergex_mod.inspect(out)
     assert (info.name, info.dtype) == ("w_proj.weight", "F32")
+
+
+def test_the_mxfp4_bench_set_decodes_within_half_a_step():
+    import numpy as np
+    import quantize_fp8
+
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((8, 96)) * 0.02).astype(np.float32)
+    x[0, :32] = 0.0  # an all-zero group
+    packed, scale_bytes = quantize_fp8.quantize_mxfp4(x)
+    assert packed.shape == (8, 48) and scale_bytes.shape == (8, 3) and scale_bytes[0, 0] == 0
+    codes = np.stack([packed & 0xF, packed >> 4], axis=-1).reshape(8, 96)
+    scale = np.repeat(np.ldexp(1.0, scale_bytes.astype(np.int64) - 127), 32, axis=1)
+    decoded = np.where(codes & 8, -1.0, 1.0) * quantize_fp8.E2M1[codes & 7] * scale
+    # Never saturating (amax <= 6·2^e), and within half the widest E2M1 step (2, from 4 to 6).
+    assert np.all(np.abs(x) <= 6 * scale)
+    assert np.all(np.abs(decoded - x) <= 1.0 * scale + 1e-12)

@@ -272,8 +272,13 @@ impl Scales {
         let codes = if self.packed.is_some_and(|p| p.bits() == 4) {
             let odd = (src & 1) as usize;
             let n = out.len().min((codes.len() * 2).saturating_sub(odd));
-            unpacked =
-                (odd..odd + n).map(|j| codes.get(j / 2).map_or(0, |b| (b >> (4 * (j & 1))) & 0xf)).collect();
+            let mut all = Vec::with_capacity(codes.len() * 2);
+            for &b in codes {
+                all.extend_from_slice(&[b & 0xf, b >> 4]);
+            }
+            all.truncate(odd + n);
+            all.drain(..odd);
+            unpacked = all;
             &unpacked[..]
         } else {
             codes
@@ -293,16 +298,18 @@ impl Scales {
         let zero = self.read_zero_points(src / self.cols, (src + n - 1) / self.cols)?;
         let mut i = src;
         let end = src + n;
+        // The column and scale index of element `i`, kept up to date run by run (a run ends
+        // at a block's last column or the row's): only a new row needs the divisions.
+        let (mut c, mut idx) = (src % self.cols, self.index(src));
         while i < end {
             // One run of elements under the same scale: to the end of the block's columns,
             // of the row, or of the range.
-            let c = i % self.cols;
             let run = if self.per_tensor {
                 end - i
             } else {
                 (self.bn - c % self.bn).min(self.cols - c).min(end - i)
             };
-            let s = scales.get((self.index(i) - first) as usize).copied().unwrap_or(f32::NAN);
+            let s = scales.get((idx - first) as usize).copied().unwrap_or(f32::NAN);
             let (a, b) = ((i - src) as usize, (i - src + run) as usize);
             let zp = match (&zero, self.packed) {
                 (Some((w0, words)), Some(Packed::Int(bits))) => {
@@ -328,6 +335,13 @@ impl Scales {
                 ));
             }
             i += run;
+            c += run;
+            if c >= self.cols {
+                c = 0;
+                idx = if i < end { self.index(i) } else { idx };
+            } else if !self.per_tensor {
+                idx += 1;
+            }
         }
         Ok(())
     }
