@@ -129,20 +129,31 @@ def outputs(mergex_mod, cfg: dict, out: Path, **kw) -> models.Output:
     return models.read_output(out)
 
 
-@pytest.mark.parametrize("scales", ["f32", "bf16", "e8m0", "tensor"])
-def test_linear_of_fp8_and_bf16_equals_the_numpy_decode(family, mergex_mod, tmp_path, scales):
-    q, (plain, pv) = family[scales], family["plain"]
+def linear_with_plain(mergex_mod, tmp_path, path, values, plain, pv, w: float, torch: bool = False):
+    """Merge the quantized model at ``path`` (decoding to ``values``) with a plain one, weights
+    ``w`` and ``1 - w``: the output holds exactly the plain names (no codes, scales or
+    activation scales) with the numpy reference's values, and the torch engine's bytes."""
     cfg = {
         "merge_method": "linear",
         "models": [
-            {"model": str(q), "parameters": {"weight": 0.7}},
-            {"model": str(plain), "parameters": {"weight": 0.3}},
+            {"model": str(path), "parameters": {"weight": w}},
+            {"model": str(plain), "parameters": {"weight": 1 - w}},
         ],
     }
     out = outputs(mergex_mod, cfg, tmp_path / "out")
-    assert set(out.raw) == set(q.values), "scales or activation scales reached the output"
-    for name, x in q.values.items():
-        models.assert_tensor_equal(out, name, ref.linear([x, pv[name]], [0.7, 0.3]), "BF16")
+    assert set(out.raw) == set(values), "codes, scales or activation scales reached the output"
+    for name, x in values.items():
+        models.assert_tensor_equal(out, name, ref.linear([x, pv[name]], [w, 1 - w]), "BF16")
+    if torch:
+        torch_out = outputs(mergex_mod, cfg, tmp_path / "torch", engine="torch", ram_budget="1MiB", threads=1)
+        assert torch_out.raw == out.raw
+    return out
+
+
+@pytest.mark.parametrize("scales", ["f32", "bf16", "e8m0", "tensor"])
+def test_linear_of_fp8_and_bf16_equals_the_numpy_decode(family, mergex_mod, tmp_path, scales):
+    q, (plain, pv) = family[scales], family["plain"]
+    out = linear_with_plain(mergex_mod, tmp_path, q.path, q.values, plain, pv, 0.7)
     config = out.config()
     assert "quantization_config" not in config and config["torch_dtype"] == "bfloat16"
 
@@ -525,19 +536,7 @@ def test_inspect_shows_packed_fp4_under_the_plain_name(tmp_path):
 def test_scaled_layouts_equal_the_numpy_decode(mergex_mod, tmp_path, layout):
     path, values = (scaled_model if layout in LAYOUTS else fp4_model)(tmp_path, layout, seed=11)
     plain, pv = plain_model(tmp_path, "plain", 12)
-    cfg = {
-        "merge_method": "linear",
-        "models": [
-            {"model": str(path), "parameters": {"weight": 0.25}},
-            {"model": str(plain), "parameters": {"weight": 0.75}},
-        ],
-    }
-    out = outputs(mergex_mod, cfg, tmp_path / "out")
-    assert set(out.raw) == set(values), "codes, scales or activation scales reached the output"
-    for name, x in values.items():
-        models.assert_tensor_equal(out, name, ref.linear([x, pv[name]], [0.25, 0.75]), "BF16")
-    torch_out = outputs(mergex_mod, cfg, tmp_path / "torch", engine="torch", ram_budget="1MiB", threads=1)
-    assert torch_out.raw == out.raw
+    linear_with_plain(mergex_mod, tmp_path, path, values, plain, pv, 0.25, torch=True)
 
 
 # compressed-tensors pack-quantized (QUANT.md §4b), symmetric: integers of 4 or 8 bits

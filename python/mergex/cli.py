@@ -279,14 +279,16 @@ def inspect(
     from .units import format_size
 
     with _errors(verbose):
-        tensors = read_tensors(path)
         c = Console()
         found, quantized = None, {}
-        if path.is_dir():
+        if path.is_dir():  # a model folder: its format too, from the same headers
             model = Model.open(str(path.absolute()))
+            tensors = list(model.tensors.values())
             found = detect(model)
             if found is not None and found.family is not None:
                 quantized = check(model)
+        else:
+            tensors = read_tensors(path)
         folded = {
             n
             for q in quantized.values()
