@@ -635,6 +635,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="passed to mergex")
     p.add_argument("--repeat", type=int, default=1, help="rounds per method (best is shown)")
     p.add_argument("--cold", action="store_true", help="evict inputs before each measurement")
+    p.add_argument(
+        "--out-quantization",
+        choices=("none", "base"),
+        default="none",
+        help="base: write the output in the (first or base) input's quantized format",
+    )
     p.add_argument("--keep-output", action="store_true", help="keep the merged models")
     p.add_argument("--work", type=Path, default=None, help="configs and outputs (SET/.bench)")
     p.add_argument("--json", type=Path, default=None, help="also write the results here")
@@ -726,6 +732,8 @@ def main(argv: list[str] | None = None) -> int:
     results: list[Result] = []
     for method in methods:
         config = method_config(method, models)
+        if args.out_quantization != "none":
+            config["out_quantization"] = args.out_quantization
         config_path = work / f"{method}.yml"
         config_path.write_text(to_yaml(config))
         inputs = [f for d in config_inputs(config) for f in safetensors_files(d)]

@@ -347,8 +347,6 @@ def test_bad_fp8_input_is_one_line_naming_the_tensor(family, mergex_mod, tmp_pat
 
 def test_out_quantization_key(family, mergex_mod, tmp_path):
     cfg = {"merge_method": "linear", "models": [{"model": str(family["f32"])}], "parameters": {"weight": 1.0}}
-    with pytest.raises(ConfigError, match=r"out_quantization: 'base'.*not supported yet"):
-        mergex_mod.plan({**cfg, "out_quantization": "base"})
     with pytest.raises(ConfigError, match="out_quantization: base writes the base's own dtypes"):
         mergex_mod.plan({**cfg, "out_quantization": "base", "out_dtype": "float16"})
     with pytest.raises(ConfigError, match="expected 'none' or 'base'"):
@@ -626,3 +624,33 @@ def test_weight_shape_disagreeing_with_the_codes_is_an_error(mergex_mod, tmp_pat
     with pytest.raises(CheckpointError, match=r"weight_shape \[96, 88\] disagrees with the packed codes"):
         mergex_mod.merge(cfg, tmp_path / "out", ram_budget="64KiB", progress=None)
     assert not (tmp_path / "out").exists()
+
+
+def test_requantized_fp8_output_loads_in_transformers(mergex_mod, tmp_path):
+    # The same merge written back as block FP8 (out_quantization: base): transformers reads
+    # the quantization_config, decodes the FP8 weights on the CPU and runs a forward pass.
+    import torch
+    import transformers
+
+    test_plain_output_loads_in_transformers(mergex_mod, tmp_path)
+    merge = {
+        "merge_method": "linear",
+        "out_quantization": "base",
+        "models": [
+            {"model": str(tmp_path / "fp8"), "parameters": {"weight": 0.5}},
+            {"model": str(tmp_path / "tuned"), "parameters": {"weight": 0.5}},
+        ],
+    }
+    out = tmp_path / "requantized"
+    mergex_mod.merge(merge, out, ram_budget="64KiB", progress=None)
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "fp8"
+    plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out", dtype=torch.bfloat16).eval()
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.bfloat16).eval()
+    ids = torch.arange(16).reshape(1, 16)
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits.float()
+        want = plain(input_ids=ids).logits.float()
+    assert torch.isfinite(logits).all()
+    # FP8 keeps about two significant digits: the logits stay close to the plain merge's.
+    assert torch.nn.functional.cosine_similarity(logits.flatten(), want.flatten(), dim=0) > 0.98

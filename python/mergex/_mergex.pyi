@@ -51,7 +51,9 @@ class Stream:
         progress (a method's sample)."""
     def write(self, t: int, start: int, values: Buffer) -> None:
         """Round merged values (a contiguous float32 or float64 buffer) to the output dtype
-        and write them from element start of tensor t."""
+        (or quantize them) and write them from element start of tensor t."""
+    def observe(self, t: int, start: int, values: Buffer) -> None:
+        """Fold merged values of tensor t into the amax of its ``amax_key``."""
     def passes(self, t: int, ran: int) -> None:
         """Tensor t took ``ran`` statistics passes: the progress total follows."""
     def copy(self, t: int) -> None: ...
@@ -186,5 +188,9 @@ class TensorInfo:
     def dtypes(self) -> list[str]: ...
     @property
     def slot(self) -> int: ...
+    @property
+    def amax_key(self) -> str | None:
+        """Quantized outputs whose scales need the merged amax of every tensor with this
+        key first: ``Stream.observe`` them all before writing any."""
     @property
     def kept(self) -> bool: ...

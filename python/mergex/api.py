@@ -149,7 +149,11 @@ def plan(
         peak_memory=s.peak_memory,
         warnings=job.warnings,
         formats=[quantized_format(m) for m in job.models],
-        output_format=f"plain {job.output_dtype}",
+        output_format=(
+            f"plain {job.output_dtype}"
+            if job.quantized_like is None or not job.quantized_like.quantized
+            else f"{quantized_format(job.quantized_like)}, like {job.quantized_like.ref}"
+        ),
     )
 
 
@@ -337,7 +341,8 @@ def merge(
         raise
     try:
         summary = _run_engine(core, folder.tmp, progress, backend, job.spec)
-        folder.write_model_config(job.reference, job.output_dtype, job.total_layers if job.layered else None)
+        layers = job.total_layers if job.layered else None
+        folder.write_model_config(job.reference, job.output_dtype, layers, job.quantized_like)
         tok_ref = cfg.tokenizer_source
         tok = job.reference if tok_ref in (None, "base") else Model.open(tok_ref, cfg.source_dir)
         folder.copy_tokenizer(tok, cfg.chat_template)

@@ -84,6 +84,8 @@ class MergeConfig:
     """Safetensors dtype name from ``out_dtype``."""
     tokenizer_source: str | None = None
     chat_template: str | None = None
+    out_quantization: str = "none"
+    """``none`` (a plain output) or ``base`` (the base model's quantized format, QUANT.md §8)."""
     seed: int | None = None
     source_dir: Path | None = None
     """Folder of the YAML file; relative model paths are also tried against it."""
@@ -247,15 +249,11 @@ def _parse(raw: dict[str, Any], source_dir: Path | None) -> MergeConfig:
             raise ConfigError("tokenizer_source: 'union' is not supported yet (use 'base' or a model)")
         cfg.tokenizer_source = ts
     oq = raw.get("out_quantization", "none")
-    if oq == "base":
-        if cfg.out_dtype is not None:
-            raise ConfigError("out_quantization: base writes the base's own dtypes; remove out_dtype")
-        raise ConfigError(
-            "out_quantization: 'base' (re-quantizing the output like the base) is not supported yet; "
-            "use 'none' for a plain output"
-        )
-    if oq != "none":
+    if oq not in ("none", "base"):
         raise ConfigError(f"out_quantization: expected 'none' or 'base', got {oq!r}")
+    if oq == "base" and cfg.out_dtype is not None:
+        raise ConfigError("out_quantization: base writes the base's own dtypes; remove out_dtype")
+    cfg.out_quantization = oq
     ct = raw.get("chat_template")
     if ct is not None:
         if not isinstance(ct, str):

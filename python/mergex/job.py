@@ -9,7 +9,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["EngineJob", "GlobalScale", "InputRef", "Resume", "ScaleRef", "TensorJob"]
+__all__ = ["Companion", "Encode", "EngineJob", "GlobalScale", "InputRef", "Resume", "ScaleRef", "TensorJob"]
 
 
 @dataclass
@@ -39,6 +39,33 @@ class ScaleRef:
 
 
 @dataclass
+class Companion:
+    """An output tensor written beside a quantized weight's codes."""
+
+    name: str
+    dtype: str
+    shape: list[int]
+
+
+@dataclass
+class Encode:
+    """How a merged weight is written back quantized in the base's layout (QUANT.md §8)."""
+
+    rule: str
+    """How a block's scale is chosen: ``amax``, ``ue8m0``, ``mx``, ``nvfp4``,
+    ``nvfp4_modelopt``, ``int`` or ``int_asym``."""
+    scale: Companion
+    block: list[int] | None = None
+    """Rows and columns of one block; ``None`` for one scale over the whole tensor."""
+    bits: int | None = None
+    """Bits of packed integers."""
+    global_scale: Companion | None = None
+    fusion: str | None = None
+    """Tensors with the same key share the amax of their NVFP4 global scale."""
+    zero_point: Companion | None = None
+
+
+@dataclass
 class InputRef:
     """One input tensor of one model."""
 
@@ -64,6 +91,8 @@ class TensorJob:
     base: InputRef | None = None
     copy: bool = False
     """Copy the single input byte for byte (plain non-float tensors)."""
+    encode: Encode | None = None
+    """Write the merged values quantized (``name`` and ``dtype`` are the codes')."""
 
 
 @dataclass
@@ -99,6 +128,13 @@ class EngineJob:
                 del t["base"]
             if not t["copy"]:
                 del t["copy"]
+            if t["encode"] is None:
+                del t["encode"]
+            else:
+                e = t["encode"]
+                e["global"] = e.pop("global_scale")
+                for k in [k for k, v in e.items() if v is None]:
+                    del e[k]
             for r in [*t["inputs"], *([t["base"]] if "base" in t else [])]:
                 if r["scale"] is None:
                     del r["scale"]

@@ -163,23 +163,33 @@ class OutputFolder:
     def write_json(self, name: str, data: Any) -> None:
         (self.tmp / name).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
-    def write_model_config(self, reference: Model, dtype: str, layers: int | None) -> None:
+    def write_model_config(
+        self, reference: Model, dtype: str, layers: int | None, quantized_like: Model | None = None
+    ) -> None:
         """config.json from the reference model, with dtype and layer count updated and any
-        quantization_config removed."""
+        quantization_config removed; with ``quantized_like`` (``out_quantization: base``),
+        that model's config as it is (its ``quantization_config`` verbatim) and its
+        ``hf_quant_config.json`` copied (QUANT.md §8)."""
+        if quantized_like is not None:
+            reference = quantized_like
+            hf = quantized_like.folder / "hf_quant_config.json"
+            if hf.is_file():
+                shutil.copyfile(hf, self.tmp / hf.name)
         config = dict(reference.config)
         if not config:
             return
-        torch_dtype = TORCH_DTYPES.get(dtype, "bfloat16")
-        # The output is plain (out_quantization: none): a quantization_config left in place
-        # would make transformers quantize it again on load (QUANT.md §8).
-        config.pop("quantization_config", None)
-        if isinstance(config.get("text_config"), dict):
-            config["text_config"] = {
-                k: v for k, v in config["text_config"].items() if k != "quantization_config"
-            }
-        config["torch_dtype"] = torch_dtype
-        if "dtype" in config:
-            config["dtype"] = torch_dtype
+        if quantized_like is None:
+            torch_dtype = TORCH_DTYPES.get(dtype, "bfloat16")
+            # The output is plain (out_quantization: none): a quantization_config left in
+            # place would make transformers quantize it again on load (QUANT.md §8).
+            config.pop("quantization_config", None)
+            if isinstance(config.get("text_config"), dict):
+                config["text_config"] = {
+                    k: v for k, v in config["text_config"].items() if k != "quantization_config"
+                }
+            config["torch_dtype"] = torch_dtype
+            if "dtype" in config:
+                config["dtype"] = torch_dtype
         if layers is not None:
             keys = [k for k in _LAYER_KEYS if k in config] or ["num_hidden_layers"]
             for k in keys:

@@ -11,7 +11,7 @@ from typing import Any
 
 from .config import MergeConfig
 from .errors import CheckpointError, ConfigError
-from .job import EngineJob, GlobalScale, InputRef, ScaleRef, TensorJob
+from .job import Companion, Encode, EngineJob, GlobalScale, InputRef, ScaleRef, TensorJob
 from .methods import MethodSpec, get_method
 from .models import Model, TensorInfo
 from .params import NOT_FOUND, layer_index, lookup, rename_layer, to_f32
@@ -66,6 +66,8 @@ class Job:
     layered: bool
     """True when the config uses slices (the layer count may change)."""
     output_dtype: str
+    quantized_like: Model | None = None
+    """The model whose quantized format the output takes (``out_quantization: base``)."""
     warnings: list[str] = field(default_factory=list)
 
 
@@ -89,6 +91,30 @@ def _plain_names(m: Model) -> None:
         m.order = [plain if n == codes else n for n in m.order]
 
 
+# NVFP4 fusion groups (QUANT.md §4c): projections that share one global scale, by the last
+# name component of the module.
+_FUSED = {
+    "q_proj": "qkv",
+    "k_proj": "qkv",
+    "v_proj": "qkv",
+    "gate_proj": "gate_up",
+    "up_proj": "gate_up",
+    "w1": "w13",
+    "w3": "w13",
+    "q_a_proj": "mla_a",
+    "kv_a_proj_with_mqa": "mla_a",
+}
+
+
+def _fusion_key(name: str) -> str | None:
+    """The fusion group of an NVFP4 weight's plain name (``…self_attn.q_proj.weight`` →
+    ``…self_attn:qkv``), or None when it is a group of its own."""
+    module = name.removesuffix(".weight")
+    parent, _, leaf = module.rpartition(".")
+    kind = _FUSED.get(leaf)
+    return f"{parent}:{kind}" if kind else None
+
+
 def _is_before(name: str) -> bool:
     return any(k in name for k in _BEFORE)
 
@@ -107,6 +133,9 @@ class _Planner:
         self.models: dict[Path, Model] = {}
         self.warnings: list[str] = []
         self.base = self._open(cfg.base_model) if cfg.base_model else None
+        self.requant = cfg.out_quantization == "base"
+        self.qbase: Model | None = None
+        """The model whose format the output takes (``out_quantization: base``)."""
 
     def _open(self, ref: str) -> Model:
         m = Model.open(ref, self.cfg.source_dir)
@@ -198,23 +227,40 @@ class _Planner:
             f"parameter '{name}' for tensor '{tensor}': expected {what}, got {v!r}", tensor=tensor
         )
 
-    def tensor(self, sl: _Slice, out_name: str, in_names: list[str], p: float) -> TensorJob:
+    def tensor(self, sl: _Slice, out_name: str, in_names: list[str], p: float) -> list[TensorJob]:
+        """The output tensor ``out_name`` (with, for a re-quantized weight, the companions
+        copied from the base)."""
         sources = sl.sources
+        index = self.model_index
+        ref_i = next((i for i, s in enumerate(sources) if s.is_base), 0)
+        if self.requant and is_activation_scale(in_names[ref_i]):
+            # Activation and KV-cache scales of a re-quantized output: copied from the base,
+            # never merged (QUANT.md §1).
+            src, t = sources[ref_i], sources[ref_i].model.require(in_names[ref_i])
+            return [
+                TensorJob(out_name, t.dtype, list(t.shape), [InputRef(index(src.model), t.name)], copy=True)
+            ]
         infos: list[TensorInfo] = []
         for s, n in zip(sources, in_names, strict=True):
             infos.append(s.model.require(n))
-        ref_i = next((i for i, s in enumerate(sources) if s.is_base), 0)
         ref = infos[ref_i]
-        index = self.model_index
         quantized = [s.model.quantized.get(info.name) for s, info in zip(sources, infos, strict=True)]
         if ref.dtype not in FLOAT_DTYPES and quantized[ref_i] is None:
             src = sources[ref_i]
             self.warnings.append(f"{out_name}: {ref.dtype} tensor copied from {src.model.ref}, not merged")
-            return TensorJob(
-                out_name, ref.dtype, list(ref.shape), [InputRef(index(src.model), ref.name)], copy=True
-            )
-        # A quantized weight is written as plain bf16 unless out_dtype says otherwise.
-        out_dtype = self.cfg.output_dtype or ("BF16" if quantized[ref_i] else ref.dtype)
+            return [
+                TensorJob(
+                    out_name, ref.dtype, list(ref.shape), [InputRef(index(src.model), ref.name)], copy=True
+                )
+            ]
+        qi = next((i for i, s in enumerate(sources) if self.qbase and s.model.path == self.qbase.path), None)
+        if self.requant:
+            # The base's stored dtype; its quantized weights are encoded again below.
+            keep = ref_i if qi is None else qi
+            out_dtype = "BF16" if quantized[keep] else infos[keep].dtype
+        else:
+            # A quantized weight is written as plain bf16 unless out_dtype says otherwise.
+            out_dtype = self.cfg.output_dtype or ("BF16" if quantized[ref_i] else ref.dtype)
         base_i = ref_i if self.uses_base and sources[ref_i].is_base else None
         members = [i for i in range(len(sources)) if i != base_i]
         self.check_count(out_name, len(members))
@@ -271,7 +317,54 @@ class _Planner:
         base = None
         if base_i is not None:
             base = InputRef(index(sources[base_i].model), infos[base_i].name, scale=_scale(quantized[base_i]))
-        return TensorJob(out_name, out_dtype, list(shape), inputs, params, base)
+        job = TensorJob(out_name, out_dtype, list(shape), inputs, params, base)
+        q = quantized[qi] if qi is not None and self.requant else None
+        if q is None or qi is None:
+            return [job]
+        if tuple(shape) != infos[qi].shape or not all(
+            n.startswith(in_names[qi]) for n in (infos[qi].name, q.scale) if n
+        ):
+            self.warnings.append(
+                f"{out_name}: written plain BF16 (its shape or names differ from the base's)"
+            )
+            return [job]
+        return self.encode(job, sources[qi].model, in_names[qi], infos[qi], q)
+
+    def encode(
+        self, job: TensorJob, m: Model, plain: str, codes: TensorInfo, q: Quantized
+    ) -> list[TensorJob]:
+        """Write ``job`` quantized like the base's weight ``plain`` of ``m`` (codes ``codes``):
+        the same codes, scale, global scale and zero-point names (moved to the output's
+        layer), dtypes and shapes; ``weight_shape`` copied (QUANT.md §8)."""
+        out_name = job.name
+
+        def renamed(name: str) -> str:
+            return out_name + name[len(plain) :]
+
+        def companion(name: str | None) -> Companion | None:
+            if name is None:
+                return None
+            t = m.tensors[name]
+            return Companion(renamed(name), t.dtype, list(t.shape))
+
+        scale = companion(q.scale)
+        assert scale is not None
+        job.name, job.dtype = renamed(codes.name), codes.dtype
+        job.encode = Encode(
+            rule=q.rule,
+            scale=scale,
+            block=list(q.block) if q.block else None,
+            bits=q.int_bits or None,
+            global_scale=companion(q.global_scale),
+            fusion=_fusion_key(out_name) if q.rule.startswith("nvfp4") else None,
+            zero_point=companion(q.zero_point),
+        )
+        jobs = [job]
+        if q.weight_shape:
+            t = m.tensors[q.weight_shape]
+            ref = InputRef(self.model_index(m), q.weight_shape)
+            jobs.append(TensorJob(renamed(q.weight_shape), t.dtype, list(t.shape), [ref], copy=True))
+        return jobs
 
     def check_count(self, tensor: str, others: int) -> None:
         """The number of models besides the base that the method accepts."""
@@ -289,6 +382,10 @@ class _Planner:
     def build(self) -> tuple[list[TensorJob], list[_Slice]]:
         self.index: dict[Path, int] = {}
         slices = self.slices()
+        self.qbase = self.base or slices[0].sources[0].model
+        if self.requant:
+            # The base's activation and KV-cache scales are copied to the output.
+            self.qbase.hidden = {n for n in self.qbase.hidden if not is_activation_scale(n)}
         tensors: list[TensorJob] = []
 
         def add(sl: _Slice, name: str, k: int | None) -> None:
@@ -298,7 +395,7 @@ class _Planner:
                 out_name = rename_layer(name, sl.offset + k)
                 in_names = [rename_layer(name, (s.layer_range or (0, 0))[0] + k) for s in sl.sources]
                 p = k / (sl.length - 1) if sl.length > 1 else 1.0
-            tensors.append(self.tensor(sl, out_name, in_names, p))
+            tensors.extend(self.tensor(sl, out_name, in_names, p))
 
         first, last = slices[0], slices[-1]
         for name in first.reference.model.names:
@@ -335,7 +432,7 @@ def build_job(cfg: MergeConfig, *, ram_budget: int, threads: int, shard_size: in
         raise ConfigError("the configuration selects no tensors")
     paths = sorted(pl.index, key=pl.index.__getitem__)
     reference = pl.base or slices[0].sources[0].model
-    merged = Counter(t.dtype for t in tensors if not t.copy)
+    merged = Counter(t.dtype for t in tensors if not (t.copy or t.encode))
     output_dtype = cfg.output_dtype or (merged.most_common(1)[0][0] if merged else "BF16")
     spec = EngineJob(
         method=cfg.merge_method,
@@ -355,5 +452,6 @@ def build_job(cfg: MergeConfig, *, ram_budget: int, threads: int, shard_size: in
         total_layers=sum(s.length for s in slices),
         layered=cfg.slices is not None,
         output_dtype=output_dtype,
+        quantized_like=pl.qbase if pl.requant else None,
         warnings=pl.warnings,
     )

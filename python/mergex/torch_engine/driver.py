@@ -104,6 +104,17 @@ class Driver:
 
     def run(self) -> RunSummary:
         try:
+            # Quantized outputs whose scales need the merged amax of their tensor or fusion
+            # group: every member is merged once for it first (QUANT.md §7).
+            done: set[str] = set()
+            for info in self.infos:
+                key = info.amax_key
+                if key is None or key in done or info.kept:
+                    continue
+                done.add(key)
+                for j, member in enumerate(self.infos):
+                    if member.amax_key == key:
+                        self.merge_tensor(j, member, observe=True)
             for i, info in enumerate(self.infos):
                 if info.kept:
                     self.stream.end(i)
@@ -149,7 +160,8 @@ class Driver:
             chunks=[(s, min(step, numel - s)) for s in range(0, numel, step)],
         )
 
-    def merge_tensor(self, i: int, info: TensorInfo) -> None:
+    def merge_tensor(self, i: int, info: TensorInfo, observe: bool = False) -> None:
+        """Merge tensor ``i`` and write it (``observe``: only fold it into its amax)."""
         ctx = self.context(i, info)
         merger = self.builder(ctx)
         sample = merger.sample_ranges()
@@ -171,9 +183,10 @@ class Driver:
             npass += 1
         self.stream.passes(i, npass)
         clock = time.perf_counter()
+        take = self.stream.observe if observe else self.stream.write
         for x in self.chunks(i, ctx):
             out = merger.merge_chunk(x).detach()
-            self.stream.write(i, x.start, self.to_host(out).numpy())
+            take(i, x.start, self.to_host(out).numpy())
         self.output_seconds += time.perf_counter() - clock
 
     def buffer(self, k: int, nbytes: int) -> torch.Tensor:

@@ -69,6 +69,51 @@ pub struct TensorJob {
     /// Global parameters for this tensor.
     #[serde(default)]
     pub params: BTreeMap<String, f64>,
+    /// Write the merged values quantized (`name` and `dtype` are then the codes'; `shape`
+    /// stays the weight's): `out_quantization: base` (QUANT.md §8).
+    #[serde(default)]
+    pub encode: Option<Encode>,
+}
+
+/// How a merged weight is written back quantized, in the base model's layout.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Encode {
+    /// How each block's scale is chosen: `amax` (`amax / max`: block, compressed-tensors and
+    /// ModelOpt FP8, QUANT.md §3, §4a, §5), `ue8m0` (powers of two, §3), `mx` (E8M0 bytes,
+    /// §4d, §6), `nvfp4` (over a global divisor, §4c), `nvfp4_modelopt` (times a global
+    /// multiplier, §5), `int` or `int_asym` (§4b).
+    pub rule: String,
+    /// The block (or per-tensor) scales.
+    pub scale: Companion,
+    /// Rows and columns of one block; `None` for one scale over the whole tensor.
+    #[serde(default)]
+    pub block: Option<[u64; 2]>,
+    /// Bits of packed integers (4 or 8).
+    #[serde(default)]
+    pub bits: Option<u8>,
+    /// NVFP4's one-value global scale.
+    #[serde(default)]
+    pub global: Option<Companion>,
+    /// Tensors with the same key share the amax their global scale is computed from (an
+    /// NVFP4 fusion group: q/k/v, gate/up); by default, the tensor's own.
+    #[serde(default)]
+    pub fusion: Option<String>,
+    /// Zero points of asymmetric integers.
+    #[serde(default)]
+    pub zero_point: Option<Companion>,
+}
+
+/// An output tensor written beside a quantized weight's codes.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Companion {
+    /// Its name.
+    pub name: String,
+    /// Its dtype (safetensors spelling).
+    pub dtype: String,
+    /// Its shape, as in the base model.
+    pub shape: Vec<u64>,
 }
 
 /// One input tensor of one model.

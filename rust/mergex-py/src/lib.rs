@@ -107,12 +107,14 @@ impl Stream {
         f(sink).map_err(|e| to_py(py, e))
     }
 
-    fn write_from<T: Real + Element>(
+    /// Write (`observe = false`) or fold into an amax (`true`) merged values of tensor `t`.
+    fn take_values<T: Real + Element>(
         &self,
         py: Python<'_>,
         t: usize,
         start: u64,
         values: &PyBuffer<T>,
+        observe: bool,
     ) -> PyResult<()> {
         let ptr =
             values.as_slice_ptr().ok_or_else(|| bad_buffer(py, "write: the buffer must be contiguous"))?;
@@ -123,9 +125,27 @@ impl Stream {
         // writes a chunk only once it is computed).
         let values: &[T] = unsafe { ptr.as_ref() };
         let engine = &self.engine;
+        if observe {
+            return self.with_sink(py, |sink| py.detach(|| engine.observe_amax(sink, t, start, values)));
+        }
         let mut guard = self.bytes.lock().map_err(|_| closed(py))?;
         let bytes: &mut Vec<u8> = &mut guard;
         self.with_sink(py, |sink| py.detach(|| engine.write_chunk(sink, t, start, values, bytes)))
+    }
+
+    fn values(
+        &self,
+        py: Python<'_>,
+        t: usize,
+        start: u64,
+        values: &Bound<'_, PyAny>,
+        observe: bool,
+    ) -> PyResult<()> {
+        if let Ok(b) = PyBuffer::<f32>::get(values) {
+            self.take_values(py, t, start, &b, observe)
+        } else {
+            self.take_values(py, t, start, &PyBuffer::<f64>::get(values)?, observe)
+        }
     }
 }
 
@@ -169,11 +189,13 @@ impl Stream {
 
     /// Write merged values (a float32 or float64 buffer) of tensor `t` from element `start`.
     fn write(&self, py: Python<'_>, t: usize, start: u64, values: &Bound<'_, PyAny>) -> PyResult<()> {
-        if let Ok(b) = PyBuffer::<f32>::get(values) {
-            self.write_from(py, t, start, &b)
-        } else {
-            self.write_from(py, t, start, &PyBuffer::<f64>::get(values)?)
-        }
+        self.values(py, t, start, values, false)
+    }
+
+    /// Fold merged values of tensor `t` from element `start` into the amax of its
+    /// `amax_key`, before any tensor of that key is written.
+    fn observe(&self, py: Python<'_>, t: usize, start: u64, values: &Bound<'_, PyAny>) -> PyResult<()> {
+        self.values(py, t, start, values, true)
     }
 
     /// Copy tensor `t` (a non-float tensor) byte for byte.

@@ -101,6 +101,7 @@ pub struct TensorInfo {
     views: usize,
     dtypes: Vec<&'static str>,
     slot: usize,
+    amax_key: Option<String>,
     kept: bool,
 }
 
@@ -118,6 +119,7 @@ impl From<CoreTensorInfo> for TensorInfo {
             views: t.views,
             dtypes: t.dtypes,
             slot: t.slot,
+            amax_key: t.amax_key,
             kept: t.kept,
         }
     }

@@ -10,6 +10,7 @@ use super::read::View;
 use crate::error::{Error, Result};
 use crate::format::checkpoint::Checkpoint;
 use crate::format::dtype::Dtype;
+use crate::format::encode::Encoder;
 use crate::format::quant::{Packed, Scales};
 use crate::format::writer::{layout, Layout, OutTensor};
 use crate::job::{InputRef, Job, TensorJob};
@@ -46,7 +47,17 @@ pub const FIXED_OVERHEAD: u64 = 96 * 1024 * 1024;
 #[derive(Debug)]
 pub(crate) struct Prepared {
     pub job: TensorJob,
+    /// The output tensor (a quantized weight's codes).
     pub out: OutTensor,
+    /// The merged tensor's shape (a quantized weight's, not its codes').
+    pub shape: Vec<u64>,
+    /// Writes the merged values quantized (`out_quantization: base`).
+    pub enc: Option<Encoder>,
+    /// The tensors written beside the codes of a quantized weight (scales, global scale,
+    /// zero points), in output order after it.
+    pub companions: Vec<OutTensor>,
+    /// Index of [`Prepared::out`] among all output tensors ([`Engine::out`]).
+    pub first_out: usize,
     pub copy: bool,
     pub base: Option<View>,
     pub inputs: Vec<View>,
@@ -60,7 +71,21 @@ pub(crate) struct Prepared {
 
 impl Prepared {
     pub fn numel(&self) -> u64 {
-        self.out.shape.iter().product()
+        self.shape.iter().product()
+    }
+
+    /// The key whose amax the scales need, when they need one (QUANT.md §7): the tensor's
+    /// fusion group, else its own name.
+    pub fn amax_key(&self) -> Option<&str> {
+        self.enc.as_ref().filter(|e| e.needs_amax())?;
+        Some(self.job.encode.as_ref().and_then(|e| e.fusion.as_deref()).unwrap_or(&self.out.name))
+    }
+
+    /// Input bytes read over all passes: the statistics and output passes, and the passes
+    /// of the amax run before them when the scales need one.
+    pub fn bytes_read(&self) -> u64 {
+        let runs = if self.amax_key().is_some() { 2 } else { 1 };
+        self.pass_bytes() * self.passes as u64 * runs
     }
 
     pub fn views(&self) -> impl Iterator<Item = &View> {
@@ -77,9 +102,13 @@ impl Prepared {
         self.views().map(|v| v.bytes_for(self.numel())).sum()
     }
 
-    /// Bytes a chunk holds per element: the mapped input bytes and the encoded output.
+    /// Bytes a chunk holds per element: the mapped input bytes and the encoded output (and,
+    /// for a quantized output, the f32 values it is encoded from).
     fn per_elem(&self) -> u64 {
-        self.views().map(|v| v.entry.dtype.size() as u64).sum::<u64>() + self.out.dtype.size() as u64
+        let encoding = if self.enc.is_some() { 4 } else { 0 };
+        self.views().map(|v| v.entry.dtype.size() as u64).sum::<u64>()
+            + self.out.dtype.size() as u64
+            + encoding
     }
 
     /// Bytes of one worker's sub-block buffers (decoded inputs and output, and the inputs'
@@ -153,14 +182,20 @@ impl Engine {
         let paths: Vec<&Path> = job.models.iter().map(|p| p.as_path()).collect();
         let mut names = HashSet::new();
         let mut tensors = Vec::with_capacity(job.tensors.len());
+        let (mut out, mut joined) = (Vec::new(), Vec::new());
         for t in &job.tensors {
-            if !names.insert(t.name.as_str()) {
-                return Err(Error::job("tensors", format!("output tensor '{}' appears twice", t.name)));
+            let mut p = prepare_tensor(&job, method, &models, &paths, t)?;
+            p.first_out = out.len();
+            for (k, o) in std::iter::once(&p.out).chain(&p.companions).enumerate() {
+                if !names.insert(o.name.clone()) {
+                    return Err(Error::job("tensors", format!("output tensor '{}' appears twice", o.name)));
+                }
+                out.push(o.clone());
+                joined.push(k > 0);
             }
-            tensors.push(prepare_tensor(&job, method, &models, &paths, t)?);
+            tensors.push(p);
         }
-        let out: Vec<OutTensor> = tensors.iter().map(|p| p.out.clone()).collect();
-        let layout = layout(&out, job.shard_size, &job.metadata)?;
+        let layout = layout(&out, &joined, job.shard_size, &job.metadata)?;
         Ok(Engine { job, method, tensors, out, layout })
     }
 
@@ -177,7 +212,7 @@ impl Engine {
         PlanSummary {
             method: self.method.name.to_string(),
             tensors: self.tensors.len(),
-            bytes_read: self.tensors.iter().map(|t| t.pass_bytes() * t.passes as u64).sum(),
+            bytes_read: self.tensors.iter().map(Prepared::bytes_read).sum(),
             input_bytes: self.tensors.iter().map(Prepared::pass_bytes).sum(),
             bytes_written: self.layout.total_size,
             threads: self.job.threads,
@@ -297,10 +332,21 @@ fn prepare_tensor(
     if inputs.is_empty() {
         return Err(Error::job("tensors", format!("tensor '{}' has no inputs", t.name)));
     }
-    let out = OutTensor { name: t.name.clone(), dtype, shape: t.shape.clone() };
+    let (enc, out, companions) = match &t.encode {
+        Some(e) if !t.copy => {
+            let (enc, mut outs) = Encoder::new(&t.name, &t.shape, dtype, e)?;
+            let codes = outs.remove(0);
+            (Some(enc), codes, outs)
+        }
+        _ => (None, OutTensor { name: t.name.clone(), dtype, shape: t.shape.clone() }, Vec::new()),
+    };
     let mut p = Prepared {
         job: t.clone(),
         out,
+        shape: t.shape.clone(),
+        enc,
+        companions,
+        first_out: 0,
         copy: t.copy,
         base,
         inputs,
@@ -322,7 +368,7 @@ fn prepare_tensor(
             ));
         }
     } else {
-        if !dtype.is_output_float() {
+        if p.enc.is_none() && !dtype.is_output_float() {
             return Err(Error::job(
                 "dtype",
                 format!("tensor '{}': cannot write merged values as {}", t.name, dtype.name()),
@@ -349,7 +395,7 @@ fn prepare_tensor(
             (m.planned_passes(), m.align())
         };
         p.passes = 1 + passes;
-        p.align = align.max(1);
+        p.align = lcm(align.max(1), p.enc.as_ref().map_or(1, Encoder::align));
     }
     let buffers = p.sub_block_bytes() * job.threads as u64;
     p.chunk =

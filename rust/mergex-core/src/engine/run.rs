@@ -3,8 +3,9 @@
 //! input, merges it in the working precision, rounds once to the output dtype and writes it
 //! at its final offset; the input pages it used are then released.
 
+use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Mutex;
 use std::time::Instant;
 
@@ -16,6 +17,7 @@ use super::progress::Progress;
 use super::read::View;
 use crate::error::{Error, Result};
 use crate::format::dtype::Dtype;
+use crate::format::encode::Encoded;
 use crate::format::writer::{Placement, Writer};
 use crate::kernels::real::{Raw, Real};
 use crate::kernels::sums::SumInputs;
@@ -60,6 +62,9 @@ struct Scratch<T> {
     raws: Vec<Vec<u8>>,
     out: Vec<T>,
     bytes: Vec<u8>,
+    /// A quantized output's merged values over the whole chunk, and their encoding.
+    vals: Vec<f32>,
+    encoded: Encoded,
     /// This worker's share of the current statistics pass.
     stats: Stats,
 }
@@ -71,6 +76,8 @@ impl<T: Real> Scratch<T> {
             raws: Vec::new(),
             out: Vec::new(),
             bytes: Vec::new(),
+            vals: Vec::new(),
+            encoded: Encoded::default(),
             stats: Stats::default(),
         }
     }
@@ -123,21 +130,41 @@ impl Engine {
         let (s32, s64) = (Scratches::<f32>::new(self.job.threads), Scratches::<f64>::new(self.job.threads));
         let mut times = Timings::default();
         pool.install(|| -> Result<()> {
-            for (i, (t, place)) in self.tensors.iter().zip(&self.layout.placements).enumerate() {
+            // Scales that need the merged amax of a tensor or of its fusion group: the
+            // members are merged once for it first (QUANT.md §7).
+            let mut amax = BTreeMap::new();
+            for (i, t) in self.tensors.iter().enumerate() {
+                let Some(key) = t.amax_key().filter(|k| kept.get(i) != Some(&true) && !amax.contains_key(*k))
+                else {
+                    continue;
+                };
+                let mut value = 0f32;
+                for m in self.tensors.iter().filter(|m| m.amax_key() == Some(key)) {
+                    let a = if m.wide {
+                        self.merged_amax(m, progress, &s64, &mut times)?
+                    } else {
+                        self.merged_amax(m, progress, &s32, &mut times)?
+                    };
+                    value = value.max(a);
+                }
+                amax.insert(key.to_string(), value);
+            }
+            for (i, t) in self.tensors.iter().enumerate() {
                 if kept.get(i) == Some(&true) {
                     progress.tensors_done.fetch_add(1, Ordering::Relaxed);
                     continue;
                 }
                 self.begin_tensor(i)?;
                 let writer = sink.writer();
+                let a = t.amax_key().and_then(|k| amax.get(k)).copied();
                 if t.copy {
                     let clock = Instant::now();
-                    self.copy_tensor(t, *place, writer, progress)?;
+                    self.copy_tensor(t, self.place(t, 0), writer, progress)?;
                     times.output += clock.elapsed().as_secs_f64();
                 } else if t.wide {
-                    self.merge_tensor(t, *place, writer, progress, &s64, &mut times)?;
+                    self.merge_tensor(t, Output::Write(writer, a), progress, &s64, &mut times)?;
                 } else {
-                    self.merge_tensor(t, *place, writer, progress, &s32, &mut times)?;
+                    self.merge_tensor(t, Output::Write(writer, a), progress, &s32, &mut times)?;
                 }
                 self.end_tensor(&mut sink, i, progress)?;
             }
@@ -148,6 +175,68 @@ impl Engine {
         summary.stat_pass_seconds = times.stats;
         summary.output_seconds = times.output;
         Ok(summary)
+    }
+
+    /// Where output `k` of tensor `t` goes (0: the tensor itself, then its companions).
+    pub(crate) fn place(&self, t: &Prepared, k: usize) -> Placement {
+        self.layout.placements.get(t.first_out + k).copied().unwrap_or(Placement { shard: 0, offset: 0 })
+    }
+
+    /// Merge tensor `t` once for the largest magnitude of its merged values, writing nothing.
+    fn merged_amax<T: Real>(
+        &self,
+        t: &Prepared,
+        progress: &Progress,
+        scratch: &Scratches<T>,
+        times: &mut Timings,
+    ) -> Result<f32>
+    where
+        Self: Build<T>,
+    {
+        let amax = AtomicU32::new(0);
+        self.merge_tensor(t, Output::Amax(&amax), progress, scratch, times)?;
+        Ok(f32::from_bits(amax.load(Ordering::Relaxed)))
+    }
+
+    /// Write one finished chunk of merged values (`s.bytes`, or `s.vals` for a quantized
+    /// output) or fold it into an amax.
+    fn emit<T: Real>(
+        &self,
+        t: &Prepared,
+        s: &mut Scratch<T>,
+        start: u64,
+        len: u64,
+        to: &Output<'_>,
+    ) -> Result<()> {
+        match (to, &t.enc) {
+            (Output::Write(writer, _), None) => {
+                let size = t.out.dtype.size() as u64;
+                let bytes = s.bytes.get(..len as usize * size as usize).unwrap_or_default();
+                let place = self.place(t, 0);
+                writer.write_at(place.shard, place.offset + start * size, bytes)
+            }
+            (Output::Write(writer, amax), Some(enc)) => {
+                let vals = s.vals.get(..len as usize).unwrap_or_default();
+                enc.encode(start, vals, *amax, &mut s.encoded)?;
+                let e = &s.encoded;
+                let parts = [
+                    (0, e.codes_at, &e.codes),
+                    (1, e.scales_at, &e.scales),
+                    (t.companions.len(), e.zeros_at, &e.zeros),
+                ];
+                for (k, at, bytes) in parts {
+                    if !bytes.is_empty() {
+                        let place = self.place(t, k);
+                        writer.write_at(place.shard, place.offset + at, bytes)?;
+                    }
+                }
+                Ok(())
+            }
+            (Output::Amax(cell), _) => {
+                let vals = s.vals.get(..len as usize).unwrap_or_default();
+                fold_amax(t, start, vals, cell)
+            }
+        }
     }
 
     fn chunks(t: &Prepared) -> Vec<(u64, u64)> {
@@ -180,8 +269,7 @@ impl Engine {
     fn merge_tensor<T: Real>(
         &self,
         t: &Prepared,
-        place: Placement,
-        writer: &Writer,
+        to: Output<'_>,
         progress: &Progress,
         scratch: &Scratches<T>,
         times: &mut Timings,
@@ -242,8 +330,14 @@ impl Engine {
             progress.bytes_total.fetch_sub(unread, Ordering::Relaxed);
         }
         let m = &*merger;
-        let size = t.out.dtype.size() as u64;
         let clock = Instant::now();
+        if let (Output::Write(writer, amax), Some(enc)) = (&to, &t.enc) {
+            // The one-value companions (a per-tensor scale, a global scale).
+            for (k, bytes) in enc.scalars(amax.unwrap_or(0.0))? {
+                let place = self.place(t, k);
+                writer.write_at(place.shard, place.offset, &bytes)?;
+            }
+        }
         let fused = merger.weighted_sum();
         let work = Work { decode: !m.takes_stored(&dtypes), encode: true, announce: true };
         let written = chunks.par_iter().try_for_each(|&(start, len)| {
@@ -255,8 +349,7 @@ impl Engine {
                         Ok(())
                     })?,
                 }
-                let bytes = s.bytes.get(..len as usize * size as usize).unwrap_or_default();
-                writer.write_at(place.shard, place.offset + start * size, bytes)
+                self.emit(t, s, start, len, &to)
             })
         });
         times.output += clock.elapsed().as_secs_f64();
@@ -301,14 +394,13 @@ fn with_chunk<T: Real>(
     }
     let unit = t.unit();
     let sub = SUB_BLOCK.div_ceil(unit) * unit;
-    let size = t.out.dtype.size();
     let views: Vec<_> = t.views().collect();
     for v in views.iter().filter(|_| work.announce) {
         v.will_need(start, len);
     }
     s.inputs.resize_with(views.len(), Vec::new);
     if work.encode {
-        s.bytes.resize(len as usize * size, 0);
+        out_buffers(t, len, &mut s.bytes, &mut s.vals);
     }
     let mut at = start;
     while at < start + len {
@@ -337,10 +429,7 @@ fn with_chunk<T: Real>(
         let mut x = ChunkInputs { start: at, base, models, stored, decoded: work.decode };
         f(&mut x, &mut s.out[..n], &mut s.stats)?;
         if work.encode {
-            let off = (at - start) as usize * size;
-            if let Some(dst) = s.bytes.get_mut(off..off + n * size) {
-                crate::kernels::dispatch::encode(&s.out[..n], t.out.dtype, dst);
-            }
+            place_out(t, &s.out[..n], (at - start) as usize, &mut s.bytes, &mut s.vals);
         }
         at += n as u64;
     }
@@ -365,8 +454,7 @@ fn weighted_chunk<T: Real>(
         return Err(Error::Cancelled);
     }
     let sub = SUB_BLOCK.div_ceil(t.unit()) * t.unit();
-    let size = t.out.dtype.size();
-    s.bytes.resize(len as usize * size, 0);
+    out_buffers(t, len, &mut s.bytes, &mut s.vals);
     let views: Vec<_> = t.views().collect();
     for v in &views {
         v.will_need(start, len);
@@ -384,15 +472,77 @@ fn weighted_chunk<T: Real>(
         s.out.resize(n, T::ZERO);
         let out = &mut s.out[..n];
         crate::kernels::dispatch::weighted_sum(&x, out);
-        let off = (at - start) as usize * size;
-        if let Some(dst) = s.bytes.get_mut(off..off + n * size) {
-            crate::kernels::dispatch::encode(out, t.out.dtype, dst);
-        }
+        place_out(t, out, (at - start) as usize, &mut s.bytes, &mut s.vals);
         at += n as u64;
     }
     for v in &views {
         progress.add_bytes(v.bytes_for(len));
     }
+    Ok(())
+}
+
+/// Where the merged values of an output pass go.
+pub(crate) enum Output<'a> {
+    /// Written, with the amax of the tensor's fusion group when its scales need one.
+    Write(&'a Writer, Option<f32>),
+    /// Only their largest magnitude, folded into the cell (f32 bits).
+    Amax(&'a AtomicU32),
+}
+
+/// Size a chunk's output buffers: its encoded bytes, or for a quantized output, its f32 values.
+fn out_buffers(t: &Prepared, len: u64, bytes: &mut Vec<u8>, vals: &mut Vec<f32>) {
+    if t.enc.is_some() {
+        vals.resize(len as usize, 0.0);
+    } else {
+        bytes.resize(len as usize * t.out.dtype.size(), 0);
+    }
+}
+
+/// Put a sub-block's merged values at element `off` of the chunk's output buffers (see
+/// [`out_buffers`]), rounded once to the output dtype (or to f32, to be quantized).
+fn place_out<T: Real>(t: &Prepared, out: &[T], off: usize, bytes: &mut [u8], vals: &mut [f32]) {
+    let n = out.len();
+    if t.enc.is_some() {
+        if let Some(dst) = vals.get_mut(off..off + n) {
+            to_f32(out, dst);
+        }
+    } else {
+        let size = t.out.dtype.size();
+        if let Some(dst) = bytes.get_mut(off * size..(off + n) * size) {
+            crate::kernels::dispatch::encode(out, t.out.dtype, dst);
+        }
+    }
+}
+
+/// Merged values as f32 (f64 work rounds once).
+pub(crate) fn to_f32<T: Real>(src: &[T], dst: &mut [f32]) {
+    if let Some(v) = T::as_f32s(src) {
+        dst.copy_from_slice(v);
+        return;
+    }
+    let mut bytes = vec![0u8; src.len() * 4];
+    T::encode(src, Dtype::F32, &mut bytes);
+    for (d, b) in dst.iter_mut().zip(bytes.chunks_exact(4)) {
+        *d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+    }
+}
+
+/// Fold the magnitudes of merged values (elements from `start` of `t`) into `cell`, the
+/// f32 bits of an amax (bits order non-negative floats); a NaN or infinity is an error.
+pub(crate) fn fold_amax(t: &Prepared, start: u64, vals: &[f32], cell: &AtomicU32) -> Result<()> {
+    let amax = vals.iter().fold(0f32, |a, v| a.max(v.abs()));
+    if !amax.is_finite() || vals.iter().any(|v| v.is_nan()) {
+        let k = vals.iter().position(|v| !v.is_finite()).unwrap_or(0);
+        return Err(Error::Degenerate {
+            tensor: t.out.name.clone(),
+            message: format!(
+                "merged value at index {} is {}; it cannot be quantized",
+                start + k as u64,
+                vals[k]
+            ),
+        });
+    }
+    cell.fetch_max(amax.to_bits(), Ordering::Relaxed);
     Ok(())
 }
 

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU32, Ordering};
 
 use rayon::prelude::*;
 use rayon::ThreadPool;
@@ -30,6 +30,8 @@ pub struct Sink {
     keep: Vec<bool>,
     /// Finished shards and their checksums (resumable runs).
     sealed: BTreeMap<String, String>,
+    /// The amax of each key whose scales need one ([`Engine::observe_amax`]).
+    amax: BTreeMap<String, AtomicU32>,
 }
 
 /// The input side of a stream: the threads that read chunks ([`Engine::open_reader`]).
@@ -63,6 +65,9 @@ pub struct TensorInfo {
     pub dtypes: Vec<&'static str>,
     /// Bytes per element of each input's place in a raw chunk: the widest input dtype.
     pub slot: usize,
+    /// The scales need the amax of the merged values of every tensor with this key first
+    /// (a quantized output with a per-tensor or global scale): [`Engine::observe_amax`].
+    pub amax_key: Option<String>,
     /// Already written by an interrupted run that is being resumed: skip it.
     pub kept: bool,
 }
@@ -81,7 +86,7 @@ impl Engine {
             .zip(self.kept_flags())
             .map(|(t, kept)| TensorInfo {
                 name: t.out.name.clone(),
-                shape: t.out.shape.clone(),
+                shape: t.shape.clone(),
                 dtype: t.out.dtype.name(),
                 copy: t.copy,
                 wide: t.wide,
@@ -91,6 +96,7 @@ impl Engine {
                 views: t.views().count(),
                 dtypes: t.views().map(|v| v.dtype().name()).collect(),
                 slot: slot(t),
+                amax_key: t.amax_key().map(str::to_string),
                 kept,
             })
             .collect()
@@ -102,28 +108,30 @@ impl Engine {
         self.layout.shards.iter().map(|s| done.is_some_and(|d| d.contains_key(&s.file_name))).collect()
     }
 
-    /// Per tensor: whether its shard was finished by an interrupted run.
+    /// Per tensor: whether its shard was finished by an interrupted run (a quantized
+    /// weight's companions share its shard).
     pub(crate) fn kept_flags(&self) -> Vec<bool> {
         let shards = self.kept_shards();
-        self.layout.placements.iter().map(|p| shards.get(p.shard) == Some(&true)).collect()
+        self.tensors.iter().map(|t| shards.get(self.place(t, 0).shard) == Some(&true)).collect()
     }
 
     /// Create the output files in `dir` (an existing folder; when resuming, it may hold the
     /// finished shards, which are kept as they are) and set the progress totals.
     pub fn open_sink(&self, dir: &Path, progress: &Progress) -> Result<Sink> {
-        let total: u64 = self
-            .tensors
-            .iter()
-            .zip(self.kept_flags())
-            .filter(|(_, k)| !k)
-            .map(|(t, _)| t.pass_bytes() * t.passes as u64)
-            .sum();
+        let total: u64 =
+            self.tensors.iter().zip(self.kept_flags()).filter(|(_, k)| !k).map(|(t, _)| t.bytes_read()).sum();
         progress.bytes_total.store(total, Ordering::Relaxed);
         progress.tensors_total.store(self.tensors.len() as u64, Ordering::Relaxed);
         let keep = self.kept_shards();
         let writer = Writer::create(dir, &self.layout, &keep)?;
         let sealed = self.job.resume.as_ref().map(|r| r.done.clone()).unwrap_or_default();
-        Ok(Sink { writer, keep, sealed })
+        let amax = self
+            .tensors
+            .iter()
+            .filter_map(|t| t.amax_key())
+            .map(|k| (k.to_string(), AtomicU32::new(0)))
+            .collect();
+        Ok(Sink { writer, keep, sealed, amax })
     }
 
     pub(crate) fn tensor(&self, t: usize) -> Result<&Prepared> {
@@ -190,8 +198,10 @@ impl Engine {
         Ok(())
     }
 
-    /// Round `values` (elements from `start` of tensor `t`) to the output dtype and write
-    /// them at their final place; `bytes` is scratch.
+    /// Round `values` (elements from `start` of tensor `t`, whole chunks of its units) to
+    /// the output dtype, or quantize them, and write them at their final place; `bytes` is
+    /// scratch. A quantized tensor whose scales need an amax ([`TensorInfo::amax_key`]) takes
+    /// it from [`Engine::observe_amax`], over every tensor of its key, all observed first.
     pub fn write_chunk<T: Real>(
         &self,
         sink: &Sink,
@@ -201,23 +211,60 @@ impl Engine {
         bytes: &mut Vec<u8>,
     ) -> Result<()> {
         let p = self.tensor(t)?;
-        let place =
-            self.layout.placements.get(t).copied().ok_or_else(|| Error::job("tensor", "no placement"))?;
         if p.copy || start.checked_add(values.len() as u64).is_none_or(|end| end > p.numel()) {
             return Err(Error::job("chunk", format!("bad output chunk at {start} of '{}'", p.out.name)));
         }
-        let size = p.out.dtype.size();
-        bytes.resize(values.len() * size, 0);
-        crate::kernels::dispatch::encode(values, p.out.dtype, bytes);
-        sink.writer.write_at(place.shard, place.offset + start * size as u64, bytes)
+        let Some(enc) = &p.enc else {
+            let place = self.place(p, 0);
+            let size = p.out.dtype.size();
+            bytes.resize(values.len() * size, 0);
+            crate::kernels::dispatch::encode(values, p.out.dtype, bytes);
+            return sink.writer.write_at(place.shard, place.offset + start * size as u64, bytes);
+        };
+        let amax =
+            p.amax_key().and_then(|k| sink.amax.get(k)).map(|a| f32::from_bits(a.load(Ordering::Relaxed)));
+        if start == 0 {
+            for (k, b) in enc.scalars(amax.unwrap_or(0.0))? {
+                let place = self.place(p, k);
+                sink.writer.write_at(place.shard, place.offset, &b)?;
+            }
+        }
+        let mut vals = vec![0f32; values.len()];
+        super::run::to_f32(values, &mut vals);
+        let mut e = crate::format::encode::Encoded::default();
+        enc.encode(start, &vals, amax, &mut e)?;
+        let parts = [
+            (0, e.codes_at, &e.codes),
+            (1, e.scales_at, &e.scales),
+            (p.companions.len(), e.zeros_at, &e.zeros),
+        ];
+        for (k, at, b) in parts {
+            if !b.is_empty() {
+                let place = self.place(p, k);
+                sink.writer.write_at(place.shard, place.offset + at, b)?;
+            }
+        }
+        bytes.clear();
+        Ok(())
+    }
+
+    /// Fold merged `values` (elements from `start` of tensor `t`) into the amax of its key,
+    /// before any tensor of that key is written (QUANT.md §7).
+    pub fn observe_amax<T: Real>(&self, sink: &Sink, t: usize, start: u64, values: &[T]) -> Result<()> {
+        let p = self.tensor(t)?;
+        let cell = p
+            .amax_key()
+            .and_then(|k| sink.amax.get(k))
+            .ok_or_else(|| Error::job("chunk", format!("tensor '{}' needs no amax", p.out.name)))?;
+        let mut vals = vec![0f32; values.len()];
+        super::run::to_f32(values, &mut vals);
+        super::run::fold_amax(p, start, &vals, cell)
     }
 
     /// Copy tensor `t` (a copy tensor) chunk by chunk.
     pub fn copy_chunks(&self, sink: &Sink, t: usize, progress: &Progress) -> Result<()> {
         let p = self.tensor(t)?;
-        let place =
-            self.layout.placements.get(t).copied().ok_or_else(|| Error::job("tensor", "no placement"))?;
-        self.copy_tensor(p, place, &sink.writer, progress)
+        self.copy_tensor(p, self.place(p, 0), &sink.writer, progress)
     }
 
     /// Tensor `t`'s statistics passes are done, `ran` of them: correct the progress total
@@ -237,10 +284,11 @@ impl Engine {
     /// run, flush the shard and record its checksum.
     pub fn end_tensor(&self, sink: &mut Sink, t: usize, progress: &Progress) -> Result<()> {
         progress.tensors_done.fetch_add(1, Ordering::Relaxed);
-        let Some(place) = self.layout.placements.get(t) else { return Ok(()) };
+        let p = self.tensor(t)?;
+        let (place, last) = (self.place(p, 0), p.first_out + p.companions.len());
         let shard = self.layout.shards.get(place.shard);
         if let (Some(r), Some(shard)) = (self.job.resume.as_ref(), shard) {
-            if shard.tensors.last() == Some(&t) && sink.keep.get(place.shard) != Some(&true) {
+            if shard.tensors.last() == Some(&last) && sink.keep.get(place.shard) != Some(&true) {
                 sink.sealed.insert(shard.file_name.clone(), sink.writer.seal(place.shard)?);
                 save_state(r, &sink.sealed)?;
             }

@@ -2,6 +2,7 @@
 
 pub mod checkpoint;
 pub mod dtype;
+pub mod encode;
 pub mod file;
 pub mod header;
 pub mod quant;

@@ -66,14 +66,27 @@ pub struct Layout {
 }
 
 /// Split tensors into shards of at most `shard_size` data bytes (a larger tensor gets a
-/// shard of its own) and serialize each shard's header.
-pub fn layout(tensors: &[OutTensor], shard_size: u64, metadata: &BTreeMap<String, String>) -> Result<Layout> {
+/// shard of its own) and serialize each shard's header. A tensor whose `joined` flag is set
+/// stays in the shard of the tensor before it (a quantized weight's scales beside its codes).
+pub fn layout(
+    tensors: &[OutTensor],
+    joined: &[bool],
+    shard_size: u64,
+    metadata: &BTreeMap<String, String>,
+) -> Result<Layout> {
     let mut groups: Vec<Vec<usize>> = vec![Vec::new()];
     let mut current = 0u64;
-    for (i, t) in tensors.iter().enumerate() {
-        let n = t.nbytes();
+    for i in 0..tensors.len() {
+        // The whole group that starts here must fit.
+        let group_end =
+            (i + 1..tensors.len()).find(|&k| joined.get(k) != Some(&true)).unwrap_or(tensors.len());
+        let n: u64 = if joined.get(i) == Some(&true) {
+            0
+        } else {
+            tensors[i..group_end].iter().map(OutTensor::nbytes).sum()
+        };
         if let Some(last) = groups.last_mut() {
-            if !last.is_empty() && current + n > shard_size {
+            if !last.is_empty() && joined.get(i) != Some(&true) && current + n > shard_size {
                 groups.push(Vec::new());
                 current = 0;
             }
@@ -501,7 +514,7 @@ mod tests {
         ) {
             let dir = scratch(&format!("fold-{n}-{}", cuts.len()));
             let tensors = [OutTensor { name: "x".into(), dtype: Dtype::U8, shape: vec![n as u64] }];
-            let l = layout(&tensors, u64::MAX, &BTreeMap::new()).unwrap();
+            let l = layout(&tensors, &[], u64::MAX, &BTreeMap::new()).unwrap();
             let header = l.shards[0].header.len();
             let data: Vec<u8> = (0..n).map(|i| (i * 7 + i / 300) as u8).collect();
             let w = Writer::create(&dir, &l, &[]).unwrap();
@@ -523,7 +536,7 @@ mod tests {
     fn a_shard_with_unwritten_bytes_does_not_seal() {
         let dir = scratch("gap");
         let tensors = [OutTensor { name: "x".into(), dtype: Dtype::F32, shape: vec![3000] }];
-        let l = layout(&tensors, u64::MAX, &BTreeMap::new()).unwrap();
+        let l = layout(&tensors, &[], u64::MAX, &BTreeMap::new()).unwrap();
         let at = l.placements[0].offset;
         let w = Writer::create(&dir, &l, &[]).unwrap();
         w.write_at(0, at, &[1u8; 8000]).unwrap();
@@ -541,7 +554,7 @@ mod tests {
     #[test]
     fn shards_split_at_the_size_limit() {
         let ts = [t("a", 10), t("b", 10), t("c", 30), t("d", 1)];
-        let l = layout(&ts, 80, &BTreeMap::new()).unwrap();
+        let l = layout(&ts, &[], 80, &BTreeMap::new()).unwrap();
         // a+b = 80 bytes fit; c (120 bytes) alone; d next.
         assert_eq!(l.shards.len(), 3);
         assert_eq!(l.shards[0].tensors, vec![0, 1]);
@@ -556,7 +569,7 @@ mod tests {
     #[test]
     fn header_parses_back() {
         let ts = [t("a", 3), t("b", 2)];
-        let l = layout(&ts, u64::MAX, &BTreeMap::new()).unwrap();
+        let l = layout(&ts, &[], u64::MAX, &BTreeMap::new()).unwrap();
         let s = &l.shards[0];
         let h = crate::format::header::parse_header(
             Path::new("out"),

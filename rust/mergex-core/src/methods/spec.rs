@@ -308,6 +308,7 @@ mod tests {
             }),
             inputs: (0..inputs).map(input).collect(),
             params: params.iter().map(|&(k, v)| (k.to_string(), v)).collect(),
+            encode: None,
         }
     }
 
