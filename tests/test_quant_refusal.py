@@ -98,17 +98,6 @@ CASES = {
         dict(drop=(PROJ,), add=CT_INT4_TENSORS),
         ["compressed-tensors", PREFIX + "weight_packed"],
     ),
-    "gpt_oss_mxfp4": (
-        dict(
-            drop=(PROJ,),
-            add={
-                "model.layers.0.mlp.experts.down_proj_blocks": raw("U8", (2, 96, 8, 16)),
-                "model.layers.0.mlp.experts.down_proj_scales": raw("U8", (2, 96, 8), 127),
-            },
-            quant={"quant_method": "mxfp4"},
-        ),
-        ["gpt-oss MXFP4", "not supported yet"],
-    ),
     # Refused formats (QUANT.md §9), by configuration or by tensor.
     "gptq_config": (dict(quant={"quant_method": "gptq", "bits": 4}), ["GPTQ", "quant_method 'gptq'"]),
     "gptq_tensors": (

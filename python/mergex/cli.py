@@ -306,7 +306,7 @@ def inspect(
                 continue
             block = f"{q.block[0]}x{q.block[1]} blocks" if q.block else "per tensor"
             kind = f"INT{q.int_bits} (I32 words)" if q.int_bits else "FP4 (E2M1)" if q.fp4 else x.dtype
-            what = f"{kind}, {block}"
+            what = f"{kind}, {block}" + (", stored transposed" if q.transposed else "")
             extra = sum(size[n] for n in (q.global_scale, q.weight_shape, q.zero_point) if n)
             nbytes = x.nbytes + size[q.scale] + extra
             shape = str(list(q.shape or x.shape))

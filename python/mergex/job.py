@@ -36,6 +36,9 @@ class ScaleRef:
     """The tensor holding the weight's shape, which the engine checks."""
     zero_point: str | None = None
     """Asymmetric packed integers' zero points."""
+    transposed: bool = False
+    """gpt-oss MXFP4: ``tensor`` holds the scales and the input the blocks of the weight's
+    transpose."""
 
 
 @dataclass
@@ -63,6 +66,8 @@ class Encode:
     fusion: str | None = None
     """Tensors with the same key share the amax of their NVFP4 global scale."""
     zero_point: Companion | None = None
+    transposed: bool = False
+    """gpt-oss MXFP4: the codes and scales store the weight's transpose."""
 
 
 @dataclass

@@ -76,7 +76,7 @@ def _scale(q: Quantized | None) -> ScaleRef | None:
         return None
     g = GlobalScale(q.global_scale, q.divide) if q.global_scale else None
     block = list(q.block) if q.block else None
-    return ScaleRef(q.scale, block, q.fp4, g, q.int_bits or None, q.weight_shape, q.zero_point)
+    return ScaleRef(q.scale, block, q.fp4, g, q.int_bits or None, q.weight_shape, q.zero_point, q.transposed)
 
 
 def _plain_names(m: Model) -> None:
@@ -358,6 +358,7 @@ class _Planner:
             global_scale=companion(q.global_scale),
             fusion=_fusion_key(out_name) if q.rule.startswith("nvfp4") else None,
             zero_point=companion(q.zero_point),
+            transposed=q.transposed,
         )
         jobs = [job]
         if q.weight_shape:

@@ -66,6 +66,8 @@ class Quantized:
     """The tensor holding the weight's shape (``X.weight_shape``), checked by the engine."""
     zero_point: str | None = None
     """Asymmetric packed integers' zero points (``X.weight_zero_point``)."""
+    transposed: bool = False
+    """gpt-oss MXFP4: the codes and scales store the weight's transpose (QUANT.md §6)."""
     rule: str = "amax"
     """How the format chooses a block's scale, for writing it back (the engine's
     ``Encode.rule``: ``amax``, ``ue8m0``, ``mx``, ``nvfp4``, ``nvfp4_modelopt``, ``int``,
@@ -98,6 +100,8 @@ def check(model: Model) -> dict[str, Quantized]:
         quantized = _fp4_codes(
             model, ".weight", (1, 16), {"F8_E4M3"}, ("_scale_2", False), "ModelOpt NVFP4", "nvfp4_modelopt"
         )
+    elif found is not None and found.family == "mxfp4":
+        quantized = _gpt_oss(model)
     elif found is not None and found.family == "modelopt":
         quantized = _scaled_codes(model, ".weight_scale", lambda _shape: None, {"F32"}, "ModelOpt FP8")
     elif found is not None:
@@ -335,4 +339,32 @@ def _ct_int(model: Model) -> dict[str, Quantized]:
             zero_point=zero if asymmetric else None,
             rule="int_asym" if asymmetric else "int",
         )
+    return out
+
+
+def _gpt_oss(model: Model) -> dict[str, Quantized]:
+    """QUANT.md §6: ``X_blocks`` (``U8 [E, N, K/32, 16]``, two E2M1 codes a byte) and
+    ``X_scales`` (E8M0 ``[E, N, K/32]``) store the transpose of the plain expert stack ``X``
+    ``[E, K, N]``, which the engine reads in its plain order."""
+    out: dict[str, Quantized] = {}
+    for name in model.order:
+        if not name.endswith("_blocks"):
+            continue
+        stem = name.removesuffix("_blocks")
+        scales = stem + "_scales"
+        if scales not in model.tensors:
+            raise _fail(model, f"gpt-oss MXFP4 blocks {name} have no scales ({scales})", name)
+        b, s = model.tensors[name], model.tensors[scales]
+        if b.dtype != "U8" or len(b.shape) != 4 or b.shape[-1] != 16:
+            what = f"{b.dtype} {list(b.shape)}"
+            raise _fail(model, f"tensor {name} should be U8 [experts, N, K/32, 16], not {what}", name)
+        if s.dtype not in ("U8", "F8_E8M0") or s.shape != b.shape[:-1]:
+            what = f"{s.dtype} {list(s.shape)}"
+            raise _fail(model, f"scales {scales} ({what}) should be U8 {list(b.shape[:-1])}", scales)
+        experts, n, groups, _ = b.shape
+        shape = (experts, groups * 32, n)
+        out[name] = Quantized(scales, (1, 32), stem, shape, True, rule="mx", transposed=True)
+    for name in model.order:
+        if name.endswith("_scales") and name.removesuffix("_scales") + "_blocks" not in model.tensors:
+            raise _fail(model, f"tensor {name} is a gpt-oss MXFP4 scale without its blocks", name)
     return out

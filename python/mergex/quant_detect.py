@@ -252,7 +252,7 @@ def _by_config(config: dict[str, Any], folder: Path) -> Detected | None:
                 f"ModelOpt {algo}", f"{signal}, quant_algo {algo!r}", algo not in ("NVFP4", "FP8"), family
             )
         if method == "mxfp4":
-            return Detected(_FAMILIES["mxfp4"], signal, False)
+            return Detected(_FAMILIES["mxfp4"], signal, False, "mxfp4")
         return Detected(f"quant_method {method!r}", signal, True)
     if config.get("expert_dtype") == "fp4":
         return Detected("DeepSeek-V4 FP4 experts", "config.json expert_dtype 'fp4'", True)

@@ -95,6 +95,10 @@ pub struct Encode {
     /// NVFP4's one-value global scale.
     #[serde(default)]
     pub global: Option<Companion>,
+    /// gpt-oss MXFP4: the codes (`[E, N, K/32, 16]`) and scales (`[E, N, K/32]`) store the
+    /// transpose of the weight `[E, K, N]` (QUANT.md §6).
+    #[serde(default)]
+    pub transposed: bool,
     /// Tensors with the same key share the amax their global scale is computed from (an
     /// NVFP4 fusion group: q/k/v, gate/up); by default, the tensor's own.
     #[serde(default)]
@@ -162,6 +166,10 @@ pub struct ScaleRef {
     /// scale, QUANT.md §4c and §5).
     #[serde(default)]
     pub global_scale: Option<GlobalScale>,
+    /// gpt-oss MXFP4 (QUANT.md §6): `tensor` holds the scales `[E, N, K/32]` and the input's
+    /// tensor the blocks `[E, N, K/32, 16]` of the weight's transpose.
+    #[serde(default)]
+    pub transposed: bool,
 }
 
 /// The global scale of an NVFP4 weight.

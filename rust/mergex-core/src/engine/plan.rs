@@ -11,6 +11,7 @@ use crate::error::{Error, Result};
 use crate::format::checkpoint::Checkpoint;
 use crate::format::dtype::Dtype;
 use crate::format::encode::Encoder;
+use crate::format::gptoss::Transposed;
 use crate::format::quant::{Packed, Scales};
 use crate::format::writer::{layout, Layout, OutTensor};
 use crate::job::{InputRef, Job, TensorJob};
@@ -65,8 +66,12 @@ pub(crate) struct Prepared {
     pub wide: bool,
     pub chunk: u64,
     pub passes: usize,
-    /// Chunks hold whole groups of this many elements.
+    /// Chunks and their sub-blocks hold whole groups of this many elements (a row-wise
+    /// method's rows; 32 rows of a gpt-oss input).
     pub align: u64,
+    /// Chunks (not sub-blocks) also hold whole groups of this many elements: blocks of rows of
+    /// a quantized output, whole experts of a gpt-oss input or output.
+    pub chunk_align: u64,
 }
 
 impl Prepared {
@@ -92,9 +97,14 @@ impl Prepared {
         self.base.iter().chain(self.inputs.iter())
     }
 
-    /// Chunks and sub-blocks are whole numbers of this many elements.
+    /// Sub-blocks are whole numbers of this many elements.
     pub fn unit(&self) -> u64 {
         lcm(BLOCK, self.align.max(1))
+    }
+
+    /// Chunks are whole numbers of this many elements.
+    pub fn chunk_unit(&self) -> u64 {
+        lcm(self.unit(), self.chunk_align.max(1))
     }
 
     /// Input bytes one pass reads.
@@ -105,7 +115,7 @@ impl Prepared {
     /// Bytes a chunk holds per element: the mapped input bytes and the encoded output (and,
     /// for a quantized output, the f32 values it is encoded from).
     fn per_elem(&self) -> u64 {
-        let encoding = if self.enc.is_some() { 4 } else { 0 };
+        let encoding = self.enc.as_ref().map_or(0, Encoder::bytes_per_elem);
         self.views().map(|v| v.entry.dtype.size() as u64).sum::<u64>()
             + self.out.dtype.size() as u64
             + encoding
@@ -240,6 +250,12 @@ fn view(models: &[Checkpoint], paths: &[&Path], r: &InputRef, shape: &[u64]) -> 
         .ok_or_else(|| Error::job("tensors", format!("model index {} out of range", r.model)))?;
     let (file, entry) = m.require(&r.tensor)?;
     let model = paths.get(r.model).map(|p| p.to_path_buf()).unwrap_or_default();
+    if let Some(scale) = r.scale.as_ref().filter(|s| s.transposed) {
+        let (scale_file, scale_entry) = m.require(&scale.tensor)?;
+        let codes = (file.clone(), entry.clone());
+        let t = Transposed::new(&model, codes, (scale_file.clone(), scale_entry.clone()), shape)?;
+        return Ok(View::transposed(file.clone(), entry.clone(), t));
+    }
     let packed = r.scale.as_ref().and_then(|s| match (s.packed_fp4, s.int_bits) {
         (true, _) => Some(Packed::Fp4),
         (false, Some(b)) => Some(Packed::Int(b)),
@@ -354,6 +370,7 @@ fn prepare_tensor(
         chunk: BLOCK,
         passes: 1,
         align: 1,
+        chunk_align: 1,
     };
     if t.copy {
         let src = p.inputs.first().map(|v| v.entry.dtype);
@@ -395,11 +412,19 @@ fn prepare_tensor(
             (m.planned_passes(), m.align())
         };
         p.passes = 1 + passes;
-        p.align = lcm(align.max(1), p.enc.as_ref().map_or(1, Encoder::align));
+        let gpt_oss = p.views().filter_map(View::gpt_oss);
+        let (rows, experts) = gpt_oss.fold((1, 1), |(r, e), t| (lcm(r, t.block_rows()), lcm(e, t.matrix())));
+        p.align = lcm(align.max(1), rows);
+        p.chunk_align = lcm(experts, p.enc.as_ref().map_or(1, Encoder::align));
     }
     let buffers = p.sub_block_bytes() * job.threads as u64;
-    p.chunk =
-        chunk_elems(job.ram_budget.saturating_sub(buffers), job.threads, p.per_elem(), p.numel(), p.align);
+    p.chunk = chunk_elems(
+        job.ram_budget.saturating_sub(buffers),
+        job.threads,
+        p.per_elem(),
+        p.numel(),
+        p.chunk_unit(),
+    );
     Ok(p)
 }
 

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use crate::error::Result;
 use crate::format::dtype::Dtype;
 use crate::format::file::SafeFile;
+use crate::format::gptoss::Transposed;
 use crate::format::header::TensorEntry;
 use crate::format::quant::{Packed, Scales};
 
@@ -26,6 +27,8 @@ pub struct View {
     /// Bits per element of packed codes (element `i` in bits `i·b .. (i+1)·b` of the
     /// tensor's data, little-endian); 0 when each element has its own dtype-sized slot.
     packed: u64,
+    /// A gpt-oss MXFP4 weight, read as the transpose of its stored blocks.
+    transposed: Option<Transposed>,
 }
 
 impl View {
@@ -33,12 +36,20 @@ impl View {
     /// tensor's own nor (2-D) a top-left block of it.
     pub fn new(file: Arc<SafeFile>, entry: TensorEntry, shape: &[u64]) -> Option<View> {
         if entry.shape == shape {
-            return Some(View { file, entry, in_cols: 0, out_cols: 0, scales: None, packed: 0 });
+            return Some(View {
+                file,
+                entry,
+                in_cols: 0,
+                out_cols: 0,
+                scales: None,
+                packed: 0,
+                transposed: None,
+            });
         }
         match (entry.shape.as_slice(), shape) {
             ([r, c], [ro, co]) if ro <= r && co <= c => {
                 let (in_cols, out_cols) = if co == c { (0, 0) } else { (*c, *co) };
-                Some(View { file, entry, in_cols, out_cols, scales: None, packed: 0 })
+                Some(View { file, entry, in_cols, out_cols, scales: None, packed: 0, transposed: None })
             }
             _ => None,
         }
@@ -51,7 +62,25 @@ impl View {
         let (last, lead) = shape.split_last()?;
         let (codes_last, codes_lead) = entry.shape.split_last()?;
         let fits = codes_lead == lead && codes_last * entry.dtype.size() as u64 * 8 == last * bits;
-        fits.then_some(View { file, entry, in_cols: 0, out_cols: 0, scales: None, packed: bits })
+        fits.then_some(View {
+            file,
+            entry,
+            in_cols: 0,
+            out_cols: 0,
+            scales: None,
+            packed: bits,
+            transposed: None,
+        })
+    }
+
+    /// The plain transpose of a gpt-oss MXFP4 weight (`entry` its blocks).
+    pub fn transposed(file: Arc<SafeFile>, entry: TensorEntry, t: Transposed) -> View {
+        View { file, entry, in_cols: 0, out_cols: 0, scales: None, packed: 0, transposed: Some(t) }
+    }
+
+    /// The gpt-oss weight this view reads, if it is one.
+    pub fn gpt_oss(&self) -> Option<&Transposed> {
+        self.transposed.as_ref()
     }
 
     /// The same view reading a quantized weight: its codes decoded with `scales`.
@@ -63,7 +92,7 @@ impl View {
     /// The dtype of what [`View::read_raw`] hands out: the stored one, or F32 for a
     /// quantized weight (decoded in the reader).
     pub fn dtype(&self) -> Dtype {
-        if self.scales.is_some() {
+        if self.scales.is_some() || self.transposed.is_some() {
             Dtype::F32
         } else {
             self.entry.dtype
@@ -96,6 +125,9 @@ impl View {
     pub fn read_raw(&self, start: u64, out: &mut [u8]) -> Result<()> {
         if let Some(scales) = &self.scales {
             return self.read_decoded(scales, start, out);
+        }
+        if let Some(t) = &self.transposed {
+            return with_f32s(out, |values| t.decode(start, values));
         }
         let sz = self.elem();
         self.runs(start, out.len() as u64 / sz, |src, o, n| {
@@ -130,18 +162,7 @@ impl View {
                 scales.decode(src, codes, values.get_mut(b..e).unwrap_or_default(), times)
             })
         };
-        // SAFETY: every bit pattern is a valid f32, and `align_to_mut` only hands out the
-        // aligned middle; on a little-endian machine those bytes are the values' encoding.
-        let (head, values, tail) = unsafe { out.align_to_mut::<f32>() };
-        if cfg!(target_endian = "little") && head.is_empty() && tail.is_empty() {
-            return decode(values);
-        }
-        let mut values = vec![0f32; n];
-        decode(&mut values)?;
-        for (dst, v) in out.chunks_exact_mut(4).zip(&values) {
-            dst.copy_from_slice(&v.to_le_bytes());
-        }
-        Ok(())
+        with_f32s(out, decode)
     }
 
     /// The raw bytes of output elements `[start, start+len)` (contiguous views only).
@@ -152,6 +173,9 @@ impl View {
 
     /// Source byte span (relative to the tensor) that output elements `[start, start+len)` touch.
     fn span(&self, start: u64, len: u64) -> (u64, u64) {
+        if let Some(t) = &self.transposed {
+            return t.span(start, len);
+        }
         if self.packed > 0 {
             return (start * self.packed / 8, ((start + len) * self.packed).div_ceil(8));
         }
@@ -166,6 +190,9 @@ impl View {
 
     /// Bytes read for output elements `[start, start+len)`.
     pub fn bytes_for(&self, len: u64) -> u64 {
+        if let Some(t) = &self.transposed {
+            return t.bytes_for(len);
+        }
         let codes = if self.packed > 0 { (len * self.packed).div_ceil(8) } else { len * self.elem() };
         codes + self.scales.as_ref().map_or(0, |s| s.bytes_for(len))
     }
@@ -191,4 +218,21 @@ impl View {
         let (b, e) = self.span(start, len);
         self.file.release(&self.entry, b, e);
     }
+}
+
+/// Run `fill` on `out` (little-endian f32 bytes) seen as f32 values: in place when aligned,
+/// else through a buffer.
+fn with_f32s(out: &mut [u8], fill: impl FnOnce(&mut [f32]) -> Result<()>) -> Result<()> {
+    // SAFETY: every bit pattern is a valid f32, and `align_to_mut` only hands out the
+    // aligned middle; on a little-endian machine those bytes are the values' encoding.
+    let (head, values, tail) = unsafe { out.align_to_mut::<f32>() };
+    if cfg!(target_endian = "little") && head.is_empty() && tail.is_empty() {
+        return fill(values);
+    }
+    let mut values = vec![0f32; out.len() / 4];
+    fill(&mut values)?;
+    for (dst, v) in out.chunks_exact_mut(4).zip(&values) {
+        dst.copy_from_slice(&v.to_le_bytes());
+    }
+    Ok(())
 }

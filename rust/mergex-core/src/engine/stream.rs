@@ -91,7 +91,7 @@ impl Engine {
                 copy: t.copy,
                 wide: t.wide,
                 chunk: t.chunk,
-                unit: t.unit(),
+                unit: t.chunk_unit(),
                 passes: t.passes,
                 views: t.views().count(),
                 dtypes: t.views().map(|v| v.dtype().name()).collect(),
@@ -189,9 +189,12 @@ impl Engine {
                 pieces.push((v, start + (i * READ_PIECE) as u64, piece));
             }
         }
-        reader
+        let read = reader
             .pool
-            .install(|| pieces.into_par_iter().try_for_each(|(v, at, piece)| v.read_raw(at, piece)))?;
+            .install(|| pieces.into_par_iter().try_for_each(|(v, at, piece)| v.read_raw(at, piece)));
+        // gpt-oss inputs keep an expert per reading thread for the pieces of one chunk.
+        reader.pool.broadcast(|_| crate::format::gptoss::release_thread());
+        read?;
         for v in p.views() {
             progress.add_bytes(v.bytes_for(len));
         }

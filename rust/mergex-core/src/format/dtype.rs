@@ -157,6 +157,10 @@ pub fn e8m0_to_f32(b: u8) -> f32 {
     }
 }
 
+/// The E2M1 (FP4) values of codes 0–15 (QUANT.md §2): 0, 0.5, 1, 1.5, 2, 3, 4, 6, then negated.
+pub const E2M1: [f32; 16] =
+    [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0];
+
 /// 256-entry decode table for an 8-bit float type.
 pub(crate) fn f8_table(dtype: Dtype) -> [f32; 256] {
     let mut t = [0f32; 256];

@@ -286,9 +286,7 @@ pub fn f8_times(dtype: Dtype, codes: &[u8], s: f32, out: &mut [f32]) {
     }
 }
 
-/// The E2M1 (FP4) values of codes 0–15 (QUANT.md §2): 0, 0.5, 1, 1.5, 2, 3, 4, 6, then negated.
-pub const E2M1: [f32; 16] =
-    [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0];
+pub use crate::format::dtype::E2M1;
 
 /// `out[k] = E2M1(codes[k]) · s` for FP4 codes, one a byte (already unpacked).
 #[inline(always)]

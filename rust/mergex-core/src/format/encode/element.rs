@@ -56,11 +56,44 @@ pub fn minifloat(x: f32, ebits: u32, mbits: u32, bias: i32, max: u8) -> u8 {
     sign | code.min(top) as u8
 }
 
+/// [`minifloat`] for E4M3 (QUANT.md §2), from the bits of `x` without a branch so that the
+/// loops over a block vectorize: a normal result rounds the f32 mantissa to 3 bits (ties to
+/// even, a carry moving into the exponent), a subnormal one is `RNE(|x| · 2⁹)`, and
+/// magnitudes from 448 up saturate to `0x7e`.
+#[inline(always)]
+pub fn e4m3(x: f32) -> u8 {
+    let bits = x.to_bits();
+    let sign = ((bits >> 24) & 0x80) as u8;
+    let a = f32::from_bits(bits & 0x7fff_ffff);
+    let b = a.to_bits();
+    let rounded = b.wrapping_add(0x7_ffff + ((b >> 20) & 1));
+    let normal = (rounded >> 20).wrapping_sub(120 << 3);
+    // RNE of a value below 2^23 by adding and taking away 2^23 (no rounding instruction needed).
+    let sub = ((a * 512.0 + 8_388_608.0) - 8_388_608.0) as u32;
+    let code = if a < 1.0 / 64.0 { sub } else { normal };
+    let code = if a >= 448.0 { 0x7e } else { code };
+    sign | code as u8
+}
+
+/// [`minifloat`] for E2M1 (FP4): the count of decision points passed, each midpoint between
+/// two codes going to the even one.
+#[inline(always)]
+pub fn e2m1(x: f32) -> u8 {
+    let a = x.abs();
+    let code = u8::from(a > 0.25)
+        + u8::from(a >= 0.75)
+        + u8::from(a > 1.25)
+        + u8::from(a >= 1.75)
+        + u8::from(a > 2.5)
+        + u8::from(a >= 3.5)
+        + u8::from(a > 5.0);
+    (u8::from(x.is_sign_negative()) << 3) | code
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::format::dtype::{f8_table, Dtype};
-    use crate::kernels::real::E2M1;
+    use crate::format::dtype::{f8_table, Dtype, E2M1};
 
     /// The nearest code by search: the smallest distance, ties to the even code.
     fn nearest(values: &[(u8, f32)], x: f32) -> u8 {
@@ -124,5 +157,26 @@ mod tests {
         assert_eq!(pow2_at_least(448.0 * 0.25, 448.0), 0.25);
         assert_eq!(pow2_byte(1.0), 127);
         assert_eq!(pow2_byte(2f32.powi(-127)), 0);
+    }
+
+    #[test]
+    fn the_fast_encoders_are_the_general_rule() {
+        let mut x = 1e-7f32;
+        while x < 1000.0 {
+            for v in [x, -x, x * 1.0001, f32::from_bits(x.to_bits() + 1)] {
+                assert_eq!(e4m3(v), minifloat(v, 4, 3, 7, 0x7e), "{v}");
+                assert_eq!(e2m1(v), minifloat(v, 2, 1, 1, 7), "{v}");
+            }
+            x *= 1.0007;
+        }
+        let table = f8_table(Dtype::F8_E4M3);
+        for c in 0u8..0x7e {
+            let mid = (table[c as usize] + table[c as usize + 1]) / 2.0;
+            assert_eq!(e4m3(mid), minifloat(mid, 4, 3, 7, 0x7e), "midpoint of {c:#x}");
+        }
+        for v in [0.0f32, -0.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, 448.0, 464.0, 1e30] {
+            assert_eq!(e4m3(v), minifloat(v, 4, 3, 7, 0x7e), "{v}");
+            assert_eq!(e2m1(v), minifloat(v, 2, 1, 1, 7), "{v}");
+        }
     }
 }

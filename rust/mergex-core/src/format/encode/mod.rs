@@ -9,9 +9,10 @@
 
 use half::f16;
 
+mod codes;
 mod element;
 
-pub use element::minifloat;
+pub use element::{e2m1, e4m3, minifloat};
 use element::{pow2_at_least, pow2_byte};
 
 use crate::error::{Error, Result};
@@ -77,6 +78,8 @@ pub struct Encoded {
     pub zeros: Vec<u8>,
     /// Their offset in the zero-point tensor.
     pub zeros_at: u64,
+    /// A transposed weight's values in stored order.
+    stored: Vec<f32>,
 }
 
 /// How one output tensor is quantized.
@@ -95,6 +98,9 @@ pub struct Encoder {
     /// Blocks per matrix along the rows and the columns.
     grid_rows: u64,
     grid_cols: u64,
+    /// gpt-oss: the codes store each matrix transposed; `rows` and `cols` are then the
+    /// stored ones (`N`, `K` of the weight `[E, K, N]`).
+    transposed: bool,
     /// Where the one-value tensors go among the companions: the per-tensor scale, the
     /// global scale.
     scalar_scale: bool,
@@ -143,10 +149,14 @@ impl Encoder {
                 ))
             }
         };
-        let (rows, cols) = match shape {
-            [] => (1, 1),
-            [c] => (1, *c),
-            [.., r, c] => (*r, *c),
+        let (rows, cols) = match (shape, enc.transposed) {
+            ([.., k, n], true) if shape.len() == 3 && rule == Rule::Mx && element == Element::Fp4 => (*n, *k),
+            (_, true) => {
+                return Err(bad(name, "only gpt-oss MXFP4 expert stacks are stored transposed".into()))
+            }
+            ([], _) => (1, 1),
+            ([c], _) => (1, *c),
+            ([.., r, c], _) => (*r, *c),
         };
         let matrices = if shape.len() > 2 { shape[..shape.len() - 2].iter().product() } else { 1 };
         if let Some([bm, bn]) = enc.block {
@@ -194,6 +204,7 @@ impl Encoder {
             scalar_scale: enc.block.is_none(),
             global: enc.global.is_some(),
             zero_point: enc.zero_point.is_some(),
+            transposed: enc.transposed,
         };
         let mut outs = vec![OutTensor { name: name.to_string(), dtype: codes, shape: e.codes_shape(shape) }];
         let scales = if e.scalar_scale { 1 } else { matrices * grid_rows * grid_cols };
@@ -230,6 +241,11 @@ impl Encoder {
 
     /// The shape of the codes tensor.
     fn codes_shape(&self, shape: &[u64]) -> Vec<u64> {
+        if self.transposed {
+            // gpt-oss blocks: [E, N, K/32, 16].
+            let lead = &shape[..shape.len().saturating_sub(2)];
+            return [lead, &[self.rows, self.cols / 32, 16]].concat();
+        }
         let mut s = shape.to_vec();
         if let Some(last) = s.last_mut() {
             *last = self.row_bytes() / self.element_bytes_divisor();
@@ -259,6 +275,9 @@ impl Encoder {
     /// (block FP8) or of zero-point words, and, where a matrix of a stack ends inside such
     /// a block, whole matrices (QUANT.md §7).
     pub fn align(&self) -> u64 {
+        if self.transposed {
+            return self.rows * self.cols;
+        }
         let rows = match (self.block, self.element, self.rule) {
             (_, Element::Int(b), Rule::IntAsym) => u64::from(32 / b),
             (Some([bm, _]), _, _) => bm,
@@ -268,6 +287,16 @@ impl Encoder {
             rows * self.cols
         } else {
             self.rows * self.cols
+        }
+    }
+
+    /// Bytes of work space per element of a chunk: its f32 values (and, transposed, the
+    /// same in stored order).
+    pub fn bytes_per_elem(&self) -> u64 {
+        if self.transposed {
+            8
+        } else {
+            4
         }
     }
 
@@ -345,7 +374,8 @@ impl Encoder {
     /// Encode the merged values of whole rows starting at element `start` into `out`;
     /// `amax` is the tensor's (or its fusion group's) when [`Encoder::needs_amax`].
     pub fn encode(&self, start: u64, values: &[f32], amax: Option<f32>, out: &mut Encoded) -> Result<()> {
-        if let Some(k) = values.iter().position(|v| !v.is_finite()) {
+        let finite = values.iter().fold(true, |ok, v| ok & v.is_finite());
+        if let Some(k) = (!finite).then(|| values.iter().position(|v| !v.is_finite())).flatten() {
             return Err(Error::Degenerate {
                 tensor: self.name.clone(),
                 message: format!(
@@ -355,6 +385,30 @@ impl Encoder {
                 ),
             });
         }
+        if self.transposed {
+            // Whole matrices (chunks hold whole experts): encode them in stored order.
+            let (k, n) = (self.cols as usize, self.rows as usize);
+            if !start.is_multiple_of((k * n) as u64) || !values.len().is_multiple_of((k * n).max(1)) {
+                return Err(bad(&self.name, format!("chunk {start}+{} is not whole experts", values.len())));
+            }
+            let mut stored = std::mem::take(&mut out.stored);
+            stored.resize(values.len(), 0.0);
+            for (src, dst) in values.chunks_exact(k * n).zip(stored.chunks_exact_mut(k * n)) {
+                for (kk, row) in src.chunks_exact(n).enumerate() {
+                    for (nn, &v) in row.iter().enumerate() {
+                        dst[nn * k + kk] = v;
+                    }
+                }
+            }
+            let done = self.encode_rows(start, &stored, amax, out);
+            out.stored = stored;
+            return done;
+        }
+        self.encode_rows(start, values, amax, out)
+    }
+
+    /// [`Encoder::encode`] of values in stored order.
+    fn encode_rows(&self, start: u64, values: &[f32], amax: Option<f32>, out: &mut Encoded) -> Result<()> {
         let (cols, len) = (self.cols, values.len() as u64);
         if !start.is_multiple_of(cols) || !len.is_multiple_of(cols) {
             return Err(bad(&self.name, format!("chunk {start}+{len} is not whole rows")));
@@ -397,14 +451,18 @@ impl Encoder {
                 let w = bn.min(cols - c0);
                 let at = |i: u64| ((r - r0 + i) * cols + c0) as usize;
                 let block = (0..h).map(|i| &values[at(i)..at(i) + w as usize]);
+                // The values are finite (checked above): plain comparisons, which vectorize.
                 let (mut lo, mut hi, mut amax) = (0f32, 0f32, 0f32);
                 for row in block.clone() {
-                    for &v in row {
-                        lo = lo.min(v);
-                        hi = hi.max(v);
-                        amax = amax.max(v.abs());
+                    if self.zero_point {
+                        for &v in row {
+                            lo = if v < lo { v } else { lo };
+                            hi = if v > hi { v } else { hi };
+                        }
                     }
+                    amax = row.iter().fold(amax, |a, v| if v.abs() > a { v.abs() } else { a });
                 }
+                amax = if self.zero_point { hi.max(-lo) } else { amax };
                 let (s, zp, bytes) = self.block_scale(amax, lo, hi, g)?;
                 out.scales.extend_from_slice(&bytes);
                 if self.zero_point {
@@ -440,7 +498,6 @@ impl Encoder {
 
     /// A block's scale (the value codes are divided by), zero point and stored scale bytes.
     fn block_scale(&self, amax: f32, lo: f32, hi: f32, global: Option<f32>) -> Result<(f32, i32, Vec<u8>)> {
-        let e4m3 = |v: f32| minifloat(v, 4, 3, 7, 0x7e);
         Ok(match self.rule {
             Rule::Amax | Rule::Int => {
                 let (s, bytes) = self.store(self.scale_for(amax))?;
@@ -485,51 +542,6 @@ impl Encoder {
                 (s, zp, bytes)
             }
         })
-    }
-
-    /// Quantize `values` (part of row `r` of the chunk, from column `c0`) with scale `s`.
-    fn put_row(&self, out: &mut Encoded, r: usize, c0: usize, values: &[f32], s: f32, zp: i32) {
-        let row = r * self.row_bytes() as usize;
-        match self.element {
-            Element::F8(dtype) => {
-                let (e, m, bias, max) =
-                    if dtype == Dtype::F8_E5M2 { (5, 2, 15, 0x7b) } else { (4, 3, 7, 0x7e) };
-                for (k, &v) in values.iter().enumerate() {
-                    out.codes[row + c0 + k] = minifloat(v / s, e, m, bias, max);
-                }
-            }
-            Element::Fp4 => {
-                for (k, &v) in values.iter().enumerate() {
-                    let (c, q) = (c0 + k, minifloat(v / s, 2, 1, 1, 7));
-                    out.codes[row + c / 2] |= if c % 2 == 0 { q } else { q << 4 };
-                }
-            }
-            Element::Int(b) => {
-                let (qlo, qhi) = (-(1i32 << (b - 1)), (1i32 << (b - 1)) - 1);
-                for (k, &v) in values.iter().enumerate() {
-                    let y = if zp == 0 { v / s } else { v / s + zp as f32 };
-                    let q = y.round_ties_even().clamp(qlo as f32, qhi as f32) as i32;
-                    let u = (q - qlo) as u32;
-                    let bit = (c0 + k) * b as usize;
-                    let word = row + bit / 32 * 4;
-                    let w = u32::from_le_bytes(out.codes[word..word + 4].try_into().unwrap_or([0; 4]));
-                    out.codes[word..word + 4].copy_from_slice(&(w | (u << (bit % 32))).to_le_bytes());
-                }
-            }
-        }
-    }
-
-    /// Set the zero point of group `group` for rows `[r, r + h)` (whole zero-point words).
-    fn put_zero_points(&self, out: &mut Encoded, r: u64, h: u64, group: u64, zp: i32) {
-        let Element::Int(b) = self.element else { return };
-        let first = out.zeros_at / 4;
-        let u = (zp + (1 << (b - 1))) as u32;
-        for row in r..r + h {
-            let word = ((self.zero_row(row) * self.grid_cols + group - first) * 4) as usize;
-            let bit = (row % self.rows) * u64::from(b) % 32;
-            let w = u32::from_le_bytes(out.zeros[word..word + 4].try_into().unwrap_or([0; 4]));
-            out.zeros[word..word + 4].copy_from_slice(&(w | (u << bit)).to_le_bytes());
-        }
     }
 }
 
