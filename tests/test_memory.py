@@ -292,6 +292,36 @@ def test_peak_rss_within_budget_on_fp8_inputs(tmp_path):
     np.testing.assert_array_equal(np.array(got[sl]), ref.linear(xs, [1.0, 1.0, 1.0]))
 
 
+def test_peak_rss_within_budget_writing_fp8(tmp_path):
+    # The same merge written back as block FP8 (out_quantization: base): a chunk is whole
+    # blocks of 128 rows, encoded from its own merged values, within the same budget.
+    import quant_ref
+
+    folders, total_in = [], 0
+    for k in range(3):
+        folders.append(tmp_path / f"fp8-{k}")
+        total_in += write_fp8_model(folders[-1], seed=300 + k)
+    cfg = {
+        "merge_method": "linear",
+        "models": [{"model": str(f), "parameters": {"weight": 1.0}} for f in folders],
+        "out_quantization": "base",
+    }
+    out = merge_rss(cfg, tmp_path, total_in)
+    name, (rows, cols) = FP8_NAMES[0], FP8_SHAPE
+    # The last row of blocks, first two blocks across: decode, merge, encode with numpy.
+    r0, width = rows - FP8_BLOCK, 2 * FP8_BLOCK
+    xs = []
+    for f in folders:
+        codes = np.array(raw_view(f, name, np.uint8).reshape(rows, cols)[r0:, :width])
+        s = np.array(raw_view(f, name + "_scale_inv", np.float32))[-1, :2]
+        xs.append((e4m3(codes) * np.repeat(s, FP8_BLOCK)[None, :]).astype(np.float32))
+    want = quant_ref.encode(ref.linear(xs, [1.0, 1.0, 1.0]), "amax", (FP8_BLOCK, FP8_BLOCK), "F32")
+    got_codes = np.array(raw_view(out, name, np.uint8).reshape(rows, cols)[r0:, :width])
+    got_scales = np.array(raw_view(out, name + "_scale_inv", np.float32))[-1, :2]
+    np.testing.assert_array_equal(got_codes, want["codes"].astype(np.uint8))
+    np.testing.assert_array_equal(got_scales, want["scales"].reshape(-1))
+
+
 def e4m3(c: np.ndarray) -> np.ndarray:
     c = c.astype(np.int64)
     e, m = (c >> 3) & 0xF, (c & 7).astype(np.float64)

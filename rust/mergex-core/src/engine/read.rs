@@ -146,20 +146,21 @@ impl View {
             Some(Packed::Int(bits)) => crate::kernels::real::int_times(c, bits, zp, s, o),
             None => crate::kernels::dispatch::f8_times(dtype, c, s, o),
         };
+        let pairs = crate::kernels::dispatch::fp4_pairs_times;
         let decode = |values: &mut [f32]| {
             if self.packed > 0 {
                 // One run (packed views are whole tensors): the bytes holding the elements.
                 let (b, e) = self.span(start, n as u64);
                 let mut codes = vec![0u8; (e - b) as usize];
                 self.file.read_at(&self.entry, b, &mut codes)?;
-                return scales.decode(start, &codes, values, times);
+                return scales.decode(start, &codes, values, times, pairs);
             }
             let mut codes = vec![0u8; n];
             self.runs(start, n as u64, |src, o, len| {
                 let (b, e) = (o, o + len as usize);
                 let codes = codes.get_mut(b..e).unwrap_or_default();
                 self.file.read_at(&self.entry, src, codes)?;
-                scales.decode(src, codes, values.get_mut(b..e).unwrap_or_default(), times)
+                scales.decode(src, codes, values.get_mut(b..e).unwrap_or_default(), times, pairs)
             })
         };
         with_f32s(out, decode)

@@ -410,10 +410,17 @@ fn with_chunk<T: Real>(
             // Every input read through one buffer, which stays in the first-level cache.
             s.raws.resize_with(s.raws.len().max(1), Vec::new);
             for (v, buf) in views.iter().zip(s.inputs.iter_mut()) {
+                buf.resize(n, T::ZERO);
+                let in_place = cfg!(target_endian = "little") && v.dtype() == Dtype::F32;
+                if let Some(values) = T::as_f32s_mut(buf).filter(|_| in_place) {
+                    // F32 values (a quantized weight's, decoded by the reader) go straight
+                    // into place.
+                    v.read_raw(at, f32_bytes(values))?;
+                    continue;
+                }
                 let raw = &mut s.raws[0];
                 raw.resize(n * v.dtype().size(), 0);
                 v.read_raw(at, raw)?;
-                buf.resize(n, T::ZERO);
                 crate::kernels::dispatch::decode(v.dtype(), raw, buf);
             }
         } else {
@@ -579,4 +586,13 @@ impl Build<f64> for Engine {
     fn build(&self, ctx: &TensorCtx<'_>) -> Result<Box<dyn TensorMerge<f64>>> {
         (self.method.build_f64)(ctx)
     }
+}
+
+/// f32 values as their bytes, to read F32 data into in place (on a little-endian machine,
+/// where an f32's memory is its little-endian encoding: see the caller).
+fn f32_bytes(values: &mut [f32]) -> &mut [u8] {
+    // SAFETY: the bytes cover exactly the values' memory, u8 has no alignment requirement,
+    // every bit pattern written through them is a valid f32, and the returned borrow keeps
+    // `values` borrowed for as long as the bytes are used.
+    unsafe { std::slice::from_raw_parts_mut(values.as_mut_ptr().cast::<u8>(), std::mem::size_of_val(values)) }
 }

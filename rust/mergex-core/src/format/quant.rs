@@ -259,17 +259,25 @@ impl Scales {
     /// Decode the codes of elements `[src, src + out.len())` into `out`, with `times`
     /// computing `out[k] = code(codes[k]) · s` over each run of one scale (the kernels'
     /// loop for [`Scales::codes_dtype`]).
+    ///
+    /// FP4 codes from an even element stay two a byte: `pairs` then computes the run's values
+    /// from its bytes (`out[k] = E2M1(code k) · s`, the even element in the low nibble; `out`
+    /// may end on a low nibble).
     pub fn decode(
         &self,
         src: u64,
         codes: &[u8],
         out: &mut [f32],
         times: impl Fn(&[u8], f32, i32, &mut [f32]),
+        pairs: impl Fn(&[u8], f32, &mut [f32]),
     ) -> Result<()> {
         // Four-bit codes: `codes` are the bytes holding elements `[src, src + out.len())`, the
-        // first one's code in the high nibble when `src` is odd; one code a byte from here on.
+        // first one's code in the high nibble when `src` is odd. FP4 from an even element is
+        // decoded two codes a byte as stored (every run then starts on a byte: groups and rows
+        // are even); otherwise the codes are unpacked to one a byte first.
+        let fp4_pairs = self.packed == Some(Packed::Fp4) && src.is_multiple_of(2);
         let unpacked: Vec<u8>;
-        let codes = if self.packed.is_some_and(|p| p.bits() == 4) {
+        let codes = if self.packed.is_some_and(|p| p.bits() == 4) && !fp4_pairs {
             let odd = (src & 1) as usize;
             let n = out.len().min((codes.len() * 2).saturating_sub(odd));
             let mut all = Vec::with_capacity(codes.len() * 2);
@@ -283,7 +291,8 @@ impl Scales {
         } else {
             codes
         };
-        let n = codes.len().min(out.len()) as u64;
+        let per_byte = if fp4_pairs { 2 } else { 1 };
+        let n = (codes.len() * per_byte).min(out.len()) as u64;
         if n == 0 {
             return Ok(());
         }
@@ -323,15 +332,24 @@ impl Scales {
                 }
                 _ => 0,
             };
-            times(&codes[a..b], s, zp, &mut out[a..b]);
-            // A branch-free sweep first (it vectorizes); the position only on failure.
-            let finite = out[a..b].iter().fold(true, |ok, v| ok & v.is_finite());
+            if fp4_pairs {
+                pairs(&codes[a / 2..b.div_ceil(2)], s, &mut out[a..b]);
+            } else {
+                times(&codes[a..b], s, zp, &mut out[a..b]);
+            }
+            // A branch-free sweep first (it vectorizes); the position only on failure. FP4
+            // values are at most 6 times the scale: finite whenever that is.
+            let finite = (fp4_pairs && (s * 6.0).is_finite())
+                || out[a..b].iter().fold(true, |ok, v| ok & v.is_finite());
             if let Some(k) = (!finite).then(|| out[a..b].iter().position(|v| !v.is_finite())).flatten() {
                 let at = i + k as u64;
                 return Err(bad(
                     &self.model,
                     &self.codes,
-                    format!("code at index {at} (0x{:02x}) is not a finite number", codes[a + k]),
+                    format!(
+                        "code at index {at} (0x{:02x}) is not a finite number",
+                        codes[(a + k) / per_byte]
+                    ),
                 ));
             }
             i += run;
@@ -404,7 +422,13 @@ mod tests {
                     *o = E2M1[q as usize] * s;
                 }
             };
-            q.decode(start as u64, &raw, &mut out, times).unwrap_or_else(|e| unreachable!("{e}"));
+            let pairs = |c: &[u8], s: f32, o: &mut [f32]| {
+                for (k, o) in o.iter_mut().enumerate() {
+                    let b = c[k / 2];
+                    *o = E2M1[(if k % 2 == 0 { b & 0xf } else { b >> 4 }) as usize] * s;
+                }
+            };
+            q.decode(start as u64, &raw, &mut out, times, pairs).unwrap_or_else(|e| unreachable!("{e}"));
             for (k, v) in out.iter().enumerate() {
                 assert_eq!(v.to_bits(), want(start + k).to_bits(), "start {start}, element {k}");
             }

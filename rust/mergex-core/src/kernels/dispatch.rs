@@ -276,3 +276,9 @@ pub fn encode<T: Real>(vals: &[T], dtype: Dtype, out: &mut [u8]) {
 pub fn f8_times(dtype: Dtype, codes: &[u8], s: f32, out: &mut [f32]) {
     fast(|| super::real::f8_times(dtype, codes, s, out));
 }
+
+/// `out[k] = E2M1(code k) · s` for FP4 codes two a byte
+/// ([`crate::kernels::real::fp4_pairs_times`]), in the widest build.
+pub fn fp4_pairs_times(bytes: &[u8], s: f32, out: &mut [f32]) {
+    fast(|| super::real::fp4_pairs_times(bytes, s, out));
+}

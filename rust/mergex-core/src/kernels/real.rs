@@ -296,6 +296,33 @@ pub fn fp4_times(codes: &[u8], s: f32, out: &mut [f32]) {
     }
 }
 
+/// `out[k] = E2M1(code k) · s` for FP4 codes two a byte, the even element in the low nibble
+/// (`out` may end on a low nibble); each code decoded from its bits ([`e2m1`]) so that the
+/// loop vectorizes.
+#[inline(always)]
+pub fn fp4_pairs_times(bytes: &[u8], s: f32, out: &mut [f32]) {
+    let half = out.len() / 2;
+    let mut pairs = out.chunks_exact_mut(2);
+    for (o, &b) in (&mut pairs).zip(bytes) {
+        o[0] = e2m1(u32::from(b & 0xf)) * s;
+        o[1] = e2m1(u32::from(b >> 4)) * s;
+    }
+    if let ([o], Some(&b)) = (pairs.into_remainder(), bytes.get(half)) {
+        *o = E2M1[(b & 0xf) as usize] * s;
+    }
+}
+
+/// The value of an E2M1 code from its bits, without a table: a normal code `s ee m` is the
+/// f32 with exponent `e − 1` and mantissa `m`, `s 00 m` is `m · 0.5` (the values of [`E2M1`]).
+#[inline(always)]
+pub fn e2m1(c: u32) -> f32 {
+    let (e, m) = ((c >> 1) & 3, c & 1);
+    let normal = ((e + 126) << 23) | (m << 22);
+    let sub = m * 0x3f00_0000;
+    let bits = if e == 0 { sub } else { normal };
+    f32::from_bits(bits | ((c & 8) << 28))
+}
+
 /// `out[k] = (q − zp) · s` with `q = u − 2^(bits−1)` for integer codes stored unsigned (`u`,
 /// one a byte, already unpacked): compressed-tensors' `pack-quantized` (QUANT.md §4b); `zp`
 /// is 0 for symmetric packs. `q − zp` is an exact small integer, so one f32 multiply rounds.
@@ -331,6 +358,21 @@ mod tests {
                 let want = table[q] * s;
                 assert!(v.to_bits() == want.to_bits() || (v.is_nan() && want.is_nan()), "{q:#x} × {s}");
             }
+        }
+    }
+
+    #[test]
+    fn e2m1_by_bits_is_the_table() {
+        for c in 0..16u32 {
+            assert_eq!(e2m1(c).to_bits(), E2M1[c as usize].to_bits(), "{c}");
+        }
+        let bytes: Vec<u8> = (0..=255).collect();
+        let mut out = vec![0f32; 511];
+        fp4_pairs_times(&bytes, 0.75, &mut out);
+        for (k, v) in out.iter().enumerate() {
+            let b = bytes[k / 2];
+            let c = if k % 2 == 0 { b & 0xf } else { b >> 4 };
+            assert_eq!(v.to_bits(), (E2M1[c as usize] * 0.75).to_bits(), "{k}");
         }
     }
 
