@@ -311,6 +311,16 @@ def e8m0_without_ue8m0(t, _cfg):
     t[S] = ("F8_E8M0", (8, 2), bytes([127]) * 16)
 
 
+def stack_regrid(t, _cfg):
+    # A fused 3-D expert stack whose scales cover one row of blocks per expert, not two.
+    t[STACK + "_scale_inv"] = ("F32", (3, 1, 2), bytes(3 * 2 * 4))
+
+
+def packed_companion(t, _cfg):
+    # compressed-tensors companions in a model whose config says block FP8.
+    t["model.layers.0.mlp.up_proj.weight_packed"] = ("I32", (250, 12), bytes(250 * 12 * 4))
+
+
 def bad_block(_t, cfg):
     cfg["quantization_config"]["weight_block_size"] = [0, 64]
 
@@ -326,6 +336,8 @@ BAD = {
     "orphan_scale": (drop(W), [S, "without its weight"]),
     "e8m0_without_ue8m0": (e8m0_without_ue8m0, ["F8_E8M0", "scale_fmt: ue8m0"]),
     "bad_block_size": (bad_block, ["weight_block_size"]),
+    "stack_grid_mismatch": (stack_regrid, ["scale grid [3, 1, 2]", "expected [3, 2, 2]"]),
+    "config_contradicts_tensors": (packed_companion, ["up_proj.weight_packed", "belongs to no quantized weight"]),
 }
 
 
