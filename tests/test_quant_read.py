@@ -337,7 +337,10 @@ BAD = {
     "e8m0_without_ue8m0": (e8m0_without_ue8m0, ["F8_E8M0", "scale_fmt: ue8m0"]),
     "bad_block_size": (bad_block, ["weight_block_size"]),
     "stack_grid_mismatch": (stack_regrid, ["scale grid [3, 1, 2]", "expected [3, 2, 2]"]),
-    "config_contradicts_tensors": (packed_companion, ["up_proj.weight_packed", "belongs to no quantized weight"]),
+    "config_contradicts_tensors": (
+        packed_companion,
+        ["up_proj.weight_packed", "belongs to no quantized weight"],
+    ),
 }
 
 
