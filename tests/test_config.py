@@ -238,6 +238,7 @@ def test_models_resolve_from_the_hugging_face_cache(make_model, tmp_path, out_di
     mergex.merge(cfg, out_dir, progress=False)
     assert (out_dir / "model.safetensors").is_file()
     cfg["models"][0]["model"] = "acme/other"
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # else it would be looked up on the Hub
     with pytest.raises(mergex.ModelNotFoundError, match="not in the Hugging Face cache"):
         mergex.plan(cfg)
 

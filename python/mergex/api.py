@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import _mergex
+from . import _mergex, hub
 from .config import MergeConfig, load_config
 from .errors import ConfigError
 from .job import EngineJob, Resume
@@ -85,6 +85,8 @@ class MergePlan:
     """How each of :attr:`models` is stored: ``plain`` or its quantized format."""
     output_format: str = ""
     """How the output is written, e.g. ``plain BF16``."""
+    download_bytes: int = 0
+    """Bytes of Hub files the merge would download (none are, by a plan)."""
 
 
 def _resolve(
@@ -106,11 +108,66 @@ def _resolve(
     return cfg, build_job(cfg, ram_budget=budget, threads=nthreads, shard_size=shard, seed=run_seed)
 
 
+def _files_read(job: Job) -> set[str]:
+    """Every file the job reads a tensor from (quantization companions included)."""
+    files = set()
+    for t in job.spec.tensors:
+        for r in [*t.inputs, *([t.base] if t.base else [])]:
+            m = job.models[r.model]
+            names: list[str | None] = [r.tensor]
+            if r.scale is not None:
+                sc = r.scale
+                names += [sc.tensor, sc.weight_shape, sc.zero_point]
+                names += [sc.global_scale.tensor] if sc.global_scale else []
+            files |= {m.tensors[n].file for n in names if n and n in m.tensors}
+    return files
+
+
+def _pin(raw: dict[str, Any], pins: dict[str, str]) -> dict[str, Any]:
+    """The configuration with every Hub reference replaced by ``org/name@<sha>``."""
+
+    def walk(v: Any) -> Any:
+        if isinstance(v, dict):
+            pinned = {k: pins.get(x, x) for k, x in v.items() if k in _REF_KEYS and isinstance(x, str)}
+            return {k: pinned[k] if k in pinned else walk(x) for k, x in v.items()}
+        if isinstance(v, list):
+            return [walk(x) for x in v]
+        return v
+
+    return walk(raw)  # type: ignore[no-any-return]
+
+
+_REF_KEYS = ("model", "base_model", "tokenizer_source")
+
+
+def _resolve_hub(
+    session: hub.HubSession,
+    config: ConfigSource,
+    ram_budget: Size | None,
+    threads: int | None,
+    shard_size: Size | None,
+    seed: int | None,
+    download: bool,
+) -> tuple[MergeConfig, Job, int]:
+    """Plan on the inputs' headers (Hub inputs' stand-ins), then (``download``) fetch the Hub
+    files the plan reads and plan again on them; also the bytes downloaded (or to download)."""
+    cfg, job = _resolve(config, ram_budget, threads, shard_size, seed)
+    if not session.models or session.fetched:
+        return cfg, job, 0
+    needed = session.needed_files(job.models, _files_read(job))
+    if not download:
+        return cfg, job, session.pending_bytes(needed)
+    fetched = session.download(needed)
+    cfg, job = _resolve(config, ram_budget, threads, shard_size, seed)
+    cfg.raw = _pin(cfg.raw, {ref: m.pinned for ref, m in session.models.items()})
+    return cfg, job, fetched
+
+
 def _fingerprint(job: Job) -> str:
     """What the output depends on: the job (less budget and threads, which never change the
     bytes) and every input file's size and modification time."""
     spec = job.spec.fingerprint_part()
-    files = sorted({t.file for m in job.models for t in m.tensors.values()})
+    files = sorted({os.path.realpath(t.file) for m in job.models for t in m.tensors.values()})
     stamps = []
     for f in files:
         st = os.stat(f)
@@ -125,18 +182,34 @@ def plan(
     ram_budget: Size | None = None,
     threads: int | None = None,
     shard_size: Size | None = None,
+    offline: bool = False,
 ) -> MergePlan:
     """Plan a merge without running it: what it reads and writes, chunks, passes, shards
-    and peak memory. Every input header is read and validated.
+    and peak memory. Every input header is read and validated; Hub inputs' headers are
+    fetched with range requests, and no weight is downloaded.
 
     Raises:
         ConfigError, CheckpointError, ModelNotFoundError: As :func:`merge`.
     """
-    _, job = _resolve(config, ram_budget, threads, shard_size, None)
-    s = _mergex.MergeJob(job.spec.to_json()).plan()
+    with hub.hub_session(offline) as hs:
+        _, job, download = _resolve_hub(hs, config, ram_budget, threads, shard_size, None, False)
+        s = _mergex.MergeJob(job.spec.to_json()).plan()
+        return _plan_of(job, s, download)
+
+
+def _shown(path: Path) -> Path:
+    """A model's path as a plan shows it: a Hub model as ``org/name@sha``."""
+    session = hub.current()
+    for m in session.models.values() if session is not None else []:
+        if path in (m.folder, m.snapshot):
+            return Path(m.pinned)
+    return path
+
+
+def _plan_of(job: Job, s: Any, download: int) -> MergePlan:
     return MergePlan(
         method=s.method,
-        models=[m.path for m in job.models],
+        models=[_shown(m.path) for m in job.models],
         tensors=s.tensors,
         bytes_read=s.bytes_read,
         input_bytes=s.input_bytes,
@@ -154,6 +227,7 @@ def plan(
             if job.quantized_like is None or not job.quantized_like.quantized
             else f"{quantized_format(job.quantized_like)}, like {job.quantized_like.ref}"
         ),
+        download_bytes=download,
     )
 
 
@@ -283,6 +357,7 @@ def merge(
     engine: str | None = None,
     device: str | None = None,
     gpu_budget: Size | None = None,
+    offline: bool = False,
 ) -> MergeResult:
     """Merge the models of ``config`` into the folder ``out``.
 
@@ -311,6 +386,9 @@ def merge(
             torch engine.
         gpu_budget: Device memory for chunks (torch on CUDA); default 80% of the free
             device memory.
+        offline: Hub references (``org/name[@revision]``) come from the Hugging Face cache
+            only, as with ``HF_HUB_OFFLINE=1``; otherwise the merge is planned on their
+            headers and only the files it reads are downloaded.
 
     Returns:
         What was written, read and how long it took.
@@ -328,7 +406,23 @@ def merge(
         if progress:
             raise ConfigError("progress: expected a callback taking a MergeProgress (or None)")
         progress = None
-    cfg, job = _resolve(config, ram_budget, threads, shard_size, seed)
+    with hub.hub_session(offline) as hs:
+        cfg, job, _ = _resolve_hub(hs, config, ram_budget, threads, shard_size, seed, True)
+        return _merge(cfg, job, start, out, overwrite, progress, resume, engine, device, gpu_budget)
+
+
+def _merge(
+    cfg: MergeConfig,
+    job: Job,
+    start: float,
+    out: str | os.PathLike[str],
+    overwrite: bool,
+    progress: ProgressCallback | None,
+    resume: bool,
+    engine: str | None,
+    device: str | None,
+    gpu_budget: Size | None,
+) -> MergeResult:
     backend = _backend(engine, device, gpu_budget)
     target = check_output_path(Path(out), [m.path for m in job.models], overwrite)
     fingerprint = _fingerprint(job)

@@ -54,6 +54,9 @@ RamBudget = Annotated[
     ),
 ]
 Threads = Annotated[int | None, typer.Option("--threads", help="Worker threads \\[default: all CPUs].")]
+Offline = Annotated[
+    bool, typer.Option("--offline", help="Hub models from the Hugging Face cache only (as HF_HUB_OFFLINE=1).")
+]
 
 
 def _fail(message: str, code: int) -> NoReturn:
@@ -163,6 +166,7 @@ def merge(
         str | None,
         typer.Option("--gpu-budget", help="Device memory for chunks, e.g. 8GiB \\[default: 80% of free]."),
     ] = None,
+    offline: Offline = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
     verbose: Verbose = False,
 ) -> None:
@@ -186,6 +190,7 @@ def merge(
             engine=engine,
             device=device,
             gpu_budget=gpu_budget,
+            offline=offline,
         )
         for w in result.warnings:
             typer.echo(f"warning: {w}", err=True)
@@ -219,6 +224,7 @@ def plan(
             "'read … at … GB/s' of an earlier merge's summary), to project the merge time.",
         ),
     ] = None,
+    offline: Offline = False,
     verbose: Verbose = False,
 ) -> None:
     """Show what a merge will read and write, its chunks, passes, shards and peak memory."""
@@ -230,7 +236,7 @@ def plan(
     from .units import format_size, parse_size
 
     with _errors(verbose):
-        p = make_plan(config, ram_budget=ram_budget, threads=threads, shard_size=shard_size)
+        p = make_plan(config, ram_budget=ram_budget, threads=threads, shard_size=shard_size, offline=offline)
         c = Console()
         c.print(f"[bold]{p.method}[/] merge of {len(p.models)} models, {p.tensors} output tensors")
         for m, fmt in zip(p.models, p.formats, strict=True):
@@ -244,6 +250,8 @@ def plan(
             f"read over all passes: {format_size(p.bytes_read)} ({passes})"
         )
         c.print(f"output: {format_size(p.bytes_written)} in {len(p.shards)} file(s)")
+        if p.download_bytes:
+            c.print(f"download from the Hub: {format_size(p.download_bytes)} (a plan downloads only headers)")
         t = Table("file", "bytes", "tensors")
         for name, size, n in p.shards:
             t.add_row(name, format_size(size), str(n))

@@ -122,12 +122,16 @@ class EngineJob:
     shard_size: int
     metadata: dict[str, str] = field(default_factory=dict)
     resume: Resume | None = None
+    partial: list[int] = field(default_factory=list)
+    """Indices of models that are partial Hub snapshots (only the shards the merge reads)."""
 
     def to_dict(self) -> dict[str, Any]:
         """The job as the engine's JSON reads it (fields left at their default omitted)."""
         out = asdict(self)
         if self.resume is None:
             del out["resume"]
+        if not self.partial:
+            del out["partial"]
         for t in out["tensors"]:
             if t["base"] is None:
                 del t["base"]

@@ -70,13 +70,19 @@ def resolve_model(ref: str, config_dir: Path | None = None) -> Path:
     for c in tried:
         if c.exists():
             return c.absolute()
+    from . import hub
+
+    session = hub.current()
+    if session is not None and hub.parse_ref(ref) is not None:
+        # Through huggingface_hub: the cache, else the Hub (header-first).
+        return session.resolve(ref)
     if _HF_REF.match(ref):
         snap = _from_hf_cache(ref)
         if snap is not None:
             return snap
         raise ModelNotFoundError(
             f"model '{ref}': no such folder ({', '.join(map(str, tried))}) and not in the "
-            f"Hugging Face cache at {hf_cache_dir()} (mergex does not download; fetch it first)"
+            f"Hugging Face cache at {hf_cache_dir()} (merge and plan fetch Hub models, inspect does not)"
         )
     raise ModelNotFoundError(f"model '{ref}': no such folder or file ({', '.join(map(str, tried))})")
 
@@ -102,8 +108,11 @@ class Model:
     @classmethod
     def open(cls, ref: str, config_dir: Path | None = None) -> Model:
         """Resolve ``ref`` and read its tensor headers (validated by the Rust reader)."""
+        from . import hub
+
         path = resolve_model(ref, config_dir)
-        rows = _mergex.inspect(str(path))
+        session = hub.current()
+        rows = _mergex.inspect(str(path), session is not None and session.is_partial(path))
         m = cls(ref, path)
         for name, dtype, shape, file, nbytes in rows:
             m.tensors[name] = TensorInfo(name, dtype, tuple(shape), file, nbytes)

@@ -435,9 +435,13 @@ def build_job(cfg: MergeConfig, *, ram_budget: int, threads: int, shard_size: in
     reference = pl.base or slices[0].sources[0].model
     merged = Counter(t.dtype for t in tensors if not (t.copy or t.encode))
     output_dtype = cfg.output_dtype or (merged.most_common(1)[0][0] if merged else "BF16")
+    from . import hub
+
+    session = hub.current()
     spec = EngineJob(
         method=cfg.merge_method,
         models=[str(p) for p in paths],
+        partial=[i for i, p in enumerate(paths) if session is not None and session.is_partial(p)],
         tensors=tensors,
         seed=seed,
         ram_budget=ram_budget,

@@ -16,6 +16,10 @@ pub struct Job {
     pub method: String,
     /// Model checkpoints (folders or files), referenced by index from the tensors.
     pub models: Vec<PathBuf>,
+    /// Indices of models that are partial Hub snapshots: the shards of their index that are
+    /// not downloaded are left out ([`crate::format::checkpoint::Checkpoint::open_partial`]).
+    #[serde(default)]
+    pub partial: Vec<usize>,
     /// Output tensors, in output order.
     pub tensors: Vec<TensorJob>,
     /// Seed of the random methods.

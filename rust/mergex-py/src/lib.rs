@@ -240,9 +240,14 @@ fn bad_buffer(py: Python<'_>, message: &str) -> PyErr {
 /// Tensors of a checkpoint (folder or file): (name, dtype, shape, file, bytes), in file order.
 #[pyfunction]
 #[allow(clippy::type_complexity)]
-fn inspect(py: Python<'_>, path: PathBuf) -> PyResult<Vec<(String, String, Vec<u64>, String, u64)>> {
+#[pyo3(signature = (path, partial = false))]
+fn inspect(
+    py: Python<'_>,
+    path: PathBuf,
+    partial: bool,
+) -> PyResult<Vec<(String, String, Vec<u64>, String, u64)>> {
     py.detach(move || {
-        let ckpt = Checkpoint::open(&path)?;
+        let ckpt = if partial { Checkpoint::open_partial(&path)? } else { Checkpoint::open(&path)? };
         Ok(ckpt
             .entries()
             .map(|(f, t)| {

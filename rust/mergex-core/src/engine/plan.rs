@@ -188,7 +188,15 @@ impl Engine {
         if job.shard_size == 0 {
             return Err(Error::job("shard_size", "must be positive"));
         }
-        let models = job.models.iter().map(|p| Checkpoint::open(p)).collect::<Result<Vec<_>>>()?;
+        let models = job
+            .models
+            .iter()
+            .enumerate()
+            .map(|(i, p)| match job.partial.contains(&i) {
+                true => Checkpoint::open_partial(p),
+                false => Checkpoint::open(p),
+            })
+            .collect::<Result<Vec<_>>>()?;
         let paths: Vec<&Path> = job.models.iter().map(|p| p.as_path()).collect();
         let mut names = HashSet::new();
         let mut tensors = Vec::with_capacity(job.tensors.len());

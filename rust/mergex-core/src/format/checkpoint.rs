@@ -22,11 +22,25 @@ pub struct Checkpoint {
     root: PathBuf,
     files: Vec<Arc<SafeFile>>,
     tensors: HashMap<String, usize>,
+    /// Tensors of shards an index lists that are not in the folder (a partial download,
+    /// [`Checkpoint::open_partial`]), with their shard.
+    absent: BTreeMap<String, String>,
 }
 
 impl Checkpoint {
     /// Open a checkpoint folder or a single `.safetensors` file.
     pub fn open(path: &Path) -> Result<Self> {
+        Self::open_with(path, false)
+    }
+
+    /// [`Checkpoint::open`], where the shards of an index that are not in the folder are left
+    /// out (a Hub snapshot of which only the shards a merge needs were downloaded): their
+    /// tensors are missing, and asking for one names its shard.
+    pub fn open_partial(path: &Path) -> Result<Self> {
+        Self::open_with(path, true)
+    }
+
+    fn open_with(path: &Path, partial: bool) -> Result<Self> {
         let meta = std::fs::metadata(path).map_err(|e| Error::io(path, "open", e))?;
         if meta.is_file() {
             if is_pickle_name(path) {
@@ -36,7 +50,7 @@ impl Checkpoint {
         }
         let index = path.join(INDEX_NAME);
         if index.is_file() {
-            return Self::open_index(path, &index);
+            return Self::open_index(path, &index, partial);
         }
         let single = path.join("model.safetensors");
         if single.is_file() {
@@ -59,7 +73,7 @@ impl Checkpoint {
         Err(Error::NoCheckpoint { dir: path.to_path_buf() })
     }
 
-    fn open_index(dir: &Path, index: &Path) -> Result<Self> {
+    fn open_index(dir: &Path, index: &Path, partial: bool) -> Result<Self> {
         let bad = |message: &str| Error::IndexJson { path: index.to_path_buf(), message: message.into() };
         let text = std::fs::read_to_string(index).map_err(|e| Error::io(index, "read", e))?;
         let json: Value = serde_json::from_str(&text).map_err(|e| bad(&e.to_string()))?;
@@ -75,11 +89,23 @@ impl Checkpoint {
             }
             wanted.insert(tensor.clone(), shard.to_string());
         }
+        let mut absent = BTreeMap::new();
+        if partial {
+            let missing: Vec<String> =
+                shards.iter().filter(|s| !dir.join(s.as_str()).exists()).cloned().collect();
+            shards.retain(|s| !missing.contains(s));
+            let (kept, gone): (BTreeMap<_, _>, BTreeMap<_, _>) =
+                wanted.into_iter().partition(|(_, shard)| !missing.contains(shard));
+            wanted = kept;
+            absent = gone;
+        }
         let mut paths = Vec::with_capacity(shards.len());
         for shard in &shards {
             paths.push(shard_path(dir, &real_dir, index, shard)?);
         }
-        Self::from_files(dir, paths, Some((index, shards, wanted)))
+        let mut ckpt = Self::from_files(dir, paths, Some((index, shards, wanted)))?;
+        ckpt.absent = absent;
+        Ok(ckpt)
     }
 
     fn from_files(
@@ -113,7 +139,7 @@ impl Checkpoint {
                 }
             }
         }
-        Ok(Checkpoint { root: root.to_path_buf(), files, tensors })
+        Ok(Checkpoint { root: root.to_path_buf(), files, tensors, absent: BTreeMap::new() })
     }
 
     /// The files of the checkpoint.
@@ -129,10 +155,22 @@ impl Checkpoint {
 
     /// Like [`Checkpoint::get`], but a missing tensor is an error naming the files searched.
     pub fn require(&self, name: &str) -> Result<(&Arc<SafeFile>, &TensorEntry)> {
-        self.get(name).ok_or_else(|| Error::MissingTensor {
-            model: self.root.clone(),
-            tensor: name.to_string(),
-            files: self.files.iter().map(|f| f.path().display().to_string()).collect::<Vec<_>>().join(", "),
+        self.get(name).ok_or_else(|| match self.absent.get(name) {
+            Some(shard) => Error::MissingTensor {
+                model: self.root.clone(),
+                tensor: name.to_string(),
+                files: format!("its shard {shard} is not downloaded"),
+            },
+            None => Error::MissingTensor {
+                model: self.root.clone(),
+                tensor: name.to_string(),
+                files: self
+                    .files
+                    .iter()
+                    .map(|f| f.path().display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            },
         })
     }
 
@@ -193,6 +231,33 @@ fn shard_path(dir: &Path, real_dir: &Path, index: &Path, shard: &str) -> Result<
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A one-tensor safetensors file holding `name` (one F32 value).
+    fn one_tensor(path: &Path, name: &str) {
+        let header = format!(r#"{{"{name}":{{"dtype":"F32","shape":[1],"data_offsets":[0,4]}}}}"#);
+        let mut h = header.into_bytes();
+        h.resize(h.len().div_ceil(8) * 8, b' ');
+        let mut bytes = (h.len() as u64).to_le_bytes().to_vec();
+        bytes.extend(h);
+        bytes.extend(1f32.to_le_bytes());
+        std::fs::write(path, bytes).unwrap();
+    }
+
+    #[test]
+    fn a_partial_snapshot_leaves_out_its_missing_shards() {
+        let dir = std::env::temp_dir().join(format!("mergex-partial-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        one_tensor(&dir.join("a.safetensors"), "x");
+        let index = r#"{"weight_map":{"x":"a.safetensors","y":"b.safetensors"}}"#;
+        std::fs::write(dir.join(INDEX_NAME), index).unwrap();
+        // A whole checkpoint needs every shard; a partial one names the missing shard.
+        assert!(matches!(Checkpoint::open(&dir), Err(Error::Io { .. })));
+        let partial = Checkpoint::open_partial(&dir).unwrap();
+        assert!(partial.require("x").is_ok());
+        let missing = partial.require("y").unwrap_err().to_string();
+        assert!(missing.contains("its shard b.safetensors is not downloaded"), "{missing}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn shard_names_stay_inside_the_folder() {

@@ -1,0 +1,225 @@
+"""Models from the Hugging Face Hub (``org/name[@revision]``), through ``huggingface_hub``
+against a local server of the tests' own (``hub_server``, on 127.0.0.1, pointed to by
+``HF_ENDPOINT``): the merge is validated and planned on the safetensors headers (fetched
+with range requests) before any weight is downloaded, only the files it reads are
+downloaded into the standard cache, and the output equals merging the same local folders.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import models
+import pytest
+import yaml
+from hub_server import HubServer, folder_files
+from mergex import CheckpointError, ModelNotFoundError
+
+SHARDS = 4
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    """A running server with three repos made from local models, and a fresh cache."""
+    local = tmp_path / "local"
+    shapes = models.llama_shapes(layers=4)
+    base = models.write_model(local / "base", models.random_tensors(shapes, "bf16", 1), "bf16", layers=4)
+    tuned = models.write_model(local / "tuned", models.random_tensors(shapes, "bf16", 2), "bf16", layers=4)
+    sharded = models.write_model(
+        local / "sharded", models.random_tensors(shapes, "bf16", 3), "bf16", shards=SHARDS, layers=4
+    )
+    with HubServer() as server:
+        server.repo("org/base").commit(folder_files(base.path))
+        server.repo("org/tuned").commit(folder_files(tuned.path))
+        server.repo("org/sharded").commit(folder_files(sharded.path))
+        monkeypatch.setenv("HF_ENDPOINT", server.url)
+        monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "cache"))
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.delenv("HF_TOKEN", raising=False)
+        server.local = {"org/base": base.path, "org/tuned": tuned.path, "org/sharded": sharded.path}  # type: ignore[attr-defined]
+        yield server
+
+
+def linear(a: str, b: str) -> dict:
+    return {
+        "merge_method": "linear",
+        "models": [{"model": a, "parameters": {"weight": 0.6}}, {"model": b, "parameters": {"weight": 0.4}}],
+    }
+
+
+def file_sizes(folder: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_size for p in folder.glob("*.safetensors")}
+
+
+def test_hub_inputs_merge_like_local_folders_and_pin_their_commit(mergex_mod, hub, tmp_path):
+    out = mergex_mod.merge(linear("org/base", "org/tuned@main"), tmp_path / "hub-out", progress=None)
+    local = mergex_mod.merge(
+        linear(str(hub.local["org/base"]), str(hub.local["org/tuned"])), tmp_path / "local-out", progress=None
+    )
+    assert models.read_output(out.out_dir).raw == models.read_output(local.out_dir).raw
+    # Each weight file was downloaded once (plus its header, read first).
+    for repo in ("org/base", "org/tuned"):
+        sizes = file_sizes(hub.local[repo])
+        served = hub.weights_served(repo)
+        for name, size in sizes.items():
+            assert size <= served[name] < size + 200_000, (repo, name, served)
+    # The run configuration names the commits, so it merges exactly these files again.
+    run = yaml.safe_load((out.out_dir / "mergex_config.yml").read_text())
+    shas = {r: hub.repos[r].branches["main"] for r in ("org/base", "org/tuned")}
+    assert [m["model"] for m in run["models"]] == [
+        f"org/base@{shas['org/base']}",
+        f"org/tuned@{shas['org/tuned']}",
+    ]
+    # The files are in the standard cache, where the next run finds them.
+    assert (
+        tmp_path / "cache" / "models--org--base" / "snapshots" / shas["org/base"] / "model.safetensors"
+    ).exists()
+    again = mergex_mod.merge(run, tmp_path / "again", progress=None)
+    assert models.read_output(again.out_dir).raw == models.read_output(out.out_dir).raw
+
+
+def test_a_mismatch_fails_after_the_headers_only(mergex_mod, hub, tmp_path):
+    shapes = models.llama_shapes(layers=4, hidden=48)
+    wrong = models.write_model(tmp_path / "wrong", models.random_tensors(shapes, "bf16", 4), "bf16", layers=4)
+    hub.repo("org/wrong").commit(folder_files(wrong.path))
+    with pytest.raises(CheckpointError, match="shape") as info:
+        mergex_mod.merge(linear("org/base", "org/wrong"), tmp_path / "out", progress=None)
+    assert "\n" not in str(info.value)
+    for repo, folder in (("org/base", hub.local["org/base"]), ("org/wrong", wrong.path)):
+        for name, size in file_sizes(folder).items():
+            assert hub.weights_served(repo).get(name, 0) < min(size, 100_000), (repo, name)
+    assert not (tmp_path / "out").exists()
+
+
+def test_plan_reads_headers_only_and_counts_the_download(mergex_mod, hub):
+    plan = mergex_mod.plan(linear("org/base", "org/tuned"))
+    total = sum(file_sizes(hub.local["org/base"]).values()) + sum(file_sizes(hub.local["org/tuned"]).values())
+    assert plan.download_bytes == total
+    assert plan.tensors > 0 and plan.bytes_written > 0
+    for repo in ("org/base", "org/tuned"):
+        for name, size in file_sizes(hub.local[repo]).items():
+            assert hub.weights_served(repo)[name] < size
+
+
+def test_a_slice_of_a_sharded_model_downloads_only_its_shards(mergex_mod, hub, tmp_path):
+    cfg = {
+        "merge_method": "passthrough",
+        "slices": [{"sources": [{"model": "org/sharded", "layer_range": [3, 4]}]}],
+    }
+    index = json.loads((hub.local["org/sharded"] / "model.safetensors.index.json").read_text())
+    wanted = {f for n, f in index["weight_map"].items() if "layers." not in n or "layers.3." in n}
+    sizes = file_sizes(hub.local["org/sharded"])
+    assert wanted != set(sizes), "the test needs a shard the slice does not read"
+    out = mergex_mod.merge(cfg, tmp_path / "out", progress=None)
+    served = hub.weights_served("org/sharded")
+    for name, size in sizes.items():
+        if name in wanted:
+            assert served[name] >= size, name
+        else:
+            assert served[name] < size, f"{name} was downloaded"
+    local = mergex_mod.merge(
+        {**cfg, "slices": [{"sources": [{"model": str(hub.local["org/sharded"]), "layer_range": [3, 4]}]}]},
+        tmp_path / "local-out",
+        progress=None,
+    )
+    assert models.read_output(out.out_dir).raw == models.read_output(local.out_dir).raw
+
+
+def test_offline_uses_the_cache_only(mergex_mod, hub, tmp_path, monkeypatch):
+    mergex_mod.merge(linear("org/base", "org/tuned"), tmp_path / "first", progress=None)
+    hub.__exit__()  # no server any more
+    out = mergex_mod.merge(linear("org/base", "org/tuned"), tmp_path / "offline", progress=None, offline=True)
+    assert models.read_output(out.out_dir).raw == models.read_output(tmp_path / "first").raw
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(
+        ModelNotFoundError, match=r"model 'org/sharded' \(revision main\): not in the Hugging Face cache"
+    ):
+        mergex_mod.merge(linear("org/base", "org/sharded"), tmp_path / "missing", progress=None)
+    assert not (tmp_path / "missing").exists()
+
+
+def test_revisions_pin_a_branch_or_a_commit(mergex_mod, hub, tmp_path):
+    repo = hub.repo("org/tuned")
+    first = repo.branches["main"]
+    shapes = models.llama_shapes(layers=4)
+    newer = models.write_model(tmp_path / "newer", models.random_tensors(shapes, "bf16", 9), "bf16", layers=4)
+    repo.commit(folder_files(newer.path), branch="main")
+    repo.branches["v1"] = first
+    by_sha = mergex_mod.merge(linear("org/base", f"org/tuned@{first}"), tmp_path / "sha", progress=None)
+    by_branch = mergex_mod.merge(linear("org/base", "org/tuned@v1"), tmp_path / "branch", progress=None)
+    latest = mergex_mod.merge(linear("org/base", "org/tuned"), tmp_path / "main", progress=None)
+    assert models.read_output(by_sha.out_dir).raw == models.read_output(by_branch.out_dir).raw
+    assert models.read_output(latest.out_dir).raw != models.read_output(by_sha.out_dir).raw
+
+
+@pytest.mark.parametrize(
+    "ref, setup, words",
+    [
+        ("org/nothing", None, ["org/nothing", "no such repo"]),
+        ("org/base@nope", None, ["org/base", "revision nope", "no such revision"]),
+        ("org/gated", "gated", ["org/gated", "gated"]),
+        ("org/pickle", "pickle", ["org/pickle", "only pickle weights", "pytorch_model.bin"]),
+        ("org/unsafe", "unsafe", ["org/unsafe", "unsafe name", "../evil.safetensors"]),
+        ("org/broken", "500", ["org/broken", "HTTP 500"]),
+    ],
+)
+def test_hub_errors_are_one_line_and_leave_no_output(mergex_mod, hub, tmp_path, ref, setup, words):
+    files = folder_files(hub.local["org/base"])
+    if setup == "gated":
+        hub.repo("org/gated").commit(files)
+        hub.repo("org/gated").token = "secret"
+    elif setup == "pickle":
+        hub.repo("org/pickle").commit(
+            {"config.json": files["config.json"], "pytorch_model.bin": b"\x80\x04."}
+        )
+    elif setup == "unsafe":
+        hub.repo("org/unsafe").commit(files)
+        hub.faults["org/unsafe/__list__"] = json.dumps([*files, "../evil.safetensors"])
+    elif setup == "500":
+        hub.repo("org/broken").commit(files)
+        hub.faults["org/broken/model.safetensors"] = "500"
+    with pytest.raises(Exception) as info:
+        mergex_mod.merge(linear("org/base", ref), tmp_path / "out", progress=None)
+    line = str(info.value)
+    assert "\n" not in line, line
+    for w in words:
+        assert w in line, line
+    assert not (tmp_path / "out").exists()
+    assert not any(p.name.startswith("out") for p in tmp_path.iterdir() if p.name != "out" and p.is_dir())
+
+
+def test_a_token_opens_a_gated_repo(mergex_mod, hub, tmp_path, monkeypatch):
+    hub.repo("org/gated").commit(folder_files(hub.local["org/tuned"]))
+    hub.repo("org/gated").token = "secret"
+    monkeypatch.setenv("HF_TOKEN", "secret")
+    out = mergex_mod.merge(linear("org/base", "org/gated"), tmp_path / "out", progress=None)
+    local = mergex_mod.merge(
+        linear(str(hub.local["org/base"]), str(hub.local["org/tuned"])), tmp_path / "local-out", progress=None
+    )
+    assert models.read_output(out.out_dir).raw == models.read_output(local.out_dir).raw
+
+
+def test_a_header_that_does_not_fit_its_file_is_refused_before_downloading(mergex_mod, hub, tmp_path):
+    files = folder_files(hub.local["org/base"])
+    raw = files["model.safetensors"]
+    files["model.safetensors"] = (2**63).to_bytes(8, "little") + raw[8:]
+    hub.repo("org/huge").commit(files)
+    with pytest.raises(CheckpointError, match=r"org/huge.*header length 9223372036854775808 does not fit"):
+        mergex_mod.merge(linear("org/base", "org/huge"), tmp_path / "out", progress=None)
+    assert hub.weights_served("org/huge")["model.safetensors"] == 8
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_download_cut_short_resumes_where_it_stopped(mergex_mod, hub, tmp_path):
+    # The server drops the connection halfway through the file: huggingface_hub retries (its
+    # own resume logic), and the merge completes with the right bytes.
+    hub.faults["org/tuned/model.safetensors"] = "cut"
+    size = file_sizes(hub.local["org/tuned"])["model.safetensors"]
+    out = mergex_mod.merge(linear("org/base", "org/tuned"), tmp_path / "out", progress=None)
+    local = mergex_mod.merge(
+        linear(str(hub.local["org/base"]), str(hub.local["org/tuned"])), tmp_path / "local-out", progress=None
+    )
+    assert models.read_output(out.out_dir).raw == models.read_output(local.out_dir).raw
+    # The cut half, then the file again (this huggingface_hub retries from the start).
+    assert size <= hub.weights_served("org/tuned")["model.safetensors"] < 2 * size
