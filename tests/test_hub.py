@@ -223,3 +223,93 @@ def test_a_download_cut_short_resumes_where_it_stopped(mergex_mod, hub, tmp_path
     assert models.read_output(out.out_dir).raw == models.read_output(local.out_dir).raw
     # The cut half, then the file again (this huggingface_hub retries from the start).
     assert size <= hub.weights_served("org/tuned")["model.safetensors"] < 2 * size
+
+
+def test_downloads_report_their_progress(mergex_mod, hub, tmp_path):
+    seen = []
+    mergex_mod.merge(linear("org/base", "org/tuned"), tmp_path / "out", progress=seen.append)
+    downloads = [p for p in seen if p.stage == "downloading"]
+    total = sum(file_sizes(hub.local["org/base"]).values()) + sum(file_sizes(hub.local["org/tuned"]).values())
+    assert downloads, "no download progress"
+    last = downloads[-1]
+    assert (last.bytes_done, last.bytes_total, last.files_done, last.files_total) == (total, total, 2, 2)
+
+
+def test_ctrl_c_while_downloading_leaves_no_output_and_a_usable_cache(mergex_mod, hub, tmp_path):
+    def interrupt(p):
+        if p.stage == "downloading":
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        mergex_mod.merge(linear("org/base", "org/tuned"), tmp_path / "out", progress=interrupt)
+    assert not (tmp_path / "out").exists()
+    assert not [p for p in tmp_path.iterdir() if "partial" in p.name]
+    out = mergex_mod.merge(linear("org/base", "org/tuned"), tmp_path / "out", progress=None)
+    local = mergex_mod.merge(
+        linear(str(hub.local["org/base"]), str(hub.local["org/tuned"])), tmp_path / "local-out", progress=None
+    )
+    assert models.read_output(out.out_dir).raw == models.read_output(local.out_dir).raw
+
+
+def test_a_header_whose_offsets_pass_the_file_size_names_the_file(mergex_mod, hub, tmp_path):
+    files = folder_files(hub.local["org/base"])
+    files["model.safetensors"] = files["model.safetensors"][:-4]  # the Hub reports a short file
+    hub.repo("org/short").commit(files)
+    with pytest.raises(
+        CheckpointError, match=r"model\.safetensors.*(outside the data section|bytes)"
+    ) as info:
+        mergex_mod.merge(linear("org/base", "org/short"), tmp_path / "out", progress=None)
+    assert "\n" not in str(info.value)
+    assert hub.weights_served("org/short")["model.safetensors"] < 100_000
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_redirect_loop_is_one_line(mergex_mod, hub, tmp_path):
+    hub.repo("org/loop").commit(folder_files(hub.local["org/tuned"]))
+    hub.faults["org/loop/model.safetensors"] = "loop"
+    with pytest.raises(Exception) as info:
+        mergex_mod.merge(linear("org/base", "org/loop"), tmp_path / "out", progress=None)
+    assert "\n" not in str(info.value) and "org/loop" in str(info.value), str(info.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_tokenizer_source_can_be_a_hub_repo(mergex_mod, hub, tmp_path):
+    marker = b'{"tokenizer_class": "LlamaTokenizer", "marker": "from org/tok"}'
+    hub.repo("org/tok").commit({**folder_files(hub.local["org/sharded"]), "tokenizer_config.json": marker})
+    cfg = {**linear("org/base", "org/tuned"), "tokenizer_source": "org/tok"}
+    out = mergex_mod.merge(cfg, tmp_path / "out", progress=None)
+    assert (out.out_dir / "tokenizer_config.json").read_bytes() == marker
+    run = yaml.safe_load((out.out_dir / "mergex_config.yml").read_text())
+    assert run["tokenizer_source"] == f"org/tok@{hub.repos['org/tok'].branches['main']}"
+    # Only its small files were fetched, none of its weights.
+    assert all(v < 100_000 for v in hub.weights_served("org/tok").values())
+
+
+def test_too_little_space_in_the_cache_stops_before_downloading(mergex_mod, hub, tmp_path, monkeypatch):
+    import shutil as real_shutil
+
+    import mergex.hub
+
+    usage = real_shutil.disk_usage(tmp_path)
+    monkeypatch.setattr(mergex.hub.shutil, "disk_usage", lambda _p: usage._replace(free=1000))
+    total = sum(file_sizes(hub.local["org/base"]).values()) + sum(file_sizes(hub.local["org/tuned"]).values())
+    with pytest.raises(mergex_mod.MergexIOError, match=rf"needs {total} bytes but .* has 1000 bytes free"):
+        mergex_mod.merge(linear("org/base", "org/tuned"), tmp_path / "out", progress=None)
+    for repo in ("org/base", "org/tuned"):
+        assert all(v < 100_000 for v in hub.weights_served(repo).values())
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_cli_plans_hub_models_and_reports_errors_in_one_line(hub, tmp_path):
+    cfg = models.dump_yaml(linear("org/base", "org/tuned"), tmp_path / "merge.yml")
+    res = models.run_cli(["plan", str(cfg)])
+    assert res.returncode == 0, res.stderr
+    assert "download from the Hub:" in res.stdout and "org/base@" in res.stdout
+    bad = models.dump_yaml(linear("org/base", "org/missing"), tmp_path / "bad.yml")
+    res = models.run_cli(["merge", str(bad), str(tmp_path / "out")])
+    assert res.returncode == 1
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "org/missing" in lines[0] and "Traceback" not in res.stderr, res.stderr
+    assert not (tmp_path / "out").exists()
+    res = models.run_cli(["merge", str(cfg), str(tmp_path / "offline"), "--offline"])
+    assert res.returncode == 1 and "not in the Hugging Face cache" in res.stderr, res.stderr

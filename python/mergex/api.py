@@ -148,16 +148,27 @@ def _resolve_hub(
     shard_size: Size | None,
     seed: int | None,
     download: bool,
+    progress: ProgressCallback | None = None,
 ) -> tuple[MergeConfig, Job, int]:
     """Plan on the inputs' headers (Hub inputs' stand-ins), then (``download``) fetch the Hub
     files the plan reads and plan again on them; also the bytes downloaded (or to download)."""
     cfg, job = _resolve(config, ram_budget, threads, shard_size, seed)
+    if cfg.tokenizer_source not in (None, "base"):
+        # A Hub tokenizer source is resolved now (its small files), to be pinned with the rest.
+        Model.open(cfg.tokenizer_source, cfg.source_dir)
     if not session.models or session.fetched:
         return cfg, job, 0
     needed = session.needed_files(job.models, _files_read(job))
     if not download:
         return cfg, job, session.pending_bytes(needed)
-    fetched = session.download(needed)
+    report = None
+    if progress is not None:
+        callback = progress
+
+        def report(done: int, total: int, files_done: int, files_total: int) -> None:
+            callback(MergeProgress(done, total, 0, 0, "downloading", files_done, files_total))
+
+    fetched = session.download(needed, report)
     cfg, job = _resolve(config, ram_budget, threads, shard_size, seed)
     cfg.raw = _pin(cfg.raw, {ref: m.pinned for ref, m in session.models.items()})
     return cfg, job, fetched
@@ -265,6 +276,11 @@ class MergeProgress:
     """Input bytes to process, over all passes (0 until known)."""
     tensors_done: int
     tensors_total: int
+    stage: str = "merging"
+    """``downloading`` while Hub files are fetched (bytes then count the download, and
+    :attr:`files_done` / :attr:`files_total` the files), then ``merging``."""
+    files_done: int = 0
+    files_total: int = 0
 
 
 ProgressCallback = Callable[[MergeProgress], None]
@@ -407,7 +423,7 @@ def merge(
             raise ConfigError("progress: expected a callback taking a MergeProgress (or None)")
         progress = None
     with hub.hub_session(offline) as hs:
-        cfg, job, _ = _resolve_hub(hs, config, ram_budget, threads, shard_size, seed, True)
+        cfg, job, _ = _resolve_hub(hs, config, ram_budget, threads, shard_size, seed, True, progress)
         return _merge(cfg, job, start, out, overwrite, progress, resume, engine, device, gpu_budget)
 
 

@@ -114,7 +114,7 @@ class _ProgressBar:
         )
 
         self.bar = Progress(
-            TextColumn("[bold]merging[/]"),
+            TextColumn("[bold]{task.fields[stage]}[/]"),
             BarColumn(),
             DownloadColumn(binary_units=True),
             TransferSpeedColumn(),
@@ -122,7 +122,8 @@ class _ProgressBar:
             TimeRemainingColumn(),
             console=Console(stderr=True),
         )
-        self.task = self.bar.add_task("merge", total=None, tensors="")
+        self.task = self.bar.add_task("merge", total=None, tensors="", stage="merging")
+        self.stage = "merging"
 
     def __enter__(self) -> _ProgressBar:
         self.bar.start()
@@ -132,8 +133,17 @@ class _ProgressBar:
         self.bar.stop()
 
     def update(self, p: MergeProgress) -> None:
-        tensors = f"{p.tensors_done}/{p.tensors_total} tensors"
-        self.bar.update(self.task, completed=p.bytes_done, total=p.bytes_total or None, tensors=tensors)
+        if p.stage == "downloading":
+            count = f"{p.files_done}/{p.files_total} files"
+        else:
+            count = f"{p.tensors_done}/{p.tensors_total} tensors"
+        if p.stage != self.stage:
+            # A new stage starts its bar (and rate) from zero.
+            self.stage = p.stage
+            self.bar.reset(self.task)
+        self.bar.update(
+            self.task, completed=p.bytes_done, total=p.bytes_total or None, tensors=count, stage=p.stage
+        )
 
 
 @app.command(cls=_Command)

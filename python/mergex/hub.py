@@ -21,8 +21,9 @@ import re
 import shutil
 import struct
 import tempfile
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+import threading
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -184,6 +185,9 @@ class HubSession:
             complete = any(folder.glob("*.safetensors"))
         if not complete and not required:
             return None
+        if not index.is_file() and not complete:
+            # Only the small files (from a plan): no weights to read offline.
+            raise errors.LocalEntryNotFoundError(f"no safetensors file of {repo} is cached")
         model = HubModel(repo, revision, folder.name, folder, folder)
         self.cached_partial = self.cached_partial | ({folder} if not complete else set())
         return model
@@ -259,9 +263,12 @@ class HubSession:
             f.truncate(size)  # the rest is a hole: no disk space, never read
         tmp.replace(dest)
 
-    def download(self, needed: dict[str, set[str]], progress: Any = None) -> int:
+    def download(self, needed: dict[str, set[str]], report: Report | None = None) -> int:
         """Download the pending files of ``needed`` (reference -> file names), in parallel, into
-        the cache, and link them into their stand-in folders; returns the bytes fetched."""
+        the cache; returns the bytes fetched. ``report(bytes_done, bytes_total, files_done,
+        files_total)`` is called from this thread about ten times a second; an exception it
+        raises (or Ctrl-C) stops the downloads, whose partial files the library resumes on the
+        next run."""
         from huggingface_hub import hf_hub_download
 
         jobs = [(ref, n) for ref, names in needed.items() for n in sorted(names & self.models[ref].pending)]
@@ -278,18 +285,38 @@ class HubSession:
                 f"has {free} bytes free"
             )
 
+        tally = _Tally()
+        counted = _counting_tqdm(tally)
+
         def fetch(job: tuple[str, str]) -> None:
             ref, name = job
             m = self.models[ref]
             try:
-                hf_hub_download(m.repo_id, name, revision=m.sha, cache_dir=cache, endpoint=_endpoint())
+                hf_hub_download(
+                    m.repo_id, name, revision=m.sha, cache_dir=cache, endpoint=_endpoint(), tqdm_class=counted
+                )
+            except _Cancelled:
+                raise
             except Exception as e:
                 raise _hub_error(m.repo_id, m.revision, e) from None
             m.pending.discard(name)
 
-        with ThreadPoolExecutor(min(8, len(jobs)), thread_name_prefix="mergex-download") as pool:
-            for _ in pool.map(fetch, jobs):
-                pass
+        pool = ThreadPoolExecutor(min(8, len(jobs)), thread_name_prefix="mergex-download")
+        futures = [pool.submit(fetch, j) for j in jobs]
+        try:
+            while True:
+                done, pending = wait(futures, timeout=0.1, return_when=FIRST_EXCEPTION)
+                if report is not None:
+                    report(min(tally.bytes, total), total, len(done), len(jobs))
+                for f in done:
+                    f.result()  # the first failure stops the rest
+                if not pending:
+                    break
+        except BaseException:
+            tally.cancelled = True
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+        pool.shutdown()
         self.fetched = True
         return total
 
@@ -306,6 +333,46 @@ class HubSession:
                 if p.parent == m.folder:
                     out.setdefault(ref, set()).add(p.name)
         return out
+
+
+Report = Callable[[int, int, int, int], None]
+"""``(bytes_done, bytes_total, files_done, files_total)`` of the downloads."""
+
+
+class _Cancelled(Exception):
+    """Raised inside a download when the merge stops (Ctrl-C, an error elsewhere)."""
+
+
+@dataclass
+class _Tally:
+    """Bytes downloaded so far, over every file; ``cancelled`` stops every download."""
+
+    bytes: int = 0
+    cancelled: bool = False
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, n: int) -> None:
+        if self.cancelled:
+            raise _Cancelled
+        with self.lock:
+            self.bytes += n
+
+
+def _counting_tqdm(tally: _Tally) -> Any:
+    """A silent tqdm class for huggingface_hub's downloads that counts their bytes into
+    ``tally`` (and stops them when it is cancelled)."""
+    from tqdm.auto import tqdm  # type: ignore[import-untyped]
+
+    class Counted(tqdm):  # type: ignore[misc]
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+
+        def update(self, n: float | None = 1) -> bool | None:
+            tally.add(int(n or 0))
+            return super().update(n)  # type: ignore[no-any-return]
+
+    return Counted
 
 
 _SESSION: ContextVar[HubSession | None] = ContextVar("mergex_hub_session", default=None)
