@@ -159,16 +159,21 @@ def test_revisions_pin_a_branch_or_a_commit(mergex_mod, hub, tmp_path):
         ("org/nothing", None, ["org/nothing", "no such repo"]),
         ("org/base@nope", None, ["org/base", "revision nope", "no such revision"]),
         ("org/gated", "gated", ["org/gated", "gated"]),
+        ("org/gated", "wrong token", ["org/gated", "gated"]),
         ("org/pickle", "pickle", ["org/pickle", "only pickle weights", "pytorch_model.bin"]),
         ("org/unsafe", "unsafe", ["org/unsafe", "unsafe name", "../evil.safetensors"]),
         ("org/broken", "500", ["org/broken", "HTTP 500"]),
     ],
 )
-def test_hub_errors_are_one_line_and_leave_no_output(mergex_mod, hub, tmp_path, ref, setup, words):
+def test_hub_errors_are_one_line_and_leave_no_output(
+    mergex_mod, hub, tmp_path, monkeypatch, ref, setup, words
+):
     files = folder_files(hub.local["org/base"])
-    if setup == "gated":
+    if setup in ("gated", "wrong token"):
         hub.repo("org/gated").commit(files)
         hub.repo("org/gated").token = "secret"
+        if setup == "wrong token":
+            monkeypatch.setenv("HF_TOKEN", "not-the-secret")  # HTTP 403
     elif setup == "pickle":
         hub.repo("org/pickle").commit(
             {"config.json": files["config.json"], "pytorch_model.bin": b"\x80\x04."}
