@@ -48,16 +48,22 @@ def linear(a: str, b: str) -> dict:
     }
 
 
+def assert_like_local(mergex_mod, hub, out: Path, tmp_path: Path) -> None:
+    """``out`` holds the bytes of the same linear merge of org/base and org/tuned made from
+    their local folders."""
+    local = mergex_mod.merge(
+        linear(str(hub.local["org/base"]), str(hub.local["org/tuned"])), tmp_path / "local-out", progress=None
+    )
+    assert models.read_output(out).raw == models.read_output(local.out_dir).raw
+
+
 def file_sizes(folder: Path) -> dict[str, int]:
     return {p.name: p.stat().st_size for p in folder.glob("*.safetensors")}
 
 
 def test_hub_inputs_merge_like_local_folders_and_pin_their_commit(mergex_mod, hub, tmp_path):
     out = mergex_mod.merge(linear("org/base", "org/tuned@main"), tmp_path / "hub-out", progress=None)
-    local = mergex_mod.merge(
-        linear(str(hub.local["org/base"]), str(hub.local["org/tuned"])), tmp_path / "local-out", progress=None
-    )
-    assert models.read_output(out.out_dir).raw == models.read_output(local.out_dir).raw
+    assert_like_local(mergex_mod, hub, out.out_dir, tmp_path)
     # Each weight file was downloaded once (plus its header, read first).
     for repo in ("org/base", "org/tuned"):
         sizes = file_sizes(hub.local[repo])
@@ -199,10 +205,7 @@ def test_a_token_opens_a_gated_repo(mergex_mod, hub, tmp_path, monkeypatch):
     hub.repo("org/gated").token = "secret"
     monkeypatch.setenv("HF_TOKEN", "secret")
     out = mergex_mod.merge(linear("org/base", "org/gated"), tmp_path / "out", progress=None)
-    local = mergex_mod.merge(
-        linear(str(hub.local["org/base"]), str(hub.local["org/tuned"])), tmp_path / "local-out", progress=None
-    )
-    assert models.read_output(out.out_dir).raw == models.read_output(local.out_dir).raw
+    assert_like_local(mergex_mod, hub, out.out_dir, tmp_path)
 
 
 def test_a_header_that_does_not_fit_its_file_is_refused_before_downloading(mergex_mod, hub, tmp_path):
@@ -222,10 +225,7 @@ def test_a_download_cut_short_resumes_where_it_stopped(mergex_mod, hub, tmp_path
     hub.faults["org/tuned/model.safetensors"] = "cut"
     size = file_sizes(hub.local["org/tuned"])["model.safetensors"]
     out = mergex_mod.merge(linear("org/base", "org/tuned"), tmp_path / "out", progress=None)
-    local = mergex_mod.merge(
-        linear(str(hub.local["org/base"]), str(hub.local["org/tuned"])), tmp_path / "local-out", progress=None
-    )
-    assert models.read_output(out.out_dir).raw == models.read_output(local.out_dir).raw
+    assert_like_local(mergex_mod, hub, out.out_dir, tmp_path)
     # The cut half, then the file again (this huggingface_hub retries from the start).
     assert size <= hub.weights_served("org/tuned")["model.safetensors"] < 2 * size
 
@@ -250,10 +250,7 @@ def test_ctrl_c_while_downloading_leaves_no_output_and_a_usable_cache(mergex_mod
     assert not (tmp_path / "out").exists()
     assert not [p for p in tmp_path.iterdir() if "partial" in p.name]
     out = mergex_mod.merge(linear("org/base", "org/tuned"), tmp_path / "out", progress=None)
-    local = mergex_mod.merge(
-        linear(str(hub.local["org/base"]), str(hub.local["org/tuned"])), tmp_path / "local-out", progress=None
-    )
-    assert models.read_output(out.out_dir).raw == models.read_output(local.out_dir).raw
+    assert_like_local(mergex_mod, hub, out.out_dir, tmp_path)
 
 
 def test_a_header_whose_offsets_pass_the_file_size_names_the_file(mergex_mod, hub, tmp_path):

@@ -218,25 +218,39 @@ impl Engine {
             (Output::Write(writer, amax), Some(enc)) => {
                 let vals = s.vals.get(..len as usize).unwrap_or_default();
                 enc.encode(start, vals, *amax, &mut s.encoded)?;
-                let e = &s.encoded;
-                let parts = [
-                    (0, e.codes_at, &e.codes),
-                    (1, e.scales_at, &e.scales),
-                    (t.companions.len(), e.zeros_at, &e.zeros),
-                ];
-                for (k, at, bytes) in parts {
-                    if !bytes.is_empty() {
-                        let place = self.place(t, k);
-                        writer.write_at(place.shard, place.offset + at, bytes)?;
-                    }
-                }
-                Ok(())
+                self.write_encoded(t, writer, &s.encoded)
             }
             (Output::Amax(cell), _) => {
                 let vals = s.vals.get(..len as usize).unwrap_or_default();
                 fold_amax(t, start, vals, cell)
             }
         }
+    }
+
+    /// Write one chunk's codes, block scales and zero points at their places.
+    pub(crate) fn write_encoded(&self, t: &Prepared, writer: &Writer, e: &Encoded) -> Result<()> {
+        let parts = [
+            (0, e.codes_at, &e.codes),
+            (1, e.scales_at, &e.scales),
+            (t.companions.len(), e.zeros_at, &e.zeros),
+        ];
+        for (k, at, bytes) in parts {
+            if !bytes.is_empty() {
+                let place = self.place(t, k);
+                writer.write_at(place.shard, place.offset + at, bytes)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Write a quantized tensor's one-value companions (a per-tensor or global scale).
+    pub(crate) fn write_scalars(&self, t: &Prepared, writer: &Writer, amax: Option<f32>) -> Result<()> {
+        let Some(enc) = &t.enc else { return Ok(()) };
+        for (k, bytes) in enc.scalars(amax.unwrap_or(0.0))? {
+            let place = self.place(t, k);
+            writer.write_at(place.shard, place.offset, &bytes)?;
+        }
+        Ok(())
     }
 
     fn chunks(t: &Prepared) -> Vec<(u64, u64)> {
@@ -331,12 +345,8 @@ impl Engine {
         }
         let m = &*merger;
         let clock = Instant::now();
-        if let (Output::Write(writer, amax), Some(enc)) = (&to, &t.enc) {
-            // The one-value companions (a per-tensor scale, a global scale).
-            for (k, bytes) in enc.scalars(amax.unwrap_or(0.0))? {
-                let place = self.place(t, k);
-                writer.write_at(place.shard, place.offset, &bytes)?;
-            }
+        if let Output::Write(writer, amax) = &to {
+            self.write_scalars(t, writer, *amax)?;
         }
         let fused = merger.weighted_sum();
         let work = Work { decode: !m.takes_stored(&dtypes), encode: true, announce: true };

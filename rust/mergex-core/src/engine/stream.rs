@@ -227,28 +227,14 @@ impl Engine {
         let amax =
             p.amax_key().and_then(|k| sink.amax.get(k)).map(|a| f32::from_bits(a.load(Ordering::Relaxed)));
         if start == 0 {
-            for (k, b) in enc.scalars(amax.unwrap_or(0.0))? {
-                let place = self.place(p, k);
-                sink.writer.write_at(place.shard, place.offset, &b)?;
-            }
+            self.write_scalars(p, &sink.writer, amax)?;
         }
         let mut vals = vec![0f32; values.len()];
         super::run::to_f32(values, &mut vals);
         let mut e = crate::format::encode::Encoded::default();
         enc.encode(start, &vals, amax, &mut e)?;
-        let parts = [
-            (0, e.codes_at, &e.codes),
-            (1, e.scales_at, &e.scales),
-            (p.companions.len(), e.zeros_at, &e.zeros),
-        ];
-        for (k, at, b) in parts {
-            if !b.is_empty() {
-                let place = self.place(p, k);
-                sink.writer.write_at(place.shard, place.offset + at, b)?;
-            }
-        }
         bytes.clear();
-        Ok(())
+        self.write_encoded(p, &sink.writer, &e)
     }
 
     /// Fold merged `values` (elements from `start` of tensor `t`) into the amax of its key,
