@@ -231,15 +231,18 @@ class HubSession:
 
     def _stand_in(self, repo: str, sha: str, name: str, size: int, dest: Path) -> None:
         """A sparse file of ``size`` bytes holding only the header of ``name``."""
-        from huggingface_hub import get_session, hf_hub_url, hf_raise_for_status
-        from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]
+        from huggingface_hub import hf_hub_url, hf_raise_for_status
+        from huggingface_hub.utils import build_hf_headers, http_backoff  # type: ignore[attr-defined]
 
         url = hf_hub_url(repo, name, revision=sha, endpoint=_endpoint())
         headers = build_hf_headers()
 
         def fetch(start: int, end: int) -> bytes:
             ranged = {**headers, "Range": f"bytes={start}-{end - 1}"}
-            r = get_session().get(url, headers=ranged, follow_redirects=True)
+            # The library's retries on timeouts, dropped connections and 5xx answers.
+            r = http_backoff(
+                "GET", url, headers=ranged, follow_redirects=True, max_retries=2, base_wait_time=0.5
+            )
             hf_raise_for_status(r)
             body = r.content
             if r.status_code == 200:  # the whole file: the server ignored the range

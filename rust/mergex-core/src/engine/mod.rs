@@ -6,6 +6,7 @@ pub mod progress;
 pub mod read;
 mod run;
 pub mod stream;
+mod values;
 
 pub use plan::{Engine, PlanSummary};
 pub use run::RunSummary;

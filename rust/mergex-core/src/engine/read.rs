@@ -151,16 +151,18 @@ impl View {
             if self.packed > 0 {
                 // One run (packed views are whole tensors): the bytes holding the elements.
                 let (b, e) = self.span(start, n as u64);
-                let mut codes = vec![0u8; (e - b) as usize];
-                self.file.read_at(&self.entry, b, &mut codes)?;
-                return scales.decode(start, &codes, values, times, pairs);
+                return with_codes((e - b) as usize, |codes| {
+                    self.file.read_at(&self.entry, b, codes)?;
+                    scales.decode(start, codes, values, times, pairs)
+                });
             }
-            let mut codes = vec![0u8; n];
-            self.runs(start, n as u64, |src, o, len| {
-                let (b, e) = (o, o + len as usize);
-                let codes = codes.get_mut(b..e).unwrap_or_default();
-                self.file.read_at(&self.entry, src, codes)?;
-                scales.decode(src, codes, values.get_mut(b..e).unwrap_or_default(), times, pairs)
+            with_codes(n, |codes| {
+                self.runs(start, n as u64, |src, o, len| {
+                    let (b, e) = (o, o + len as usize);
+                    let codes = codes.get_mut(b..e).unwrap_or_default();
+                    self.file.read_at(&self.entry, src, codes)?;
+                    scales.decode(src, codes, values.get_mut(b..e).unwrap_or_default(), times, pairs)
+                })
             })
         };
         with_f32s(out, decode)
@@ -236,4 +238,22 @@ fn with_f32s(out: &mut [u8], fill: impl FnOnce(&mut [f32]) -> Result<()>) -> Res
         dst.copy_from_slice(&v.to_le_bytes());
     }
     Ok(())
+}
+
+thread_local! {
+    /// The codes of the range being decoded, kept from read to read on each thread (a fresh
+    /// buffer a read cost an allocation and a page fault per 4 KiB).
+    static CODES: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// Run `f` with this thread's codes buffer, `n` bytes long.
+fn with_codes<R>(n: usize, f: impl FnOnce(&mut [u8]) -> Result<R>) -> Result<R> {
+    CODES.with(|cell| match cell.try_borrow_mut() {
+        Ok(mut buf) => {
+            buf.resize(n, 0);
+            f(&mut buf[..n])
+        }
+        // Not re-entered in practice; a fresh buffer if it ever is.
+        Err(_) => f(&mut vec![0u8; n]),
+    })
 }

@@ -230,7 +230,7 @@ impl Engine {
             self.write_scalars(p, &sink.writer, amax)?;
         }
         let mut vals = vec![0f32; values.len()];
-        super::run::to_f32(values, &mut vals);
+        super::values::to_f32(values, &mut vals);
         let mut e = crate::format::encode::Encoded::default();
         enc.encode(start, &vals, amax, &mut e)?;
         bytes.clear();
@@ -246,8 +246,8 @@ impl Engine {
             .and_then(|k| sink.amax.get(k))
             .ok_or_else(|| Error::job("chunk", format!("tensor '{}' needs no amax", p.out.name)))?;
         let mut vals = vec![0f32; values.len()];
-        super::run::to_f32(values, &mut vals);
-        super::run::fold_amax(p, start, &vals, cell)
+        super::values::to_f32(values, &mut vals);
+        super::values::fold_amax(p, start, &vals, cell)
     }
 
     /// Copy tensor `t` (a copy tensor) chunk by chunk.

@@ -338,8 +338,13 @@ impl Scales {
                 times(&codes[a..b], s, zp, &mut out[a..b]);
             }
             // A branch-free sweep first (it vectorizes); the position only on failure. FP4
-            // values are at most 6 times the scale: finite whenever that is.
+            // values are at most 6 times the scale: finite whenever that is; E4M3 codes are
+            // at most 448, and only `s 1111 111` is NaN (a sweep over the bytes).
+            let e4m3 = self.packed.is_none() && self.codes_dtype == Dtype::F8_E4M3;
             let finite = (fp4_pairs && (s * 6.0).is_finite())
+                || (e4m3
+                    && (s * 448.0).is_finite()
+                    && codes[a..b].iter().fold(true, |ok, &c| ok & (c & 0x7f != 0x7f)))
                 || out[a..b].iter().fold(true, |ok, v| ok & v.is_finite());
             if let Some(k) = (!finite).then(|| out[a..b].iter().position(|v| !v.is_finite())).flatten() {
                 let at = i + k as u64;
