@@ -295,3 +295,42 @@ def test_integer_tensors_are_copied_and_f64_inputs_merge(tmp_path, run_merge, ou
     # F64 inputs are merged in f64 and written as F64.
     assert out.dtype("w64") == "F64"
     assert np.array_equal(np.frombuffer(out.raw["w64"][2], np.float64), (x64[0] + x64[1]) / 2.0)
+
+
+def test_yaml_1_1_strings_that_are_numbers_are_numbers(tmp_path):
+    # PyYAML reads `1e-3` (no dot) as a string; YAML 1.2 and the tool users know read a number.
+    text = """
+merge_method: ties
+base_model: ./base
+models:
+  - model: ./a
+    parameters: {weight: 1e-3, density: [1e-1, 0.5]}
+parameters:
+  lambda: [{filter: mlp, value: 2E0}, {value: 1}]
+"""
+    path = tmp_path / "merge.yml"
+    path.write_text(text)
+    cfg = mergex.load_config(path)
+    assert cfg.models is not None
+    assert cfg.models[0].parameters == {"weight": 0.001, "density": [0.1, 0.5]}
+    assert cfg.parameters["lambda"] == [{"filter": "mlp", "value": 2.0}, {"value": 1}]
+    path.write_text(text.replace("1e-3", "1e-3x"))
+    cfg = mergex.load_config(path)
+    assert cfg.models is not None and cfg.models[0].parameters["weight"] == "1e-3x"  # not a number
+
+
+def test_another_methods_parameter_is_ignored_with_a_warning(make_model):
+    a, b = make_model("a", seed=1), make_model("b", seed=2)
+    cfg = {
+        "merge_method": "slerp",
+        "base_model": str(a.path),
+        "models": [{"model": str(b.path), "parameters": {"weight": 0.5}}],
+        "parameters": {"t": 0.3},
+    }
+    plan = mergex.plan(cfg)
+    assert any(
+        "models[0].parameters.weight: slerp takes no 'weight'" in w and "ignored" in w for w in plan.warnings
+    )
+    cfg["models"][0]["parameters"] = {"wieght": 0.5}  # a typo is still an error
+    with pytest.raises(mergex.ConfigError, match="wieght: not a parameter of slerp"):
+        mergex.plan(cfg)

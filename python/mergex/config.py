@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,6 +92,8 @@ class MergeConfig:
     """Folder of the YAML file; relative model paths are also tried against it."""
     raw: dict[str, Any] = field(default_factory=dict)
     """The configuration as given, for ``mergex_config.yml``."""
+    warnings: list[str] = field(default_factory=list)
+    """What loading it noticed and let pass (parameters the method does not take)."""
 
     @property
     def output_dtype(self) -> str | None:
@@ -135,14 +138,31 @@ def _check_value(value: Any, where: str) -> None:
     )
 
 
+# A number as YAML 1.2 writes it: PyYAML (YAML 1.1) reads `1e-3` (no dot) as a string.
+_NUMBER = re.compile(r"^[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?$")
+
+
+def _numbers(value: Any) -> Any:
+    """``value`` with every string that is a YAML 1.2 number (``1e-3``) read as a float, in
+    scalars, gradients and filtered lists."""
+    if isinstance(value, str) and _NUMBER.match(value.strip()):
+        return float(value)
+    if isinstance(value, list):
+        return [_numbers(v) for v in value]
+    if isinstance(value, dict) and "value" in value:
+        return {**value, "value": _numbers(value["value"])}
+    return value
+
+
 def _params(raw: Any, where: str) -> dict[str, ParamValue]:
     if raw is None:
         return {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping of parameter names to values")
-    for name, value in raw.items():
+    params = {str(k): _numbers(v) for k, v in raw.items()}
+    for name, value in params.items():
         _check_value(value, f"{where}.{name}")
-    return {str(k): v for k, v in raw.items()}
+    return params
 
 
 def _model_ref(value: Any, where: str) -> str:
@@ -283,10 +303,17 @@ def _check_param_names(cfg: MergeConfig) -> None:
         for j, src in enumerate(sl.sources):
             places.append((f"slices[{i}].sources[{j}].parameters", src.parameters))
     for where, params in places:
-        for name in params:
-            if name not in known:
-                takes = ", ".join(sorted(known)) or "none"
+        for name in list(params):
+            if name in known:
+                continue
+            takes = ", ".join(sorted(known)) or "none"
+            if name != "weight":
                 raise ConfigError(f"{where}.{name}: not a parameter of {spec.name} (it takes: {takes})")
+            # A `weight` on a method that takes none (slerp, model_stock, karcher, …), which a
+            # third of the configs users share carry: ignored, as the tool users know does,
+            # with a warning. Any other unknown name stays an error (a typo, most likely).
+            del params[name]
+            cfg.warnings.append(f"{where}.{name}: {spec.name} takes no '{name}' (it takes: {takes}); ignored")
 
 
 def load_config(source: str | os.PathLike[str] | dict[str, Any] | MergeConfig) -> MergeConfig:

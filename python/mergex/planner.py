@@ -131,7 +131,7 @@ class _Planner:
         self.spec: MethodSpec = spec
         self.uses_base = spec.base != "none"
         self.models: dict[Path, Model] = {}
-        self.warnings: list[str] = []
+        self.warnings: list[str] = list(cfg.warnings)
         self.base = self._open(cfg.base_model) if cfg.base_model else None
         self.requant = cfg.out_quantization == "base"
         self.qbase: Model | None = None
