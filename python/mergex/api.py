@@ -158,7 +158,7 @@ def _resolve_hub(
         Model.open(cfg.tokenizer_source, cfg.source_dir)
     if not session.models or session.fetched:
         return cfg, job, 0
-    needed = session.needed_files(job.models, _files_read(job))
+    needed = session.needed_files(_files_read(job))
     if not download:
         return cfg, job, session.pending_bytes(needed)
     report = None

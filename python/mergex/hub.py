@@ -196,13 +196,12 @@ class HubSession:
         from huggingface_hub import hf_hub_download, try_to_load_from_cache
 
         info = self.api.model_info(repo, revision=revision, files_metadata=True)
-        sha = info.sha or revision
-        names = [s.rfilename for s in info.siblings or []]
+        siblings = info.siblings or []
+        names = [s.rfilename for s in siblings]
         for n in names:
             p = PurePosixPath(n)
             if p.is_absolute() or ".." in p.parts or "\\" in n:
                 raise CheckpointError(f"model '{repo}': the Hub lists a file with an unsafe name ({n!r})")
-        siblings = info.siblings or []
         sizes = {s.rfilename: int(s.size or 0) for s in siblings if s.rfilename.endswith(".safetensors")}
         if not sizes:
             pickles = [n for n in names if n.endswith(_PICKLE)]
@@ -212,20 +211,24 @@ class HubSession:
             )
         folder = self.workdir / repo.replace("/", "--")
         folder.mkdir(parents=True, exist_ok=True)
-        snapshot = _cache_dir() / ("models--" + repo.replace("/", "--")) / "snapshots" / sha
-        model = HubModel(repo, revision, sha, folder, snapshot, sizes)
-        for n in [n for n in names if n in _SMALL]:
+        # The snapshot folder is learnt from the paths the library hands back (until then,
+        # the stand-in: nothing is read from a snapshot before a file of it is there).
+        model = HubModel(repo, revision, info.sha or revision, folder, folder, sizes)
+        for k, n in enumerate(n for n in names if n in _SMALL):
             # The first by the revision asked for: the cache then maps it (a branch) to the
             # commit, for offline use; everything else by that commit, even if the branch
             # moves meanwhile.
-            rev = revision if n == next(x for x in names if x in _SMALL) else model.sha
+            rev = revision if k == 0 else model.sha
             path = Path(hf_hub_download(repo, n, revision=rev, cache_dir=_cache_dir(), endpoint=_endpoint()))
-            model.snapshot, model.sha = path.parent, path.parent.name
+            model.snapshot = _snapshot_of(path, n)
+            model.sha = model.snapshot.name
             shutil.copyfile(path, folder / n)
         for n, size in sizes.items():
             self._stand_in(repo, model.sha, n, size, folder / n)
             cached = try_to_load_from_cache(repo, n, cache_dir=_cache_dir(), revision=model.sha)
-            if not (isinstance(cached, str) and Path(cached).stat().st_size == size):
+            if isinstance(cached, str) and Path(cached).stat().st_size == size:
+                model.snapshot = _snapshot_of(Path(cached), n)
+            else:
                 model.pending.add(n)
         return model
 
@@ -295,13 +298,14 @@ class HubSession:
             ref, name = job
             m = self.models[ref]
             try:
-                hf_hub_download(
+                path = hf_hub_download(
                     m.repo_id, name, revision=m.sha, cache_dir=cache, endpoint=_endpoint(), tqdm_class=counted
                 )
             except _Cancelled:
                 raise
             except Exception as e:
                 raise _hub_error(m.repo_id, m.revision, e) from None
+            m.snapshot = _snapshot_of(Path(path), name)
             m.pending.discard(name)
 
         pool = ThreadPoolExecutor(min(8, len(jobs)), thread_name_prefix="mergex-download")
@@ -327,7 +331,7 @@ class HubSession:
         """Bytes :meth:`download` would fetch."""
         return sum(self.models[r].sizes[n] for r, ns in needed.items() for n in ns & self.models[r].pending)
 
-    def needed_files(self, models: list[Any], files: set[str]) -> dict[str, set[str]]:
+    def needed_files(self, files: set[str]) -> dict[str, set[str]]:
         """The Hub files among ``files`` (paths the plan reads), by reference."""
         out: dict[str, set[str]] = {}
         for ref, m in self.models.items():
@@ -359,6 +363,11 @@ class _Tally:
             raise _Cancelled
         with self.lock:
             self.bytes += n
+
+
+def _snapshot_of(path: Path, name: str) -> Path:
+    """The snapshot folder holding the repo file ``name``, from its path in the cache."""
+    return path.parents[len(PurePosixPath(name).parts) - 1]
 
 
 def _counting_tqdm(tally: _Tally) -> Any:
