@@ -147,6 +147,20 @@ class Model:
         return str(self.path)
 
 
+def write_quantized(
+    path: Path, tensors: Mapping[str, tuple], quant: Mapping | None, layers: int = LAYERS
+) -> Path:
+    """A quantized model folder: ``tensors`` (dtype, shape, bytes) as they are, and a
+    llama ``config.json`` carrying ``quant`` as its ``quantization_config`` (none if None)."""
+    path.mkdir(parents=True)
+    write_safetensors(path / "model.safetensors", dict(tensors), {"format": "pt"})
+    cfg = model_config(layers, "BF16")
+    if quant is not None:
+        cfg["quantization_config"] = dict(quant)
+    (path / "config.json").write_text(json.dumps(cfg))
+    return path
+
+
 def write_model(
     path: os.PathLike | str,
     tensors_f32: Mapping[str, np.ndarray],

@@ -7,7 +7,6 @@ against a numpy decode and the ``quant_ref`` encoder, on both engines and severa
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import models
@@ -46,16 +45,11 @@ def gpt_oss_model(root: Path, seed: int) -> tuple[Path, dict[str, np.ndarray]]:
         blocks = (codes[..., 0::2] | (codes[..., 1::2] << 4)).reshape(e, n, k // 32, 16)
         tensors[name + "_blocks"] = ("U8", blocks.shape, blocks.tobytes())
         tensors[name + "_scales"] = ("U8", scales.shape, scales.tobytes())
-    path = root / f"gpt-oss-{seed}"
-    path.mkdir()
-    models.write_safetensors(path / "model.safetensors", tensors, {"format": "pt"})
-    config = models.model_config(1, "BF16")
-    config["quantization_config"] = {
+    quant = {
         "quant_method": "mxfp4",
         "modules_to_not_convert": ["model.layers.*.self_attn", "model.embed_tokens", "lm_head"],
     }
-    (path / "config.json").write_text(json.dumps(config))
-    return path, values
+    return models.write_quantized(root / f"gpt-oss-{seed}", tensors, quant, layers=1), values
 
 
 def bf16_fine_tune(root: Path, seed: int) -> tuple[Path, dict[str, np.ndarray]]:

@@ -465,16 +465,11 @@ def scaled_model(root: Path, layout: str, seed: int) -> tuple[Path, dict[str, np
         tensors[n[: -len("weight")] + "input_scale"] = ("F32", (1,), F32(0.25).tobytes())
         full = expand(s, shape, (rb, cb))
         values[n] = (e4m3(codes) * full).astype(F32)
-    path = root / layout
-    path.mkdir()
-    models.write_safetensors(path / "model.safetensors", tensors, {"format": "pt"})
-    cfg = models.model_config(models.LAYERS, "BF16")
-    if layout == "modelopt_fp8":
+    legacy = layout == "modelopt_fp8"
+    path = models.write_quantized(root / layout, tensors, None if legacy else quant)
+    if legacy:
         # The legacy layout: hf_quant_config.json beside a config.json without the block.
         (path / "hf_quant_config.json").write_text(json.dumps({"quantization": {"quant_algo": "FP8"}}))
-    else:
-        cfg["quantization_config"] = quant
-    (path / "config.json").write_text(json.dumps(cfg))
     return path, values
 
 
@@ -525,13 +520,7 @@ def fp4_model(root: Path, layout: str, seed: int) -> tuple[Path, dict[str, np.nd
             tensors[stem + ".weight_scale"] = ("F8_E4M3", grid, raw.tobytes())
         tensors[stem + suffix] = ("U8", (r, c // 2), packed.tobytes())
         values[n] = (E2M1[codes] * expand(eff, shape, (1, group))).astype(F32)
-    path = root / layout
-    path.mkdir()
-    models.write_safetensors(path / "model.safetensors", tensors, {"format": "pt"})
-    cfg = models.model_config(models.LAYERS, "BF16")
-    cfg["quantization_config"] = quant
-    (path / "config.json").write_text(json.dumps(cfg))
-    return path, values
+    return models.write_quantized(root / layout, tensors, quant), values
 
 
 def test_inspect_shows_packed_fp4_under_the_plain_name(tmp_path):
@@ -606,13 +595,7 @@ def int_model(root: Path, layout: str, seed: int, weight_shape=None) -> tuple[Pa
             tensors[stem + ".weight_zero_point"] = ("I32", words_zp.shape, words_zp.astype("<u4").tobytes())
         zfull = expand(zp, shape, (1, g))
         values[n] = ((q - zfull).astype(F32) * expand(s, shape, (1, g))).astype(F32)
-    path = root / layout
-    path.mkdir()
-    models.write_safetensors(path / "model.safetensors", tensors, {"format": "pt"})
-    cfg = models.model_config(models.LAYERS, "BF16")
-    cfg["quantization_config"] = quant
-    (path / "config.json").write_text(json.dumps(cfg))
-    return path, values
+    return models.write_quantized(root / layout, tensors, quant), values
 
 
 @pytest.mark.parametrize("layout", sorted(INT))

@@ -225,14 +225,8 @@ def test_nvfp4_global_scales_follow_the_fusion_group(mergex_mod, tmp_path):
         tensors[stem + ".weight_packed"] = ("U8", (x.shape[0], x.shape[1] // 2), qref.pack_fp4(enc["codes"]))
         tensors[n + "_scale"] = ("F8_E4M3", enc["scales"].shape, enc["scales"].astype(np.uint8).tobytes())
         tensors[n + "_global_scale"] = ("F32", (1,), F32(enc["global"]).tobytes())
-    path = tmp_path / "nvfp4"
-    path.mkdir()
-    models.write_safetensors(path / "model.safetensors", tensors, {"format": "pt"})
-    config = models.model_config(1, "BF16")
-    config["quantization_config"] = qr.ct_config(
-        "nvfp4-pack-quantized", num_bits=4, strategy="tensor_group", group_size=16
-    )
-    (path / "config.json").write_text(json.dumps(config))
+    quant = qr.ct_config("nvfp4-pack-quantized", num_bits=4, strategy="tensor_group", group_size=16)
+    path = models.write_quantized(tmp_path / "nvfp4", tensors, quant, layers=1)
     plain = models.write_model(tmp_path / "plain", models.random_tensors(shapes, "bf16", 6), "bf16", layers=1)
     cfg = {
         "merge_method": "linear",
