@@ -10,9 +10,9 @@ step "install build and test tools"
 python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
     "maturin>=1.7,<2" pytest numpy safetensors hypothesis mypy ruff types-PyYAML psutil
 
-step "install the torch extra (CPU tests of the torch engine), transformers and accelerate (FP8 loading)"
+step "install the torch extra (CPU tests of the torch engine), transformers and accelerate (FP8 loading), peft (adapters)"
 python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
-    "torch>=2.2" "transformers>=4.40" accelerate
+    "torch>=2.2" "transformers>=4.40" accelerate peft
 
 step "rust: format and lint"
 cargo fmt --all -- --check

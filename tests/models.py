@@ -382,3 +382,35 @@ def _plain(x):
     if isinstance(x, Model):
         return str(x.path)
     return x
+
+
+PEFT_PREFIX = "base_model.model."
+
+
+def write_adapter(
+    path: os.PathLike | str,
+    factors: Mapping[str, tuple[np.ndarray, np.ndarray]],
+    config: Mapping,
+    saved: Mapping[str, np.ndarray] | None = None,
+    embeddings: Sequence[str] = (),
+    dtype: str = "F32",
+    adapter_name: str = "",
+) -> Path:
+    """A PEFT LoRA adapter folder: ``factors`` maps a module name to its ``(A, B)``, saved
+    under PEFT's names (``base_model.model.<module>.lora_A[.<adapter name>].weight``, or
+    ``lora_embedding_A`` for the modules in ``embeddings``); ``saved`` are full tensors
+    (``modules_to_save``) by their plain name; ``config`` is ``adapter_config.json``."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, tuple[str, tuple[int, ...], bytes]] = {}
+    name = f".{adapter_name}" if adapter_name else ""
+    for module, (a, b) in factors.items():
+        for ab, x in (("A", a), ("B", b)):
+            key = f"lora_embedding_{ab}{name}" if module in embeddings else f"lora_{ab}{name}.weight"
+            tensors[f"{PEFT_PREFIX}{module}.{key}"] = encode(np.asarray(x, np.float32), dtype)
+    for tname, x in (saved or {}).items():
+        tensors[PEFT_PREFIX + tname] = encode(np.asarray(x, np.float32), dtype)
+    write_safetensors(path / "adapter_model.safetensors", tensors, {"format": "pt"})
+    cfg = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": sorted(factors), **config}
+    (path / "adapter_config.json").write_text(json.dumps(cfg))
+    return path

@@ -865,3 +865,14 @@ def arcee_fusion_ties(base: np.ndarray, x: np.ndarray, rel: float = 1e-12) -> tu
     take = (imp >= thr).reshape(b.shape)
     other = np.where(take, b, (b + (xx - b).astype(F32)).astype(F32)).astype(F32)
     return mask, other
+
+
+def lora_apply(w: np.ndarray, a: np.ndarray, b: np.ndarray, scale: float, transposed: bool) -> np.ndarray:
+    """``W + s·B·A`` as the engine's reader computes it: element (i, j) adds
+    ``s · Σₖ L[i,k]·R[k,j]`` (L = B, R = A; L = Aᵀ, R = Bᵀ for a weight stored transposed),
+    the sum over k in order in f64, added to W in f64 and rounded once to f32."""
+    left, right = (a.T, b.T) if transposed else (b, a)
+    acc = np.zeros(w.shape, dtype=np.float64)
+    for k in range(left.shape[1]):
+        acc += left[:, k : k + 1].astype(np.float64) * right[k : k + 1, :].astype(np.float64)
+    return (w.astype(np.float64) + np.float64(scale) * acc).astype(np.float32)

@@ -315,3 +315,20 @@ def test_the_cli_plans_hub_models_and_reports_errors_in_one_line(hub, tmp_path):
     assert not (tmp_path / "out").exists()
     res = models.run_cli(["merge", str(cfg), str(tmp_path / "offline"), "--offline"])
     assert res.returncode == 1 and "not in the Hugging Face cache" in res.stderr, res.stderr
+
+
+def test_an_adapter_on_the_hub_applies_like_a_local_one(mergex_mod, hub, tmp_path):
+    import numpy as np
+
+    rng = np.random.default_rng(5)
+    module = "model.layers.1.self_attn.q_proj"
+    factors = {module: (rng.standard_normal((4, models.HIDDEN)), rng.standard_normal((models.HIDDEN, 4)))}
+    adapter = models.write_adapter(tmp_path / "adapter", factors, {"r": 4, "lora_alpha": 8})
+    hub.repo("org/adapter").commit(folder_files(adapter))
+    out = mergex_mod.merge(linear("org/base+org/adapter", "org/tuned"), tmp_path / "hub-out", progress=None)
+    local = linear(f"{hub.local['org/base']}+{adapter}", str(hub.local["org/tuned"]))
+    want = mergex_mod.merge(local, tmp_path / "local-out", progress=None)
+    assert models.read_output(out.out_dir).raw == models.read_output(want.out_dir).raw
+    run = yaml.safe_load((out.out_dir / "mergex_config.yml").read_text())
+    base_sha, adapter_sha = (hub.repos[r].branches["main"] for r in ("org/base", "org/adapter"))
+    assert run["models"][0]["model"] == f"org/base@{base_sha}+org/adapter@{adapter_sha}"

@@ -327,3 +327,37 @@ def e4m3(c: np.ndarray) -> np.ndarray:
     e, m = (c >> 3) & 0xF, (c & 7).astype(np.float64)
     mag = np.where(e == 0, m / 8 * 2.0**-6, (1 + m / 8) * 2.0 ** (e - 7))
     return (np.where(c & 0x80, -1.0, 1.0) * mag).astype(np.float32)
+
+
+def test_peak_rss_within_budget_with_adapter_inputs(tmp_path):
+    # Two of the three big models carry a rank-64 LoRA adapter on every tensor: the reader
+    # adds B·A for each chunk's rows only, so the merge stays within the same budget.
+    folders, total_in = big_models(tmp_path)
+    rank, rng = 64, np.random.default_rng(7)
+    adapters = []
+    for k in range(2):
+        factors = {
+            name.removesuffix(".weight"): (
+                (rng.standard_normal((rank, SHAPE[1])) * 0.05).astype(np.float32),
+                (rng.standard_normal((SHAPE[0], rank)) * 0.05).astype(np.float32),
+            )
+            for name in NAMES
+        }
+        adapters.append(factors)
+        models.write_adapter(tmp_path / f"adapter{k}", factors, {"r": rank, "lora_alpha": 2 * rank})
+    refs = [f"{folders[0]}+{tmp_path / 'adapter0'}", f"{folders[1]}+{tmp_path / 'adapter1'}", str(folders[2])]
+    weights = [0.5, 0.3, 0.2]
+    cfg = {
+        "merge_method": "linear",
+        "models": [{"model": m, "parameters": {"weight": w}} for m, w in zip(refs, weights, strict=True)],
+        "out_dtype": "float32",
+    }
+    out = merge_rss(cfg, tmp_path, total_in)
+    for name in NAMES[::3]:
+        module = name.removesuffix(".weight")
+        rows = slice(SHAPE[0] - 5, SHAPE[0])
+        xs = [np.array(tensor_view(f, name)[rows]) for f in folders]
+        for k, factors in enumerate(adapters):
+            a, b = factors[module]
+            xs[k] = ref.lora_apply(xs[k], a, b[rows], 2.0, False)
+        np.testing.assert_array_equal(np.array(tensor_view(out, name)[rows]), ref.linear(xs, weights))

@@ -120,6 +120,8 @@ def _files_read(job: Job) -> set[str]:
                 names += [sc.tensor, sc.weight_shape, sc.zero_point]
                 names += [sc.global_scale.tensor] if sc.global_scale else []
             files |= {m.tensors[n].file for n in names if n and n in m.tensors}
+            if r.lora is not None:
+                files.add(str(job.models[r.lora.model].path))
     return files
 
 
@@ -128,7 +130,11 @@ def _pin(raw: dict[str, Any], pins: dict[str, str]) -> dict[str, Any]:
 
     def walk(v: Any) -> Any:
         if isinstance(v, dict):
-            pinned = {k: pins.get(x, x) for k, x in v.items() if k in _REF_KEYS and isinstance(x, str)}
+            pinned = {
+                k: "+".join(pins.get(p, p) for p in x.split("+"))
+                for k, x in v.items()
+                if k in _REF_KEYS and isinstance(x, str)
+            }
             return {k: pinned[k] if k in pinned else walk(x) for k, x in v.items()}
         if isinstance(v, list):
             return [walk(x) for x in v]

@@ -167,11 +167,14 @@ def _params(raw: Any, where: str) -> dict[str, ParamValue]:
 
 def _model_ref(value: Any, where: str) -> str:
     if isinstance(value, dict):
-        raise ConfigError(f"{where}: structured model references (with LoRA) are not supported yet")
+        from .adapter import structured_ref
+
+        value = structured_ref(value, where)
     if not isinstance(value, str) or not value:
         raise ConfigError(f"{where}: expected a model path or org/name, got {value!r}")
-    if "+" in value:
-        raise ConfigError(f"{where}: LoRA model references ('model+lora') are not supported yet")
+    base, plus, adapter = value.partition("+")
+    if plus and (not base or not adapter or "+" in adapter):
+        raise ConfigError(f"{where}: expected BASE+ADAPTER (one '+'), got {value!r}")
     return value
 
 

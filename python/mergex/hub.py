@@ -49,6 +49,7 @@ _SMALL = (
     "merges.txt",
     "added_tokens.json",
     "chat_template.jinja",
+    "adapter_config.json",
 )
 _PICKLE = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 # A safetensors header larger than this is refused (the format's own readers use 100 MB).

@@ -9,7 +9,17 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-__all__ = ["Companion", "Encode", "EngineJob", "GlobalScale", "InputRef", "Resume", "ScaleRef", "TensorJob"]
+__all__ = [
+    "Companion",
+    "Encode",
+    "EngineJob",
+    "GlobalScale",
+    "InputRef",
+    "LoraRef",
+    "Resume",
+    "ScaleRef",
+    "TensorJob",
+]
 
 
 @dataclass
@@ -71,6 +81,19 @@ class Encode:
 
 
 @dataclass
+class LoraRef:
+    """The LoRA factors the reader adds to an input weight: ``W + scale · B·A``."""
+
+    model: int
+    """Index into :attr:`EngineJob.models` of the adapter's file."""
+    a: str
+    b: str
+    scale: float
+    transposed: bool = False
+    """The weight is stored as the transpose of ``B·A`` (fan_in_fan_out, embeddings)."""
+
+
+@dataclass
 class InputRef:
     """One input tensor of one model."""
 
@@ -82,6 +105,7 @@ class InputRef:
     params: dict[str, float] = field(default_factory=dict)
     """Per-model parameter values for this tensor, already rounded to f32."""
     scale: ScaleRef | None = None
+    lora: LoraRef | None = None
 
 
 @dataclass
@@ -145,8 +169,9 @@ class EngineJob:
                 for k in [k for k, v in e.items() if v is None]:
                     del e[k]
             for r in [*t["inputs"], *([t["base"]] if "base" in t else [])]:
-                if r["scale"] is None:
-                    del r["scale"]
+                for key in ("scale", "lora"):
+                    if r[key] is None:
+                        del r[key]
         return out
 
     def to_json(self) -> str:

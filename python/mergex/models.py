@@ -16,6 +16,7 @@ from .errors import CheckpointError, ModelNotFoundError
 from .params import layer_index
 
 if TYPE_CHECKING:
+    from .adapter import Adapter
     from .quant import Quantized
 
 __all__ = ["Model", "TensorInfo", "hf_cache_dir", "resolve_model"]
@@ -99,6 +100,13 @@ class Model:
     """Quantized weights the reader decodes, by plain name (set by the planner)."""
     hidden: set[str] = field(default_factory=set)
     """Tensors that are no output of their own: quantization scales, activation scales."""
+    adapter: Adapter | None = None
+    """The LoRA adapter applied to the checkpoint (a ``BASE+ADAPTER`` reference)."""
+
+    @property
+    def key(self) -> tuple[Path, Path | None]:
+        """What identifies the model: its checkpoint, and its adapter's file."""
+        return self.path, self.adapter.file if self.adapter else None
 
     @property
     def names(self) -> list[str]:

@@ -3,15 +3,17 @@ tensors feed each, and every parameter's value for each tensor (CONFIG.md, METHO
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .adapter import open_adapter, split_ref
 from .config import MergeConfig
 from .errors import CheckpointError, ConfigError
-from .job import Companion, Encode, EngineJob, GlobalScale, InputRef, ScaleRef, TensorJob
+from .job import Companion, Encode, EngineJob, GlobalScale, InputRef, LoraRef, ScaleRef, TensorJob
 from .methods import MethodSpec, get_method
 from .models import Model, TensorInfo
 from .params import NOT_FOUND, layer_index, lookup, rename_layer, to_f32
@@ -130,7 +132,7 @@ class _Planner:
         self.cfg = cfg
         self.spec: MethodSpec = spec
         self.uses_base = spec.base != "none"
-        self.models: dict[Path, Model] = {}
+        self.models: dict[tuple[Path, Path | None], Model] = {}
         self.warnings: list[str] = list(cfg.warnings)
         self.base = self._open(cfg.base_model) if cfg.base_model else None
         self.requant = cfg.out_quantization == "base"
@@ -138,8 +140,16 @@ class _Planner:
         """The model whose format the output takes (``out_quantization: base``)."""
 
     def _open(self, ref: str) -> Model:
+        base_ref, adapter_ref = split_ref(ref)
+        if adapter_ref is not None:
+            # BASE+ADAPTER: the base's tensors, with the adapter applied by the reader.
+            base = self._open(base_ref)
+            ad = open_adapter(adapter_ref, self.cfg.source_dir)
+            ad.check(base)
+            m = dataclasses.replace(base, ref=ref, adapter=ad)
+            return self.models.setdefault(m.key, m)
         m = Model.open(ref, self.cfg.source_dir)
-        if m.path not in self.models:
+        if m.key not in self.models:
             # Formats mergex does not read and stray non-float tensors stop the merge here;
             # the weights it reads quantized are decoded by the engine's reader (QUANT.md).
             m.quantized = check(m)
@@ -153,10 +163,32 @@ class _Planner:
                 }
                 m.hidden |= {n for n in m.order if is_activation_scale(n)}
                 _plain_names(m)
-        return self.models.setdefault(m.path, m)
+        return self.models.setdefault(m.key, m)
 
     def _is_base(self, m: Model) -> bool:
-        return self.base is not None and m.path == self.base.path
+        return self.base is not None and m.key == self.base.key
+
+    def input_ref(
+        self,
+        m: Model,
+        name: str,
+        info: TensorInfo,
+        q: Quantized | None,
+        position: int = 0,
+        params: dict[str, float] | None = None,
+    ) -> InputRef:
+        """The engine's input for tensor ``name`` of ``m`` (``info`` as :meth:`Model.require`
+        found it): with its scales when quantized, and its LoRA factors or replacement when
+        ``m`` carries an adapter."""
+        ad = m.adapter
+        if ad is not None and name in ad.replaced:
+            ref = InputRef(self.model_index(ad.model), ad.replaced[name], position, params or {})
+        else:
+            ref = InputRef(self.model_index(m), info.name, position, params or {}, _scale(q))
+        t = ad.targets.get(name) if ad is not None else None
+        if ad is not None and t is not None:
+            ref.lora = LoraRef(self.model_index(ad.model), t.a, t.b, t.scale, t.transposed)
+        return ref
 
     def slices(self) -> list[_Slice]:
         cfg = self.cfg
@@ -242,7 +274,8 @@ class _Planner:
             ]
         infos: list[TensorInfo] = []
         for s, n in zip(sources, in_names, strict=True):
-            infos.append(s.model.require(n))
+            ad = s.model.adapter
+            infos.append(ad.info(n) if ad is not None and n in ad.replaced else s.model.require(n))
         ref = infos[ref_i]
         quantized = [s.model.quantized.get(info.name) for s, info in zip(sources, infos, strict=True)]
         if ref.dtype not in FLOAT_DTYPES and quantized[ref_i] is None:
@@ -253,14 +286,16 @@ class _Planner:
                     out_name, ref.dtype, list(ref.shape), [InputRef(index(src.model), ref.name)], copy=True
                 )
             ]
-        qi = next((i for i, s in enumerate(sources) if self.qbase and s.model.path == self.qbase.path), None)
+        qi = next((i for i, s in enumerate(sources) if self.qbase and s.model.key == self.qbase.key), None)
         if self.requant:
             # The base's stored dtype; its quantized weights are encoded again below.
             keep = ref_i if qi is None else qi
             out_dtype = "BF16" if quantized[keep] else infos[keep].dtype
         else:
             # A quantized weight is written as plain bf16 unless out_dtype says otherwise.
-            out_dtype = self.cfg.output_dtype or ("BF16" if quantized[ref_i] else ref.dtype)
+            # A tensor an adapter replaces keeps the base's dtype, as peft loads it.
+            stored = sources[ref_i].model.require(in_names[ref_i]).dtype
+            out_dtype = self.cfg.output_dtype or ("BF16" if quantized[ref_i] else stored)
         base_i = ref_i if self.uses_base and sources[ref_i].is_base else None
         members = [i for i in range(len(sources)) if i != base_i]
         self.check_count(out_name, len(members))
@@ -311,12 +346,12 @@ class _Planner:
                     v = self.value(prm.name, levels, p, out_name, s.model)
                     if v is not None:
                         mp[prm.name] = v
-            inputs.append(InputRef(index(s.model), infos[i].name, positions[i], mp, _scale(quantized[i])))
+            inputs.append(self.input_ref(s.model, in_names[i], infos[i], quantized[i], positions[i], mp))
         if not inputs:
             raise CheckpointError(f"tensor '{out_name}': no model has the base's shape {list(ref.shape)}")
         base = None
         if base_i is not None:
-            base = InputRef(index(sources[base_i].model), infos[base_i].name, scale=_scale(quantized[base_i]))
+            base = self.input_ref(sources[base_i].model, in_names[base_i], infos[base_i], quantized[base_i])
         job = TensorJob(out_name, out_dtype, list(shape), inputs, params, base)
         q = quantized[qi] if qi is not None and self.requant else None
         if q is None or qi is None:
@@ -376,12 +411,15 @@ class _Planner:
             )
 
     def model_index(self, m: Model) -> int:
+        """The engine's index of ``m``'s checkpoint (models sharing one share it)."""
         if m.path not in self.index:
             self.index[m.path] = len(self.index)
+            self.checkpoints[m.path] = m
         return self.index[m.path]
 
     def build(self) -> tuple[list[TensorJob], list[_Slice]]:
         self.index: dict[Path, int] = {}
+        self.checkpoints: dict[Path, Model] = {}
         slices = self.slices()
         self.qbase = self.base or slices[0].sources[0].model
         if self.requant:
@@ -451,7 +489,7 @@ def build_job(cfg: MergeConfig, *, ram_budget: int, threads: int, shard_size: in
     )
     return Job(
         spec=spec,
-        models=[pl.models[p] for p in paths],
+        models=[pl.checkpoints[p] for p in paths],
         base=pl.base,
         reference=reference,
         total_layers=sum(s.length for s in slices),

@@ -125,6 +125,16 @@ pub enum Error {
         /// What is wrong.
         message: String,
     },
+    /// A LoRA adapter's factors do not fit the weight they target, or hold a non-finite value.
+    #[error("{path}: tensor '{tensor}': {message}")]
+    Adapter {
+        /// The adapter file.
+        path: PathBuf,
+        /// The adapter tensor.
+        tensor: String,
+        /// What is wrong.
+        message: String,
+    },
     /// The shape and dtype imply a byte size other than the data offsets give.
     #[error("{path}: tensor '{tensor}': shape {shape:?} of {dtype} needs {expected} bytes but its data offsets span {actual}")]
     ShapeSize {
@@ -309,6 +319,7 @@ impl Error {
             | Error::RefusedDtype { path, .. }
             | Error::Gguf { path }
             | Error::QuantizedWeight { path, .. }
+            | Error::Adapter { path, .. }
             | Error::ShapeSize { path, .. }
             | Error::OffsetsOutOfFile { path, .. }
             | Error::OffsetsNotContiguous { path, .. }
@@ -337,6 +348,7 @@ impl Error {
             | Error::UnknownDtype { tensor, .. }
             | Error::RefusedDtype { tensor, .. }
             | Error::QuantizedWeight { tensor, .. }
+            | Error::Adapter { tensor, .. }
             | Error::ShapeSize { tensor, .. }
             | Error::OffsetsOutOfFile { tensor, .. }
             | Error::OffsetsNotContiguous { tensor, .. }

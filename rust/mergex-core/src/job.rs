@@ -141,6 +141,27 @@ pub struct InputRef {
     /// The scales of a quantized weight (`tensor` holds its codes), decoded in the reader.
     #[serde(default)]
     pub scale: Option<ScaleRef>,
+    /// A LoRA adapter applied to the tensor in the reader: `W + scale · B·A`.
+    #[serde(default)]
+    pub lora: Option<LoraRef>,
+}
+
+/// The LoRA factors of one weight (PEFT layout: `A` is `r × in`, `B` is `out × r`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraRef {
+    /// Index into [`Job::models`] of the adapter's file.
+    pub model: usize,
+    /// The `A` factor's tensor name.
+    pub a: String,
+    /// The `B` factor's tensor name.
+    pub b: String,
+    /// `lora_alpha / r` (or `/ √r` with rsLoRA).
+    pub scale: f64,
+    /// The stored weight is the transpose of `B·A`'s shape: a `fan_in_fan_out` layer
+    /// (`[in, out]`), or an embedding (`lora_embedding_A` is `r × vocab`, `…_B` is `dim × r`).
+    #[serde(default)]
+    pub transposed: bool,
 }
 
 /// The scale tensor of a quantized weight and how it maps onto the codes (QUANT.md §3).

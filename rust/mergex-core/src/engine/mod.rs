@@ -1,6 +1,7 @@
 //! The chunked merge engine: plan (open inputs, validate, lay out the output), then run
 //! every output tensor as passes over chunks of element ranges.
 
+pub mod adapter;
 pub mod plan;
 pub mod progress;
 pub mod read;

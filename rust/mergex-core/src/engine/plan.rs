@@ -6,6 +6,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
+use super::adapter::Lora;
 use super::read::View;
 use crate::error::{Error, Result};
 use crate::format::checkpoint::Checkpoint;
@@ -127,7 +128,12 @@ impl Prepared {
         let work = if self.wide { 8 } else { 4 };
         let stored: u64 = self.views().map(|v| v.dtype().size() as u64).sum();
         let sub = SUB_BLOCK.max(self.unit());
-        (self.views().count() as u64 + 1).saturating_mul(work).saturating_add(stored).saturating_mul(sub)
+        let adapters: u64 = self.views().map(|v| v.buffer_bytes(sub)).sum();
+        (self.views().count() as u64 + 1)
+            .saturating_mul(work)
+            .saturating_add(stored)
+            .saturating_mul(sub)
+            .saturating_add(adapters)
     }
 }
 
@@ -253,6 +259,21 @@ fn chunks(t: &Prepared) -> usize {
 }
 
 fn view(models: &[Checkpoint], paths: &[&Path], r: &InputRef, shape: &[u64]) -> Result<View> {
+    let view = stored_view(models, paths, r, shape)?;
+    let Some(l) = &r.lora else { return Ok(view) };
+    let m = models
+        .get(l.model)
+        .ok_or_else(|| Error::job("tensors", format!("adapter index {} out of range", l.model)))?;
+    let path = paths.get(l.model).map(|p| p.to_path_buf()).unwrap_or_default();
+    let (a, b) = (m.require(&l.a)?, m.require(&l.b)?);
+    // The adapter's factors index the stored weight (a quantized weight's plain shape).
+    let stored = if view.is_quantized() { shape.to_vec() } else { view.entry.shape.clone() };
+    let (a, b) = ((a.0.clone(), a.1.clone()), (b.0.clone(), b.1.clone()));
+    Ok(view.with_lora(Lora::new(&path, a, b, &stored, l.scale, l.transposed)?))
+}
+
+/// The view of an input as stored (decoded when quantized), before any adapter.
+fn stored_view(models: &[Checkpoint], paths: &[&Path], r: &InputRef, shape: &[u64]) -> Result<View> {
     let m = models
         .get(r.model)
         .ok_or_else(|| Error::job("tensors", format!("model index {} out of range", r.model)))?;

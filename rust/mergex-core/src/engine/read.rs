@@ -3,6 +3,7 @@
 
 use std::sync::Arc;
 
+use super::adapter::Lora;
 use crate::error::Result;
 use crate::format::dtype::Dtype;
 use crate::format::file::SafeFile;
@@ -29,6 +30,8 @@ pub struct View {
     packed: u64,
     /// A gpt-oss MXFP4 weight, read as the transpose of its stored blocks.
     transposed: Option<Transposed>,
+    /// A LoRA adapter added to the values read (as f32).
+    lora: Option<Lora>,
 }
 
 impl View {
@@ -44,12 +47,22 @@ impl View {
                 scales: None,
                 packed: 0,
                 transposed: None,
+                lora: None,
             });
         }
         match (entry.shape.as_slice(), shape) {
             ([r, c], [ro, co]) if ro <= r && co <= c => {
                 let (in_cols, out_cols) = if co == c { (0, 0) } else { (*c, *co) };
-                Some(View { file, entry, in_cols, out_cols, scales: None, packed: 0, transposed: None })
+                Some(View {
+                    file,
+                    entry,
+                    in_cols,
+                    out_cols,
+                    scales: None,
+                    packed: 0,
+                    transposed: None,
+                    lora: None,
+                })
             }
             _ => None,
         }
@@ -70,12 +83,22 @@ impl View {
             scales: None,
             packed: bits,
             transposed: None,
+            lora: None,
         })
     }
 
     /// The plain transpose of a gpt-oss MXFP4 weight (`entry` its blocks).
     pub fn transposed(file: Arc<SafeFile>, entry: TensorEntry, t: Transposed) -> View {
-        View { file, entry, in_cols: 0, out_cols: 0, scales: None, packed: 0, transposed: Some(t) }
+        View {
+            file,
+            entry,
+            in_cols: 0,
+            out_cols: 0,
+            scales: None,
+            packed: 0,
+            transposed: Some(t),
+            lora: None,
+        }
     }
 
     /// The gpt-oss weight this view reads, if it is one.
@@ -89,9 +112,34 @@ impl View {
         self
     }
 
+    /// The same view with a LoRA adapter added to its values.
+    pub fn with_lora(mut self, lora: Lora) -> View {
+        self.lora = Some(lora);
+        self
+    }
+
+    /// Whether the view's values are decoded from stored codes (a quantized weight).
+    pub fn is_quantized(&self) -> bool {
+        self.scales.is_some() || self.transposed.is_some()
+    }
+
+    /// Bytes of the per-thread buffers one reading thread holds for this view, beyond its
+    /// sub-block (a LoRA adapter's factors).
+    pub fn buffer_bytes(&self, sub_block: u64) -> u64 {
+        self.lora.as_ref().map_or(0, |l| l.buffer_bytes(sub_block))
+    }
+
     /// The dtype of what [`View::read_raw`] hands out: the stored one, or F32 for a
-    /// quantized weight (decoded in the reader).
+    /// quantized weight (decoded in the reader) or a weight with a LoRA adapter.
     pub fn dtype(&self) -> Dtype {
+        if self.lora.is_some() {
+            return Dtype::F32;
+        }
+        self.values_dtype()
+    }
+
+    /// [`View::dtype`] without the adapter.
+    fn values_dtype(&self) -> Dtype {
         if self.scales.is_some() || self.transposed.is_some() {
             Dtype::F32
         } else {
@@ -123,6 +171,20 @@ impl View {
     /// Copy the stored bytes of output elements `[start, start + n)` into `out` (`n` times
     /// the element size), undecoded; a block view's rows land at their output places.
     pub fn read_raw(&self, start: u64, out: &mut [u8]) -> Result<()> {
+        let Some(lora) = &self.lora else { return self.read_values(start, out) };
+        with_f32s(out, |values| {
+            let dtype = self.values_dtype();
+            let mut raw = vec![0u8; values.len() * dtype.size()];
+            self.read_values(start, &mut raw)?;
+            crate::kernels::dispatch::decode(dtype, &raw, values);
+            self.runs(start, values.len() as u64, |src, o, n| {
+                lora.add(src, values.get_mut(o..o + n as usize).unwrap_or_default())
+            })
+        })
+    }
+
+    /// [`View::read_raw`] without the adapter.
+    fn read_values(&self, start: u64, out: &mut [u8]) -> Result<()> {
         if let Some(scales) = &self.scales {
             return self.read_decoded(scales, start, out);
         }
@@ -193,11 +255,12 @@ impl View {
 
     /// Bytes read for output elements `[start, start+len)`.
     pub fn bytes_for(&self, len: u64) -> u64 {
+        let adapter = self.lora.as_ref().map_or(0, |l| l.bytes_for(len));
         if let Some(t) = &self.transposed {
-            return t.bytes_for(len);
+            return t.bytes_for(len) + adapter;
         }
         let codes = if self.packed > 0 { (len * self.packed).div_ceil(8) } else { len * self.elem() };
-        codes + self.scales.as_ref().map_or(0, |s| s.bytes_for(len))
+        codes + self.scales.as_ref().map_or(0, |s| s.bytes_for(len)) + adapter
     }
 
     /// Ask the kernel to start reading output elements `[start, start+len)` from disk now
@@ -238,6 +301,13 @@ fn with_f32s(out: &mut [u8], fill: impl FnOnce(&mut [f32]) -> Result<()>) -> Res
         dst.copy_from_slice(&v.to_le_bytes());
     }
     Ok(())
+}
+
+/// Drop the per-thread buffers of the inputs read during a chunk (gpt-oss experts, LoRA
+/// factors).
+pub fn release_thread() {
+    crate::format::gptoss::release_thread();
+    super::adapter::release_thread();
 }
 
 thread_local! {

@@ -451,7 +451,7 @@ fn with_chunk<T: Real>(
         }
         at += n as u64;
     }
-    crate::format::gptoss::release_thread();
+    super::read::release_thread();
     for v in &views {
         progress.add_bytes(v.bytes_for(len));
     }
@@ -494,7 +494,7 @@ fn weighted_chunk<T: Real>(
         place_out(t, out, (at - start) as usize, &mut s.bytes, &mut s.vals);
         at += n as u64;
     }
-    crate::format::gptoss::release_thread();
+    super::read::release_thread();
     for v in &views {
         progress.add_bytes(v.bytes_for(len));
     }

@@ -192,8 +192,8 @@ impl Engine {
         let read = reader
             .pool
             .install(|| pieces.into_par_iter().try_for_each(|(v, at, piece)| v.read_raw(at, piece)));
-        // gpt-oss inputs keep an expert per reading thread for the pieces of one chunk.
-        reader.pool.broadcast(|_| crate::format::gptoss::release_thread());
+        // gpt-oss and LoRA inputs keep buffers per reading thread for the pieces of one chunk.
+        reader.pool.broadcast(|_| super::read::release_thread());
         read?;
         for v in p.views() {
             progress.add_bytes(v.bytes_for(len));

@@ -293,6 +293,7 @@ mod tests {
             position: model,
             params: per_model.iter().map(|&(k, v)| (k.to_string(), v)).collect(),
             scale: None,
+            lora: None,
         };
         TensorJob {
             name: "w".into(),
@@ -305,6 +306,7 @@ mod tests {
                 position: 0,
                 params: std::collections::BTreeMap::new(),
                 scale: None,
+                lora: None,
             }),
             inputs: (0..inputs).map(input).collect(),
             params: params.iter().map(|&(k, v)| (k.to_string(), v)).collect(),
