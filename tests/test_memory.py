@@ -361,3 +361,18 @@ def test_peak_rss_within_budget_with_adapter_inputs(tmp_path):
             a, b = factors[module]
             xs[k] = ref.lora_apply(xs[k], a, b[rows], 2.0, False)
         np.testing.assert_array_equal(np.array(tensor_view(out, name)[rows]), ref.linear(xs, weights))
+
+
+def test_peak_rss_within_budget_extracting_a_lora(tmp_path):
+    # extract-lora of one big model against another: every weight (24 MiB in f32, 200 MiB
+    # for an exact SVD) goes through the randomized range finder, read in row blocks.
+    folders, _ = big_models(tmp_path)
+    out = tmp_path / "adapter"
+    cmd = [*models.mergex_cmd(), "extract-lora", str(folders[1]), str(folders[0]), str(out)]
+    rc, rss, stderr = peak_rss([*cmd, "--rank", "8", "--embeddings", "--ram-budget", "32MiB", "-q"], tmp_path)
+    assert rc == 0, stderr
+    msg = f"peak RSS {rss / MiB:.1f} MiB, budget {BUDGET / MiB:.0f} MiB"
+    print(msg)
+    assert rss < BUDGET + SLACK, msg
+    header = json.loads((out / "adapter_config.json").read_text())
+    assert sorted(header["target_modules"]) == sorted(n.removesuffix(".weight") for n in NAMES)

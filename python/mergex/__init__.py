@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 from ._mergex import __version__
 from .api import MergePlan, MergeProgress, MergeResult, inspect, merge, plan
 from .config import MergeConfig, load_config
@@ -18,10 +20,14 @@ from .methods import METHODS
 from .models import TensorInfo
 from .units import parse_size
 
+if TYPE_CHECKING:
+    from .extract import ExtractResult, extract_lora
+
 __all__ = [
     "METHODS",
     "CheckpointError",
     "ConfigError",
+    "ExtractResult",
     "MergeConfig",
     "MergeInterrupted",
     "MergePlan",
@@ -33,9 +39,19 @@ __all__ = [
     "OutputExistsError",
     "TensorInfo",
     "__version__",
+    "extract_lora",
     "inspect",
     "load_config",
     "merge",
     "parse_size",
     "plan",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    # extract-lora brings numpy in: imported when first used, not with every command.
+    if name in ("extract_lora", "ExtractResult"):
+        from . import extract
+
+        return getattr(extract, name)
+    raise AttributeError(f"module 'mergex' has no attribute {name!r}")

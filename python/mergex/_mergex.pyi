@@ -8,6 +8,7 @@ __all__ = [
     "DEFAULT_SHARD_SIZE",
     "MAX_THREADS",
     "MIN_RAM_BUDGET",
+    "ChunkReader",
     "MergeJob",
     "Method",
     "MethodParam",
@@ -35,8 +36,16 @@ class MergeJob:
     def run(self, out_dir: str) -> RunSummary: ...
     def tensors(self) -> list[TensorInfo]: ...
     def open_stream(self, out_dir: str) -> Stream: ...
+    def open_reader(self) -> ChunkReader: ...
     def progress(self) -> tuple[int, int, int, int]: ...
     def cancel(self) -> None: ...
+
+@final
+class ChunkReader:
+    """Reads the inputs' chunks of a merge job, with no output (``extract-lora``)."""
+
+    def read(self, t: int, start: int, len: int, out: Buffer, count: bool = True) -> None:
+        """As :meth:`Stream.read`."""
 
 @final
 class Stream:

@@ -341,6 +341,97 @@ def inspect(
             c.print(f"format: {found.format} ({found.signal}); {how}")
 
 
+@app.command("extract-lora", cls=_Command)
+def extract_lora(
+    model: Annotated[str, typer.Argument(metavar="MODEL", help="The fine-tuned model (path or org/name).")],
+    base: Annotated[str, typer.Argument(metavar="BASE", help="The model it was tuned from.")],
+    out: Annotated[Path, typer.Argument(metavar="OUT", help="The adapter folder to write.")],
+    rank: Annotated[int, typer.Option("--rank", "-r", min=1, help="The adapter's rank.")],
+    include: Annotated[
+        str | None, typer.Option("--include", help="Only tensors whose name matches this regex.")
+    ] = None,
+    exclude: Annotated[
+        str | None, typer.Option("--exclude", help="Leave out tensors whose name matches this regex.")
+    ] = None,
+    embeddings: Annotated[
+        bool, typer.Option("--embeddings", help="Also extract embedding and lm_head adapters.")
+    ] = False,
+    ram_budget: RamBudget = None,
+    threads: Threads = None,
+    seed: Annotated[
+        int, typer.Option("--seed", min=0, help="Seed of the randomized SVD \\[default: 0].")
+    ] = 0,
+    device: Annotated[
+        str, typer.Option("--device", help="cpu (numpy) or cuda[:N] (torch.linalg on the GPU).")
+    ] = "cpu",
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing output folder.")
+    ] = False,
+    offline: Offline = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
+    verbose: Verbose = False,
+) -> None:
+    """Write a PEFT LoRA adapter to OUT whose B·A approximates MODEL - BASE."""
+    from .extract import extract_lora as run_extract
+    from .units import format_size
+
+    signal.signal(signal.SIGTERM, _sigterm)
+    bar = _CountBar("extracting") if not quiet and sys.stderr.isatty() else None
+    with _errors(verbose), bar or nullcontext():
+        result = run_extract(
+            model,
+            base,
+            out,
+            rank=rank,
+            include=include,
+            exclude=exclude,
+            embeddings=embeddings,
+            ram_budget=ram_budget,
+            threads=threads,
+            seed=seed,
+            device=device,
+            overwrite=overwrite,
+            offline=offline,
+            progress=bar.update if bar is not None else None,
+        )
+        for w in result.warnings:
+            typer.echo(f"warning: {w}", err=True)
+        if not quiet:
+            typer.echo(
+                f"wrote {result.out_dir}: rank-{rank} adapters for {len(result.targets)} modules "
+                f"({result.exact} by exact SVD), {len(result.saved)} tensors saved whole, in "
+                f"{result.seconds:.1f} s; read {format_size(result.bytes_read)}; "
+                f"peak RSS {format_size(result.peak_rss)}"
+            )
+
+
+class _CountBar:
+    """A progress bar over a count of items (rich, on stderr)."""
+
+    def __init__(self, what: str) -> None:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+        self.bar = Progress(
+            TextColumn(f"[bold]{what}[/]"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=Console(stderr=True),
+        )
+        self.task = self.bar.add_task(what, total=None)
+
+    def __enter__(self) -> _CountBar:
+        self.bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.stop()
+
+    def update(self, done: int, total: int) -> None:
+        self.bar.update(self.task, completed=done, total=total)
+
+
 @app.command(cls=_Command)
 def methods() -> None:
     """List the merge methods with their parameters and defaults."""

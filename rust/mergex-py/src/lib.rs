@@ -71,6 +71,13 @@ impl MergeJob {
         })
     }
 
+    /// A reader of the inputs' chunks alone (no output): `extract-lora` reads its two models
+    /// through it.
+    fn open_reader(&self, py: Python<'_>) -> PyResult<ChunkReader> {
+        let reader = py.detach(|| self.engine.open_reader()).map_err(|e| to_py(py, e))?;
+        Ok(ChunkReader { engine: Arc::clone(&self.engine), progress: Arc::clone(&self.progress), reader })
+    }
+
     /// (bytes done, bytes total, tensors done, tensors total).
     fn progress(&self) -> (u64, u64, u64, u64) {
         self.progress.snapshot()
@@ -171,20 +178,7 @@ impl Stream {
         out: &Bound<'_, PyAny>,
         count: bool,
     ) -> PyResult<()> {
-        let buf = PyBuffer::<u8>::get(out)?;
-        let ptr = match buf.as_slice_ptr() {
-            Some(p) if !buf.readonly() => p,
-            _ => return Err(bad_buffer(py, "read: the buffer must be writable and contiguous")),
-        };
-        // SAFETY: the buffer is writable and C-contiguous with `item_count` bytes (checked
-        // above); `buf` keeps it exported (its memory alive) until this call returns. The
-        // caller leaves it alone while it is read into (the torch driver's reader thread owns
-        // the buffer until the read returns).
-        let out: &mut [u8] = unsafe { &mut *ptr.as_ptr() };
-        let quiet = Progress::default();
-        let (engine, progress) = (&self.engine, if count { &*self.progress } else { &quiet });
-        py.detach(|| engine.read_chunk_raw(&self.reader, t, start, len, out, progress))
-            .map_err(|e| to_py(py, e))
+        read_into(py, (&self.engine, &self.progress, &self.reader), t, (start, len), out, count)
     }
 
     /// Write merged values (a float32 or float64 buffer) of tensor `t` from element `start`.
@@ -224,6 +218,55 @@ impl Stream {
             py.detach(|| engine.close_sink(sink, &self.out_dir, progress)).map_err(|e| to_py(py, e))?;
         Ok(summary.into())
     }
+}
+
+/// Reads the inputs' chunks of a merge job, as [`Stream::read`] does, with no output.
+#[pyclass(frozen, module = "mergex._mergex")]
+struct ChunkReader {
+    engine: Arc<Engine>,
+    progress: Arc<Progress>,
+    reader: Reader,
+}
+
+#[pymethods]
+impl ChunkReader {
+    /// As `Stream.read`.
+    #[pyo3(signature = (t, start, len, out, count = true))]
+    fn read(
+        &self,
+        py: Python<'_>,
+        t: usize,
+        start: u64,
+        len: u64,
+        out: &Bound<'_, PyAny>,
+        count: bool,
+    ) -> PyResult<()> {
+        read_into(py, (&self.engine, &self.progress, &self.reader), t, (start, len), out, count)
+    }
+}
+
+/// Read elements `[start, start+len)` of every input of tensor `t` into the byte buffer `out`.
+fn read_into(
+    py: Python<'_>,
+    (engine, progress, reader): (&Engine, &Progress, &Reader),
+    t: usize,
+    (start, len): (u64, u64),
+    out: &Bound<'_, PyAny>,
+    count: bool,
+) -> PyResult<()> {
+    let buf = PyBuffer::<u8>::get(out)?;
+    let ptr = match buf.as_slice_ptr() {
+        Some(p) if !buf.readonly() => p,
+        _ => return Err(bad_buffer(py, "read: the buffer must be writable and contiguous")),
+    };
+    // SAFETY: the buffer is writable and C-contiguous with `item_count` bytes (checked
+    // above); `buf` keeps it exported (its memory alive) until this call returns. The
+    // caller leaves it alone while it is read into (the torch driver's reader thread owns
+    // the buffer until the read returns).
+    let out: &mut [u8] = unsafe { &mut *ptr.as_ptr() };
+    let quiet = Progress::default();
+    let progress = if count { progress } else { &quiet };
+    py.detach(|| engine.read_chunk_raw(reader, t, start, len, out, progress)).map_err(|e| to_py(py, e))
 }
 
 fn closed(py: Python<'_>) -> PyErr {
@@ -275,6 +318,7 @@ fn checksum(py: Python<'_>, path: PathBuf) -> PyResult<String> {
 fn _mergex(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<MergeJob>()?;
     m.add_class::<Stream>()?;
+    m.add_class::<ChunkReader>()?;
     m.add_function(wrap_pyfunction!(inspect, m)?)?;
     m.add_function(wrap_pyfunction!(checksum, m)?)?;
     m.add_function(wrap_pyfunction!(registry::methods, m)?)?;

@@ -144,23 +144,14 @@ impl Lora {
         }
         let (first, last) = (src / self.cols, (src + n - 1) / self.cols);
         let left = self.left(first, last + 1 - first)?;
-        let mut acc = vec![0f64; cols];
         let mut done = 0usize;
         for row in first..=last {
             let c0 = if row == first { (src % self.cols) as usize } else { 0 };
             let c1 = cols.min(c0 + values.len() - done);
-            let acc = &mut acc[c0..c1];
-            acc.fill(0.0);
             let l = &left[(row - first) as usize * r..][..r];
-            for (k, &lk) in l.iter().enumerate() {
-                for (s, &x) in acc.iter_mut().zip(&right[k * cols + c0..k * cols + c1]) {
-                    *s += lk * x;
-                }
-            }
-            for (v, &d) in values[done..done + acc.len()].iter_mut().zip(acc.iter()) {
-                *v = (f64::from(*v) + self.scale * d) as f32;
-            }
-            done += acc.len();
+            let out = &mut values[done..done + (c1 - c0)];
+            row_delta_fast(right, l, (cols, c0), out, self.scale);
+            done += c1 - c0;
         }
         Ok(())
     }
@@ -210,5 +201,64 @@ impl Lora {
             return Err(bad(&self.path, &entry.name, format!("{what} at element {}", start + i as u64)));
         }
         Ok(out)
+    }
+}
+
+/// [`row_delta`] in the widest build the CPU runs (the same bytes in every build: Rust
+/// never fuses the multiply and the add).
+fn row_delta_fast(right: &[f64], l: &[f64], at: (usize, usize), out: &mut [f32], scale: f64) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use crate::kernels::dispatch::{level, Level};
+
+        #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")]
+        fn avx512(right: &[f64], l: &[f64], at: (usize, usize), out: &mut [f32], scale: f64) {
+            row_delta(right, l, at, out, scale)
+        }
+
+        #[target_feature(enable = "avx2,fma")]
+        fn avx2(right: &[f64], l: &[f64], at: (usize, usize), out: &mut [f32], scale: f64) {
+            row_delta(right, l, at, out, scale)
+        }
+
+        match level() {
+            // SAFETY: `level` only picks a build whose every feature the CPU has.
+            Level::Avx512 => return unsafe { avx512(right, l, at, out, scale) },
+            // SAFETY: as above.
+            Level::Avx2 => return unsafe { avx2(right, l, at, out, scale) },
+            Level::Portable => {}
+        }
+    }
+    row_delta(right, l, at, out, scale)
+}
+
+/// Columns of a row whose sums stay in registers while `k` runs.
+const LANES: usize = 64;
+
+/// `out[j] += s · Σₖ l[k]·R[k, c0 + j]` for one row: the sum over `k` in order for every
+/// element (kept in registers, `LANES` columns at a time), added to the value in f64 and
+/// rounded once; each element's bytes depend on nothing else.
+#[inline(always)]
+fn row_delta(right: &[f64], l: &[f64], (cols, c0): (usize, usize), out: &mut [f32], scale: f64) {
+    for (t, out) in out.chunks_mut(LANES).enumerate() {
+        let c = c0 + t * LANES;
+        let mut acc = [0f64; LANES];
+        if out.len() == LANES {
+            for (k, &lk) in l.iter().enumerate() {
+                let row: &[f64; LANES] = right[k * cols + c..][..LANES].try_into().unwrap_or(&[0.0; LANES]);
+                for (s, &x) in acc.iter_mut().zip(row) {
+                    *s += lk * x;
+                }
+            }
+        } else {
+            for (k, &lk) in l.iter().enumerate() {
+                for (s, &x) in acc.iter_mut().zip(&right[k * cols + c..][..out.len()]) {
+                    *s += lk * x;
+                }
+            }
+        }
+        for (v, &d) in out.iter_mut().zip(acc.iter()) {
+            *v = (f64::from(*v) + scale * d) as f32;
+        }
     }
 }
