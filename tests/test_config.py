@@ -70,7 +70,7 @@ def test_parameters_round_to_f32():
         ({"merge_method": "linear", "models": [{"model": "a"}], "bogus": 1}, "unknown key 'bogus'"),
         ({"merge_method": "frobnicate", "models": [{"model": "a"}]}, "unknown method 'frobnicate'"),
         ({"merge_method": "task_arithmetic", "models": [{"model": "a"}]}, "base_model"),
-        ({"merge_method": "linear", "models": [{"model": "a", "parameters": {"density": 0.5}}]}, "density"),
+        ({"merge_method": "linear", "models": [{"model": "a", "parameters": {"densty": 0.5}}]}, "densty"),
         ({"merge_method": "linear", "models": [{"model": "a"}], "slices": []}, "exactly one of"),
         ({"merge_method": "linear", "models": [{"model": "a"}], "out_dtype": "int4"}, "out_dtype"),
         ({"merge_method": "linear", "models": [{"model": "a"}], "tokenizer_source": "union"}, "union"),
@@ -331,6 +331,128 @@ def test_another_methods_parameter_is_ignored_with_a_warning(make_model):
     assert any(
         "models[0].parameters.weight: slerp takes no 'weight'" in w and "ignored" in w for w in plan.warnings
     )
-    cfg["models"][0]["parameters"] = {"wieght": 0.5}  # a typo is still an error
-    with pytest.raises(mergex.ConfigError, match="wieght: not a parameter of slerp"):
+    # Any other method's parameter too, one warning a name however often it appears.
+    cfg["models"][0]["parameters"] = {"density": 0.5, "weight": 1.0}
+    cfg["parameters"] = {"t": 0.3, "density": 0.2}
+    warnings = mergex.plan(cfg).warnings
+    assert [w for w in warnings if "'density'" in w] == [
+        "parameters.density and 1 more: slerp takes no 'density' (it takes: t); ignored"
+    ]
+    cfg["models"][0]["parameters"] = {"wieght": 0.5}  # a typo is still an error, with a hint
+    with pytest.raises(mergex.ConfigError, match=r"wieght: not a parameter of slerp .*did you mean 'weight'"):
+        mergex.plan(cfg)
+
+
+def test_glob_filters_match_the_whole_name_and_plain_ones_a_substring():
+    from mergex.params import evaluate
+
+    value = [
+        {"filter": "*.self_attn.*", "value": 1.0},
+        {"filter": "model.layers.?.mlp.[gu]*", "value": 2.0},
+        {"filter": "norm", "value": 3.0},
+        {"value": 4.0},
+    ]
+    assert evaluate(value, "model.layers.3.self_attn.q_proj.weight", 0) == 1.0
+    # A hybrid model's linear attention is not `self_attn`, which a substring could not tell.
+    assert evaluate(value, "model.layers.3.linear_attn.q_proj.weight", 0) == 4.0
+    assert evaluate(value, "model.layers.3.mlp.up_proj.weight", 0) == 2.0
+    assert evaluate(value, "model.layers.3.mlp.down_proj.weight", 0) == 4.0
+    assert evaluate(value, "model.layers.12.mlp.up_proj.weight", 0) == 4.0  # ? is one character
+    assert evaluate(value, "model.layers.3.input_layernorm.weight", 0) == 3.0
+
+
+def test_mixed_input_dtypes_promote_as_torch_does(make_model, run_merge, out_dir, tmp_path):
+    import reference as ref
+
+    a, b = make_model("a", "bf16", seed=1), make_model("b", "f16", seed=2)
+    cfg = {
+        "merge_method": "linear",
+        "models": [
+            {"model": str(a.path), "parameters": {"weight": 0.5}},
+            {"model": str(b.path), "parameters": {"weight": 0.5}},
+        ],
+    }
+    out = run_merge(cfg, out_dir)
+    for name, x in a.tensors.items():
+        models.assert_tensor_equal(out, name, ref.linear([x, b.tensors[name]], [0.5, 0.5]), "F32")
+    assert out.config()["torch_dtype"] == "float32"
+    # One dtype among the inputs stays; `dtype` decides when it is set.
+    c = make_model("c", "bf16", seed=3)
+    cfg["models"][1]["model"] = str(c.path)
+    assert {t[0] for t in run_merge(cfg, tmp_path / "same").raw.values()} == {"BF16"}
+    cfg["models"][1]["model"], cfg["dtype"] = str(b.path), "float16"
+    assert {t[0] for t in run_merge(cfg, tmp_path / "set").raw.values()} == {"F16"}
+
+
+def test_a_slice_can_name_its_own_base_and_residual_weight_is_accepted(make_model, run_merge, out_dir):
+    import reference as ref
+
+    a, b, c = (make_model(n, seed=s) for n, s in (("a", 1), ("b", 2), ("c", 3)))
+    cfg = {
+        "merge_method": "task_arithmetic",
+        "slices": [
+            {
+                "sources": [{"model": str(m.path), "layer_range": [0, 2]} for m in (a, b)],
+                "base_model": str(a.path),
+                "residual_weight": 0.5,
+            },
+            {
+                "sources": [{"model": str(m.path), "layer_range": [2, 3]} for m in (c, b)],
+                "base_model": str(c.path),
+            },
+        ],
+        "parameters": {"weight": 0.5},
+    }
+    out = run_merge(cfg, out_dir)
+    for name, x in b.tensors.items():
+        layer = ref.layer_index(name)
+        if layer is None:
+            continue
+        base = (a if layer < 2 else c).tensors[name]
+        models.assert_tensor_equal(out, name, ref.task_arithmetic(base, [x], [0.5]), "BF16")
+
+
+def test_stacking_rebuilds_per_layer_lists_and_transformers_loads_it(tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+
+    config = transformers.Qwen2Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        use_sliding_window=True,
+        sliding_window=8,
+        max_window_layers=1,
+        layer_types=["sliding_attention", "full_attention"],
+    )
+    transformers.Qwen2ForCausalLM(config).save_pretrained(tmp_path / "qwen")
+    src = str(tmp_path / "qwen")
+    cfg = {
+        "merge_method": "passthrough",
+        "slices": [
+            {"sources": [{"model": src, "layer_range": [0, 2]}]},
+            {"sources": [{"model": src, "layer_range": [1, 2]}]},
+        ],
+    }
+    mergex.merge(cfg, tmp_path / "out", progress=None)
+    written = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert written["num_hidden_layers"] == 3
+    assert written["layer_types"] == ["sliding_attention", "full_attention", "full_attention"]
+    model = transformers.Qwen2ForCausalLM.from_pretrained(tmp_path / "out")
+    assert model.config.layer_types == written["layer_types"]
+    assert bool(torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all())
+
+
+def test_a_layer_pattern_that_slices_break_is_an_error_before_writing(make_model, tmp_path):
+    m = make_model("moe")
+    config = json.loads((m.path / "config.json").read_text())
+    (m.path / "config.json").write_text(json.dumps({**config, "first_k_dense_replace": 1}))
+    cfg = {
+        "merge_method": "passthrough",
+        "slices": [{"sources": [{"model": str(m.path), "layer_range": [1, 3]}]}],
+    }
+    with pytest.raises(mergex.ConfigError, match="first_k_dense_replace = 1 cannot describe"):
         mergex.plan(cfg)

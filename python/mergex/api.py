@@ -458,10 +458,15 @@ def _merge(
     try:
         summary = _run_engine(core, folder.tmp, progress, backend, job.spec)
         layers = job.total_layers if job.layered else None
-        folder.write_model_config(job.reference, job.output_dtype, layers, job.quantized_like)
+        folder.write_model_config(job.reference, job.output_dtype, layers, job.quantized_like, job.layer_keys)
         tok_ref = cfg.tokenizer_source
         tok = job.reference if tok_ref in (None, "base") else Model.open(tok_ref, cfg.source_dir)
-        folder.copy_tokenizer(tok, cfg.chat_template)
+        from .templates import resolve_template
+
+        inputs = [job.reference.folder, *(m.folder for m in job.models)]
+        template, notes = resolve_template(cfg.chat_template, inputs)
+        job.warnings += notes
+        folder.copy_tokenizer(tok, template)
         folder.write_run_config(cfg.raw, job.spec.seed)
         folder.write_card(cfg.merge_method, job.models, job.base, job.output_dtype)
         folder.commit()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import difflib
 import os
 import re
 from dataclasses import dataclass, field
@@ -68,6 +69,8 @@ class Slice:
 
     sources: list[SliceSource]
     parameters: dict[str, ParamValue] = field(default_factory=dict)
+    base_model: str | None = None
+    """The slice's own base (default: the top-level ``base_model``)."""
 
 
 @dataclass
@@ -228,7 +231,13 @@ def _parse(raw: dict[str, Any], source_dir: Path | None) -> MergeConfig:
         cfg.slices = []
         for i, s in enumerate(slices):
             where = f"slices[{i}]"
-            s = _mapping(s, where, {"sources", "parameters"})
+            # residual_weight: accepted and unused, as in the tool users know (it declares the
+            # key and never reads it).
+            s = _mapping(s, where, {"sources", "parameters", "base_model", "residual_weight"})
+            rw = s.get("residual_weight")
+            if rw is not None and (isinstance(rw, bool) or not isinstance(_numbers(rw), int | float)):
+                raise ConfigError(f"{where}.residual_weight: expected a number, got {rw!r}")
+            slice_base = _model_ref(s["base_model"], f"{where}.base_model") if s.get("base_model") else None
             sources = s.get("sources")
             if not isinstance(sources, list) or not sources:
                 raise ConfigError(f"{where}.sources: expected a non-empty list")
@@ -260,7 +269,8 @@ def _parse(raw: dict[str, Any], source_dir: Path | None) -> MergeConfig:
             lengths = {s.layer_range[1] - s.layer_range[0] for s in parsed if s.layer_range}
             if len(lengths) > 1:
                 raise ConfigError(f"{where}: all sources of a slice must span the same number of layers")
-            cfg.slices.append(Slice(parsed, _params(s.get("parameters"), f"{where}.parameters")))
+            params = _params(s.get("parameters"), f"{where}.parameters")
+            cfg.slices.append(Slice(parsed, params, slice_base))
     for key in ("dtype", "out_dtype"):
         if raw.get(key) is not None:
             setattr(cfg, key, _dtype(raw[key], key))
@@ -279,15 +289,16 @@ def _parse(raw: dict[str, Any], source_dir: Path | None) -> MergeConfig:
     cfg.out_quantization = oq
     ct = raw.get("chat_template")
     if ct is not None:
-        if not isinstance(ct, str):
-            raise ConfigError("chat_template: expected a string")
-        cfg.chat_template = ct
+        from .templates import check_template
+
+        cfg.chat_template = check_template(ct)
     seed = raw.get("seed")
     if seed is not None:
         if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
             raise ConfigError(f"seed: expected an integer from 0 to 2^32-1, got {seed!r}")
         cfg.seed = seed
-    if spec.base == "required" and cfg.base_model is None:
+    slice_bases = cfg.slices is not None and all(sl.base_model for sl in cfg.slices)
+    if spec.base == "required" and cfg.base_model is None and not slice_bases:
         raise ConfigError(f"base_model: {method} needs a base model")
     _check_param_names(cfg)
     return cfg
@@ -305,18 +316,26 @@ def _check_param_names(cfg: MergeConfig) -> None:
         places.append((f"slices[{i}].parameters", sl.parameters))
         for j, src in enumerate(sl.sources):
             places.append((f"slices[{i}].sources[{j}].parameters", src.parameters))
+    others = {p.name for m in METHODS.values() for p in m.params} - known
+    ignored: dict[str, list[str]] = {}
     for where, params in places:
         for name in list(params):
             if name in known:
                 continue
             takes = ", ".join(sorted(known)) or "none"
-            if name != "weight":
-                raise ConfigError(f"{where}.{name}: not a parameter of {spec.name} (it takes: {takes})")
-            # A `weight` on a method that takes none (slerp, model_stock, karcher, …), which a
-            # third of the configs users share carry: ignored, as the tool users know does,
-            # with a warning. Any other unknown name stays an error (a typo, most likely).
+            if name not in others:
+                close = difflib.get_close_matches(name, sorted(known | others), n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ConfigError(f"{where}.{name}: not a parameter of {spec.name} (it takes: {takes}){hint}")
+            # A parameter of another method (`weight` on slerp, model_stock, karcher, …, which
+            # a third of the configs users share carry): ignored, as the tool users know does,
+            # with one warning a name. A name no method takes stays an error (a typo, most likely).
             del params[name]
-            cfg.warnings.append(f"{where}.{name}: {spec.name} takes no '{name}' (it takes: {takes}); ignored")
+            ignored.setdefault(name, []).append(where)
+    for name, wheres in ignored.items():
+        takes = ", ".join(sorted(known)) or "none"
+        at = f"{wheres[0]}.{name}" + (f" and {len(wheres) - 1} more" if len(wheres) > 1 else "")
+        cfg.warnings.append(f"{at}: {spec.name} takes no '{name}' (it takes: {takes}); ignored")
 
 
 def load_config(source: str | os.PathLike[str] | dict[str, Any] | MergeConfig) -> MergeConfig:

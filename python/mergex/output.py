@@ -29,6 +29,7 @@ _TOKENIZER_FILES = (
     "added_tokens.json",
     "vocab.json",
     "merges.txt",
+    "chat_template.jinja",
     "generation_config.json",
 )
 _LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
@@ -164,7 +165,12 @@ class OutputFolder:
         (self.tmp / name).write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
     def write_model_config(
-        self, reference: Model, dtype: str, layers: int | None, quantized_like: Model | None = None
+        self,
+        reference: Model,
+        dtype: str,
+        layers: int | None,
+        quantized_like: Model | None = None,
+        layer_keys: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         """config.json from the reference model, with dtype and layer count updated and any
         quantization_config removed; with ``quantized_like`` (``out_quantization: base``),
@@ -194,10 +200,19 @@ class OutputFolder:
             keys = [k for k in _LAYER_KEYS if k in config] or ["num_hidden_layers"]
             for k in keys:
                 config[k] = layers
+            text = config.get("text_config")
+            if isinstance(text, dict) and "num_hidden_layers" in text:
+                config["text_config"] = {**text, "num_hidden_layers": layers}
+        for section, changes in (layer_keys or {}).items():
+            if section:
+                config[section] = {**config[section], **changes}
+            else:
+                config.update(changes)
         self.write_json("config.json", config)
 
     def copy_tokenizer(self, source: Model, chat_template: str | None) -> list[str]:
-        """Copy the tokenizer and generation files of ``source``; returns the names copied."""
+        """Copy the tokenizer and generation files of ``source``, with ``chat_template`` (Jinja
+        text) in place of its template; returns the names copied."""
         copied = []
         for name in _TOKENIZER_FILES:
             src = source.folder / name
@@ -215,6 +230,8 @@ class OutputFolder:
                 raise CheckpointError(f"{source_file}: expected a JSON object")
             tk["chat_template"] = chat_template
             self.write_json("tokenizer_config.json", tk)
+            # transformers 5 reads the template from its own file first.
+            (self.tmp / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
         return copied
 
     def write_run_config(self, raw: dict[str, Any], seed: int) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 import math
 import re
 from collections.abc import Sequence
@@ -47,17 +48,26 @@ def gradient(values: Sequence[float], p: float) -> float:
     return lo + (hi - lo) * frac
 
 
+def matches(pattern: str | None, tensor: str) -> bool:
+    """A filter's rule (CONFIG.md): absent or ``*`` matches everything; a glob pattern (with
+    ``*``, ``?`` or ``[...]``) the whole name; any other text a substring of it."""
+    if pattern is None or pattern == "*":
+        return True
+    if any(c in pattern for c in "*?["):
+        return fnmatch.fnmatchcase(tensor, pattern)
+    return pattern in tensor
+
+
 def evaluate(value: Any, tensor: str, p: float) -> Any:
     """Evaluate one parameter value for a tensor at layer position ``p``.
 
     Returns the scalar, or :data:`NOT_FOUND` when a filtered list has no entry whose
-    filter is absent, ``"*"`` or a substring of ``tensor``.
+    filter :func:`matches` ``tensor``.
     """
     if isinstance(value, list):
         if value and all(isinstance(v, dict) for v in value):
             for entry in value:
-                f = entry.get("filter")
-                if f is None or f == "*" or f in tensor:
+                if matches(entry.get("filter"), tensor):
                     return evaluate(entry["value"], tensor, p)
             return NOT_FOUND
         return gradient(value, p)

@@ -14,6 +14,7 @@ from .adapter import open_adapter, split_ref
 from .config import MergeConfig
 from .errors import CheckpointError, ConfigError
 from .job import Companion, Encode, EngineJob, GlobalScale, InputRef, LoraRef, ScaleRef, TensorJob
+from .layers import rebuild_layer_lists
 from .methods import MethodSpec, get_method
 from .models import Model, TensorInfo
 from .params import NOT_FOUND, layer_index, lookup, rename_layer, to_f32
@@ -71,6 +72,9 @@ class Job:
     quantized_like: Model | None = None
     """The model whose quantized format the output takes (``out_quantization: base``)."""
     warnings: list[str] = field(default_factory=list)
+    layer_keys: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Per-layer keys of config.json rebuilt for sliced layers, by section (``""`` for the
+    top level, ``text_config``)."""
 
 
 def _scale(q: Quantized | None) -> ScaleRef | None:
@@ -115,6 +119,13 @@ def _fusion_key(name: str) -> str | None:
     parent, _, leaf = module.rpartition(".")
     kind = _FUSED.get(leaf)
     return f"{parent}:{kind}" if kind else None
+
+
+def _promote(dtypes: set[str]) -> str:
+    """torch's promotion of float dtypes: one dtype stays; F64 wins; any other mix is F32."""
+    if len(dtypes) == 1:
+        return next(iter(dtypes))
+    return "F64" if "F64" in dtypes else "F32"
 
 
 def _is_before(name: str) -> bool:
@@ -210,10 +221,13 @@ class _Planner:
         assert cfg.slices is not None
         offset = 0
         for i, sl in enumerate(cfg.slices):
+            base = self._open(sl.base_model) if sl.base_model else self.base
             sources = []
             for src in sl.sources:
                 m = self._open(src.model)
-                sources.append(_Source(m, src.layer_range, src.parameters, self._is_base(m)))
+                sources.append(
+                    _Source(m, src.layer_range, src.parameters, base is not None and m.key == base.key)
+                )
             if self.uses_base and self.spec.base == "required" and not any(s.is_base for s in sources):
                 raise ConfigError(f"slices[{i}]: the base model must be one of the slice's sources")
             head = next((s for s in sources if s.is_base), sources[0])
@@ -293,9 +307,13 @@ class _Planner:
             out_dtype = "BF16" if quantized[keep] else infos[keep].dtype
         else:
             # A quantized weight is written as plain bf16 unless out_dtype says otherwise.
-            # A tensor an adapter replaces keeps the base's dtype, as peft loads it.
-            stored = sources[ref_i].model.require(in_names[ref_i]).dtype
-            out_dtype = self.cfg.output_dtype or ("BF16" if quantized[ref_i] else stored)
+            # Inputs that mix dtypes promote as torch does (bf16 with f16 → f32), as the tool
+            # users know does; a tensor an adapter replaces counts as the base's dtype, as
+            # peft loads it.
+            stored = {
+                sources[i].model.require(in_names[i]).dtype for i in range(len(sources)) if not quantized[i]
+            }
+            out_dtype = self.cfg.output_dtype or ("BF16" if quantized[ref_i] else _promote(stored))
         base_i = ref_i if self.uses_base and sources[ref_i].is_base else None
         members = [i for i in range(len(sources)) if i != base_i]
         self.check_count(out_name, len(members))
@@ -421,7 +439,7 @@ class _Planner:
         self.index: dict[Path, int] = {}
         self.checkpoints: dict[Path, Model] = {}
         slices = self.slices()
-        self.qbase = self.base or slices[0].sources[0].model
+        self.qbase = self.base or slices[0].reference.model
         if self.requant:
             # The base's activation and KV-cache scales are copied to the output.
             self.qbase.hidden = {n for n in self.qbase.hidden if not is_activation_scale(n)}
@@ -470,7 +488,15 @@ def build_job(cfg: MergeConfig, *, ram_budget: int, threads: int, shard_size: in
     if not tensors:
         raise ConfigError("the configuration selects no tensors")
     paths = sorted(pl.index, key=pl.index.__getitem__)
-    reference = pl.base or slices[0].sources[0].model
+    reference = pl.base or slices[0].reference.model
+    layer_keys = {}
+    if cfg.slices is not None:
+        layer_sources = [
+            (sl.reference.model, (sl.reference.layer_range or (0, 0))[0] + k)
+            for sl in slices
+            for k in range(sl.length)
+        ]
+        layer_keys = rebuild_layer_lists(reference, layer_sources)
     merged = Counter(t.dtype for t in tensors if not (t.copy or t.encode))
     output_dtype = cfg.output_dtype or (merged.most_common(1)[0][0] if merged else "BF16")
     from . import hub
@@ -497,4 +523,5 @@ def build_job(cfg: MergeConfig, *, ram_budget: int, threads: int, shard_size: in
         output_dtype=output_dtype,
         quantized_like=pl.qbase if pl.requant else None,
         warnings=pl.warnings,
+        layer_keys=layer_keys,
     )
