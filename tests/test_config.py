@@ -73,7 +73,10 @@ def test_parameters_round_to_f32():
         ({"merge_method": "linear", "models": [{"model": "a", "parameters": {"densty": 0.5}}]}, "densty"),
         ({"merge_method": "linear", "models": [{"model": "a"}], "slices": []}, "exactly one of"),
         ({"merge_method": "linear", "models": [{"model": "a"}], "out_dtype": "int4"}, "out_dtype"),
-        ({"merge_method": "linear", "models": [{"model": "a"}], "tokenizer_source": "union"}, "union"),
+        (
+            {"merge_method": "linear", "models": [{"model": "a"}], "tokenizer": {"source": 3}},
+            "tokenizer.source",
+        ),
         (
             {
                 "merge_method": "linear",
@@ -243,17 +246,14 @@ def test_models_resolve_from_the_hugging_face_cache(make_model, tmp_path, out_di
         mergex.plan(cfg)
 
 
-def test_padded_vocabularies_are_cut_to_the_common_block(make_model, run_merge, out_dir):
+def test_padded_vocabularies_are_refused_without_a_tokenizer_setting(make_model):
     a = make_model("a", seed=1)
     b = make_model("b", seed=2, vocab=models.VOCAB + 13)
     cfg = {"merge_method": "linear", "models": [{"model": a}, {"model": b}], "parameters": {"weight": 1.0}}
-    plan = mergex.plan(models._plain(cfg))
-    assert any("embed_tokens" in w and "common block" in w for w in plan.warnings)
-    out = run_merge(cfg, out_dir)
-    for name in ("model.embed_tokens.weight", "lm_head.weight"):
-        xa, xb = a.tensors[name], b.tensors[name][: models.VOCAB]
-        want = (np.float32(1) * xa + np.float32(1) * xb) / np.float32(2)
-        models.assert_tensor_equal(out, name, want, "BF16")
+    with pytest.raises(
+        mergex.ConfigError, match=r"vocabularies differ \(323 rows in .*, 336 in .*\); set tokenizer_source"
+    ):
+        mergex.plan(models._plain(cfg))
 
 
 def test_tied_embeddings_feed_lm_head(make_model, run_merge, out_dir):

@@ -201,8 +201,8 @@ def test_mixed_input_dtypes_and_sizes_of_chunks(zoo, run_merge, out_dir):
 @pytest.mark.parametrize(
     ("extra", "base", "expected"),
     [
-        ({}, None, "F16"),  # first model's dtype
-        ({}, "b", "BF16"),  # the base's dtype
+        ({}, None, "F32"),  # f16 with bf16 promotes to f32, as torch (and mergekit) do
+        ({}, "b", "F32"),  # whichever model is the base
         ({"dtype": "float32"}, None, "F32"),  # dtype sets the output dtype ...
         (
             {"dtype": "bfloat16", "out_dtype": "float16"},

@@ -132,33 +132,6 @@ def test_every_stored_dtype_decodes_like_rust(mergex_mod, tmp_path, budget):
     assert np.count_nonzero(np.isfinite(x) & (x != 0)) > N // 2
 
 
-def test_narrower_embedding_blocks_land_in_place(mergex_mod, tmp_path):
-    # Three vocabularies of different sizes and widths: the common block [300, 70] is cut
-    # from rows of 70, 77 and 96 columns, so every row of the wider ones is its own run.
-    rng = np.random.default_rng(3)
-    shapes = {"a": ((300, 70), "BF16"), "b": ((317, 77), "F16"), "c": ((310, 96), "F32")}
-    paths = []
-    for name, (shape, dtype) in shapes.items():
-        n = shape[0] * shape[1]
-        x = rng.standard_normal(n)
-        data = (
-            torch.from_numpy(x).to(torch.bfloat16).view(torch.int16).numpy().tobytes()
-            if dtype == "BF16"
-            else x.astype(np.float16 if dtype == "F16" else np.float32).tobytes()
-        )
-        paths.append(write(tmp_path, name, {"model.embed_tokens.weight": (dtype, shape, data)}))
-    cfg = {
-        "merge_method": "linear",
-        "models": [{"model": p} for p in paths],
-        "parameters": {"weight": 1.0},
-        "out_dtype": "float32",
-    }
-    for budget in ("64KiB", "64MiB"):
-        rust, torch_out = merge_both(mergex_mod, cfg, tmp_path, budget)
-        assert rust.raw["model.embed_tokens.weight"][1] == (300, 70)
-        assert_same(rust, torch_out)
-
-
 def test_unknown_stored_dtype_is_a_config_error(monkeypatch):
     monkeypatch.delitem(driver._DTYPES, "F8_E5M2")
     d = driver.Driver.__new__(driver.Driver)

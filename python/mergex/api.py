@@ -458,7 +458,9 @@ def _merge(
     try:
         summary = _run_engine(core, folder.tmp, progress, backend, job.spec)
         layers = job.total_layers if job.layered else None
-        folder.write_model_config(job.reference, job.output_dtype, layers, job.quantized_like, job.layer_keys)
+        folder.write_model_config(
+            job.reference, job.output_dtype, layers, job.quantized_like, job.config_keys
+        )
         tok_ref = cfg.tokenizer_source
         tok = job.reference if tok_ref in (None, "base") else Model.open(tok_ref, cfg.source_dir)
         from .templates import resolve_template
@@ -466,7 +468,12 @@ def _merge(
         inputs = [job.reference.folder, *(m.folder for m in job.models)]
         template, notes = resolve_template(cfg.chat_template, inputs)
         job.warnings += notes
-        folder.copy_tokenizer(tok, template)
+        folder.copy_tokenizer(tok, template if job.vocabulary is None else None)
+        if job.vocabulary is not None:
+            # The output vocabulary's tokenizer, consistent with the rows written.
+            folder.save_tokenizer(job.vocabulary.tokenizer)
+            if template is not None:
+                folder.set_chat_template(template, tok.folder / "tokenizer_config.json")
         folder.write_run_config(cfg.raw, job.spec.seed)
         folder.write_card(cfg.merge_method, job.models, job.base, job.output_dtype)
         folder.commit()

@@ -27,6 +27,7 @@ _TOP_KEYS = {
     "out_dtype",
     "out_quantization",
     "tokenizer_source",
+    "tokenizer",
     "chat_template",
     "seed",
 }
@@ -73,6 +74,29 @@ class Slice:
     """The slice's own base (default: the top-level ``base_model``)."""
 
 
+@dataclass(frozen=True)
+class TokenSource:
+    """Where one token's embedding comes from (``tokenizer.tokens``)."""
+
+    kind: str
+    """``model`` (that model's row of the token), ``model_token`` (a model's row of another
+    token or id), ``zero``, or ``default`` (the usual rule, only ``force`` given)."""
+    model: str | None = None
+    token: str | None = None
+    token_id: int | None = None
+    force: bool = False
+
+
+@dataclass
+class TokenizerSettings:
+    """``tokenizer_source`` or the ``tokenizer:`` block."""
+
+    source: str
+    """``base``, ``union`` or a model reference."""
+    tokens: dict[str, TokenSource] = field(default_factory=dict)
+    pad_to_multiple_of: int | None = None
+
+
 @dataclass
 class MergeConfig:
     """A validated merge configuration."""
@@ -87,6 +111,9 @@ class MergeConfig:
     out_dtype: str | None = None
     """Safetensors dtype name from ``out_dtype``."""
     tokenizer_source: str | None = None
+    """The model whose tokenizer files are copied (``base`` or None: the reference's)."""
+    tokenizer: TokenizerSettings | None = None
+    """How the output vocabulary is built (``tokenizer_source`` or ``tokenizer:``)."""
     chat_template: str | None = None
     out_quantization: str = "none"
     """``none`` (a plain output) or ``base`` (the base model's quantized format, QUANT.md §8)."""
@@ -179,6 +206,61 @@ def _model_ref(value: Any, where: str) -> str:
     if plus and (not base or not adapter or "+" in adapter):
         raise ConfigError(f"{where}: expected BASE+ADAPTER (one '+'), got {value!r}")
     return value
+
+
+def _tokenizer(raw: dict[str, Any]) -> TokenizerSettings | None:
+    """``tokenizer_source: X`` or the ``tokenizer:`` block (source default ``union``)."""
+    ts, block = raw.get("tokenizer_source"), raw.get("tokenizer")
+    if ts is not None and block is not None:
+        raise ConfigError("tokenizer_source: give either it or the tokenizer block, not both")
+    if ts is not None:
+        if not isinstance(ts, str) or not ts:
+            raise ConfigError(f"tokenizer_source: expected base, union or a model reference, got {ts!r}")
+        return TokenizerSettings(ts if ts in ("base", "union") else _model_ref(ts, "tokenizer_source"))
+    if block is None:
+        return None
+    block = _mapping(block, "tokenizer", {"source", "tokens", "pad_to_multiple_of"})
+    source = block.get("source", "union")
+    if not isinstance(source, str) or not source:
+        raise ConfigError(f"tokenizer.source: expected base, union or a model reference, got {source!r}")
+    if source not in ("base", "union"):
+        source = _model_ref(source, "tokenizer.source")
+    pad = block.get("pad_to_multiple_of")
+    if pad is not None and (isinstance(pad, bool) or not isinstance(pad, int) or pad < 1):
+        raise ConfigError(f"tokenizer.pad_to_multiple_of: expected a positive integer, got {pad!r}")
+    tokens = block.get("tokens") or {}
+    if not isinstance(tokens, dict):
+        raise ConfigError("tokenizer.tokens: expected a mapping of tokens to their source")
+    return TokenizerSettings(
+        source, {str(t): _token(v, f"tokenizer.tokens.{t}") for t, v in tokens.items()}, pad
+    )
+
+
+def _token(raw: Any, where: str) -> TokenSource:
+    entry = _mapping(raw, where, {"source", "force"})
+    force = entry.get("force", False)
+    if not isinstance(force, bool):
+        raise ConfigError(f"{where}.force: expected true or false, got {force!r}")
+    src = entry.get("source")
+    if src is None:
+        return TokenSource("default", force=force)
+    if isinstance(src, str):
+        return TokenSource("model", _model_ref(src, f"{where}.source"), force=force)
+    src = _mapping(src, f"{where}.source", {"kind", "model", "token", "token_id"})
+    kind = src.get("kind")
+    if kind == "zero":
+        return TokenSource("zero", force=force)
+    if kind != "model_token":
+        raise ConfigError(f"{where}.source.kind: expected model_token or zero, got {kind!r}")
+    token, token_id = src.get("token"), src.get("token_id")
+    if (token is None) == (token_id is None):
+        raise ConfigError(f"{where}.source: give exactly one of token and token_id")
+    if token_id is not None and (isinstance(token_id, bool) or not isinstance(token_id, int) or token_id < 0):
+        raise ConfigError(f"{where}.source.token_id: expected a token id, got {token_id!r}")
+    if "model" not in src:
+        raise ConfigError(f"{where}.source: missing 'model'")
+    model = _model_ref(src["model"], f"{where}.source.model")
+    return TokenSource("model_token", model, None if token is None else str(token), token_id, force)
 
 
 def _mapping(raw: Any, where: str, allowed: set[str]) -> dict[str, Any]:
@@ -274,13 +356,9 @@ def _parse(raw: dict[str, Any], source_dir: Path | None) -> MergeConfig:
     for key in ("dtype", "out_dtype"):
         if raw.get(key) is not None:
             setattr(cfg, key, _dtype(raw[key], key))
-    ts = raw.get("tokenizer_source")
-    if ts is not None:
-        if not isinstance(ts, str):
-            raise ConfigError(f"tokenizer_source: expected 'base' or a model reference, got {ts!r}")
-        if ts == "union":
-            raise ConfigError("tokenizer_source: 'union' is not supported yet (use 'base' or a model)")
-        cfg.tokenizer_source = ts
+    cfg.tokenizer = _tokenizer(raw)
+    if cfg.tokenizer is not None and cfg.tokenizer.source not in ("base", "union"):
+        cfg.tokenizer_source = cfg.tokenizer.source
     oq = raw.get("out_quantization", "none")
     if oq not in ("none", "base"):
         raise ConfigError(f"out_quantization: expected 'none' or 'base', got {oq!r}")

@@ -17,6 +17,7 @@ __all__ = [
     "InputRef",
     "LoraRef",
     "Resume",
+    "RowMap",
     "ScaleRef",
     "TensorJob",
 ]
@@ -94,6 +95,17 @@ class LoraRef:
 
 
 @dataclass
+class RowMap:
+    """Where each row of a vocabulary-indexed input comes from, in the output's order."""
+
+    sources: list[tuple[InputRef, list[int]]]
+    """Tensors rows are taken from, with their shapes."""
+    runs: list[tuple[int, int, int]]
+    """The output rows in runs: ``(rows, source, first row)`` gives the next ``rows`` output
+    rows from consecutive rows of ``source`` (-1: zeros)."""
+
+
+@dataclass
 class InputRef:
     """One input tensor of one model."""
 
@@ -106,6 +118,7 @@ class InputRef:
     """Per-model parameter values for this tensor, already rounded to f32."""
     scale: ScaleRef | None = None
     lora: LoraRef | None = None
+    rows: RowMap | None = None
 
 
 @dataclass
@@ -169,9 +182,7 @@ class EngineJob:
                 for k in [k for k, v in e.items() if v is None]:
                     del e[k]
             for r in [*t["inputs"], *([t["base"]] if "base" in t else [])]:
-                for key in ("scale", "lora"):
-                    if r[key] is None:
-                        del r[key]
+                _drop_none(r)
         return out
 
     def to_json(self) -> str:
@@ -185,3 +196,13 @@ class EngineJob:
         for key in ("ram_budget", "threads", "resume"):
             out.pop(key, None)
         return out
+
+
+def _drop_none(r: dict[str, Any]) -> None:
+    """An input's optional parts left out when absent (also in a row map's sources)."""
+    for key in ("scale", "lora", "rows"):
+        if r[key] is None:
+            del r[key]
+    if "rows" in r:
+        for source, _shape in r["rows"]["sources"]:
+            _drop_none(source)

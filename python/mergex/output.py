@@ -170,7 +170,7 @@ class OutputFolder:
         dtype: str,
         layers: int | None,
         quantized_like: Model | None = None,
-        layer_keys: dict[str, dict[str, Any]] | None = None,
+        config_keys: dict[str, dict[str, Any]] | None = None,
     ) -> None:
         """config.json from the reference model, with dtype and layer count updated and any
         quantization_config removed; with ``quantized_like`` (``out_quantization: base``),
@@ -203,7 +203,7 @@ class OutputFolder:
             text = config.get("text_config")
             if isinstance(text, dict) and "num_hidden_layers" in text:
                 config["text_config"] = {**text, "num_hidden_layers": layers}
-        for section, changes in (layer_keys or {}).items():
+        for section, changes in (config_keys or {}).items():
             if section:
                 config[section] = {**config[section], **changes}
             else:
@@ -220,19 +220,35 @@ class OutputFolder:
                 shutil.copyfile(src, self.tmp / name)
                 copied.append(name)
         if chat_template is not None:
-            path = self.tmp / "tokenizer_config.json"
-            source_file = source.folder / "tokenizer_config.json"
-            try:
-                tk = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-            except (OSError, ValueError) as e:
-                raise CheckpointError(f"{source_file}: invalid JSON: {e}") from None
-            if not isinstance(tk, dict):
-                raise CheckpointError(f"{source_file}: expected a JSON object")
-            tk["chat_template"] = chat_template
-            self.write_json("tokenizer_config.json", tk)
-            # transformers 5 reads the template from its own file first.
-            (self.tmp / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
+            self.set_chat_template(chat_template, source.folder / "tokenizer_config.json")
         return copied
+
+    def save_tokenizer(self, tokenizer: Any) -> None:
+        """Write ``tokenizer`` (a transformers tokenizer: the output vocabulary) over the
+        copied tokenizer files."""
+        for name in (
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "special_tokens_map.json",
+            "added_tokens.json",
+        ):
+            (self.tmp / name).unlink(missing_ok=True)
+        tokenizer.save_pretrained(str(self.tmp))
+
+    def set_chat_template(self, chat_template: str, source_file: Path) -> None:
+        """Put ``chat_template`` (Jinja text) into ``tokenizer_config.json`` and
+        ``chat_template.jinja``."""
+        path = self.tmp / "tokenizer_config.json"
+        try:
+            tk = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{source_file}: invalid JSON: {e}") from None
+        if not isinstance(tk, dict):
+            raise CheckpointError(f"{source_file}: expected a JSON object")
+        tk["chat_template"] = chat_template
+        self.write_json("tokenizer_config.json", tk)
+        # transformers 5 reads the template from its own file first.
+        (self.tmp / "chat_template.jinja").write_text(chat_template, encoding="utf-8")
 
     def write_run_config(self, raw: dict[str, Any], seed: int) -> None:
         """mergex_config.yml: the configuration as run, with the seed."""

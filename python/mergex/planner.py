@@ -13,12 +13,13 @@ from typing import Any
 from .adapter import open_adapter, split_ref
 from .config import MergeConfig
 from .errors import CheckpointError, ConfigError
-from .job import Companion, Encode, EngineJob, GlobalScale, InputRef, LoraRef, ScaleRef, TensorJob
+from .job import Companion, Encode, EngineJob, GlobalScale, InputRef, LoraRef, RowMap, ScaleRef, TensorJob
 from .layers import rebuild_layer_lists
 from .methods import MethodSpec, get_method
 from .models import Model, TensorInfo
 from .params import NOT_FOUND, layer_index, lookup, rename_layer, to_f32
 from .quant import FLOAT_DTYPES, Quantized, check, is_activation_scale
+from .vocab import RowReader, SideRows, Vocabulary, is_vocabulary_tensor, row_maps, runs
 
 __all__ = ["Job", "build_job"]
 
@@ -72,9 +73,11 @@ class Job:
     quantized_like: Model | None = None
     """The model whose quantized format the output takes (``out_quantization: base``)."""
     warnings: list[str] = field(default_factory=list)
-    layer_keys: dict[str, dict[str, Any]] = field(default_factory=dict)
-    """Per-layer keys of config.json rebuilt for sliced layers, by section (``""`` for the
-    top level, ``text_config``)."""
+    vocabulary: Vocabulary | None = None
+    """The output vocabulary, when a tokenizer setting aligns the inputs' rows."""
+    config_keys: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """Keys of config.json the merge changes, by section (``""`` for the top level,
+    ``text_config``): per-layer lists rebuilt for sliced layers, the vocabulary size."""
 
 
 def _scale(q: Quantized | None) -> ScaleRef | None:
@@ -319,14 +322,23 @@ class _Planner:
         self.check_count(out_name, len(members))
         shape = ref.shape
         shapes = {infos[i].shape for i in members} | ({ref.shape} if base_i is not None else set())
-        if len(shapes) > 1:
-            if _is_embedding(out_name) and all(len(s) == 2 for s in shapes):
-                shape = (min(s[0] for s in shapes), min(s[1] for s in shapes))
-                self.warnings.append(
-                    f"{out_name}: shapes differ ({', '.join(str(list(s)) for s in sorted(shapes))}); "
-                    f"using the common block {list(shape)}"
+        rows = None
+        if self.vocab is not None and is_vocabulary_tensor(out_name):
+            # Every input's rows in the output vocabulary's order (README, "Vocabularies").
+            rows = self.vocab_rows(sources, out_name, in_names, infos, quantized)
+            shape = (self.vocab.size, *ref.shape[1:])
+        elif len(shapes) > 1:
+            if _is_embedding(out_name) and len({s[1:] for s in shapes}) == 1:
+                (na, a), (nb, b) = (
+                    min((t.shape[0], i) for i, t in enumerate(infos)),
+                    max((t.shape[0], i) for i, t in enumerate(infos)),
                 )
-            elif base_i is not None:
+                raise ConfigError(
+                    f"tensor '{out_name}': vocabularies differ ({na} rows in {sources[a].model.ref}, {nb} in "
+                    f"{sources[b].model.ref}); set tokenizer_source (base, union or a model) or a tokenizer "
+                    "block to align them"
+                )
+            if base_i is not None:
                 kept = []
                 for i in members:
                     if infos[i].shape != ref.shape:
@@ -365,11 +377,13 @@ class _Planner:
                     if v is not None:
                         mp[prm.name] = v
             inputs.append(self.input_ref(s.model, in_names[i], infos[i], quantized[i], positions[i], mp))
+            inputs[-1].rows = rows[i] if rows is not None else None
         if not inputs:
             raise CheckpointError(f"tensor '{out_name}': no model has the base's shape {list(ref.shape)}")
         base = None
         if base_i is not None:
             base = self.input_ref(sources[base_i].model, in_names[base_i], infos[base_i], quantized[base_i])
+            base.rows = rows[base_i] if rows is not None else None
         job = TensorJob(out_name, out_dtype, list(shape), inputs, params, base)
         q = quantized[qi] if qi is not None and self.requant else None
         if q is None or qi is None:
@@ -420,6 +434,41 @@ class _Planner:
             jobs.append(TensorJob(renamed(q.weight_shape), t.dtype, list(t.shape), [ref], copy=True))
         return jobs
 
+    def vocab_rows(
+        self,
+        sources: list[_Source],
+        name: str,
+        in_names: list[str],
+        infos: list[TensorInfo],
+        quantized: list[Quantized | None],
+    ) -> list[RowMap]:
+        """Each source's row map of the vocabulary-indexed tensor ``name``."""
+        assert self.vocab is not None and self.side is not None
+        if len({i.shape[1:] for i in infos}) > 1:
+            shapes = ", ".join(
+                f"{list(i.shape)} in {s.model.ref}" for s, i in zip(sources, infos, strict=True)
+            )
+            raise CheckpointError(f"tensor '{name}': the rows differ in size ({shapes})")
+        refs = [
+            self.input_ref(s.model, n, info, q)
+            for s, n, info, q in zip(sources, in_names, infos, quantized, strict=True)
+        ]
+        reader = RowReader(self, refs, infos)
+        maps = row_maps(
+            self.vocab,
+            name,
+            [s.model.key for s in sources],
+            [i.shape[0] for i in infos],
+            reader.row,
+            self.side,
+        )
+        shaped = [(r, list(i.shape)) for r, i in zip(refs, infos, strict=True)]
+        computed = self.side.rows.get(name)
+        if computed:
+            side = InputRef(self.model_index(self.side_model), name)
+            shaped.append((side, [len(computed), *infos[0].shape[1:]]))
+        return [RowMap(list(shaped), runs(m)) for m in maps]
+
     def check_count(self, tensor: str, others: int) -> None:
         """The number of models besides the base that the method accepts."""
         low, high = self.spec.min_models, self.spec.max_models
@@ -439,6 +488,13 @@ class _Planner:
         self.index: dict[Path, int] = {}
         self.checkpoints: dict[Path, Model] = {}
         slices = self.slices()
+        self.vocab: Vocabulary | None = None
+        self.side: SideRows | None = None
+        if self.cfg.tokenizer is not None:
+            models = list({s.model.key: s.model for sl in slices for s in sl.sources}.values())
+            self.vocab = Vocabulary.build(self.cfg.tokenizer, models, self.base, self._open)
+            self.side = SideRows(self.vocab.workdir / "vocabulary-rows.safetensors")
+            self.side_model = Model("(computed vocabulary rows)", self.side.path)
         self.qbase = self.base or slices[0].reference.model
         if self.requant:
             # The base's activation and KV-cache scales are copied to the output.
@@ -472,6 +528,9 @@ class _Planner:
         for name in last.reference.model.names:
             if layer_index(name) is None and not _is_before(name):
                 add(last, name, None)
+        if self.side is not None and self.side.rows:
+            self.side.write()
+            self.checkpoints[self.side.path] = Model.open(str(self.side.path))
         return tensors, slices
 
 
@@ -489,14 +548,18 @@ def build_job(cfg: MergeConfig, *, ram_budget: int, threads: int, shard_size: in
         raise ConfigError("the configuration selects no tensors")
     paths = sorted(pl.index, key=pl.index.__getitem__)
     reference = pl.base or slices[0].reference.model
-    layer_keys = {}
+    config_keys: dict[str, dict[str, Any]] = {}
     if cfg.slices is not None:
         layer_sources = [
             (sl.reference.model, (sl.reference.layer_range or (0, 0))[0] + k)
             for sl in slices
             for k in range(sl.length)
         ]
-        layer_keys = rebuild_layer_lists(reference, layer_sources)
+        config_keys = rebuild_layer_lists(reference, layer_sources)
+    if pl.vocab is not None:
+        for section in ("", "text_config"):
+            if "vocab_size" in (reference.config.get(section, {}) if section else reference.config):
+                config_keys.setdefault(section, {})["vocab_size"] = pl.vocab.size
     merged = Counter(t.dtype for t in tensors if not (t.copy or t.encode))
     output_dtype = cfg.output_dtype or (merged.most_common(1)[0][0] if merged else "BF16")
     from . import hub
@@ -523,5 +586,6 @@ def build_job(cfg: MergeConfig, *, ram_budget: int, threads: int, shard_size: in
         output_dtype=output_dtype,
         quantized_like=pl.qbase if pl.requant else None,
         warnings=pl.warnings,
-        layer_keys=layer_keys,
+        vocabulary=pl.vocab,
+        config_keys=config_keys,
     )

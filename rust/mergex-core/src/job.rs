@@ -144,6 +144,24 @@ pub struct InputRef {
     /// A LoRA adapter applied to the tensor in the reader: `W + scale · B·A`.
     #[serde(default)]
     pub lora: Option<LoraRef>,
+    /// The rows of a vocabulary-indexed tensor gathered in the output vocabulary's order
+    /// (`tensor` then only names the input for messages).
+    #[serde(default)]
+    pub rows: Option<RowMap>,
+}
+
+/// Where each row of a vocabulary-indexed tensor comes from (CONFIG.md, vocabularies).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RowMap {
+    /// The tensors rows are taken from, with their (plain) shapes: each a matrix with the
+    /// output's columns (or a vector, for a 1-D output), read as any input is (quantized
+    /// weights decoded, adapters applied).
+    pub sources: Vec<(InputRef, Vec<u64>)>,
+    /// The output rows in runs, in order: `[rows, source, first row]` gives the next `rows`
+    /// output rows from consecutive rows of `source` starting at `first row`; a source of
+    /// -1 gives rows of zeros.
+    pub runs: Vec<(u64, i64, u64)>,
 }
 
 /// The LoRA factors of one weight (PEFT layout: `A` is `r × in`, `B` is `out × r`).

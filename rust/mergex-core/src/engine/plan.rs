@@ -7,7 +7,8 @@ use std::path::Path;
 use serde::Serialize;
 
 use super::adapter::Lora;
-use super::read::View;
+use super::read::{Rows, View};
+
 use crate::error::{Error, Result};
 use crate::format::checkpoint::Checkpoint;
 use crate::format::dtype::Dtype;
@@ -259,6 +260,17 @@ fn chunks(t: &Prepared) -> usize {
 }
 
 fn view(models: &[Checkpoint], paths: &[&Path], r: &InputRef, shape: &[u64]) -> Result<View> {
+    if let Some(map) = &r.rows {
+        let source = |(s, shape): &(InputRef, Vec<u64>)| match s.rows {
+            Some(_) => Err(Error::job("tensors", "a row source cannot have a row map of its own")),
+            None => view(models, paths, s, shape),
+        };
+        let sources = map.sources.iter().map(source).collect::<Result<Vec<_>>>()?;
+        let model = paths.get(r.model).copied().unwrap_or(Path::new(""));
+        return View::gathered(Rows::new(model, &r.tensor, sources, &map.runs, shape)?).ok_or_else(|| {
+            Error::job("tensors", format!("tensor '{}': a row map without sources", r.tensor))
+        });
+    }
     let view = stored_view(models, paths, r, shape)?;
     let Some(l) = &r.lora else { return Ok(view) };
     let m = models

@@ -1,10 +1,11 @@
 //! Reading element ranges of an input tensor as stored: the engine decodes them, or hands the
 //! bytes to kernels that read them undecoded.
 
+use std::path::Path;
 use std::sync::Arc;
 
 use super::adapter::Lora;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::format::dtype::Dtype;
 use crate::format::file::SafeFile;
 use crate::format::gptoss::Transposed;
@@ -32,6 +33,8 @@ pub struct View {
     transposed: Option<Transposed>,
     /// A LoRA adapter added to the values read (as f32).
     lora: Option<Lora>,
+    /// A vocabulary-indexed tensor gathered row by row from other views.
+    rows: Option<Arc<Rows>>,
 }
 
 impl View {
@@ -48,6 +51,7 @@ impl View {
                 packed: 0,
                 transposed: None,
                 lora: None,
+                rows: None,
             });
         }
         match (entry.shape.as_slice(), shape) {
@@ -62,6 +66,7 @@ impl View {
                     packed: 0,
                     transposed: None,
                     lora: None,
+                    rows: None,
                 })
             }
             _ => None,
@@ -84,6 +89,7 @@ impl View {
             packed: bits,
             transposed: None,
             lora: None,
+            rows: None,
         })
     }
 
@@ -98,6 +104,7 @@ impl View {
             packed: 0,
             transposed: Some(t),
             lora: None,
+            rows: None,
         }
     }
 
@@ -110,6 +117,23 @@ impl View {
     pub fn with_scales(mut self, scales: Scales) -> View {
         self.scales = Some(scales);
         self
+    }
+
+    /// A vocabulary-indexed tensor gathered by `rows` (its file and entry name the first
+    /// source, for messages); `None` when `rows` has no source.
+    pub fn gathered(rows: Rows) -> Option<View> {
+        let first = rows.first()?;
+        Some(View {
+            file: first.file.clone(),
+            entry: first.entry.clone(),
+            in_cols: 0,
+            out_cols: 0,
+            scales: None,
+            packed: 0,
+            transposed: None,
+            lora: None,
+            rows: Some(Arc::new(rows)),
+        })
     }
 
     /// The same view with a LoRA adapter added to its values.
@@ -127,12 +151,13 @@ impl View {
     /// sub-block (a LoRA adapter's factors).
     pub fn buffer_bytes(&self, sub_block: u64) -> u64 {
         self.lora.as_ref().map_or(0, |l| l.buffer_bytes(sub_block))
+            + self.rows.as_ref().map_or(0, |r| r.buffer_bytes())
     }
 
     /// The dtype of what [`View::read_raw`] hands out: the stored one, or F32 for a
     /// quantized weight (decoded in the reader) or a weight with a LoRA adapter.
     pub fn dtype(&self) -> Dtype {
-        if self.lora.is_some() {
+        if self.lora.is_some() || self.rows.is_some() {
             return Dtype::F32;
         }
         self.values_dtype()
@@ -171,6 +196,9 @@ impl View {
     /// Copy the stored bytes of output elements `[start, start + n)` into `out` (`n` times
     /// the element size), undecoded; a block view's rows land at their output places.
     pub fn read_raw(&self, start: u64, out: &mut [u8]) -> Result<()> {
+        if let Some(rows) = &self.rows {
+            return with_f32s(out, |values| rows.read(start, values));
+        }
         let Some(lora) = &self.lora else { return self.read_values(start, out) };
         with_f32s(out, |values| {
             let dtype = self.values_dtype();
@@ -255,6 +283,9 @@ impl View {
 
     /// Bytes read for output elements `[start, start+len)`.
     pub fn bytes_for(&self, len: u64) -> u64 {
+        if let Some(rows) = &self.rows {
+            return rows.bytes_for(len);
+        }
         let adapter = self.lora.as_ref().map_or(0, |l| l.bytes_for(len));
         if let Some(t) = &self.transposed {
             return t.bytes_for(len) + adapter;
@@ -267,6 +298,9 @@ impl View {
     /// (a chunk is announced whole before it is read piece by piece, so cold reads are
     /// large and queued deep while the merge works through the first pieces).
     pub fn will_need(&self, start: u64, len: u64) {
+        if self.rows.is_some() {
+            return;
+        }
         let (b, e) = self.span(start, len);
         self.file.will_need(&self.entry, b, e);
     }
@@ -274,6 +308,9 @@ impl View {
     /// [`View::will_need`] for element ranges `(start, len)`, in ascending order, skipped
     /// when the first and the last are in the page cache already.
     pub fn will_need_all(&self, ranges: &[(u64, u64)]) {
+        if self.rows.is_some() {
+            return;
+        }
         let spans: Vec<(u64, u64)> = ranges.iter().map(|&(start, len)| self.span(start, len)).collect();
         self.file.will_need_all(&self.entry, &spans);
     }
@@ -281,6 +318,9 @@ impl View {
     /// Release the mapped pages behind output elements `[start, start+len)` (after
     /// [`View::raw`]).
     pub fn release(&self, start: u64, len: u64) {
+        if self.rows.is_some() {
+            return;
+        }
         let (b, e) = self.span(start, len);
         self.file.release(&self.entry, b, e);
     }
@@ -326,4 +366,121 @@ fn with_codes<R>(n: usize, f: impl FnOnce(&mut [u8]) -> Result<R>) -> Result<R> 
         // Not re-entered in practice; a fresh buffer if it ever is.
         Err(_) => f(&mut vec![0u8; n]),
     })
+}
+
+// --------------------------------------------------------------------------- row maps
+
+// Vocabulary-indexed tensors read in the output vocabulary's order: output row `r` is a row
+// of one of the source tensors (the model's own, another model's, or a row computed while
+// planning), or zeros. A chunk of output rows reads the matching rows of each source only.
+// The map is kept as runs of consecutive rows (a vocabulary in another order is a few runs
+// a reordered block), found by binary search.
+
+/// The row map of one input.
+#[derive(Debug)]
+pub struct Rows {
+    sources: Vec<View>,
+    /// Runs `(first output row, source or None for zeros, first source row)`, in order.
+    runs: Vec<(u64, Option<usize>, u64)>,
+    cols: u64,
+}
+
+impl Rows {
+    /// The rows of a tensor of `shape` from `sources` (views of whole tensors, decoded as
+    /// the reader decodes them) by `runs` (`[rows, source or -1 for zeros, first row]`).
+    pub fn new(
+        model: &Path,
+        name: &str,
+        sources: Vec<View>,
+        runs: &[(u64, i64, u64)],
+        shape: &[u64],
+    ) -> Result<Rows> {
+        let bad = |message: String| {
+            Error::job("tensors", format!("{}: tensor '{name}': {message}", model.display()))
+        };
+        let (rows, cols) = match *shape {
+            [r, c] => (r, c),
+            [r] => (r, 1),
+            _ => return Err(bad(format!("a row map needs a 1-D or 2-D tensor, not {shape:?}"))),
+        };
+        let mut source_rows = Vec::with_capacity(sources.len());
+        for v in &sources {
+            let s = &v.entry.shape;
+            let fits = match (s.as_slice(), shape.len()) {
+                ([_, c], 2) => *c == cols,
+                ([_], 1) => true,
+                _ => false,
+            };
+            if !fits || !v.dtype().is_float() {
+                let (n, d) = (&v.entry.name, v.entry.dtype.name());
+                return Err(bad(format!("row source '{n}' {s:?} {d} does not fit rows of {cols}")));
+            }
+            source_rows.push(s.first().copied().unwrap_or(0));
+        }
+        let mut out = Vec::with_capacity(runs.len());
+        let mut at = 0u64;
+        for &(n, source, first) in runs {
+            let source = usize::try_from(source).ok();
+            if let Some(s) = source {
+                if source_rows.get(s).is_none_or(|&m| first.checked_add(n).is_none_or(|end| end > m)) {
+                    return Err(bad(format!("output rows {at}..{} map past the rows of source {s}", at + n)));
+                }
+            }
+            out.push((at, source, first));
+            at = at.saturating_add(n);
+        }
+        if at != rows {
+            return Err(bad(format!("the row map covers {at} rows, the tensor has {rows}")));
+        }
+        Ok(Rows { sources, runs: out, cols })
+    }
+
+    /// The first source.
+    pub fn first(&self) -> Option<&View> {
+        self.sources.first()
+    }
+
+    /// Bytes held besides the sub-block buffers: the runs.
+    pub fn buffer_bytes(&self) -> u64 {
+        (self.runs.len() * std::mem::size_of::<(u64, Option<usize>, u64)>()) as u64
+    }
+
+    /// Bytes read for `len` output elements (at most the widest source's).
+    pub fn bytes_for(&self, len: u64) -> u64 {
+        let widest = self.sources.iter().map(|v| v.bytes_for(self.cols)).max().unwrap_or(0);
+        len.div_ceil(self.cols.max(1)) * widest
+    }
+
+    /// Output elements `[start, start + values.len())` as f32.
+    pub fn read(&self, start: u64, values: &mut [f32]) -> Result<()> {
+        let n = values.len() as u64;
+        let mut raw = Vec::new();
+        let mut at = 0u64;
+        while at < n {
+            let (row, col) = ((start + at) / self.cols, (start + at) % self.cols);
+            let len = (self.cols - col).min(n - at);
+            let out = &mut values[at as usize..(at + len) as usize];
+            // The run holding `row`: the last one starting at or before it.
+            let k = self.runs.partition_point(|r| r.0 <= row).saturating_sub(1);
+            let (first_out, source, first_src) = self.runs.get(k).copied().unwrap_or((0, None, 0));
+            match source.and_then(|s| self.sources.get(s)) {
+                None => out.fill(0.0),
+                Some(v) => {
+                    let src_row = first_src + (row - first_out);
+                    let dtype = v.dtype();
+                    raw.resize(len as usize * dtype.size(), 0);
+                    v.read_raw(src_row * self.cols + col, &mut raw)?;
+                    if dtype == Dtype::F32 {
+                        for (o, b) in out.iter_mut().zip(raw.chunks_exact(4)) {
+                            *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                        }
+                    } else {
+                        crate::kernels::dispatch::decode(dtype, &raw, out);
+                    }
+                }
+            }
+            at += len;
+        }
+        Ok(())
+    }
 }

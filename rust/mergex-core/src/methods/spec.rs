@@ -294,6 +294,7 @@ mod tests {
             params: per_model.iter().map(|&(k, v)| (k.to_string(), v)).collect(),
             scale: None,
             lora: None,
+            rows: None,
         };
         TensorJob {
             name: "w".into(),
@@ -307,6 +308,7 @@ mod tests {
                 params: std::collections::BTreeMap::new(),
                 scale: None,
                 lora: None,
+                rows: None,
             }),
             inputs: (0..inputs).map(input).collect(),
             params: params.iter().map(|&(k, v)| (k.to_string(), v)).collect(),
