@@ -414,3 +414,18 @@ def write_adapter(
     cfg = {"peft_type": "LORA", "r": 4, "lora_alpha": 8, "target_modules": sorted(factors), **config}
     (path / "adapter_config.json").write_text(json.dumps(cfg))
     return path
+
+
+def tiny_llama_config(transformers, **extra):
+    """A tiny transformers Llama config, for round trips through transformers and peft."""
+    kw = {
+        "vocab_size": 96,
+        "hidden_size": 32,
+        "intermediate_size": 40,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "tie_word_embeddings": False,
+        **extra,
+    }
+    return transformers.LlamaConfig(**kw)

@@ -174,15 +174,7 @@ def test_peft_adapter_matches_peft_merge_and_loads_in_transformers(mergex_mod, t
     from safetensors.torch import load_file
 
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=40,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=False,
-    )
+    config = models.tiny_llama_config(transformers)
     model = transformers.LlamaForCausalLM(config)
     model.save_pretrained(tmp_path / "base")
     lc = peft.LoraConfig(

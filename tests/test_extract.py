@@ -176,16 +176,7 @@ def test_peft_loads_the_adapter_and_its_weights_equal_base_plus_delta(mergex_mod
     from safetensors.torch import load_file
 
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        vocab_size=96,
-        hidden_size=32,
-        intermediate_size=40,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        attention_bias=True,
-        tie_word_embeddings=False,
-    )
+    config = models.tiny_llama_config(transformers, attention_bias=True)
     base = transformers.LlamaForCausalLM(config)
     base.save_pretrained(tmp_path / "base")
     with torch.no_grad():

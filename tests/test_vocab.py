@@ -159,6 +159,11 @@ def test_base_source_tokens_block_and_padding(mergex_mod, trio, run_merge, tmp_p
             xs.append(np.concatenate([rows, np.stack([mean] * 2)]))
         models.assert_tensor_equal(out, name, ref.linear(xs, [1.0, 1.0, 1.0]), "F32")
     assert out.config()["vocab_size"] == 10
+    transformers = pytest.importorskip("transformers")
+    model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "out")
+    assert model.get_input_embeddings().weight.shape[0] == 10
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert tok.decode(tok("the cat")["input_ids"]) == "the cat"
 
 
 def test_different_vocabularies_without_a_setting_are_refused(mergex_mod, trio, tmp_path):
@@ -214,6 +219,11 @@ def test_a_head_bias_and_tied_embeddings_follow_the_rows_on_any_budget_and_engin
         models.assert_tensor_equal(out, name, ref.linear(xs, [1.0, 1.0]), "F32")
     assert run_merge(cfg, tmp_path / "big", ram_budget="8MiB", threads=1).raw == out.raw
     assert run_merge(cfg, tmp_path / "torch", engine="torch", ram_budget="1MiB").raw == out.raw
+    transformers = pytest.importorskip("transformers")
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "small")
+    assert tok.get_vocab() == out_vocab and tok.decode(tok("the dog")["input_ids"]) == "the dog"
+    model = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "small")  # the bias is left unused
+    assert model.get_output_embeddings().weight.shape[0] == len(out_vocab)
     # A model with tied embeddings gives its head rows from its embedding.
     del t["base"]["lm_head.bias"]
     config = json.loads((root / "base" / "config.json").read_text())
@@ -228,3 +238,17 @@ def test_a_head_bias_and_tied_embeddings_follow_the_rows_on_any_budget_and_engin
 
     xs = [gathered(root / n, t[n], HEAD, out_vocab, only_extra) for n in ("base", "extra")]
     models.assert_tensor_equal(out, HEAD, ref.linear(xs, [1.0, 1.0]), "F32")
+
+
+def test_the_base_tokens_beyond_its_vocab_size_are_dropped(mergex_mod, trio, run_merge, tmp_path):
+    from tokenizers import AddedToken, Tokenizer
+
+    root, _ = trio
+    # The base's tokenizer knows one token more than its 8 embedding rows (vocab_size 8).
+    tok = Tokenizer.from_file(str(root / "base" / "tokenizer.json"))
+    tok.add_special_tokens([AddedToken("<|beyond|>", special=True)])
+    tok.save(str(root / "base" / "tokenizer.json"))
+    out = run_merge(linear_config(root, ["base", "extra"], tokenizer_source="union"), tmp_path / "out")
+    out_vocab = vocab_of(tmp_path / "out")
+    assert "<|beyond|>" not in out_vocab and len(out_vocab) == 9
+    assert out.raw[EMB][1] == (9, HIDDEN)

@@ -30,7 +30,11 @@ _TOP_KEYS = {
     "tokenizer",
     "chat_template",
     "seed",
+    "modules",
 }
+# mergekit's module names: groups of a vision-language model's tensors, each merged with
+# its own models or slices and parameters (the planner's ``module_of`` says which is which).
+MODULES = ("text_decoder", "vision_tower", "multi_modal_projector")
 _DTYPES = {
     "float32": "F32",
     "fp32": "F32",
@@ -124,6 +128,9 @@ class MergeConfig:
     """The configuration as given, for ``mergex_config.yml``."""
     warnings: list[str] = field(default_factory=list)
     """What loading it noticed and let pass (parameters the method does not take)."""
+    modules: dict[str, MergeConfig] | None = None
+    """``modules:``: each module's own models or slices and parameters (as a config of its
+    own, with the top level's method and base)."""
 
     @property
     def output_dtype(self) -> str | None:
@@ -281,9 +288,11 @@ def _parse(raw: dict[str, Any], source_dir: Path | None) -> MergeConfig:
     spec = get_method(method)
     if spec is None:
         raise ConfigError(f"merge_method: unknown method {method!r} (known: {', '.join(METHODS)})")
+    if "modules" in raw:
+        return _parse_modules(raw, source_dir)
     has_models, has_slices = "models" in raw, "slices" in raw
     if has_models == has_slices:
-        raise ConfigError("config: give exactly one of 'models' and 'slices'")
+        raise ConfigError("config: give exactly one of 'models', 'slices' and 'modules'")
     cfg = MergeConfig(merge_method=method, source_dir=source_dir, raw=copy.deepcopy(raw))
     if raw.get("base_model") is not None:
         cfg.base_model = _model_ref(raw["base_model"], "base_model")
@@ -378,6 +387,39 @@ def _parse(raw: dict[str, Any], source_dir: Path | None) -> MergeConfig:
     slice_bases = cfg.slices is not None and all(sl.base_model for sl in cfg.slices)
     if spec.base == "required" and cfg.base_model is None and not slice_bases:
         raise ConfigError(f"base_model: {method} needs a base model")
+    _check_param_names(cfg)
+    return cfg
+
+
+def _parse_modules(raw: dict[str, Any], source_dir: Path | None) -> MergeConfig:
+    """A config with ``modules:``: the top level holds what every module shares (method,
+    base, parameters as the lowest level, dtype, tokenizer, ...), each module its own
+    ``models`` or ``slices`` and ``parameters``."""
+    modules = raw.get("modules")
+    if "models" in raw or "slices" in raw:
+        raise ConfigError("config: give exactly one of 'models', 'slices' and 'modules'")
+    if not isinstance(modules, dict) or not modules:
+        raise ConfigError("modules: expected a mapping of module names to their models or slices")
+    shared = {k: v for k, v in raw.items() if k != "modules"}
+    parsed: dict[str, MergeConfig] = {}
+    for name, body in modules.items():
+        where = f"modules.{name}"
+        if name not in MODULES:
+            raise ConfigError(f"{where}: unknown module (known: {', '.join(MODULES)})")
+        body = _mapping(body, where, {"models", "slices", "parameters"})
+        sub = {**shared, **body, "parameters": body.get("parameters")}
+        try:
+            parsed[name] = _parse(sub, source_dir)
+        except ConfigError as e:
+            raise ConfigError(f"{where}: {e}") from None
+    # The top level itself: its models are the modules' (the first module's stand for it
+    # where one list is needed), its parameters the lowest level of every module's.
+    first = next(iter(parsed.values()))
+    cfg = copy.copy(first)
+    cfg.raw = copy.deepcopy(raw)
+    cfg.parameters = _params(raw.get("parameters"), "parameters")
+    cfg.modules = parsed
+    cfg.warnings = [w for name, m in parsed.items() for w in (f"modules.{name}.{x}" for x in m.warnings)]
     _check_param_names(cfg)
     return cfg
 

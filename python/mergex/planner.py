@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,22 +18,12 @@ from .job import Companion, Encode, EngineJob, GlobalScale, InputRef, LoraRef, R
 from .layers import rebuild_layer_lists
 from .methods import MethodSpec, get_method
 from .models import Model, TensorInfo
+from .names import fusion_key, is_before, is_embedding, layers_of, module_of, promote, scopes
 from .params import NOT_FOUND, layer_index, lookup, rename_layer, to_f32
 from .quant import FLOAT_DTYPES, Quantized, check, is_activation_scale
-from .vocab import RowReader, SideRows, Vocabulary, is_vocabulary_tensor, row_maps, runs
+from .vocab import RowReader, SideRows, Vocabulary, is_vocabulary_tensor, row_maps
 
 __all__ = ["Job", "build_job"]
-
-_BEFORE = ("embed_tokens", "wte", "wpe", "tok_embeddings", "word_embeddings", "embeddings.")
-_EMBEDDING = (
-    "embed_tokens",
-    "lm_head",
-    "wte",
-    "word_embeddings",
-    "tok_embeddings",
-    "embed_out",
-    "output.weight",
-)
 
 
 @dataclass
@@ -100,45 +91,6 @@ def _plain_names(m: Model) -> None:
         m.order = [plain if n == codes else n for n in m.order]
 
 
-# NVFP4 fusion groups (QUANT.md §4c): projections that share one global scale, by the last
-# name component of the module.
-_FUSED = {
-    "q_proj": "qkv",
-    "k_proj": "qkv",
-    "v_proj": "qkv",
-    "gate_proj": "gate_up",
-    "up_proj": "gate_up",
-    "w1": "w13",
-    "w3": "w13",
-    "q_a_proj": "mla_a",
-    "kv_a_proj_with_mqa": "mla_a",
-}
-
-
-def _fusion_key(name: str) -> str | None:
-    """The fusion group of an NVFP4 weight's plain name (``…self_attn.q_proj.weight`` →
-    ``…self_attn:qkv``), or None when it is a group of its own."""
-    module = name.removesuffix(".weight")
-    parent, _, leaf = module.rpartition(".")
-    kind = _FUSED.get(leaf)
-    return f"{parent}:{kind}" if kind else None
-
-
-def _promote(dtypes: set[str]) -> str:
-    """torch's promotion of float dtypes: one dtype stays; F64 wins; any other mix is F32."""
-    if len(dtypes) == 1:
-        return next(iter(dtypes))
-    return "F64" if "F64" in dtypes else "F32"
-
-
-def _is_before(name: str) -> bool:
-    return any(k in name for k in _BEFORE)
-
-
-def _is_embedding(name: str) -> bool:
-    return any(k in name for k in _EMBEDDING)
-
-
 class _Planner:
     def __init__(self, cfg: MergeConfig) -> None:
         spec = get_method(cfg.merge_method)
@@ -151,6 +103,7 @@ class _Planner:
         self.base = self._open(cfg.base_model) if cfg.base_model else None
         self.requant = cfg.out_quantization == "base"
         self.qbase: Model | None = None
+        self.scope_params: dict[str, Any] = cfg.parameters
         """The model whose format the output takes (``out_quantization: base``)."""
 
     def _open(self, ref: str) -> Model:
@@ -204,8 +157,9 @@ class _Planner:
             ref.lora = LoraRef(self.model_index(ad.model), t.a, t.b, t.scale, t.transposed)
         return ref
 
-    def slices(self) -> list[_Slice]:
-        cfg = self.cfg
+    def slices(self, cfg: MergeConfig, member: Callable[[str], bool]) -> list[_Slice]:
+        """The slices of ``cfg`` (the config, or one of its modules, whose tensors ``member``
+        picks)."""
         out: list[_Slice] = []
         if cfg.models is not None:
             sources = [
@@ -216,7 +170,7 @@ class _Planner:
             if self.base is not None and not any(s.is_base for s in sources):
                 sources.append(_Source(self.base, None, {}, True, listed=False))
             ref = next((s for s in sources if s.is_base), sources[0]).model
-            n = ref.num_layers
+            n = layers_of(ref, member) if self.cfg.modules else ref.num_layers
             for s in sources:
                 s.layer_range = (0, n)
             out.append(_Slice(sources, {}, 0, n))
@@ -235,7 +189,10 @@ class _Planner:
                 raise ConfigError(f"slices[{i}]: the base model must be one of the slice's sources")
             head = next((s for s in sources if s.is_base), sources[0])
             if head.layer_range is None:
-                head.layer_range = (0, head.model.num_layers)
+                head.layer_range = (
+                    0,
+                    layers_of(head.model, member) if self.cfg.modules else head.model.num_layers,
+                )
             n = head.layer_range[1] - head.layer_range[0]
             for s in sources:
                 if s.layer_range is None:
@@ -316,7 +273,7 @@ class _Planner:
             stored = {
                 sources[i].model.require(in_names[i]).dtype for i in range(len(sources)) if not quantized[i]
             }
-            out_dtype = self.cfg.output_dtype or ("BF16" if quantized[ref_i] else _promote(stored))
+            out_dtype = self.cfg.output_dtype or ("BF16" if quantized[ref_i] else promote(stored))
         base_i = ref_i if self.uses_base and sources[ref_i].is_base else None
         members = [i for i in range(len(sources)) if i != base_i]
         self.check_count(out_name, len(members))
@@ -328,7 +285,7 @@ class _Planner:
             rows = self.vocab_rows(sources, out_name, in_names, infos, quantized)
             shape = (self.vocab.size, *ref.shape[1:])
         elif len(shapes) > 1:
-            if _is_embedding(out_name) and len({s[1:] for s in shapes}) == 1:
+            if is_embedding(out_name) and len({s[1:] for s in shapes}) == 1:
                 (na, a), (nb, b) = (
                     min((t.shape[0], i) for i, t in enumerate(infos)),
                     max((t.shape[0], i) for i, t in enumerate(infos)),
@@ -358,7 +315,11 @@ class _Planner:
                     f"tensor '{out_name}': shape {list(infos[b].shape)} in model {sources[b].model.ref} "
                     f"differs from {list(infos[a].shape)} in model {sources[a].model.ref}"
                 )
-        global_levels = [(sl.params, out_name), (self.cfg.parameters, out_name)]
+        global_levels = [
+            (sl.params, out_name),
+            (self.scope_params, out_name),
+            (self.cfg.parameters, out_name),
+        ]
         params: dict[str, float] = {}
         for prm in self.spec.params:
             if not prm.per_model:
@@ -423,7 +384,7 @@ class _Planner:
             block=list(q.block) if q.block else None,
             bits=q.int_bits or None,
             global_scale=companion(q.global_scale),
-            fusion=_fusion_key(out_name) if q.rule.startswith("nvfp4") else None,
+            fusion=fusion_key(out_name) if q.rule.startswith("nvfp4") else None,
             zero_point=companion(q.zero_point),
             transposed=q.transposed,
         )
@@ -467,7 +428,7 @@ class _Planner:
         if computed:
             side = InputRef(self.model_index(self.side_model), name)
             shaped.append((side, [len(computed), *infos[0].shape[1:]]))
-        return [RowMap(list(shaped), runs(m)) for m in maps]
+        return [RowMap(list(shaped), m) for m in maps]
 
     def check_count(self, tensor: str, others: int) -> None:
         """The number of models besides the base that the method accepts."""
@@ -487,11 +448,13 @@ class _Planner:
     def build(self) -> tuple[list[TensorJob], list[_Slice]]:
         self.index: dict[Path, int] = {}
         self.checkpoints: dict[Path, Model] = {}
-        slices = self.slices()
+        planned = [(n, scope, member, self.slices(scope, member)) for n, scope, member in scopes(self.cfg)]
+        slices = planned[0][3]
         self.vocab: Vocabulary | None = None
         self.side: SideRows | None = None
         if self.cfg.tokenizer is not None:
-            models = list({s.model.key: s.model for sl in slices for s in sl.sources}.values())
+            every = [s.model for _, _, _, sls in planned for sl in sls for s in sl.sources]
+            models = list({m.key: m for m in every}.values())
             self.vocab = Vocabulary.build(self.cfg.tokenizer, models, self.base, self._open)
             self.side = SideRows(self.vocab.workdir / "vocabulary-rows.safetensors")
             self.side_model = Model("(computed vocabulary rows)", self.side.path)
@@ -510,24 +473,39 @@ class _Planner:
                 p = k / (sl.length - 1) if sl.length > 1 else 1.0
             tensors.extend(self.tensor(sl, out_name, in_names, p))
 
-        first, last = slices[0], slices[-1]
-        for name in first.reference.model.names:
-            if layer_index(name) is None and _is_before(name):
-                add(first, name, None)
-        for sl in slices:
-            ref = sl.reference
-            start = (ref.layer_range or (0, 0))[0]
-            by_layer: dict[int, list[str]] = {}
-            for name in ref.model.names:
-                li = layer_index(name)
-                if li is not None:
-                    by_layer.setdefault(li, []).append(name)
-            for k in range(sl.length):
-                for name in by_layer.get(start + k, []):
-                    add(sl, name, k)
-        for name in last.reference.model.names:
-            if layer_index(name) is None and not _is_before(name):
-                add(last, name, None)
+        for _module, scope, member, sls in planned:
+            self.scope_params = scope.parameters
+            names = [n for n in sls[0].reference.model.names if member(n)]
+            first, last = sls[0], sls[-1]
+            for name in names:
+                if layer_index(name) is None and is_before(name):
+                    add(first, name, None)
+            for sl in sls:
+                ref = sl.reference
+                start = (ref.layer_range or (0, 0))[0]
+                by_layer: dict[int, list[str]] = {}
+                for name in ref.model.names:
+                    li = layer_index(name)
+                    if li is not None and member(name):
+                        by_layer.setdefault(li, []).append(name)
+                for k in range(sl.length):
+                    for name in by_layer.get(start + k, []):
+                        add(sl, name, k)
+            for name in [n for n in last.reference.model.names if member(n)]:
+                if layer_index(name) is None and not is_before(name):
+                    add(last, name, None)
+        self.planned = planned
+        if self.cfg.modules:
+            # Every tensor belongs to a module the config lists.
+            listed = set(self.cfg.modules)
+            for m in {s.model.key: s.model for *_, sls in planned for sl in sls for s in sl.sources}.values():
+                missing = sorted({module_of(n) for n in m.names} - listed)
+                if missing:
+                    example = next(n for n in m.names if module_of(n) == missing[0])
+                    raise ConfigError(
+                        f"modules: tensor '{example}' of {m.ref} belongs to module {missing[0]}, which "
+                        "modules does not list"
+                    )
         if self.side is not None and self.side.rows:
             self.side.write()
             self.checkpoints[self.side.path] = Model.open(str(self.side.path))
@@ -548,14 +526,24 @@ def build_job(cfg: MergeConfig, *, ram_budget: int, threads: int, shard_size: in
         raise ConfigError("the configuration selects no tensors")
     paths = sorted(pl.index, key=pl.index.__getitem__)
     reference = pl.base or slices[0].reference.model
+    by_module = {name: (scope, sls) for name, scope, _member, sls in pl.planned}
+    text_scope, text_slices = by_module.get("text_decoder", (cfg, slices))
+    layered = text_scope.slices is not None
     config_keys: dict[str, dict[str, Any]] = {}
-    if cfg.slices is not None:
+    if layered:
         layer_sources = [
             (sl.reference.model, (sl.reference.layer_range or (0, 0))[0] + k)
-            for sl in slices
+            for sl in text_slices
             for k in range(sl.length)
         ]
         config_keys = rebuild_layer_lists(reference, layer_sources)
+    vision = by_module.get("vision_tower")
+    if vision is not None and vision[0].slices is not None:
+        # A sliced vision tower: its block count in vision_config.
+        vc = reference.config.get("vision_config")
+        key = next((k for k in ("depth", "num_hidden_layers") if isinstance(vc, dict) and k in vc), None)
+        if key is not None:
+            config_keys.setdefault("vision_config", {})[key] = sum(sl.length for sl in vision[1])
     if pl.vocab is not None:
         for section in ("", "text_config"):
             if "vocab_size" in (reference.config.get(section, {}) if section else reference.config):
@@ -581,8 +569,8 @@ def build_job(cfg: MergeConfig, *, ram_budget: int, threads: int, shard_size: in
         models=[pl.checkpoints[p] for p in paths],
         base=pl.base,
         reference=reference,
-        total_layers=sum(s.length for s in slices),
-        layered=cfg.slices is not None,
+        total_layers=sum(s.length for s in text_slices),
+        layered=layered,
         output_dtype=output_dtype,
         quantized_like=pl.qbase if pl.requant else None,
         warnings=pl.warnings,

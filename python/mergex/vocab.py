@@ -82,6 +82,8 @@ class Vocabulary:
         a model reference (the tokenizer source, the models ``tokens:`` entries name)."""
         tokenizers = {m.key: _load(m.folder, m.ref) for m in models}
         first = base or models[0]
+        # The base's tokens beyond its vocabulary size are dropped, as the tool users know does.
+        tokenizers[first.key] = _stripped(tokenizers[first.key], first)
         if settings.source == "base":
             out = tokenizers[first.key]
         elif settings.source == "union":
@@ -120,6 +122,42 @@ class Vocabulary:
     def forced(self, token: str) -> bool:
         cfg = self.settings.tokens.get(token)
         return cfg is not None and cfg.force
+
+
+def _stripped(tok: Any, model: Model) -> Any:
+    """``tok`` without the tokens whose ids are at or beyond ``model``'s vocabulary size
+    (config ``vocab_size``, else its embedding rows): BPE tokenizers only, as the tool users
+    know does."""
+    import json
+
+    import tokenizers
+
+    size = model.config.get("vocab_size")
+    if not isinstance(size, int) or isinstance(size, bool):
+        emb = next((t for n, t in model.tensors.items() if n.endswith("embed_tokens.weight")), None)
+        size = emb.shape[0] if emb is not None else None
+    unused = {t for t, i in tok.get_vocab().items() if size is not None and i >= size}
+    if not unused:
+        return tok
+    data = json.loads(tok.backend_tokenizer.to_str())
+    vocab = data["model"].get("vocab", {})
+    if data["model"].get("type") != "BPE" and any(t in vocab for t in unused if isinstance(vocab, dict)):
+        raise CheckpointError(
+            f"model {model.ref}: its tokenizer has tokens beyond its vocab_size {size} and is not BPE; "
+            "mergex cannot strip them"
+        )
+    data["added_tokens"] = [e for e in data.get("added_tokens", []) if e["id"] < size]
+    for t in unused:
+        vocab.pop(t, None)
+
+    def keep(merge: Any) -> bool:
+        parts = merge.split(" ") if isinstance(merge, str) else merge
+        return not any(p in unused for p in parts)
+
+    if "merges" in data["model"]:
+        data["model"]["merges"] = [m for m in data["model"]["merges"] if keep(m)]
+    tok._tokenizer = tokenizers.Tokenizer.from_str(json.dumps(data))
+    return tok
 
 
 def _union(base: Any, others: list[Any]) -> Any:
@@ -199,8 +237,9 @@ def row_maps(
     rows: list[int],
     read: Any,
     side: SideRows,
-) -> list[list[RowRef]]:
-    """Each source's rows of output tensor ``name`` in the output vocabulary's order.
+) -> list[list[tuple[int, int, int]]]:
+    """Each source's rows of output tensor ``name`` in the output vocabulary's order, as runs
+    (:func:`runs`; built row by row without holding a list of rows).
 
     ``keys[i]`` is source ``i``'s model, ``rows[i]`` its tensor's rows, ``read(i, row)`` a row
     of it as f64 (numpy); a computed row refers to source ``len(keys)``, the side tensor.
@@ -210,34 +249,41 @@ def row_maps(
     n, tokens = len(keys), vocab.tokens
     side_source = n
     ids = [[j if 0 <= j < rows[i] else -1 for j in vocab.ids[keys[i]]] for i in range(n)]
-    out: list[list[RowRef]] = [[None] * vocab.size for _ in range(n)]
-    defaults: dict[int, RowRef] = {}
+    out: list[list[tuple[int, int, int]]] = [[] for _ in range(n)]
     for t, token in enumerate(tokens):
         present = [i for i in range(n) if ids[i][t] >= 0]
         forced = vocab.forced(token)
-        for i in present:
-            out[i][t] = (i, ids[i][t])
-        if len(present) == n and not forced:
-            continue
-        rule = vocab.default(token, t, [keys[i] for i in present])
-        defaults[t] = _default_row(
-            vocab, rule, token, t, keys, ids, present, rows, read, side, name, side_source
-        )
+        default: RowRef = None
+        if len(present) < n or forced:
+            rule = vocab.default(token, t, [keys[i] for i in present])
+            default = _default_row(
+                vocab, rule, token, t, keys, ids, present, rows, read, side, name, side_source
+            )
         for i in range(n):
-            if forced or ids[i][t] < 0:
-                out[i][t] = defaults[t]
+            _extend(out[i], default if forced or ids[i][t] < 0 else (i, ids[i][t]))
     if vocab.size > len(tokens):
-        # Padding rows: each input's mean row over the vocabulary (its rows as gathered).
+        # Padding rows: each input's mean row over the vocabulary (its rows as gathered, in
+        # order).
         for i in range(n):
             total = np.zeros_like(read(i, 0))
-            for t in range(len(tokens)):
-                r = out[i][t]
-                if r is not None:
-                    total += read(r[0], r[1]) if r[0] != side_source else side.rows[name][r[1]]
+            for count, source, first in out[i]:
+                for r in range(first, first + count) if source >= 0 else ():
+                    total += read(source, r) if source != side_source else side.rows[name][r]
             mean = side.add(name, total / len(tokens))
-            for t in range(len(tokens), vocab.size):
-                out[i][t] = (side_source, mean)
+            for _ in range(len(tokens), vocab.size):
+                _extend(out[i], (side_source, mean))
     return out
+
+
+def _extend(runs: list[tuple[int, int, int]], r: RowRef) -> None:
+    """Append row ``r`` to ``runs`` (``(rows, source, first row)``, source -1: zeros)."""
+    source, first = (-1, 0) if r is None else r
+    if runs:
+        n, s, f = runs[-1]
+        if s == source and (source == -1 or f + n == first):
+            runs[-1] = (n + 1, s, f)
+            return
+    runs.append((1, source, first))
 
 
 def _default_row(
@@ -322,18 +368,3 @@ class RowReader:
         buf = np.empty(cols * t.slot, np.uint8)
         self.reader.read(i, row * cols, cols, buf.data)
         return _DECODE[t.dtypes[0]](buf).astype(np.float64)
-
-
-def runs(rows: list[RowRef]) -> list[tuple[int, int, int]]:
-    """A row map as runs ``(rows, source, first row)`` of consecutive rows (source -1:
-    zeros), as the engine takes it."""
-    out: list[tuple[int, int, int]] = []
-    for r in rows:
-        source, first = (-1, 0) if r is None else r
-        if out:
-            n, s, f = out[-1]
-            if s == source and (source == -1 or f + n == first):
-                out[-1] = (n + 1, s, f)
-                continue
-        out.append((1, source, first))
-    return out

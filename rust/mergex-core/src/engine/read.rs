@@ -38,36 +38,31 @@ pub struct View {
 }
 
 impl View {
+    /// The whole tensor `entry`, as stored.
+    fn whole(file: Arc<SafeFile>, entry: TensorEntry) -> View {
+        View {
+            file,
+            entry,
+            in_cols: 0,
+            out_cols: 0,
+            scales: None,
+            packed: 0,
+            transposed: None,
+            lora: None,
+            rows: None,
+        }
+    }
+
     /// A view of `entry` as a tensor of `shape`; `None` when `shape` is neither the
     /// tensor's own nor (2-D) a top-left block of it.
     pub fn new(file: Arc<SafeFile>, entry: TensorEntry, shape: &[u64]) -> Option<View> {
         if entry.shape == shape {
-            return Some(View {
-                file,
-                entry,
-                in_cols: 0,
-                out_cols: 0,
-                scales: None,
-                packed: 0,
-                transposed: None,
-                lora: None,
-                rows: None,
-            });
+            return Some(View::whole(file, entry));
         }
         match (entry.shape.as_slice(), shape) {
             ([r, c], [ro, co]) if ro <= r && co <= c => {
                 let (in_cols, out_cols) = if co == c { (0, 0) } else { (*c, *co) };
-                Some(View {
-                    file,
-                    entry,
-                    in_cols,
-                    out_cols,
-                    scales: None,
-                    packed: 0,
-                    transposed: None,
-                    lora: None,
-                    rows: None,
-                })
+                Some(View { in_cols, out_cols, ..View::whole(file, entry) })
             }
             _ => None,
         }
@@ -80,32 +75,12 @@ impl View {
         let (last, lead) = shape.split_last()?;
         let (codes_last, codes_lead) = entry.shape.split_last()?;
         let fits = codes_lead == lead && codes_last * entry.dtype.size() as u64 * 8 == last * bits;
-        fits.then_some(View {
-            file,
-            entry,
-            in_cols: 0,
-            out_cols: 0,
-            scales: None,
-            packed: bits,
-            transposed: None,
-            lora: None,
-            rows: None,
-        })
+        fits.then(|| View { packed: bits, ..View::whole(file, entry) })
     }
 
     /// The plain transpose of a gpt-oss MXFP4 weight (`entry` its blocks).
     pub fn transposed(file: Arc<SafeFile>, entry: TensorEntry, t: Transposed) -> View {
-        View {
-            file,
-            entry,
-            in_cols: 0,
-            out_cols: 0,
-            scales: None,
-            packed: 0,
-            transposed: Some(t),
-            lora: None,
-            rows: None,
-        }
+        View { transposed: Some(t), ..View::whole(file, entry) }
     }
 
     /// The gpt-oss weight this view reads, if it is one.
@@ -123,17 +98,8 @@ impl View {
     /// source, for messages); `None` when `rows` has no source.
     pub fn gathered(rows: Rows) -> Option<View> {
         let first = rows.first()?;
-        Some(View {
-            file: first.file.clone(),
-            entry: first.entry.clone(),
-            in_cols: 0,
-            out_cols: 0,
-            scales: None,
-            packed: 0,
-            transposed: None,
-            lora: None,
-            rows: Some(Arc::new(rows)),
-        })
+        let (file, entry) = (first.file.clone(), first.entry.clone());
+        Some(View { rows: Some(Arc::new(rows)), ..View::whole(file, entry) })
     }
 
     /// The same view with a LoRA adapter added to its values.
