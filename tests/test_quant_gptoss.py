@@ -166,3 +166,76 @@ def test_a_nan_scale_names_the_tensor(mergex_mod, tmp_path):
     cfg = {"merge_method": "linear", "models": [{"model": str(path)}], "parameters": {"weight": 1.0}}
     with pytest.raises(CheckpointError, match=r"gate_up_proj_scales.*E8M0 NaN"):
         mergex_mod.merge(cfg, tmp_path / "out", progress=None)
+
+
+def decode_stack(out: models.Output, name: str) -> np.ndarray:
+    """An output's gpt-oss MXFP4 stack (``name_blocks``/``name_scales``) decoded to the plain
+    ``[E, K, N]`` order."""
+    blocks, scales = (
+        np.frombuffer(out.raw[name + s][2], np.uint8).reshape(out.raw[name + s][1])
+        for s in ("_blocks", "_scales")
+    )
+    e, n = blocks.shape[:2]
+    codes = np.empty((e, n, blocks.shape[2] * 32), np.uint8)
+    flat = blocks.reshape(e, n, -1)
+    codes[..., 0::2], codes[..., 1::2] = flat & 0xF, flat >> 4
+    stored = qref.E2M1[codes] * np.repeat(np.ldexp(1.0, scales.astype(np.int64) - 127), 32, axis=-1)
+    return np.ascontiguousarray(stored.astype(F32).transpose(0, 2, 1))
+
+
+def test_a_requantized_gpt_oss_output_loads_in_transformers(mergex_mod, tmp_path):
+    # A real (tiny) GptOssForCausalLM: its experts MXFP4, merged with a BF16 fine-tune and
+    # written back MXFP4; transformers dequantizes it on the CPU to the values mergex wrote.
+    import json
+
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GptOssConfig(
+        vocab_size=64,
+        hidden_size=64,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        num_local_experts=2,
+        num_experts_per_tok=1,
+        layer_types=["full_attention"],
+    )
+    torch.manual_seed(0)
+    transformers.GptOssForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "tuned")
+    _meta, raw = models.read_safetensors_raw(tmp_path / "tuned" / "model.safetensors")
+    rng = np.random.default_rng(7)
+    tensors = {}
+    for name, (dtype, shape, data) in raw.items():
+        if not name.endswith(("experts.gate_up_proj", "experts.down_proj")):
+            tensors[name] = (dtype, shape, data)
+            continue
+        e, k, n = shape
+        codes = rng.integers(0, 16, size=(e, n, k), dtype=np.uint8)
+        scales = rng.integers(118, 126, size=(e, n, k // 32), dtype=np.uint8)
+        blocks = (codes[..., 0::2] | (codes[..., 1::2] << 4)).reshape(e, n, k // 32, 16)
+        tensors[name + "_blocks"] = ("U8", blocks.shape, blocks.tobytes())
+        tensors[name + "_scales"] = ("U8", scales.shape, scales.tobytes())
+    quantized = tmp_path / "mxfp4"
+    quantized.mkdir()
+    models.write_safetensors(quantized / "model.safetensors", tensors, {"format": "pt"})
+    cfg = json.loads((tmp_path / "tuned" / "config.json").read_text())
+    cfg["quantization_config"] = {
+        "quant_method": "mxfp4",
+        "modules_to_not_convert": [
+            "model.layers.*.self_attn",
+            "model.layers.*.mlp.router",
+            "model.embed_tokens",
+            "lm_head",
+        ],
+    }
+    (quantized / "config.json").write_text(json.dumps(cfg))
+    out = merge(mergex_mod, linear(quantized, tmp_path / "tuned", out_quantization="base"), tmp_path / "out")
+    loaded = transformers.GptOssForCausalLM.from_pretrained(tmp_path / "out")
+    experts = loaded.model.layers[0].mlp.experts
+    for stack in ("gate_up_proj", "down_proj"):
+        want = decode_stack(out, f"model.layers.0.mlp.experts.{stack}")
+        got = getattr(experts, stack).detach().float().numpy()
+        np.testing.assert_array_equal(got, want)
+    assert bool(torch.isfinite(loaded(torch.tensor([[1, 2, 3]])).logits).all())

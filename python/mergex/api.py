@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import resource
+import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from .job import EngineJob, Resume
 from .models import Model, TensorInfo
 from .output import OutputFolder, check_output_path
 from .planner import Job, build_job
+from .recipe import Stage, read_recipe, remove, resolve_stages
 from .units import default_ram_budget, default_threads, parse_size
 
 __all__ = ["MergePlan", "MergeProgress", "MergeResult", "inspect", "merge", "plan"]
@@ -380,6 +382,9 @@ def merge(
     device: str | None = None,
     gpu_budget: Size | None = None,
     offline: bool = False,
+    intermediate_dir: str | os.PathLike[str] | None = None,
+    lazy: bool = False,
+    keep_intermediates: bool = False,
 ) -> MergeResult:
     """Merge the models of ``config`` into the folder ``out``.
 
@@ -411,6 +416,10 @@ def merge(
         offline: Hub references (``org/name[@revision]``) come from the Hugging Face cache
             only, as with ``HF_HUB_OFFLINE=1``; otherwise the merge is planned on their
             headers and only the files it reads are downloaded.
+        intermediate_dir: For a multi-stage recipe (a YAML file of several documents), where
+            the named stages are written (default: ``.OUT.stages`` beside ``out``).
+        lazy: Reuse a stage already complete in ``intermediate_dir`` (and keep the stages).
+        keep_intermediates: Keep the stages' folders after the final merge.
 
     Returns:
         What was written, read and how long it took.
@@ -424,6 +433,15 @@ def merge(
         KeyboardInterrupt: Interrupted; the temporary output was removed.
     """
     start = time.perf_counter()
+    path = Path(config) if isinstance(config, str | os.PathLike) else None
+    stages = read_recipe(path) if path is not None else None
+    if path is not None and stages is not None:
+        kw: dict[str, Any] = {"ram_budget": ram_budget, "threads": threads, "shard_size": shard_size}
+        kw |= {"seed": seed, "progress": progress, "engine": engine, "device": device}
+        kw |= {"gpu_budget": gpu_budget, "offline": offline}
+        return _merge_recipe(
+            path, stages, Path(out), overwrite, intermediate_dir, lazy, keep_intermediates, kw
+        )
     if isinstance(progress, bool):  # the bar moved to the CLI; False still means none
         if progress:
             raise ConfigError("progress: expected a callback taking a MergeProgress (or None)")
@@ -431,6 +449,42 @@ def merge(
     with hub.hub_session(offline) as hs:
         cfg, job, _ = _resolve_hub(hs, config, ram_budget, threads, shard_size, seed, True, progress)
         return _merge(cfg, job, start, out, overwrite, progress, resume, engine, device, gpu_budget)
+
+
+def _merge_recipe(
+    path: Path,
+    stages: list[Stage],
+    out: Path,
+    overwrite: bool,
+    intermediate_dir: str | os.PathLike[str] | None,
+    lazy: bool,
+    keep: bool,
+    kw: dict[str, Any],
+) -> MergeResult:
+    """A multi-stage recipe: its stages in dependency order, the final one into ``out``."""
+    folder = Path(intermediate_dir) if intermediate_dir is not None else out.parent / f".{out.name}.stages"
+    plan = resolve_stages(path, stages, folder.absolute())
+    made: list[Path] = []
+    notes: list[str] = []
+    try:
+        for stage, raw, dest in plan:
+            cfg = load_config(raw, path.resolve().parent)
+            if dest is not None and lazy and (dest / "mergex_config.yml").is_file():
+                notes.append(f"stage {stage.label}: reused {dest} (--lazy)")
+                continue
+            target = out if dest is None else dest
+            result = merge(cfg, target, overwrite=overwrite if dest is None else True, **kw)
+            notes += [f"stage {stage.label}: {w}" for w in result.warnings]
+            if dest is not None:
+                made.append(dest)
+    finally:
+        if not (keep or lazy):
+            remove(made, folder)
+    # The final document names stage folders that may be gone: the whole recipe goes along.
+    shutil.copyfile(path, result.out_dir / "mergex_recipe.yml")
+    result.files = sorted(result.out_dir.iterdir())
+    result.warnings = notes
+    return result
 
 
 def _merge(

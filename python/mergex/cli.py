@@ -177,10 +177,23 @@ def merge(
         typer.Option("--gpu-budget", help="Device memory for chunks, e.g. 8GiB \\[default: 80% of free]."),
     ] = None,
     offline: Offline = False,
+    intermediate_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--intermediate-dir", help="A recipe's stage folders \\[default: .OUT.stages beside OUT]."
+        ),
+    ] = None,
+    lazy: Annotated[
+        bool, typer.Option("--lazy", help="Reuse a recipe's stages already complete (and keep them).")
+    ] = False,
+    keep_intermediates: Annotated[
+        bool, typer.Option("--keep-intermediates", help="Keep a recipe's stage folders.")
+    ] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
     verbose: Verbose = False,
 ) -> None:
-    """Merge the models of CONFIG into the folder OUT."""
+    """Merge the models of CONFIG into the folder OUT (a multi-document CONFIG is a recipe of
+    stages; its final document goes to OUT)."""
     from .api import merge as run_merge
     from .units import format_size
 
@@ -201,6 +214,9 @@ def merge(
             device=device,
             gpu_budget=gpu_budget,
             offline=offline,
+            intermediate_dir=intermediate_dir,
+            lazy=lazy,
+            keep_intermediates=keep_intermediates,
         )
         for w in result.warnings:
             typer.echo(f"warning: {w}", err=True)

@@ -31,6 +31,7 @@ _TOP_KEYS = {
     "chat_template",
     "seed",
     "modules",
+    "name",
 }
 # mergekit's module names: groups of a vision-language model's tensors, each merged with
 # its own models or slices and parameters (the planner's ``module_of`` says which is which).
@@ -458,12 +459,15 @@ def _check_param_names(cfg: MergeConfig) -> None:
         cfg.warnings.append(f"{at}: {spec.name} takes no '{name}' (it takes: {takes}); ignored")
 
 
-def load_config(source: str | os.PathLike[str] | dict[str, Any] | MergeConfig) -> MergeConfig:
+def load_config(
+    source: str | os.PathLike[str] | dict[str, Any] | MergeConfig, source_dir: Path | None = None
+) -> MergeConfig:
     """Load and validate a merge configuration.
 
     Args:
         source: A path to a YAML file, a dict with the same content, or a config already
             loaded (returned as is).
+        source_dir: For a dict, the folder its relative model paths are also tried against.
 
     Returns:
         The validated configuration.
@@ -475,7 +479,7 @@ def load_config(source: str | os.PathLike[str] | dict[str, Any] | MergeConfig) -
     if isinstance(source, MergeConfig):
         return source
     if isinstance(source, dict):
-        return _parse(source, None)
+        return _parse(source, source_dir)
     path = Path(source)
     try:
         text = path.read_text(encoding="utf-8")
@@ -485,6 +489,10 @@ def load_config(source: str | os.PathLike[str] | dict[str, Any] | MergeConfig) -
         raise ConfigError(f"{path}: cannot read: {e}") from None
     try:
         raw = yaml.safe_load(text)
+    except yaml.composer.ComposerError:
+        raise ConfigError(
+            f"{path}: a multi-document recipe; `mergex merge` runs it (each document alone is a config)"
+        ) from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""

@@ -1,0 +1,130 @@
+"""Multi-stage recipes (the format of mergekit-multi): a YAML file of several merge configs
+separated by ``---``; a document with a ``name:`` is a stage that later documents use as a
+model (``model: first-merge``, ``base_model: first-merge``). Stages run in dependency order,
+each written to the intermediate folder; the final document (the one without a name, else
+the last) is written to the output. Every stage is an ordinary merge (nothing is fused)."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from .errors import ConfigError
+
+__all__ = ["Stage", "read_recipe", "resolve_stages"]
+
+_REF_KEYS = ("model", "base_model", "tokenizer_source", "source")
+
+
+@dataclass
+class Stage:
+    """One document of a recipe."""
+
+    name: str | None
+    raw: dict[str, Any]
+    index: int
+
+    @property
+    def label(self) -> str:
+        return self.name or f"document {self.index + 1}"
+
+
+def read_recipe(path: Path) -> list[Stage] | None:
+    """The documents of the YAML file ``path`` when it holds several, else None."""
+    try:
+        docs = [d for d in yaml.safe_load_all(path.read_text(encoding="utf-8")) if d is not None]
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return None  # load_config reports it, with the line
+    if len(docs) < 2:
+        return None
+    stages = []
+    for i, d in enumerate(docs):
+        if not isinstance(d, dict):
+            raise ConfigError(f"{path}: document {i + 1}: expected a mapping")
+        name = d.get("name")
+        if name is not None and (not isinstance(name, str) or not name):
+            raise ConfigError(f"{path}: document {i + 1}: name: expected a string, got {name!r}")
+        stages.append(Stage(name, {k: v for k, v in d.items() if k != "name"}, i))
+    names = [s.name for s in stages if s.name]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise ConfigError(f"{path}: two documents are named {dup!r}")
+    return stages
+
+
+def _refs(value: Any) -> set[str]:
+    """Every model reference in a config (each part of ``BASE+ADAPTER``)."""
+    out: set[str] = set()
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if k in _REF_KEYS and isinstance(v, str):
+                out |= set(v.split("+"))
+            else:
+                out |= _refs(v)
+    elif isinstance(value, list):
+        for v in value:
+            out |= _refs(v)
+    return out
+
+
+def _substitute(value: Any, paths: dict[str, str]) -> Any:
+    if isinstance(value, dict):
+        return {
+            k: "+".join(paths.get(p, p) for p in v.split("+"))
+            if k in _REF_KEYS and isinstance(v, str)
+            else _substitute(v, paths)
+            for k, v in value.items()
+        }
+    if isinstance(value, list):
+        return [_substitute(v, paths) for v in value]
+    return value
+
+
+def resolve_stages(
+    path: Path, stages: list[Stage], folder: Path
+) -> list[tuple[Stage, dict[str, Any], Path | None]]:
+    """The stages to run, in dependency order, each with its config (stage names replaced by
+    their folders under ``folder``) and its output folder (None for the final one).
+
+    Raises:
+        ConfigError: A cycle of stages, a stage no later document uses besides the final one
+            ending nowhere, or more than one document without a name.
+    """
+    unnamed = [s for s in stages if not s.name]
+    if len(unnamed) > 1:
+        raise ConfigError(
+            f"{path}: {unnamed[1].label} has no name; only the final document may go without one"
+        )
+    final = unnamed[0] if unnamed else stages[-1]
+    by_name = {s.name: s for s in stages if s.name}
+    deps = {s.index: sorted(_refs(s.raw) & set(by_name)) for s in stages}
+    order: list[Stage] = []
+    state: dict[int, str] = {}
+
+    def visit(s: Stage, chain: list[str]) -> None:
+        if state.get(s.index) == "done":
+            return
+        if state.get(s.index) == "active":
+            cycle = [*chain[chain.index(s.label) :], s.label]
+            raise ConfigError(f"{path}: the stages form a cycle: {' -> '.join(cycle)}")
+        state[s.index] = "active"
+        for name in deps[s.index]:
+            visit(by_name[name], [*chain, s.label])
+        state[s.index] = "done"
+        order.append(s)
+
+    visit(final, [])
+    paths = {name: str(folder / name) for name in by_name}
+    return [(s, _substitute(s.raw, paths), None if s is final else folder / str(s.name)) for s in order]
+
+
+def remove(folders: list[Path], parent: Path) -> None:
+    """Remove intermediate stage folders (and their parent when it is left empty)."""
+    for f in folders:
+        shutil.rmtree(f, ignore_errors=True)
+    if parent.is_dir() and not any(parent.iterdir()):
+        parent.rmdir()
