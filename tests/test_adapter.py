@@ -355,3 +355,37 @@ def test_cli_reports_a_bad_adapter_in_one_line(family, tmp_path):
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and "DoRA" in lines[0], res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_an_adapter_on_a_block_fp8_base(family, mergex_mod, tmp_path):
+    # A base quantized to block FP8 (the adapter's own dtype is F32): the reader decodes the
+    # codes, then adds B·A, for the chunk's rows only.
+    import quant_ref as qref
+
+    base, a1 = family["base"], family["a1"]
+    rng = np.random.default_rng(4)
+    tensors, decoded = {}, {}
+    for name, x in base.tensors.items():
+        if name.endswith("_proj.weight"):
+            codes = rng.integers(0, 0x7F, size=x.shape, dtype=np.uint8)
+            grid = (-(-x.shape[0] // 32), -(-x.shape[1] // 32))
+            scales = (rng.random(grid) * 0.01 + 1e-3).astype(np.float32)
+            tensors[name] = ("F8_E4M3", x.shape, codes.tobytes())
+            tensors[name + "_scale_inv"] = ("F32", grid, scales.tobytes())
+            full = np.repeat(np.repeat(scales, 32, axis=0), 32, axis=1)[: x.shape[0], : x.shape[1]]
+            decoded[name] = (qref.e4m3(codes) * full).astype(np.float32)
+        else:
+            tensors[name] = models.encode(x, "bf16")
+            decoded[name] = x
+    quant = {"quant_method": "fp8", "fmt": "e4m3", "weight_block_size": [32, 32]}
+    fp8 = models.write_quantized(tmp_path / "fp8", tensors, quant)
+    cfg = {
+        "merge_method": "linear",
+        "models": [{"model": f"{fp8}+{a1.path}", "parameters": {"weight": 1.0}}],
+        "dtype": "float32",
+    }
+    out = merge(mergex_mod, cfg, tmp_path / "out")
+    want = a1.apply(decoded)
+    for name in base.tensors:
+        models.assert_tensor_equal(out, name, want[name], "F32")
+    assert merge(mergex_mod, cfg, tmp_path / "big", ram_budget="8MiB", threads=1).raw == out.raw
