@@ -160,6 +160,8 @@ def test_plan_counts_the_adapter_bytes(family, mergex_mod):
         return mergex_mod.plan(cfg, ram_budget="64MiB")
 
     plain, adapted = plan(str(base.path)), plan(with_adapter(base, a1))
+    # q_proj and up_proj of each layer and the embedding.
+    assert f"LoRA adapter, {2 * models.LAYERS + 1} adapted weights" in adapted.formats
     extra = adapted.bytes_read - plain.bytes_read
     factors = sum(a.nbytes + b.nbytes for a, b in a1.factors.values())
     # The factors, once each (L once, R once per chunk: one chunk a tensor at 64 MiB), with

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import resource
 import shutil
 import threading
@@ -251,7 +252,11 @@ def _plan_of(job: Job, s: Any, download: int) -> MergePlan:
 
 
 def quantized_format(model: Model) -> str:
-    """``plain``, or how a model's quantized weights are stored (as read for a merge)."""
+    """``plain``, or how a model's quantized weights are stored (as read for a merge), or
+    that it is a LoRA adapter's file."""
+    if model.path.name == "adapter_model.safetensors":
+        pairs = sum(bool(re.search(r"\.lora_(embedding_)?A(\.|$)", n)) for n in model.order)
+        return f"LoRA adapter, {pairs} adapted weights"
     if not model.quantized:
         return "plain"
     qs = list(model.quantized.values())
