@@ -43,7 +43,8 @@ EXACT_BLOCK = 1 << 20
 _EMBEDDING = ("embed_tokens", "wte", "wpe", "word_embeddings", "tok_embeddings")
 # Other vocabulary-sized weights, extracted only with --embeddings.
 _VOCAB = (*_EMBEDDING, "lm_head", "embed_out")
-_DECODE: dict[str, Callable[[np.ndarray], np.ndarray]] = {
+# Bytes the engine's reader hands out, as values, by the view's dtype (also read by vocab).
+DECODE: dict[str, Callable[[np.ndarray], np.ndarray]] = {
     "BF16": lambda b: (b.view(np.uint16).astype(np.uint32) << 16).view(np.float32),
     "F16": lambda b: b.view(np.float16),
     "F32": lambda b: b.view(np.float32),
@@ -98,7 +99,7 @@ class _Reader:
         n, size = len(out), int(t.slot)
         buf = raw[: n * size]
         self.reader.read(i, start, n, buf.data)
-        out[:] = _DECODE[t.dtypes[0]](buf)
+        out[:] = DECODE[t.dtypes[0]](buf)
         with self._lock:
             self.bytes += n * size
 

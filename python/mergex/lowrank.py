@@ -30,11 +30,11 @@ class Factors:
 
     a: np.ndarray
     b: np.ndarray
-    exact: bool
-    passes: int
-    """Passes over D (reads of both models)."""
     zero: bool = False
-    """D is exactly zero (nothing to extract)."""
+    """D is exactly zero (nothing to extract; ``a`` and ``b`` are empty)."""
+
+
+ZERO = Factors(np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32), zero=True)
 
 
 @dataclass(frozen=True)
@@ -129,18 +129,17 @@ def factorize(
         for r0, r1 in _blocks(rows, block):
             d[r0:r1] = read(r0, r1)
         if not d.any():
-            return _zero(shape, rank, 1)
+            return ZERO
         u, s, vt = la.svd(la.array(d))
         del d
-        return _factors(la, u, s, vt, rank, True, 1)
+        return _factors(la, u, s, vt, rank)
     blocks = _blocks(rows, block)
     omega = la.array(gaussian(seed, name, cols, sketch.width))
-    passes, nonzero = 0, False
+    nonzero = False
 
     def times(x: Any) -> Any:
         """D·x, block by block (the rows of the result are each block's own product)."""
-        nonlocal passes, nonzero
-        passes += 1
+        nonlocal nonzero
         out = []
         for r0, r1 in blocks:
             d = read(r0, r1)
@@ -150,8 +149,6 @@ def factorize(
 
     def transposed_times(q: Any) -> Any:
         """Dᵀ·q, summed block by block in order."""
-        nonlocal passes
-        passes += 1
         acc = la.zeros((cols, q.shape[1]))
         for r0, r1 in blocks:
             acc += la.array(read(r0, r1)).T @ q[r0:r1]
@@ -159,13 +156,13 @@ def factorize(
 
     q = la.qr(times(omega))
     if not nonzero:
-        return _zero(shape, rank, passes)
+        return ZERO
     for _ in range(sketch.power):
         z = la.qr(transposed_times(q))
         q = la.qr(times(z))
     small = transposed_times(q).T  # Qᵀ·D, k by cols
     u, s, vt = la.svd(small)
-    return _factors(la, q @ u, s, vt, rank, False, passes)
+    return _factors(la, q @ u, s, vt, rank)
 
 
 def _cat(la: LinAlg, parts: list[Any]) -> Any:
@@ -174,15 +171,9 @@ def _cat(la: LinAlg, parts: list[Any]) -> Any:
     return la.torch.cat(parts)
 
 
-def _zero(shape: tuple[int, int], rank: int, passes: int) -> Factors:
-    rows, cols = shape
-    r = min(rank, rows, cols)
-    return Factors(np.zeros((r, cols), np.float32), np.zeros((rows, r), np.float32), True, passes, zero=True)
-
-
-def _factors(la: LinAlg, u: Any, s: Any, vt: Any, rank: int, exact: bool, passes: int) -> Factors:
+def _factors(la: LinAlg, u: Any, s: Any, vt: Any, rank: int) -> Factors:
     u, s, vt = la.numpy(u), la.numpy(s), la.numpy(vt)
     r = min(rank, s.shape[0])
     b = (u[:, :r] * s[:r]).astype(np.float32)
     a = vt[:r].astype(np.float32)
-    return Factors(a, b, exact, passes)
+    return Factors(a, b)

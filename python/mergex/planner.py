@@ -103,8 +103,9 @@ class _Planner:
         self.base = self._open(cfg.base_model) if cfg.base_model else None
         self.requant = cfg.out_quantization == "base"
         self.qbase: Model | None = None
-        self.scope_params: dict[str, Any] = cfg.parameters
         """The model whose format the output takes (``out_quantization: base``)."""
+        self.scope_params: dict[str, Any] = cfg.parameters
+        """The parameters of the part being planned (a module's, else the config's own)."""
 
     def _open(self, ref: str) -> Model:
         base_ref, adapter_ref = split_ref(ref)

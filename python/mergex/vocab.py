@@ -106,13 +106,13 @@ class Vocabulary:
         ref_keys = {e.model: resolve(e.model).key for e in settings.tokens.values() if e.model}
         return cls(out, tokens, size, ids, vocabs, settings, base.key if base else None, ref_keys)
 
-    def default(self, token: str, t: int, present: list[tuple[Path, Path | None]]) -> TokenSource | None:
-        """The default row rule for output token ``token`` (id ``t``)."""
+    def default(self, token: str, present: list[tuple[Path, Path | None]]) -> TokenSource | None:
+        """The default row rule for output token ``token``, which the models ``present`` have."""
         cfg = self.settings.tokens.get(token)
         if cfg is not None and cfg.kind != "default":
             return cfg
         if len(present) == 1:
-            return TokenSource("present", token_id=0)
+            return TokenSource("present")
         if not present:
             return TokenSource("zero")
         if self.base in present:
@@ -255,7 +255,7 @@ def row_maps(
         forced = vocab.forced(token)
         default: RowRef = None
         if len(present) < n or forced:
-            rule = vocab.default(token, t, [keys[i] for i in present])
+            rule = vocab.default(token, [keys[i] for i in present])
             default = _default_row(
                 vocab, rule, token, t, keys, ids, present, rows, read, side, name, side_source
             )
@@ -359,7 +359,7 @@ class RowReader:
         """Row ``row`` of source ``i`` as f64."""
         import numpy as np
 
-        from .extract import _DECODE
+        from .extract import DECODE
 
         if self.reader is None:
             self._open()
@@ -367,4 +367,4 @@ class RowReader:
         cols = int(np.prod(t.shape[1:]))
         buf = np.empty(cols * t.slot, np.uint8)
         self.reader.read(i, row * cols, cols, buf.data)
-        return _DECODE[t.dtypes[0]](buf).astype(np.float64)
+        return DECODE[t.dtypes[0]](buf).astype(np.float64)

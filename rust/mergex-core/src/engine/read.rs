@@ -436,13 +436,7 @@ impl Rows {
                     let dtype = v.dtype();
                     raw.resize(len as usize * dtype.size(), 0);
                     v.read_raw(src_row * self.cols + col, &mut raw)?;
-                    if dtype == Dtype::F32 {
-                        for (o, b) in out.iter_mut().zip(raw.chunks_exact(4)) {
-                            *o = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-                        }
-                    } else {
-                        crate::kernels::dispatch::decode(dtype, &raw, out);
-                    }
+                    crate::kernels::dispatch::decode(dtype, &raw, out);
                 }
             }
             at += len;
