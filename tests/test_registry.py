@@ -16,7 +16,6 @@ import pytest
 import reference
 from mergex import METHODS, _mergex
 from mergex.errors import ConfigError
-from mergex.torch_engine import methods as torch_methods
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -76,9 +75,10 @@ def test_the_python_side_has_no_table_of_its_own():
 
 
 @pytest.mark.parametrize("name", list(METHODS))
-def test_every_method_has_a_reference_and_torch_kernels(name):
+def test_every_method_has_a_reference(name):
+    # (Torch coverage: the test below runs every registered method's case through the torch
+    # engine's kernels, which must give the Rust engine's bytes.)
     assert hasattr(reference, name) or name in reference.TASK_METHODS, f"{name}: no numpy reference"
-    assert name in torch_methods.METHODS, f"{name}: the torch engine does not run it"
 
 
 @pytest.mark.parametrize("name", list(METHODS))

@@ -81,14 +81,12 @@ def test_torch_not_installed(tmp_path):
 
 def test_device_out_of_memory_names_the_budget(tmp_path, monkeypatch):
     import mergex
-    from mergex.torch_engine import methods
-    from mergex.torch_engine.base import Chunk, TorchMerge
+    from mergex.torch_engine import kernels
 
-    class Hungry(TorchMerge):
-        def merge_chunk(self, x: Chunk) -> torch.Tensor:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    def hungry(self, x, s):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
 
-    monkeypatch.setitem(methods.METHODS, "linear", lambda ctx: Hungry())
+    monkeypatch.setattr(kernels.Output, "weighted_sum", hungry)
     cfg = setup(tmp_path)
     out = tmp_path / "out"
     with pytest.raises(ConfigError, match=r"ran out of memory.*--gpu-budget"):

@@ -23,7 +23,7 @@ import pytest
 import reference as ref
 import test_methods_more as tm
 import torch
-from mergex.torch_engine.methods import other
+from mergex.torch_engine import kernels
 
 METHODS = ("sce", "ram", "ramplus_tl", "nearswap", "arcee_fusion")
 CASES = [name for name, c in tm.CASES.items() if c.method in METHODS]
@@ -139,7 +139,8 @@ def test_arcee_fusion_exact_ties_and_negative_kl(mergex_mod, tmp_path):
         q1, med, q3 = (steps[math.floor(f * (ROW - 1))] for f in (0.25, 0.5, 0.75))
         assert q3 > q1 and np.any(steps == med + 1.5 * (q3 - q1)), r
     nb64, nx64 = (torch.from_numpy(v.astype(np.float64)) for v in (nb, nx))
-    imp = ((nx64 - nb64).abs() * other._kl_rows(nx64, nb64)[:, None]).reshape(-1)
+    chunk = kernels.Chunk(index=0, start=0, base=nb64.reshape(-1), models=nx64.reshape(1, -1))
+    imp = kernels.Importance(ROW, nb.size, torch.device("cpu"))(chunk)
     # Some importances are negative (a row's KL rounded below zero): they must rank below
     # the positive ones, as numbers (raw f64 bits as unsigned integers would rank them
     # above, and move the upper quartile onto a negative value).
@@ -163,23 +164,17 @@ def test_arcee_fusion_exact_ties_and_negative_kl(mergex_mod, tmp_path):
 # --------------------------------------------------------------------------- helpers
 
 
-def test_quartile_keys_rank_numerically():
-    # f64 values of both signs (and both zeros): ranked by the order keys with radix levels
-    # (gather cap 0) and at once, chunk by chunk, the selected value is numpy's sorted one.
+def test_order_keys_rank_numerically():
+    # f64 values of both signs (and both zeros): their order keys, as unsigned numbers, sort
+    # as the values do (the quartile selections rank them), and give the values back.
     rng = np.random.default_rng(3)
     values = np.concatenate([rng.standard_normal(3000), np.zeros(50), -np.zeros(50), np.full(40, 0.5)])
     rng.shuffle(values)
-    keys = other._order_keys(torch.from_numpy(values.copy()))
-    order = np.sort(values)
-    for rank in (0, 100, 1500, 2000, 3139):
-        for cap in (0, 1 << 20):
-            sel = other.Selector(rank, other.Side.VALUE, 64, cap)
-            while sel.pending:
-                for start in range(0, keys.numel(), 700):
-                    sel.collect(start, keys[start : start + 700])
-                sel.advance()
-            assert sel.cut is not None
-            assert other._key_value(sel.cut.key) == order[rank], (rank, cap)
+    keys = kernels.order_keys(torch.from_numpy(values.copy())).numpy().view(np.uint64)
+    order = np.argsort(keys, kind="stable")
+    assert np.array_equal(values[order], np.sort(values))
+    back = [kernels.key_value(int(k)) for k in keys[:200]]
+    assert np.array_equal(np.array(back).view(np.uint64), values[:200].view(np.uint64))
 
 
 @pytest.mark.parametrize("engine", ["rust", "torch"])

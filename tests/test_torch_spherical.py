@@ -12,7 +12,6 @@ chunks; with a larger one each tensor is a single chunk.
 
 from __future__ import annotations
 
-import math
 import shutil
 from pathlib import Path
 
@@ -22,8 +21,7 @@ import pytest
 import test_methods_more as tm
 import torch
 from mergex.errors import CheckpointError, ConfigError
-from mergex.torch_engine.base import Chunk, TensorCtx
-from mergex.torch_engine.methods import spherical as sp
+from mergex.torch_engine import kernels
 from test_torch_kit import exact, rust_block_sums
 
 METHODS = ("slerp", "nuslerp", "multislerp", "karcher", "model_stock")
@@ -267,109 +265,7 @@ def test_wrong_model_count_is_a_config_error(tmp_path, family):
         merge(cfg, tmp_path / "merged", "torch")
 
 
-def ctx(shape, params, model_params, has_base=True, dtype=torch.float32) -> TensorCtx:
-    numel = math.prod(shape)
-    return TensorCtx(
-        index=0,
-        name="model.layers.0.mlp.up_proj.weight",
-        shape=tuple(shape),
-        numel=numel,
-        params=params,
-        model_params=model_params,
-        positions=list(range(len(model_params))),
-        has_base=has_base,
-        seed=0,
-        dtype=dtype,
-        device=torch.device("cpu"),
-        ram_budget=1 << 20,
-        chunks=[(0, numel)],
-    )
-
-
-@pytest.mark.parametrize(
-    ("build", "params", "count", "words"),
-    [
-        ("slerp", {"t": 0.5}, 2, "exactly one other model"),
-        ("nuslerp", {"nuslerp_flatten": 1.0, "nuslerp_row_wise": 0.0}, 1, "exactly two models"),
-        ("model_stock", {"filter_wise": 0.0}, 1, "at least two other models"),
-    ],
-)
-def test_builders_check_model_counts(build, params, count, words):
-    with pytest.raises(ConfigError, match=words):
-        sp.METHODS[build](ctx((4, 8), params, [{"weight": 1.0}] * count))
-
-
-def test_multislerp_zero_weight_sum_is_a_config_error():
-    c = ctx((4, 8), {"normalize_weights": 1.0, "eps": 1e-8}, [{"weight": 1.0}, {"weight": -1.0}])
-    with pytest.raises(ConfigError, match="weight"):
-        sp.METHODS["multislerp"](c)
-
-
 # --------------------------------------------------------------------------- pieces
-
-
-def run_method(merger, base: torch.Tensor | None, models_: torch.Tensor, step: int) -> torch.Tensor:
-    """Drive a merger as the driver does, over chunks of ``step`` elements (fresh copies each
-    pass, since methods may overwrite their inputs)."""
-    n = models_.shape[1]
-
-    def chunks():
-        for s in range(0, n, step):
-            b = None if base is None else base[s : s + step].clone()
-            yield Chunk(start=s, base=b, models=models_[:, s : s + step].clone())
-
-    while merger.wants_pass():
-        for x in chunks():
-            merger.stat_chunk(x)
-        merger.end_pass()
-    return torch.cat([merger.merge_chunk(x) for x in chunks()])
-
-
-@pytest.mark.parametrize(
-    ("method", "params", "passes"),
-    [
-        ("slerp", {"t": 0.3}, 1),
-        ("nuslerp", {"nuslerp_flatten": 1.0, "nuslerp_row_wise": 0.0}, 1),
-        ("nuslerp", {"nuslerp_flatten": 0.0, "nuslerp_row_wise": 0.0}, 0),
-        ("nuslerp", {"nuslerp_flatten": 0.0, "nuslerp_row_wise": 1.0}, 1),
-        ("multislerp", {"normalize_weights": 1.0, "eps": 1e-8}, 1),
-        ("karcher", {"max_iter": 10.0, "tol": 1e-5}, 1),
-        ("model_stock", {"filter_wise": 0.0}, 1),
-        ("model_stock", {"filter_wise": 1.0}, 0),
-    ],
-)
-def test_passes_and_chunk_invariance(method, params, passes):
-    """The Rust pass structure, and the same output bits for any chunking into whole blocks
-    (and whole rows of 64: every step is a multiple of lcm(256, 64))."""
-    shape = (40, 64)
-    k = {"slerp": 1, "nuslerp": 2}.get(method, 3)
-    has_base = method != "karcher"
-    mp = [{"weight": w} for w in (0.5, 0.3, 0.2)[:k]]
-    g = torch.Generator().manual_seed(5)
-    base = torch.randn(math.prod(shape), generator=g) if has_base else None
-    xs = torch.randn(k, math.prod(shape), generator=g)
-    if base is not None:
-        xs = base + 0.1 * xs
-    outs = []
-    for step in (256, 768, math.prod(shape)):
-        merger = sp.METHODS[method](ctx(shape, params, mp, has_base))
-        assert merger.planned_passes() == passes
-        assert merger.wants_pass() == (passes > 0)
-        outs.append(run_method(merger, base, xs, step))
-        assert not merger.wants_pass()
-    for o in outs[1:]:
-        assert torch.equal(o.view(torch.int32), outs[0].view(torch.int32))
-
-
-def test_multislerp_single_input_still_runs_a_pass():
-    # As in Rust: no statistics are needed (planned 0), but the pass still happens.
-    merger = sp.METHODS["multislerp"](
-        ctx((8,), {"normalize_weights": 1.0, "eps": 1e-8}, [{"weight": 0.7}], False)
-    )
-    assert merger.planned_passes() == 0 and merger.wants_pass()
-    x = torch.tensor([[1.5, -2.0, 0.0, 3.0, 1e-30, -0.0, 7.0, 8.0]])
-    out = run_method(merger, None, x, 8)
-    assert torch.equal(out.view(torch.int32), (x[0] + 0.0).view(torch.int32))  # -0.0 -> +0.0 too
 
 
 def rust_blocks(a: np.ndarray, b: np.ndarray) -> list[float]:
@@ -381,24 +277,15 @@ def rust_blocks(a: np.ndarray, b: np.ndarray) -> list[float]:
 def test_gram_follows_rust_blocks_and_lanes():
     rng = np.random.default_rng(11)
     a, b = ((rng.standard_normal(700) * np.exp2(rng.integers(-20, 20, 700))).astype(np.float32) for _ in "ab")
-    gram = sp.WholeGram(2, torch.device("cpu"))
-    for s in (0, 512):  # chunks start on block boundaries
-        gram.add([torch.from_numpy(a[s : s + 512]), torch.from_numpy(b[s : s + 512])])
-    g = gram.matrix()
-    assert g[0][1] == g[1][0] == exact(rust_blocks(a, b))
-    assert g[0][0] == exact(rust_blocks(a, a)) and g[1][1] == exact(rust_blocks(b, b))
+    partials = kernels.Partials(torch.device("cpu"))
+    gram = kernels.Stats({"vectors": "inputs", "ops": [{"op": "gram", "with_base": False}]}, partials, None)
+    for k, s in enumerate((0, 512)):  # chunks start on block boundaries
+        models_ = torch.from_numpy(np.stack([a[s : s + 512], b[s : s + 512]]))
+        gram.chunk(kernels.Chunk(index=k, start=s, base=None, models=models_))
+    sums = partials.export()["sums"]  # slots (0,0), (0,1), (1,1)
+    assert sums[1] == exact(rust_blocks(a, b))
+    assert sums[0] == exact(rust_blocks(a, a)) and sums[2] == exact(rust_blocks(b, b))
     # Per row (gram.rs ``local``): the same lanes over the whole row.
-    rows = sp._row_gram([torch.from_numpy(a[:693]).view(7, 99), torch.from_numpy(b[:693]).view(7, 99)])
+    rows = kernels.row_grams([torch.from_numpy(a[:693]).view(7, 99), torch.from_numpy(b[:693]).view(7, 99)])
     want = [rust_blocks(a[r * 99 : r * 99 + 99], b[r * 99 : r * 99 + 99])[0] for r in range(7)]
-    assert rows[0, 1].tolist() == want
-
-
-def test_karcher_coefficients():
-    # sphere.rs unit tests: two orthogonal unit vectors give the bisector; a zero input is
-    # left out of the direction but counted in the mean norm.
-    c = sp.karcher([[1.0, 0.0], [0.0, 1.0]], 2, 20, 1e-9)
-    h = math.sqrt(0.5)
-    assert abs(c[0] - h) < 1e-9 and abs(c[1] - h) < 1e-9
-    c = sp.karcher([[4.0, 0.0], [0.0, 0.0]], 2, 10, 1e-5)
-    assert abs(c[0] - 0.5) < 1e-12 and c[1] == 0.0
-    assert sp.karcher([[0.0, 0.0], [0.0, 0.0]], 2, 10, 1e-5) == [0.0, 0.0]
+    assert rows[:, 0, 1].tolist() == rows[:, 1, 0].tolist() == want

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 
 import models
@@ -32,8 +31,6 @@ import pytest
 import reference as ref
 import torch
 from mergex.torch_engine import driver as torch_driver
-from mergex.torch_engine.base import TensorCtx, TorchMerge
-from mergex.torch_engine.select import Cut, Selector, Side, key_bits, mag_keys, passes, sample_ranges
 from test_task_family import GRID, RANDOM_METHODS, TASK_METHODS, random_family, wd
 
 LAYERS = 2
@@ -167,36 +164,33 @@ def case_config(case: str, base: models.Model, xs: list[models.Model]) -> tuple[
 
 
 class Recorder:
-    """Wraps a torch method's builder: per tensor, the passes it planned and ran, and the
-    tensors that read a sample first."""
+    """Records what the torch engine did per tensor: the passes the plan counted and the
+    passes it ran (the engine's control decides them), the tensors that read a sample
+    first, and the working dtypes."""
 
-    def __init__(self, build: Callable[[TensorCtx], TorchMerge]) -> None:
-        self.build = build
+    def __init__(self, monkeypatch) -> None:
         self.planned: dict[str, int] = {}
         self.ran: dict[str, int] = {}
         self.sampled: set[str] = set()
         self.dtypes: set[torch.dtype] = set()
+        merge, stats = torch_driver.Driver.merge_tensor, torch_driver.Driver._stats
 
-    def __call__(self, ctx: TensorCtx) -> TorchMerge:
-        merger = self.build(ctx)
-        self.planned[ctx.name] = merger.planned_passes()
-        self.ran[ctx.name] = 0
-        self.dtypes.add(ctx.dtype)
-        end_pass = merger.end_pass
+        def merging(driver, i, info, observe=False):
+            self.planned[info.name] = int(info.passes) - 1
+            self.ran[info.name] = 0
+            self.dtypes.add(torch.float64 if info.wide else torch.float32)
+            return merge(driver, i, info, observe)
 
-        def counted() -> None:
-            self.ran[ctx.name] += 1
-            end_pass()
+        def counting(driver, i, ctl, stage, *args, **kw):
+            name = driver.infos[i].name
+            if stage == "sample":
+                self.sampled.add(name)
+            else:
+                self.ran[name] += 1
+            return stats(driver, i, ctl, stage, *args, **kw)
 
-        merger.end_pass = counted  # type: ignore[method-assign]
-        end_sample = merger.end_sample
-
-        def sampled() -> None:
-            self.sampled.add(ctx.name)
-            end_sample()
-
-        merger.end_sample = sampled  # type: ignore[method-assign]
-        return merger
+        monkeypatch.setattr(torch_driver.Driver, "merge_tensor", merging)
+        monkeypatch.setattr(torch_driver.Driver, "_stats", counting)
 
 
 def run_both(mergex_mod, monkeypatch, cfg: dict, root: Path, seed: int, budget: str = "64KiB"):
@@ -204,8 +198,7 @@ def run_both(mergex_mod, monkeypatch, cfg: dict, root: Path, seed: int, budget: 
     passes: the torch merger plans what the Rust plan says and runs as many passes."""
     plain = models._plain(cfg)
     plan = mergex_mod.plan(plain, ram_budget=budget, threads=2)
-    rec = Recorder(torch_driver.METHODS[cfg["merge_method"]])
-    monkeypatch.setitem(torch_driver.METHODS, cfg["merge_method"], rec)
+    rec = Recorder(monkeypatch)
     kw = {"ram_budget": budget, "threads": 2, "progress": False, "seed": seed}
     root.mkdir(parents=True, exist_ok=True)
     r = mergex_mod.merge(plain, root / "rust", **kw)
@@ -443,126 +436,3 @@ def test_torch_matches_reference(families, mergex_mod, tmp_path, case, family):
             seed=seed,
         )
         models.assert_tensor_equal(out, name, want, "F32")
-
-
-# --------------------------------------------------------------------------- 4. exact selection
-
-
-def selection_keys(dtype: torch.dtype, n: int, seed: int) -> torch.Tensor:
-    """Values with many exact ties (a dozen magnitudes, zeros among them, both signs)."""
-    rng = np.random.default_rng(seed)
-    levels = np.array([0.0, 1 / 3, 1.0, 7 / 3, 5.0, 1e-3, 2 / 3, 1e3, 11 / 7, 0.25, 3.0, 1 / 3 + 1e-7])
-    v = rng.choice(levels, n, p=[0.2, 0.15, 0.15, 0.1, 0.05, 0.05, 0.05, 0.05, 0.05, 0.05, 0.05, 0.05])
-    v = v * rng.choice(np.array([-1.0, 1.0]), n)
-    return mag_keys(torch.from_numpy(v).to(dtype))
-
-
-def select(
-    keys: torch.Tensor,
-    bits: int,
-    rank: int,
-    side: Side,
-    cap: int,
-    chunk: int,
-    reverse: bool,
-    sampled: bool = False,
-    band: tuple[int, int] | None = None,
-):
-    """Drive a selector over ``keys`` in chunks, as the torch driver does (in any order),
-    after its sample when ``sampled`` (``band`` then overrides the sampled band): the cut
-    and the number of passes."""
-    sel = Selector(rank, side, bits, cap)
-    if sampled:
-        n = keys.numel()
-        for s, length in sample_ranges(n):
-            sel.sample(keys[s : s + length])
-        sel.plan_band(n)
-        sel.band = band or sel.band
-    starts = list(range(0, keys.numel(), chunk))
-    npass = 0
-    while sel.pending:
-        for s in reversed(starts) if reverse else starts:
-            sel.collect(s, keys[s : s + chunk])
-        sel.advance()
-        npass += 1
-    assert sel.cut is not None
-    return sel.cut, npass
-
-
-def keep_of(cut: Cut, keys: torch.Tensor, chunk: int, above: bool) -> np.ndarray:
-    parts = [passes(cut, keys[s : s + chunk], s, above) for s in range(0, keys.numel(), chunk)]
-    return torch.cat(parts).numpy()
-
-
-def expected_keep(keys: np.ndarray, side: Side, rank: int) -> np.ndarray:
-    """The keep set by a sort (ties by flat index), zero magnitudes all kept or none."""
-    n = keys.size
-    idx = np.arange(n)
-    keep = np.zeros(n, dtype=bool)
-    if side == Side.TOPK:
-        keep[np.lexsort((idx, -keys))[: n - rank]] = True
-    else:
-        order = np.lexsort((idx, keys))
-        ranks = np.empty(n, dtype=np.int64)
-        ranks[order] = idx
-        keep = ranks >= rank if side == Side.LOWER else ranks <= rank
-    zero = keys == 0
-    keep[zero] = keep[zero].all()
-    return keep
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("cap", [0, 3, 10**6])
-def test_selector_matches_sort(dtype, cap):
-    n = 500
-    keys = selection_keys(dtype, n, seed=cap)
-    k_np = keys.numpy()
-    bits = key_bits(dtype)
-    for chunk, reverse in ((29, False), (97, True), (n, False)):
-        for side in (Side.TOPK, Side.LOWER, Side.UPPER):
-            for rank in (0, 1, 123, n // 2, n - 1):
-                cut, _ = select(keys, bits, rank, side, cap, chunk, reverse)
-                assert cut.key == int(np.sort(k_np)[rank]), (side, rank, chunk)
-                got = keep_of(cut, keys, chunk, above=side != Side.UPPER)
-                want = expected_keep(k_np, side, rank)
-                bad = np.nonzero(got != want)[0]
-                assert bad.size == 0, (
-                    f"{side} rank {rank} chunk {chunk} cap {cap}: differs at {bad[:5].tolist()}"
-                )
-
-
-@pytest.mark.parametrize("n", [500, 70_000])
-@pytest.mark.parametrize("band", [None, (0, 0xFFFF), (0x3F00, 0x3F02)])
-def test_sampled_selector_matches_sort(n, band):
-    # The sample's band (or a planted, usually wrong one) only changes the passes: the cut
-    # is the sort's. A whole-tensor sample (n ≤ 65,536) settles the cut in one pass.
-    keys = selection_keys(torch.float32, n, seed=n)
-    k_np = keys.numpy()
-    for side, rank in ((Side.TOPK, n // 5), (Side.LOWER, n // 3), (Side.UPPER, n - n // 7)):
-        for cap in (10, 10**6):
-            cut, npass = select(keys, 32, rank, side, cap, 997, True, sampled=True, band=band)
-            got = keep_of(cut, keys, 997, above=side != Side.UPPER)
-            assert np.array_equal(got, expected_keep(k_np, side, rank)), (side, rank, cap, band)
-            if n <= 65_536 and cap == 10**6 and band is None:
-                assert npass == 1
-
-
-def test_selector_band_and_passes():
-    # breadcrumbs: a LOWER and an UPPER cut together keep exactly the band of ranks.
-    keys = selection_keys(torch.float32, 1000, seed=9)
-    k_np = keys.numpy()
-    lo_cut, _ = select(keys, 32, 300, Side.LOWER, 0, 64, False)
-    hi_cut, _ = select(keys, 32, 849, Side.UPPER, 0, 64, True)
-    got = keep_of(lo_cut, keys, 64, True) & keep_of(hi_cut, keys, 64, False)
-    want = expected_keep(k_np, Side.LOWER, 300) & expected_keep(k_np, Side.UPPER, 849)
-    assert np.array_equal(got, want)
-    assert got.sum() == 550
-    # Pass counts at a rank inside a run of equal nonzero keys: a gather finishes f32 keys
-    # in 2 passes; without gathering the radix takes 2 (f32) or 4 (f64) passes, plus one
-    # that counts the ties per chunk.
-    wide = selection_keys(torch.float64, 1000, seed=9)
-    for k, bits, radix in ((keys, 32, 2), (wide, 64, 4)):
-        srt = np.sort(k.numpy())
-        rank = next(r for r in range(1, 999) if srt[r - 1] == srt[r] == srt[r + 1] != 0)
-        assert select(k, bits, rank, Side.TOPK, 10**6, 64, False)[1] == 2
-        assert select(k, bits, rank, Side.TOPK, 0, 64, False)[1] == radix + 1

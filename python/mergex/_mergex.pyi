@@ -1,6 +1,6 @@
 """Type stubs of the Rust extension (checked against it by mypy.stubtest)."""
 
-from typing import final
+from typing import Any, final
 
 from typing_extensions import Buffer
 
@@ -15,6 +15,7 @@ __all__ = [
     "PlanSummary",
     "RunSummary",
     "Stream",
+    "TensorControl",
     "TensorInfo",
     "__version__",
     "checksum",
@@ -37,8 +38,30 @@ class MergeJob:
     def tensors(self) -> list[TensorInfo]: ...
     def open_stream(self, out_dir: str) -> Stream: ...
     def open_reader(self) -> ChunkReader: ...
+    def tensor_control(self, t: int, chunk: int) -> TensorControl:
+        """The method of output tensor ``t``, for an engine that cuts it into chunks of
+        ``chunk`` elements and computes the kernels the method describes."""
     def progress(self) -> tuple[int, int, int, int]: ...
     def cancel(self) -> None: ...
+
+@final
+class TensorControl:
+    """One output tensor's method, driven by another engine: the engine keeps its passes,
+    selections, cuts and solves; ``kernel`` describes a chunk's work in the coming stage
+    (``rust/mergex-core/src/methods/kernel.rs``), and the statistics come back through
+    ``end_sample`` and ``end_pass``."""
+
+    def sample_ranges(self) -> list[tuple[int, int]]: ...
+    def wants_pass(self) -> bool: ...
+    def passes(self) -> int: ...
+    def kernel(self, stage_name: str) -> dict[str, Any]:
+        """The chunk kernel of the coming stage (``sample``, ``pass`` or ``output``)."""
+    def end_sample(self, partials: dict[str, Any]) -> None: ...
+    def end_pass(self, partials: dict[str, Any]) -> None:
+        """Take a pass's statistics: ``sums``, ``hists``, ``items``, ``packed``, ``counts``
+        (per slot) and ``overflow`` (slots)."""
+    def row_solve(self, grams: Buffer, k: int) -> list[list[float]]:
+        """Per row, its coefficients from its k-by-k Gram matrix (float64, contiguous)."""
 
 @final
 class ChunkReader:

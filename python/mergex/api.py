@@ -314,7 +314,7 @@ class _Backend:
 
         stream = engine.open_stream(str(out))
         return torch_engine.run(
-            stream, engine.tensors(), spec, device=self.device, gpu_budget=self.gpu_budget
+            engine, stream, engine.tensors(), spec, device=self.device, gpu_budget=self.gpu_budget
         )
 
 

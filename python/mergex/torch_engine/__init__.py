@@ -14,7 +14,7 @@ from ..errors import ConfigError
 if TYPE_CHECKING:
     from types import ModuleType
 
-    from .._mergex import RunSummary, TensorInfo
+    from .._mergex import MergeJob, RunSummary, TensorInfo
     from ..job import EngineJob
 
 __all__ = ["check_device", "load_torch", "run"]
@@ -46,7 +46,7 @@ def check_device(device: str) -> str:
     return device
 
 
-def run(stream: Any, infos: list[TensorInfo], spec: EngineJob, **kw: Any) -> RunSummary:
+def run(job: MergeJob, stream: Any, infos: list[TensorInfo], spec: EngineJob, **kw: Any) -> RunSummary:
     from .driver import Driver
 
-    return Driver(stream, infos, spec, **kw).run()
+    return Driver(job, stream, infos, spec, **kw).run()

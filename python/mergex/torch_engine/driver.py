@@ -15,18 +15,16 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from ..errors import ConfigError
-from .base import Chunk, TensorCtx
-from .methods import METHODS
+from .kernels import Chunk, Importance, Output, Partials, Stats
 
 if TYPE_CHECKING:
-    from .._mergex import RunSummary, TensorInfo
+    from .._mergex import MergeJob, RunSummary, TensorControl, TensorInfo
     from ..job import EngineJob
 
 # Host memory per chunk element and input: two raw read buffers (double buffering, at
@@ -54,6 +52,7 @@ _RAW, _DECODED, _MERGED = 0, 2, 3
 class Driver:
     def __init__(
         self,
+        job: MergeJob,
         stream: Any,
         infos: list[TensorInfo],
         spec: EngineJob,
@@ -61,6 +60,7 @@ class Driver:
         device: str = "cpu",
         gpu_budget: int | None = None,
     ) -> None:
+        self.job = job
         self.stream = stream
         self.infos = infos
         self.spec = spec
@@ -68,10 +68,6 @@ class Driver:
         self.cuda = self.device.type == "cuda"
         self.ram_budget = spec.ram_budget
         self.gpu_budget = gpu_budget if gpu_budget is not None else self._default_gpu_budget()
-        builder = METHODS.get(spec.method)
-        if builder is None:
-            raise ConfigError(f"merge_method {spec.method}: not available in the torch engine")
-        self.builder = builder
         self.reader = ThreadPoolExecutor(1, thread_name_prefix="mergex-read")
         self.copy_stream = torch.cuda.Stream(self.device) if self.cuda else None  # type: ignore[no-untyped-call]
         self.host: list[torch.Tensor | None] = [None] * 4
@@ -139,55 +135,65 @@ class Driver:
         )
         return summary
 
-    def context(self, i: int, info: TensorInfo) -> TensorCtx:
-        job = self.spec.tensors[i]
-        shape = tuple(int(s) for s in info.shape)
-        numel = int(np.prod(shape, dtype=np.int64)) if shape else 1
-        step = self.chunk_elems(info)
-        return TensorCtx(
-            index=i,
-            name=job.name,
-            shape=shape,
-            numel=numel,
-            params=dict(job.params),
-            model_params=[dict(r.params) for r in job.inputs],
-            positions=[r.position for r in job.inputs],
-            has_base=job.base is not None,
-            seed=self.spec.seed,
-            dtype=torch.float64 if info.wide else torch.float32,
-            device=self.device,
-            ram_budget=self.ram_budget,
-            chunks=[(s, min(step, numel - s)) for s in range(0, numel, step)],
-        )
-
     def merge_tensor(self, i: int, info: TensorInfo, observe: bool = False) -> None:
-        """Merge tensor ``i`` and write it (``observe``: only fold it into its amax)."""
-        ctx = self.context(i, info)
-        merger = self.builder(ctx)
-        sample = merger.sample_ranges()
+        """Merge tensor ``i`` and write it (``observe``: only fold it into its amax). The
+        engine's :class:`TensorControl` takes every decision; torch runs its kernels."""
+        numel = int(np.prod(info.shape, dtype=np.int64)) if info.shape else 1
+        step = self.chunk_elems(info)
+        chunks = [(s, min(step, numel - s)) for s in range(0, numel, step)]
+        dtype = torch.float64 if info.wide else torch.float32
+        ctl: TensorControl = self.job.tensor_control(i, step)
+        importance = None
+        row = self._importance_row(ctl)
+        if row is not None:
+            importance = Importance(row, numel, self.device)
+        sample = [(int(s), int(n)) for s, n in ctl.sample_ranges()]
         if sample:
             clock = time.perf_counter()
-            for x in self.chunks(i, replace(ctx, chunks=sample), count=False):
-                merger.sample_chunk(x)
-            merger.end_sample()
+            self._stats(i, ctl, "sample", sample, dtype, importance, count=False)
             self.sample_seconds += time.perf_counter() - clock
         npass = 0
-        while merger.wants_pass():
+        while ctl.wants_pass():
             clock = time.perf_counter()
-            for x in self.chunks(i, ctx):
-                merger.stat_chunk(x)
-            merger.end_pass()
+            self._stats(i, ctl, "pass", chunks, dtype, importance)
             if len(self.stat_seconds) <= npass:
                 self.stat_seconds.append(0.0)
             self.stat_seconds[npass] += time.perf_counter() - clock
             npass += 1
         self.stream.passes(i, npass)
         clock = time.perf_counter()
+        output = Output(ctl.kernel("output"), ctl.row_solve)
+        output.importance = importance
         take = self.stream.observe if observe else self.stream.write
-        for x in self.chunks(i, ctx):
-            out = merger.merge_chunk(x).detach()
+        for x in self.chunks(i, chunks, dtype):
+            out = output(x).detach()
             take(i, x.start, self.to_host(out).numpy())
         self.output_seconds += time.perf_counter() - clock
+
+    @staticmethod
+    def _importance_row(ctl: TensorControl) -> int | None:
+        """The row length of arcee_fusion's importance, when the tensor's passes use it."""
+        if not ctl.wants_pass():
+            return None
+        vectors = ctl.kernel("pass").get("vectors")
+        return int(vectors["importance"]["row"]) if isinstance(vectors, dict) else None
+
+    def _stats(
+        self,
+        i: int,
+        ctl: TensorControl,
+        stage: str,
+        chunks: list[tuple[int, int]],
+        dtype: torch.dtype,
+        importance: Importance | None,
+        count: bool = True,
+    ) -> None:
+        """One sample or pass: the kernel over every chunk, the statistics to the engine."""
+        partials = Partials(self.device)
+        kernel = Stats(ctl.kernel(stage), partials, importance)
+        for x in self.chunks(i, chunks, dtype, count):
+            kernel.chunk(x)
+        (ctl.end_sample if stage == "sample" else ctl.end_pass)(partials.export())
 
     def buffer(self, k: int, nbytes: int) -> torch.Tensor:
         """Host buffer ``k`` (``_RAW``, ``_RAW + 1``, ``_DECODED``, ``_MERGED``) of ``nbytes``
@@ -221,7 +227,9 @@ class Driver:
             kinds.append(kind)
         return kinds
 
-    def chunks(self, i: int, ctx: TensorCtx, count: bool = True) -> Iterator[Chunk]:
+    def chunks(
+        self, i: int, chunks: list[tuple[int, int]], dtype: torch.dtype, count: bool = True
+    ) -> Iterator[Chunk]:
         """Yield every chunk of tensor ``i``, reading the next while the current is used
         (``count=False``: a sample, left out of the progress).
 
@@ -229,7 +237,7 @@ class Driver:
         viewed as its stored dtype and widened into row ``v`` of the decoded chunk."""
         kinds = self.input_dtypes(i)
         slot, views = int(self.infos[i].slot), len(kinds)
-        size = max((n for _, n in ctx.chunks), default=0)
+        size = max((n for _, n in chunks), default=0)
         for event in self.copied:
             if event is not None:
                 event.synchronize()
@@ -237,16 +245,16 @@ class Driver:
         bufs = [self.buffer(_RAW + b, views * size * slot) for b in range(2)]
 
         def read(k: int) -> torch.Tensor:
-            start, n = ctx.chunks[k]
+            start, n = chunks[k]
             host = bufs[k % 2][: views * n * slot]
             self.stream.read(i, start, n, host.numpy(), count)
             return host
 
-        pending: Future[torch.Tensor] | None = self.reader.submit(read, 0) if ctx.chunks else None
-        for k, (start, n) in enumerate(ctx.chunks):
+        pending: Future[torch.Tensor] | None = self.reader.submit(read, 0) if chunks else None
+        for k, (start, n) in enumerate(chunks):
             assert pending is not None
             host = pending.result()
-            if k + 1 < len(ctx.chunks):
+            if k + 1 < len(chunks):
                 # The other buffer is free once its device copy (chunk k-1) has finished.
                 event = self.copied[(k + 1) % 2]
                 if event is not None:
@@ -261,12 +269,12 @@ class Driver:
                 # The copy's memory belongs to the copy stream's pool: without this, freeing it
                 # after the decode could hand it to the next copy while the decode still reads it.
                 raw.record_stream(compute)
-                data = torch.empty((views, n), dtype=ctx.dtype, device=self.device)
+                data = torch.empty((views, n), dtype=dtype, device=self.device)
             else:
                 raw = host
-                data = self.buffer(_DECODED, views * n * ctx.dtype.itemsize).view(ctx.dtype).view(views, n)
+                data = self.buffer(_DECODED, views * n * dtype.itemsize).view(dtype).view(views, n)
             for v, kind in enumerate(kinds):
                 at = v * n * slot
                 data[v].copy_(raw[at : at + n * kind.itemsize].view(kind))
-            base, models = (data[0], data[1:]) if ctx.has_base else (None, data)
-            yield Chunk(start=start, base=base, models=models)
+            base, models = (data[0], data[1:]) if self.spec.tensors[i].base is not None else (None, data)
+            yield Chunk(index=k, start=start, base=base, models=models)

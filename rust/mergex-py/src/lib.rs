@@ -2,6 +2,7 @@
 //! arguments to owned Rust values, runs the core with the GIL released, and converts the
 //! result back; errors map to the `mergex.errors` hierarchy in [`errors`].
 
+mod control;
 mod errors;
 mod registry;
 mod results;
@@ -76,6 +77,13 @@ impl MergeJob {
     fn open_reader(&self, py: Python<'_>) -> PyResult<ChunkReader> {
         let reader = py.detach(|| self.engine.open_reader()).map_err(|e| to_py(py, e))?;
         Ok(ChunkReader { engine: Arc::clone(&self.engine), progress: Arc::clone(&self.progress), reader })
+    }
+
+    /// The method of output tensor `t`, for an engine that cuts it into chunks of `chunk`
+    /// elements and computes the kernels the method describes.
+    fn tensor_control(&self, py: Python<'_>, t: usize, chunk: u64) -> PyResult<control::TensorControl> {
+        let core = self.engine.tensor_control(t, chunk).map_err(|e| to_py(py, e))?;
+        Ok(control::TensorControl(Mutex::new(core)))
     }
 
     /// (bytes done, bytes total, tensors done, tensors total).
@@ -319,6 +327,7 @@ fn _mergex(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<MergeJob>()?;
     m.add_class::<Stream>()?;
     m.add_class::<ChunkReader>()?;
+    m.add_class::<control::TensorControl>()?;
     m.add_function(wrap_pyfunction!(inspect, m)?)?;
     m.add_function(wrap_pyfunction!(checksum, m)?)?;
     m.add_function(wrap_pyfunction!(registry::methods, m)?)?;

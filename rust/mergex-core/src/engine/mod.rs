@@ -2,6 +2,7 @@
 //! every output tensor as passes over chunks of element ranges.
 
 pub mod adapter;
+pub mod control;
 pub mod plan;
 pub mod progress;
 pub mod read;

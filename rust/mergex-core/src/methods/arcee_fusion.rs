@@ -4,6 +4,7 @@
 //! statistics found by radix selection over the chunks (rows whole inside a chunk).
 
 use super::inputs::ChunkInputs;
+use super::kernel::{Kernel, Keys, Stage, StatOp, Vectors, NO_STATS};
 use super::merge::{TensorCtx, TensorMerge};
 use super::select::{Selector, Side};
 use super::spec::{spec, BaseUse, MethodSpec, Passes};
@@ -102,6 +103,18 @@ impl<T: Real> TensorMerge<T> for Fusion {
             }
         }
         Ok(())
+    }
+
+    fn kernel(&self, stage: Stage, _: &[u64]) -> Kernel {
+        match (stage, self.threshold) {
+            (Stage::Pass, _) => {
+                let ops = self.quartiles.iter().enumerate().filter_map(|(slot, sel)| sel.describe(slot));
+                let ops = ops.map(|collect| StatOp::Collect { keys: Keys::Importance, collect }).collect();
+                Kernel::Stats { vectors: Vectors::Importance { row: self.row }, ops }
+            }
+            (Stage::Output, Some(threshold)) => Kernel::Fusion { row: self.row, threshold },
+            _ => NO_STATS,
+        }
     }
 
     fn end_pass(&mut self, mut stats: Stats) -> Result<()> {

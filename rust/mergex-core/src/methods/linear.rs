@@ -1,6 +1,7 @@
 //! `linear`: a weighted average (METHODS.md §1).
 
 use super::inputs::ChunkInputs;
+use super::kernel::{Kernel, Stage, NO_STATS};
 use super::merge::{param, TensorCtx, TensorMerge, WeightedSum};
 use super::spec::{spec, BaseUse, Default, MethodSpec, ParamSpec, Passes};
 use crate::error::Result;
@@ -54,6 +55,13 @@ impl<T: Real> TensorMerge<T> for Linear<T> {
             for o in out.iter_mut() {
                 *o = *o / d;
             }
+        }
+    }
+
+    fn kernel(&self, stage: Stage, _: &[u64]) -> Kernel {
+        match (stage, self.weighted_sum()) {
+            (Stage::Output, Some(sum)) => sum.into(),
+            _ => NO_STATS,
         }
     }
 

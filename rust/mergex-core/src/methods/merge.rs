@@ -2,6 +2,7 @@
 //! ([`TensorCtx`]).
 
 use super::inputs::ChunkInputs;
+use super::kernel::{values, Kernel, Stage};
 use super::stats::Stats;
 use crate::error::{Error, Result};
 use crate::format::dtype::Dtype;
@@ -72,6 +73,19 @@ pub trait TensorMerge<T: Real>: Send + Sync {
     fn weighted_sum(&self) -> Option<WeightedSum<T>> {
         None
     }
+
+    /// The coming stage's chunk work as a [`Kernel`], for an engine that runs the kernels
+    /// on another backend while this object keeps the control; `starts` are the chunk
+    /// starts of that engine's passes over the tensor.
+    fn kernel(&self, stage: Stage, starts: &[u64]) -> Kernel;
+
+    /// The coefficients of one row from the Gram matrix of its vectors, for output kernels
+    /// that solve per row ([`Kernel::Lerp`] and [`Kernel::ModelStock`] without
+    /// coefficients).
+    fn row_solve(&self, gram: &[Vec<f64>]) -> Vec<f64> {
+        let _ = gram;
+        Vec::new()
+    }
 }
 
 /// A weighted sum, accumulated in the working precision from zero, input by input in order:
@@ -86,6 +100,17 @@ pub struct WeightedSum<T> {
     /// Sum task vectors against the base (the first input) and add it back after scaling
     /// by this λ.
     pub task: Option<T>,
+}
+
+/// A weighted sum as the kernel of another engine.
+impl<T: Real> From<WeightedSum<T>> for Kernel {
+    fn from(s: WeightedSum<T>) -> Kernel {
+        Kernel::WeightedSum {
+            weights: values(&s.weights),
+            divisor: s.divisor.map(|d| d.to_f64()),
+            task: s.task.map(|l| l.to_f64()),
+        }
+    }
 }
 
 /// Everything a method may look at when it sets up one output tensor.

@@ -6,6 +6,7 @@
 mod arcee_fusion;
 pub mod gram;
 pub mod inputs;
+pub mod kernel;
 mod l1;
 mod linear;
 pub mod merge;
@@ -23,6 +24,7 @@ pub mod stats;
 mod task_vector;
 
 pub use inputs::ChunkInputs;
+pub use kernel::{Kernel, Stage};
 pub use merge::{TensorCtx, TensorMerge, WeightedSum};
 pub use spec::{BaseUse, MethodSpec};
 pub use stats::Stats;

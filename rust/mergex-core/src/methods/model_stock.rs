@@ -5,6 +5,7 @@
 
 use super::gram;
 use super::inputs::ChunkInputs;
+use super::kernel::{Kernel, Stage, StatOp, Vectors, NO_STATS};
 use super::merge::{TensorCtx, TensorMerge};
 use super::spec::{spec, BaseUse, MethodSpec, ParamSpec, Passes};
 use super::stats::Stats;
@@ -94,6 +95,20 @@ impl<T: Real> TensorMerge<T> for ModelStock<T> {
         let v: Vec<&[T]> = d.iter().map(|v| &v[..]).collect();
         gram::accumulate(&v, 0, acc);
         Ok(())
+    }
+
+    fn kernel(&self, stage: Stage, _: &[u64]) -> Kernel {
+        match stage {
+            Stage::Pass => {
+                Kernel::Stats { vectors: Vectors::Deltas, ops: vec![StatOp::Gram { with_base: false }] }
+            }
+            Stage::Output => Kernel::ModelStock { t: self.t.map(|t| t.to_f64()), rows: self.rows },
+            Stage::Sample => NO_STATS,
+        }
+    }
+
+    fn row_solve(&self, gram: &[Vec<f64>]) -> Vec<f64> {
+        vec![factor(gram) as f32 as f64]
     }
 
     fn end_pass(&mut self, stats: Stats) -> Result<()> {

@@ -2,6 +2,7 @@
 //! base, `w = clamp(t / max(|b − x|, 1e-6), 0, 1)`, `out = w·x + (1 − w)·b`.
 
 use super::inputs::ChunkInputs;
+use super::kernel::{Kernel, Stage, NO_STATS};
 use super::merge::{param, TensorCtx, TensorMerge};
 use super::spec::{spec, BaseUse, Default, MethodSpec, ParamSpec, Passes};
 use crate::error::Result;
@@ -26,6 +27,13 @@ pub(super) fn build<T: Real>(ctx: &TensorCtx<'_>) -> Result<Box<dyn TensorMerge<
 }
 
 impl<T: Real> TensorMerge<T> for NearSwap<T> {
+    fn kernel(&self, stage: Stage, _: &[u64]) -> Kernel {
+        match stage {
+            Stage::Output => Kernel::NearSwap { t: self.t.to_f64() },
+            _ => NO_STATS,
+        }
+    }
+
     fn merge_chunk(&self, x: &mut ChunkInputs<'_, T>, out: &mut [T]) {
         let (Some(b), Some(m)) = (x.base, x.models.first()) else { return };
         let floor = T::from_f64(1e-6f32 as f64);

@@ -1,6 +1,7 @@
 //! `passthrough`: one input per output tensor, optionally scaled (METHODS.md §5).
 
 use super::inputs::ChunkInputs;
+use super::kernel::{Kernel, Stage, NO_STATS};
 use super::merge::{param, TensorCtx, TensorMerge};
 use super::spec::{spec, BaseUse, Default, MethodSpec, ParamSpec, Passes};
 use crate::error::Result;
@@ -25,6 +26,13 @@ pub(super) fn build<T: Real>(ctx: &TensorCtx<'_>) -> Result<Box<dyn TensorMerge<
 }
 
 impl<T: Real> TensorMerge<T> for Passthrough<T> {
+    fn kernel(&self, stage: Stage, _: &[u64]) -> Kernel {
+        match stage {
+            Stage::Output => Kernel::Scale { scale: self.scale.map(|s| s.to_f64()) },
+            _ => NO_STATS,
+        }
+    }
+
     fn merge_chunk(&self, x: &mut ChunkInputs<'_, T>, out: &mut [T]) {
         let Some(src) = x.models.first() else { return };
         match self.scale {

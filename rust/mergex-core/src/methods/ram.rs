@@ -3,6 +3,7 @@
 //! elements of each model by how much it shares (a counting pass first).
 
 use super::inputs::ChunkInputs;
+use super::kernel::{values, Kernel, Stage, StatOp, Vectors, NO_STATS};
 use super::merge::{TensorCtx, TensorMerge};
 use super::spec::{spec, BaseUse, Default, MethodSpec, ParamSpec, Passes};
 use super::stats::Stats;
@@ -104,6 +105,15 @@ impl<T: Real> TensorMerge<T> for Ram<T> {
             acc.sum(2 * i + 1).add(unique as f64);
         }
         Ok(())
+    }
+
+    fn kernel(&self, stage: Stage, _: &[u64]) -> Kernel {
+        let eps = self.eps.to_f64();
+        match stage {
+            Stage::Pass => Kernel::Stats { vectors: Vectors::Deltas, ops: vec![StatOp::Active { eps }] },
+            Stage::Output => Kernel::Ram { eps, lambdas: self.lambdas.as_deref().map(values) },
+            Stage::Sample => NO_STATS,
+        }
     }
 
     fn end_pass(&mut self, stats: Stats) -> Result<()> {

@@ -3,6 +3,7 @@
 //! and weight each model by the mean square of its (selected) task vector.
 
 use super::inputs::ChunkInputs;
+use super::kernel::{values, Collect, Kernel, Keys, Mask, Stage, StatOp, Vectors, NO_STATS};
 use super::merge::{TensorCtx, TensorMerge};
 use super::select::{Selector, Side};
 use super::sparsify::Sparsifier;
@@ -138,6 +139,28 @@ impl<T: Real> TensorMerge<T> for Sce<T> {
             }
         }
         Ok(())
+    }
+
+    fn kernel(&self, stage: Stage, starts: &[u64]) -> Kernel {
+        let keys = Keys::Variance;
+        let ops = match (&self.select, stage) {
+            (_, Stage::Sample) => return NO_STATS,
+            (select, Stage::Output) => {
+                let mask = select.as_ref().map_or(Mask::All, |s| s.view(starts));
+                return Kernel::Sce { weights: values(self.weights.as_deref().unwrap_or(&[])), mask };
+            }
+            (None, Stage::Pass) => {
+                let collect = Collect::Hist { slot: 0, shift: T::KEY_BITS - 16, prefix: None };
+                vec![StatOp::Nonzero { slot: COUNT_SLOT }, StatOp::Collect { keys, collect }]
+            }
+            (Some(sel), Stage::Pass) if sel.pending() => {
+                sel.describe(0).into_iter().map(|collect| StatOp::Collect { keys, collect }).collect()
+            }
+            (Some(sel), Stage::Pass) => (0..self.k)
+                .map(|model| StatOp::Squares { model, slot: 1 + model, mask: sel.view(starts) })
+                .collect(),
+        };
+        Kernel::Stats { vectors: Vectors::Variance, ops }
     }
 
     fn end_pass(&mut self, mut stats: Stats) -> Result<()> {

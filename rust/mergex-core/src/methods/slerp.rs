@@ -5,6 +5,7 @@
 
 use super::gram;
 use super::inputs::ChunkInputs;
+use super::kernel::{Kernel, Stage, StatOp, Vectors as KernelVectors, NO_STATS};
 use super::merge::{TensorCtx, TensorMerge};
 use super::spec::{spec, BaseUse, Default, MethodSpec, ParamSpec, Passes};
 use super::stats::Stats;
@@ -79,6 +80,22 @@ impl<T: Real> TensorMerge<T> for Slerp<T> {
             gram::accumulate(&[a, &**c], 0, acc);
         }
         Ok(())
+    }
+
+    fn kernel(&self, stage: Stage, _: &[u64]) -> Kernel {
+        match (stage, self.coef) {
+            (Stage::Pass, _) => {
+                Kernel::Stats { vectors: KernelVectors::Inputs, ops: vec![StatOp::Gram { with_base: true }] }
+            }
+            (Stage::Output, Some((ca, cc))) => Kernel::Lerp {
+                deltas: false,
+                coef: vec![(ca.to_f64(), cc.to_f64())],
+                columns: None,
+                rows: None,
+                add_base: false,
+            },
+            _ => NO_STATS,
+        }
     }
 
     fn end_pass(&mut self, stats: Stats) -> Result<()> {
@@ -177,6 +194,30 @@ impl<T: Real> TensorMerge<T> for Nuslerp<T> {
             Vectors::Rows(_) => {}
         }
         Ok(())
+    }
+
+    fn kernel(&self, stage: Stage, _: &[u64]) -> Kernel {
+        let op = match self.mode {
+            Vectors::Columns(cols) => StatOp::Columns { cols },
+            _ => StatOp::Gram { with_base: false },
+        };
+        let coef = self.coef.iter().flatten().map(|(a, b)| (a.to_f64(), b.to_f64())).collect();
+        match stage {
+            Stage::Pass => Kernel::Stats { vectors: KernelVectors::Deltas, ops: vec![op] },
+            Stage::Output => Kernel::Lerp {
+                deltas: true,
+                coef,
+                columns: if let Vectors::Columns(c) = self.mode { Some(c) } else { None },
+                rows: if let Vectors::Rows(m) = self.mode { Some(m.max(1)) } else { None },
+                add_base: true,
+            },
+            Stage::Sample => NO_STATS,
+        }
+    }
+
+    fn row_solve(&self, gram: &[Vec<f64>]) -> Vec<f64> {
+        let (c1, c2) = self.coefficients(gram);
+        vec![c1.to_f64(), c2.to_f64()]
     }
 
     fn end_pass(&mut self, stats: Stats) -> Result<()> {

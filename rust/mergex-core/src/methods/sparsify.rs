@@ -2,6 +2,7 @@
 //! vector δ are kept. Magnitude-based ones need exact rank cuts (see [`super::select`]);
 //! random ones replay the counter-based draw of [`crate::numeric::random`].
 
+use super::kernel::{Collect, Mask};
 use super::select::{passes, top_mask, Selector, Side};
 use super::stats::Stats;
 use crate::kernels::real::Real;
@@ -268,6 +269,49 @@ impl Sparsifier {
     /// The keep mask of one chunk of δ starting at flat index `start` (selections must be
     /// resolved; chunks hold whole DELLA groups). `hashes` are the chunk's
     /// [`crate::numeric::random::index_hashes`] when [`Sparsifier::random`].
+    /// This sparsifier's keep mask for a kernel of another engine whose chunks start at
+    /// `starts` ([`Sparsifier::mask`] as data); cuts must be resolved.
+    pub fn view(&self, starts: &[u64]) -> Mask {
+        match self {
+            Sparsifier::All => Mask::All,
+            Sparsifier::Nothing => Mask::Nothing,
+            Sparsifier::Select { lower, upper } => {
+                let cut =
+                    |s: &Option<Box<Selector>>| s.as_ref().and_then(|s| s.cut()).map(|c| c.view(starts));
+                Mask::Cuts { lower: cut(lower), upper: cut(upper) }
+            }
+            &Sparsifier::Random { stream, threshold } => Mask::Random { stream, threshold },
+            &Sparsifier::Della { stream, d, eps, rows } => {
+                let m = rows.len;
+                let p = |q: u64| if m <= 1 { d } else { d - eps + 2.0 * eps * q as f64 / (m - 1) as f64 };
+                let thresholds = (0..m.max(1)).map(|q| threshold(p(q))).collect();
+                Mask::Della { stream, thresholds, len: rows.len, inner: rows.inner }
+            }
+        }
+    }
+
+    /// The selections' work in this pass over model `model`'s magnitudes (slots `2·model`
+    /// and `2·model + 1`), for a kernel of another engine.
+    pub fn describe(&self, model: usize) -> Vec<Collect> {
+        let Sparsifier::Select { lower, upper } = self else { return Vec::new() };
+        [lower, upper]
+            .into_iter()
+            .enumerate()
+            .filter_map(|(i, s)| s.as_ref().and_then(|s| s.describe(2 * model + i)))
+            .collect()
+    }
+
+    /// The sample slots of this sparsifier's selections (see [`Sparsifier::sample`]).
+    pub fn sample_slots(&self, model: usize) -> Vec<usize> {
+        let Sparsifier::Select { lower, upper } = self else { return Vec::new() };
+        [lower, upper]
+            .into_iter()
+            .enumerate()
+            .filter(|(_, s)| s.is_some())
+            .map(|(i, _)| 2 * model + i)
+            .collect()
+    }
+
     #[inline(always)]
     pub fn mask<T: Real>(&self, start: u64, delta: &[T], hashes: &[u32], keep: &mut Vec<bool>) {
         keep.clear();

@@ -8,6 +8,7 @@
 
 use super::gram;
 use super::inputs::ChunkInputs;
+use super::kernel::{values, Kernel, Stage, StatOp, Vectors, NO_STATS};
 use super::merge::{TensorCtx, TensorMerge};
 use super::spec::{spec, BaseUse, Default, MethodSpec, ParamSpec, Passes};
 use super::stats::Stats;
@@ -44,6 +45,16 @@ impl<T: Real> TensorMerge<T> for Combination<T> {
         let v: Vec<&[T]> = x.models.iter().map(|m| &**m).collect();
         gram::accumulate(&v, 0, acc);
         Ok(())
+    }
+
+    fn kernel(&self, stage: Stage, _: &[u64]) -> Kernel {
+        match (stage, &self.coef) {
+            (Stage::Pass, _) => {
+                Kernel::Stats { vectors: Vectors::Deltas, ops: vec![StatOp::Gram { with_base: false }] }
+            }
+            (Stage::Output, Some(coef)) => Kernel::Combine { coef: values(coef), add_base: self.deltas },
+            _ => NO_STATS,
+        }
     }
 
     fn end_pass(&mut self, stats: Stats) -> Result<()> {

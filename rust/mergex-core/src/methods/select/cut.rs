@@ -4,6 +4,7 @@
 use super::band::Lane;
 use crate::kernels::real::Real;
 use crate::kernels::{Ties, TopCut};
+use crate::methods::kernel::CutView;
 
 /// Spacing of the coarse index of sorted ties.
 pub(super) const COARSE: usize = 64;
@@ -53,6 +54,16 @@ impl Cut {
                     .unwrap_or(0)
             }
         }
+    }
+
+    /// The cut as a kernel of another engine takes it, whose chunks start at `starts`.
+    pub fn view(&self, starts: &[u64]) -> CutView {
+        let ties_before = if self.all_or_none() {
+            Vec::new()
+        } else {
+            starts.iter().map(|&s| self.ties_before(s)).collect()
+        };
+        CutView { key: self.key, keep: self.keep, eq: self.eq, ties_before }
     }
 
     /// Whether every tie is kept, or none: ordinals do not matter.

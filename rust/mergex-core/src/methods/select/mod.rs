@@ -15,6 +15,7 @@ mod cut;
 use self::band::{band_sweep, locate, ties_of};
 pub use self::cut::{passes, top_mask, Cut};
 use self::cut::{TieIndex, COARSE};
+use super::kernel::Collect;
 use super::stats::Stats;
 use crate::kernels::real::Real;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -195,6 +196,26 @@ impl Selector {
             State::Done(c) => Some(c),
             _ => None,
         }
+    }
+
+    /// This pass's work on the keys, for a kernel of another engine ([`Selector::collect`]
+    /// as data), into slot `slot`; none once resolved.
+    pub fn describe(&self, slot: usize) -> Option<Collect> {
+        Some(match &self.state {
+            State::Radix { level: 0, .. } if self.band.is_some() => {
+                let (lo, hi) = self.band.unwrap_or((0, 0));
+                let (lo_key, span) = self.band_keys(lo, hi);
+                Collect::Band { slot, lo_key, span, pack: self.pack, cap: self.gather_cap }
+            }
+            State::Radix { level, prefix, .. } => {
+                Collect::Hist { slot, shift: self.shift(*level), prefix: (*level > 0).then_some(*prefix) }
+            }
+            State::Gather { level, prefix, .. } => {
+                Collect::Gather { slot, shift: self.shift(level - 1), prefix: *prefix }
+            }
+            State::Ties { cut } => Collect::Ties { slot, key: cut.key },
+            State::Done(_) => return None,
+        })
     }
 
     fn shift(&self, level: u32) -> u32 {

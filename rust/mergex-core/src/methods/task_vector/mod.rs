@@ -4,6 +4,7 @@
 //! combined with or without the TIES sign election, normalized, scaled by λ, added to b.
 
 use super::inputs::ChunkInputs;
+use super::kernel::{values, Kernel, Keys, Stage, StatOp, Vectors};
 use super::l1::reduce_abs;
 use super::merge::{param, TensorCtx, TensorMerge, WeightedSum};
 use super::sparsify::{Kind, Setup, Sparsifier};
@@ -334,6 +335,46 @@ impl<T: Real> TensorMerge<T> for TaskVector<T> {
             #[inline(always)]
             || self.stat_chunk_impl(x, acc),
         )
+    }
+
+    fn kernel(&self, stage: Stage, starts: &[u64]) -> Kernel {
+        let models = self.sparsifiers.iter().enumerate();
+        let ops = match stage {
+            Stage::Sample => models
+                .flat_map(|(i, sp)| {
+                    let keys = Keys::Model { model: i };
+                    sp.sample_slots(i).into_iter().map(move |slot| StatOp::Sample { keys, slot })
+                })
+                .collect(),
+            Stage::Pass => {
+                let (first, rescaling) = (self.pass == 0, self.rescaling());
+                let selected_l1 = !self.selecting() && self.needs_selected_l1();
+                let mut ops = Vec::new();
+                for (i, sp) in models {
+                    if rescaling && first {
+                        ops.push(StatOp::L1 { model: i, slot: 2 * i + L1_ALL, mask: None });
+                    }
+                    let keys = Keys::Model { model: i };
+                    ops.extend(sp.describe(i).into_iter().map(|collect| StatOp::Collect { keys, collect }));
+                    if rescaling && ((first && sp.random()) || (selected_l1 && sp.is_selection())) {
+                        ops.push(StatOp::L1 { model: i, slot: 2 * i + L1_KEPT, mask: Some(sp.view(starts)) });
+                    }
+                }
+                ops
+            }
+            Stage::Output => {
+                return Kernel::TaskVector {
+                    weights: values(&self.weights),
+                    scales: values(&self.scales),
+                    masks: self.sparsifiers.iter().map(|sp| sp.view(starts)).collect(),
+                    consensus: self.family.consensus,
+                    normalize: self.normalize,
+                    divisor: self.divisor.to_f64(),
+                    lambda: self.lambda.to_f64(),
+                }
+            }
+        };
+        Kernel::Stats { vectors: Vectors::Deltas, ops }
     }
 
     fn end_pass(&mut self, mut stats: Stats) -> Result<()> {
