@@ -18,6 +18,7 @@ from .errors import (
 )
 from .methods import METHODS
 from .models import TensorInfo
+from .sweeps import SweepPlan, sweep, sweep_plan
 from .units import parse_size
 
 if TYPE_CHECKING:
@@ -37,6 +38,7 @@ __all__ = [
     "MergexIOError",
     "ModelNotFoundError",
     "OutputExistsError",
+    "SweepPlan",
     "TensorInfo",
     "__version__",
     "extract_lora",
@@ -45,6 +47,8 @@ __all__ = [
     "merge",
     "parse_size",
     "plan",
+    "sweep",
+    "sweep_plan",
 ]
 
 

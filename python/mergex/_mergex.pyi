@@ -15,9 +15,11 @@ __all__ = [
     "PlanSummary",
     "RunSummary",
     "Stream",
+    "Sweep",
     "TensorControl",
     "TensorInfo",
     "__version__",
+    "bytes_read",
     "checksum",
     "inspect",
     "methods",
@@ -41,6 +43,19 @@ class MergeJob:
     def tensor_control(self, t: int, chunk: int) -> TensorControl:
         """The method of output tensor ``t``, for an engine that cuts it into chunks of
         ``chunk`` elements and computes the kernels the method describes."""
+    def progress(self) -> tuple[int, int, int, int]: ...
+    def cancel(self) -> None: ...
+
+@final
+class Sweep:
+    """Several merges of the same inputs run together (``mergex sweep``)."""
+
+    def __new__(cls, members: list[MergeJob]) -> Sweep: ...
+    def run(self, groups: list[list[int]], dirs: list[str]) -> list[RunSummary]:
+        """Run each group (member indices reading the same inputs) into its members'
+        folders; the summaries in member order."""
+    def planned_bytes(self) -> int:
+        """Input bytes the members read together (one group), over all passes."""
     def progress(self) -> tuple[int, int, int, int]: ...
     def cancel(self) -> None: ...
 
@@ -95,6 +110,9 @@ class Stream:
 def inspect(path: str, partial: bool = False) -> list[tuple[str, str, list[int], str, int]]:
     """Every tensor of a checkpoint: name, dtype, shape, file, bytes. ``partial``: the shards
     of an index that are not in the folder are left out (a partial Hub download)."""
+
+def bytes_read() -> int:
+    """The bytes of tensor data this process has read from input files so far."""
 
 def checksum(path: str) -> str: ...
 

@@ -516,38 +516,46 @@ def _merge(
         raise
     try:
         summary = _run_engine(core, folder.tmp, progress, backend, job.spec)
-        layers = job.total_layers if job.layered else None
-        folder.write_model_config(
-            job.reference, job.output_dtype, layers, job.quantized_like, job.config_keys
-        )
-        tok_ref = cfg.tokenizer_source
-        tok = job.reference if tok_ref in (None, "base") else Model.open(tok_ref, cfg.source_dir)
-        from .templates import resolve_template
-
-        inputs = [job.reference.folder, *(m.folder for m in job.models)]
-        template, notes = resolve_template(cfg.chat_template, inputs)
-        job.warnings += notes
-        folder.copy_tokenizer(tok, template if job.vocabulary is None else None)
-        if job.vocabulary is not None:
-            # The output vocabulary's tokenizer, consistent with the rows written.
-            folder.save_tokenizer(job.vocabulary.tokenizer)
-            if template is not None:
-                folder.set_chat_template(template, tok.folder / "tokenizer_config.json")
-        folder.write_run_config(cfg.raw, job.spec.seed)
-        folder.write_card(cfg.merge_method, job.models, job.base, job.output_dtype)
-        folder.commit()
+        finish_output(folder, cfg, job)
     except BaseException:
         folder.discard()
         raise
-    files = sorted(target.iterdir())
+    return merge_result(target, summary, start, folder.notes + job.warnings)
+
+
+def finish_output(folder: OutputFolder, cfg: MergeConfig, job: Job) -> None:
+    """Write everything beside the tensors (model config, tokenizer, chat template, the run's
+    config, model card) into ``folder`` and rename it into place."""
+    layers = job.total_layers if job.layered else None
+    folder.write_model_config(job.reference, job.output_dtype, layers, job.quantized_like, job.config_keys)
+    tok_ref = cfg.tokenizer_source
+    tok = job.reference if tok_ref in (None, "base") else Model.open(tok_ref, cfg.source_dir)
+    from .templates import resolve_template
+
+    inputs = [job.reference.folder, *(m.folder for m in job.models)]
+    template, notes = resolve_template(cfg.chat_template, inputs)
+    job.warnings += notes
+    folder.copy_tokenizer(tok, template if job.vocabulary is None else None)
+    if job.vocabulary is not None:
+        # The output vocabulary's tokenizer, consistent with the rows written.
+        folder.save_tokenizer(job.vocabulary.tokenizer)
+        if template is not None:
+            folder.set_chat_template(template, tok.folder / "tokenizer_config.json")
+    folder.write_run_config(cfg.raw, job.spec.seed)
+    folder.write_card(cfg.merge_method, job.models, job.base, job.output_dtype)
+    folder.commit()
+
+
+def merge_result(target: Path, summary: _mergex.RunSummary, start: float, warnings: list[str]) -> MergeResult:
+    """The :class:`MergeResult` of an output written into ``target``."""
     return MergeResult(
         out_dir=target,
-        files=files,
+        files=sorted(target.iterdir()),
         bytes_read=summary.bytes_read,
         bytes_written=summary.bytes_written,
         seconds=time.perf_counter() - start,
         peak_rss=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
-        warnings=folder.notes + job.warnings,
+        warnings=warnings,
         sample_seconds=summary.sample_seconds,
         stat_pass_seconds=summary.stat_pass_seconds,
         output_seconds=summary.output_seconds,

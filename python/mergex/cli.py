@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 import traceback
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
@@ -237,6 +238,61 @@ def merge(
 
 
 @app.command(cls=_Command)
+def sweep(
+    config: Annotated[Path, typer.Argument(metavar="CONFIG", help="The sweep configuration (YAML).")],
+    outdir: Annotated[Path, typer.Argument(metavar="OUTDIR", help="The folder of the members' outputs.")],
+    ram_budget: RamBudget = None,
+    threads: Threads = None,
+    shard_size: ShardSize = None,
+    seed: Annotated[
+        int | None,
+        typer.Option("--seed", min=0, max=2**32 - 1, help="Seed of random methods \\[default: 0]."),
+    ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace members' folders that exist.")
+    ] = False,
+    resume: Annotated[
+        bool,
+        typer.Option("--resume", help="Finish an interrupted sweep: keep the verified complete members."),
+    ] = False,
+    offline: Offline = False,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
+    verbose: Verbose = False,
+) -> None:
+    """Run every merge of a sweep CONFIG into OUTDIR/NAME, reading the inputs once per pass for
+    all the members that share them (a multi-document CONFIG, or one whose parameters hold
+    {sweep: [...]} lists)."""
+    from .sweeps import sweep as run_sweep
+    from .units import format_size
+
+    signal.signal(signal.SIGTERM, _sigterm)
+    bar = _ProgressBar() if not quiet and sys.stderr.isatty() else None
+    with _errors(verbose), bar or nullcontext():
+        clock = time.perf_counter()
+        results = run_sweep(
+            config,
+            outdir,
+            ram_budget=ram_budget,
+            threads=threads,
+            shard_size=shard_size,
+            seed=seed,
+            overwrite=overwrite,
+            resume=resume,
+            progress=bar.update if bar is not None else None,
+            offline=offline,
+        )
+        for r in results:
+            for w in r.warnings:
+                typer.echo(f"warning: {r.out_dir.name}: {w}", err=True)
+        if not quiet:
+            for r in results:
+                typer.echo(f"wrote {r.out_dir} ({len(r.files)} files, {format_size(r.bytes_written)})")
+            seconds = time.perf_counter() - clock
+            read = max((r.bytes_read for r in results), default=0)
+            typer.echo(f"sweep of {len(results)} members in {seconds:.1f} s; read {format_size(read)} in all")
+
+
+@app.command(cls=_Command)
 def plan(
     config: Annotated[Path, typer.Argument(metavar="CONFIG", help="The merge configuration (YAML).")],
     ram_budget: RamBudget = None,
@@ -251,9 +307,13 @@ def plan(
         ),
     ] = None,
     offline: Offline = False,
+    sweep: Annotated[
+        bool, typer.Option("--sweep", help="CONFIG is a sweep of several documents (see 'mergex sweep').")
+    ] = False,
     verbose: Verbose = False,
 ) -> None:
-    """Show what a merge will read and write, its chunks, passes, shards and peak memory."""
+    """Show what a merge will read and write, its chunks, passes, shards and peak memory (for
+    a sweep: what it reads against its members merged one by one)."""
     from rich.console import Console
     from rich.markup import escape
     from rich.table import Table
@@ -262,6 +322,11 @@ def plan(
     from .units import format_size, parse_size
 
     with _errors(verbose):
+        from .sweeps import is_sweep
+
+        if sweep or is_sweep(config):
+            _plan_sweep(config, ram_budget, threads, shard_size, offline)
+            return
         p = make_plan(config, ram_budget=ram_budget, threads=threads, shard_size=shard_size, offline=offline)
         c = Console()
         c.print(f"[bold]{p.method}[/] merge of {len(p.models)} models, {p.tensors} output tensors")
@@ -295,6 +360,23 @@ def plan(
             )
         for w in p.warnings:
             c.print(f"[yellow]warning:[/] {w}")
+
+
+def _plan_sweep(
+    config: Path, ram_budget: str | None, threads: int | None, shard_size: str | None, offline: bool
+) -> None:
+    from .sweeps import sweep_plan
+    from .units import format_size
+
+    p = sweep_plan(config, ram_budget=ram_budget, threads=threads, shard_size=shard_size, offline=offline)
+    typer.echo(f"sweep of {len(p.members)} members in {len(p.groups)} group(s) reading the same inputs")
+    for g in p.groups:
+        typer.echo(f"  together: {', '.join(g)}")
+    ratio = p.separate_bytes_read / p.bytes_read if p.bytes_read else 0.0
+    typer.echo(
+        f"reads {format_size(p.bytes_read)} over all passes; merged one by one they would read "
+        f"{format_size(p.separate_bytes_read)} ({ratio:.1f}x); writes {format_size(p.bytes_written)}"
+    )
 
 
 @app.command(cls=_Command)

@@ -15,7 +15,7 @@ import yaml
 
 from .errors import ConfigError
 
-__all__ = ["Stage", "read_recipe", "resolve_stages"]
+__all__ = ["Stage", "read_recipe", "refs", "resolve_stages", "substitute"]
 
 _REF_KEYS = ("model", "base_model", "tokenizer_source", "source")
 
@@ -56,7 +56,7 @@ def read_recipe(path: Path) -> list[Stage] | None:
     return stages
 
 
-def _refs(value: Any) -> set[str]:
+def refs(value: Any) -> set[str]:
     """Every model reference in a config (each part of ``BASE+ADAPTER``)."""
     out: set[str] = set()
     if isinstance(value, dict):
@@ -64,23 +64,23 @@ def _refs(value: Any) -> set[str]:
             if k in _REF_KEYS and isinstance(v, str):
                 out |= set(v.split("+"))
             else:
-                out |= _refs(v)
+                out |= refs(v)
     elif isinstance(value, list):
         for v in value:
-            out |= _refs(v)
+            out |= refs(v)
     return out
 
 
-def _substitute(value: Any, paths: dict[str, str]) -> Any:
+def substitute(value: Any, paths: dict[str, str]) -> Any:
     if isinstance(value, dict):
         return {
             k: "+".join(paths.get(p, p) for p in v.split("+"))
             if k in _REF_KEYS and isinstance(v, str)
-            else _substitute(v, paths)
+            else substitute(v, paths)
             for k, v in value.items()
         }
     if isinstance(value, list):
-        return [_substitute(v, paths) for v in value]
+        return [substitute(v, paths) for v in value]
     return value
 
 
@@ -101,7 +101,7 @@ def resolve_stages(
         )
     final = unnamed[0] if unnamed else stages[-1]
     by_name = {s.name: s for s in stages if s.name}
-    deps = {s.index: sorted(_refs(s.raw) & set(by_name)) for s in stages}
+    deps = {s.index: sorted(refs(s.raw) & set(by_name)) for s in stages}
     order: list[Stage] = []
     state: dict[int, str] = {}
 
@@ -119,7 +119,7 @@ def resolve_stages(
 
     visit(final, [])
     paths = {name: str(folder / name) for name in by_name}
-    return [(s, _substitute(s.raw, paths), None if s is final else folder / str(s.name)) for s in order]
+    return [(s, substitute(s.raw, paths), None if s is final else folder / str(s.name)) for s in order]
 
 
 def remove(folders: list[Path], parent: Path) -> None:

@@ -97,6 +97,70 @@ impl MergeJob {
     }
 }
 
+/// Several merges of the same inputs run together (`mergex sweep`): each group of members
+/// reads its inputs once per pass for all of them.
+#[pyclass(frozen, module = "mergex._mergex")]
+struct Sweep {
+    members: Vec<Arc<Engine>>,
+    progress: Arc<Progress>,
+}
+
+#[pymethods]
+impl Sweep {
+    /// A sweep of the prepared `members`.
+    #[new]
+    fn new(members: Vec<Bound<'_, MergeJob>>) -> Self {
+        let members = members.iter().map(|m| Arc::clone(&m.get().engine)).collect();
+        Sweep { members, progress: Arc::new(Progress::default()) }
+    }
+
+    /// Run each group (member indices that read the same inputs) into its members' folders
+    /// (`dirs`, one per member, existing and empty); the summaries in member order.
+    fn run(
+        &self,
+        py: Python<'_>,
+        groups: Vec<Vec<usize>>,
+        dirs: Vec<PathBuf>,
+    ) -> PyResult<Vec<results::RunSummary>> {
+        let mut out: Vec<Option<results::RunSummary>> = (0..self.members.len()).map(|_| None).collect();
+        for group in &groups {
+            let engines: Vec<&Engine> =
+                group.iter().filter_map(|&m| self.members.get(m).map(|e| &**e)).collect();
+            let folders: Vec<&std::path::Path> =
+                group.iter().filter_map(|&m| dirs.get(m).map(|d| d.as_path())).collect();
+            let summaries = py
+                .detach(|| mergex_core::engine::sweep::run_sweep(&engines, &folders, &self.progress))
+                .map_err(|e| to_py(py, e))?;
+            for (&m, summary) in group.iter().zip(summaries) {
+                if let Some(slot) = out.get_mut(m) {
+                    *slot = Some(summary.into());
+                }
+            }
+        }
+        let missing = || mergex_core::Error::InvalidJob {
+            field: "sweep".into(),
+            message: "a member in no group".into(),
+        };
+        out.into_iter().map(|s| s.ok_or_else(|| to_py(py, missing()))).collect()
+    }
+
+    /// Input bytes the members read together (one group), over all passes.
+    fn planned_bytes(&self) -> u64 {
+        let engines: Vec<&Engine> = self.members.iter().map(|e| &**e).collect();
+        mergex_core::engine::sweep::planned_bytes(&engines)
+    }
+
+    /// (bytes done, bytes total, tensors done, tensors total) of the whole sweep.
+    fn progress(&self) -> (u64, u64, u64, u64) {
+        self.progress.snapshot()
+    }
+
+    /// Ask the sweep to stop at the next chunk; `run` then raises `MergeInterrupted`.
+    fn cancel(&self) {
+        self.progress.cancel();
+    }
+}
+
 /// A merge whose arithmetic runs outside the Rust engine: the stored bytes of chunks are
 /// read by the engine into caller buffers (the caller decodes them), and merged values go
 /// back through its writer.
@@ -322,14 +386,22 @@ fn checksum(py: Python<'_>, path: PathBuf) -> PyResult<String> {
     py.detach(move || mergex_core::format::writer::checksum(&path)).map_err(|e| to_py(py, e))
 }
 
+/// The bytes of tensor data this process has read from input files so far.
+#[pyfunction]
+fn bytes_read() -> u64 {
+    mergex_core::format::file::bytes_read()
+}
+
 #[pymodule]
 fn _mergex(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<MergeJob>()?;
     m.add_class::<Stream>()?;
     m.add_class::<ChunkReader>()?;
     m.add_class::<control::TensorControl>()?;
+    m.add_class::<Sweep>()?;
     m.add_function(wrap_pyfunction!(inspect, m)?)?;
     m.add_function(wrap_pyfunction!(checksum, m)?)?;
+    m.add_function(wrap_pyfunction!(bytes_read, m)?)?;
     m.add_function(wrap_pyfunction!(registry::methods, m)?)?;
     m.add_class::<registry::Method>()?;
     m.add_class::<registry::MethodParam>()?;

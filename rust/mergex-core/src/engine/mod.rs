@@ -8,6 +8,7 @@ pub mod progress;
 pub mod read;
 mod run;
 pub mod stream;
+pub mod sweep;
 mod values;
 
 pub use plan::{Engine, PlanSummary};

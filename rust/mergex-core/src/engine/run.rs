@@ -49,14 +49,14 @@ pub struct RunSummary {
 
 /// Wall time of the samples and of each pass, summed over tensors.
 #[derive(Debug, Default)]
-struct Timings {
-    sample: f64,
-    stats: Vec<f64>,
-    output: f64,
+pub(super) struct Timings {
+    pub(super) sample: f64,
+    pub(super) stats: Vec<f64>,
+    pub(super) output: f64,
 }
 
 /// Per-worker buffers, reused across the chunks a worker runs.
-struct Scratch<T> {
+pub(super) struct Scratch<T> {
     inputs: Vec<Vec<T>>,
     /// Stored bytes over a sub-block: each input's (weighted sums, and methods that take
     /// them undecoded), or one buffer every input is read through (decoding).
@@ -86,10 +86,10 @@ impl<T: Real> Scratch<T> {
 
 /// One [`Scratch`] per pool thread, kept for the whole run: fresh buffers for every chunk
 /// would cost a page fault per 4 KiB of zeroed memory, more than the merge arithmetic.
-struct Scratches<T>(Vec<Mutex<Scratch<T>>>);
+pub(super) struct Scratches<T>(Vec<Mutex<Scratch<T>>>);
 
 impl<T: Real> Scratches<T> {
-    fn new(threads: usize) -> Self {
+    pub(super) fn new(threads: usize) -> Self {
         Scratches((0..threads.max(1)).map(|_| Mutex::new(Scratch::new())).collect())
     }
 
@@ -131,25 +131,7 @@ impl Engine {
         let (s32, s64) = (Scratches::<f32>::new(self.job.threads), Scratches::<f64>::new(self.job.threads));
         let mut times = Timings::default();
         pool.install(|| -> Result<()> {
-            // Scales that need the merged amax of a tensor or of its fusion group: the
-            // members are merged once for it first (QUANT.md §7).
-            let mut amax = BTreeMap::new();
-            for (i, t) in self.tensors.iter().enumerate() {
-                let Some(key) = t.amax_key().filter(|k| kept.get(i) != Some(&true) && !amax.contains_key(*k))
-                else {
-                    continue;
-                };
-                let mut value = 0f32;
-                for m in self.tensors.iter().filter(|m| m.amax_key() == Some(key)) {
-                    let a = if m.wide {
-                        self.merged_amax(m, progress, &s64, &mut times)?
-                    } else {
-                        self.merged_amax(m, progress, &s32, &mut times)?
-                    };
-                    value = value.max(a);
-                }
-                amax.insert(key.to_string(), value);
-            }
+            let amax = self.amax_values(&kept, progress, (&s32, &s64), &mut times)?;
             for (i, t) in self.tensors.iter().enumerate() {
                 if kept.get(i) == Some(&true) {
                     progress.tensors_done.fetch_add(1, Ordering::Relaxed);
@@ -176,6 +158,35 @@ impl Engine {
         summary.stat_pass_seconds = times.stats;
         summary.output_seconds = times.output;
         Ok(summary)
+    }
+
+    /// Scales that need the merged amax of a tensor or of its fusion group (QUANT.md §7):
+    /// the members are merged once for it first, writing nothing.
+    pub(super) fn amax_values(
+        &self,
+        kept: &[bool],
+        progress: &Progress,
+        (s32, s64): (&Scratches<f32>, &Scratches<f64>),
+        times: &mut Timings,
+    ) -> Result<BTreeMap<String, f32>> {
+        let mut amax = BTreeMap::new();
+        for (i, t) in self.tensors.iter().enumerate() {
+            let Some(key) = t.amax_key().filter(|k| kept.get(i) != Some(&true) && !amax.contains_key(*k))
+            else {
+                continue;
+            };
+            let mut value = 0f32;
+            for m in self.tensors.iter().filter(|m| m.amax_key() == Some(key)) {
+                let a = if m.wide {
+                    self.merged_amax(m, progress, s64, times)?
+                } else {
+                    self.merged_amax(m, progress, s32, times)?
+                };
+                value = value.max(a);
+            }
+            amax.insert(key.to_string(), value);
+        }
+        Ok(amax)
     }
 
     /// Where output `k` of tensor `t` goes (0: the tensor itself, then its companions).
@@ -209,20 +220,32 @@ impl Engine {
         len: u64,
         to: &Output<'_>,
     ) -> Result<()> {
+        self.emit_values(t, (&s.bytes, &s.vals, &mut s.encoded), start, len, to)
+    }
+
+    /// [`Engine::emit`] from the buffers `(bytes, vals, encoded)` of a chunk.
+    pub(super) fn emit_values(
+        &self,
+        t: &Prepared,
+        (bytes, vals, encoded): (&[u8], &[f32], &mut Encoded),
+        start: u64,
+        len: u64,
+        to: &Output<'_>,
+    ) -> Result<()> {
         match (to, &t.enc) {
             (Output::Write(writer, _), None) => {
                 let size = t.out.dtype.size() as u64;
-                let bytes = s.bytes.get(..len as usize * size as usize).unwrap_or_default();
+                let bytes = bytes.get(..len as usize * size as usize).unwrap_or_default();
                 let place = self.place(t, 0);
                 writer.write_at(place.shard, place.offset + start * size, bytes)
             }
             (Output::Write(writer, amax), Some(enc)) => {
-                let vals = s.vals.get(..len as usize).unwrap_or_default();
-                enc.encode(start, vals, *amax, &mut s.encoded)?;
-                self.write_encoded(t, writer, &s.encoded)
+                let vals = vals.get(..len as usize).unwrap_or_default();
+                enc.encode(start, vals, *amax, encoded)?;
+                self.write_encoded(t, writer, encoded)
             }
             (Output::Amax(cell), _) => {
-                let vals = s.vals.get(..len as usize).unwrap_or_default();
+                let vals = vals.get(..len as usize).unwrap_or_default();
                 fold_amax(t, start, vals, cell)
             }
         }
@@ -254,7 +277,7 @@ impl Engine {
         Ok(())
     }
 
-    fn chunks(t: &Prepared) -> Vec<(u64, u64)> {
+    pub(super) fn chunks(t: &Prepared) -> Vec<(u64, u64)> {
         let n = t.numel();
         (0..n.div_ceil(t.chunk)).map(|i| (i * t.chunk, t.chunk.min(n - i * t.chunk))).collect()
     }
@@ -503,7 +526,7 @@ fn weighted_chunk<T: Real>(
 
 /// Read every view's stored bytes for elements `[at, at + n)`, each into its own buffer of
 /// `raws` (in view order), for [`stored`].
-fn read_stored(views: &[&View], raws: &mut Vec<Vec<u8>>, at: u64, n: usize) -> Result<()> {
+pub(super) fn read_stored(views: &[&View], raws: &mut Vec<Vec<u8>>, at: u64, n: usize) -> Result<()> {
     raws.resize_with(raws.len().max(views.len()), Vec::new);
     for (v, raw) in views.iter().zip(raws.iter_mut()) {
         raw.resize(n * v.dtype().size(), 0);
@@ -513,7 +536,7 @@ fn read_stored(views: &[&View], raws: &mut Vec<Vec<u8>>, at: u64, n: usize) -> R
 }
 
 /// The bytes [`read_stored`] read, with their views' dtypes.
-fn stored<'r>(views: &[&View], raws: &'r [Vec<u8>]) -> Vec<Raw<'r>> {
+pub(super) fn stored<'r>(views: &[&View], raws: &'r [Vec<u8>]) -> Vec<Raw<'r>> {
     views.iter().zip(raws).map(|(v, r)| Raw { dtype: v.dtype(), bytes: r }).collect()
 }
 

@@ -7,6 +7,15 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
+/// Bytes read from tensor data by [`SafeFile::read_at`] in this process, all files together
+/// (what tests count to check that a sweep reads each input once per pass).
+static BYTES_READ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// The bytes of tensor data read so far in this process ([`SafeFile::read_at`]).
+pub fn bytes_read() -> u64 {
+    BYTES_READ.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 use memmap2::{Mmap, MmapOptions};
 
 use super::header::{parse_header, Header, TensorEntry, MAX_HEADER_LEN};
@@ -120,6 +129,7 @@ impl SafeFile {
     /// than faulting our map in page by page and leaves nothing mapped to release. A file
     /// that shrank since it was opened gives an error here, where the map would fault.
     pub fn read_at(&self, t: &TensorEntry, begin: u64, buf: &mut [u8]) -> Result<()> {
+        BYTES_READ.fetch_add(buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
         let (start, _) = self.span(t, begin, begin.saturating_add(buf.len() as u64))?;
         self.file.read_exact_at(buf, start).map_err(|e| Error::io(&self.path, "read", e))
     }
