@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-# The helper modules (reference.py, models.py) live beside this file; make them importable
-# whatever pytest's import mode is.
+# The helpers (the model zoo, the numpy references, the case tables) are the package
+# ``support/`` beside this file; make it importable whatever pytest's import mode is.
 sys.path.insert(0, str(Path(__file__).parent))
 
-import models
+from support import models
 
 
 @pytest.fixture(scope="session")

@@ -9,11 +9,11 @@ import json
 import math
 from pathlib import Path
 
-import models
 import numpy as np
 import pytest
-import reference as ref
 from mergex import CheckpointError, ConfigError
+from support import models
+from support import reference as ref
 
 HIDDEN, INTER, VOCAB = models.HIDDEN, models.INTERMEDIATE, models.VOCAB
 Q0, UP1 = "model.layers.0.self_attn.q_proj", "model.layers.1.mlp.up_proj"
@@ -362,7 +362,7 @@ def test_cli_reports_a_bad_adapter_in_one_line(family, tmp_path):
 def test_an_adapter_on_a_block_fp8_base(family, mergex_mod, tmp_path):
     # A base quantized to block FP8 (the adapter's own dtype is F32): the reader decodes the
     # codes, then adds B·A, for the chunk's rows only.
-    import quant_ref as qref
+    from support import quant_ref as qref
 
     base, a1 = family["base"], family["a1"]
     rng = np.random.default_rng(4)

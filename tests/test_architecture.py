@@ -1,11 +1,13 @@
 """The source tree reads as the architecture: the module graph of mergex-core has no cycles
 and follows the layering ``error, job → format → numeric → kernels → methods → engine``
-(``scripts/module_graph.py``), and no source file grows past about 600 lines outside the
-SIMD kernels and test tables.
+(``scripts/module_graph.py``), no source file grows past about 600 lines outside the
+SIMD kernels and test tables, and no test module imports another (what tests share lives in
+``tests/support/``).
 """
 
 from __future__ import annotations
 
+import ast
 import subprocess
 import sys
 from pathlib import Path
@@ -58,3 +60,42 @@ def test_the_checker_finds_a_cycle(tmp_path, monkeypatch):
     edges = module_graph.graph()
     assert module_graph.cycles(edges) == [[("methods",), ("methods", "a")]]
     assert module_graph.violations(edges) == ["methods::a uses engine"]
+
+
+def imported_test_modules(path: Path) -> list[str]:
+    """The test modules (``test_*``) that the Python file at ``path`` imports, at any depth."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found += [a.name for a in node.names if a.name.split(".")[0].startswith("test_")]
+        elif isinstance(node, ast.ImportFrom):
+            if node.module and node.module.split(".")[0].startswith("test_"):
+                found.append(node.module)
+            elif not node.module:  # from . import test_x
+                found += [a.name for a in node.names if a.name.startswith("test_")]
+    return found
+
+
+def test_no_test_module_imports_another():
+    tests = ROOT / "tests"
+    files = [*tests.glob("test_*.py"), tests / "conftest.py", *(tests / "support").glob("*.py")]
+    bad = [
+        f"{f.relative_to(ROOT).as_posix()} imports {m}"
+        for f in sorted(files)
+        for m in imported_test_modules(f)
+    ]
+    assert not bad, "shared test code belongs in tests/support/: " + "; ".join(bad)
+
+
+def test_the_import_check_finds_nested_imports(tmp_path):
+    f = tmp_path / "test_x.py"
+    f.write_text(
+        "import numpy, test_a\n"
+        "from support import models\n"
+        "from test_b.sub import c\n"
+        "def test():\n"
+        "    if True:\n"
+        "        import test_c as t\n"
+        "        from test_d import e\n"
+    )
+    assert imported_test_modules(f) == ["test_a", "test_b.sub", "test_c", "test_d"]

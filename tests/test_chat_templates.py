@@ -8,9 +8,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import models
 import pytest
 from mergex import ConfigError
+from support import models
 
 CONVERSATION = [
     {"role": "system", "content": "Be brief."},

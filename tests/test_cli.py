@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 import mergex
-import models
 import pytest
+from support import models
 
 ROOT = Path(__file__).resolve().parent.parent
 

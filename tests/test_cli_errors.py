@@ -13,10 +13,10 @@ import struct
 from dataclasses import dataclass
 from pathlib import Path
 
-import models
 import numpy as np
 import pytest
-import reference as ref
+from support import models
+from support import reference as ref
 
 
 @dataclass

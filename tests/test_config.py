@@ -7,11 +7,11 @@ import json
 import math
 
 import mergex
-import models
 import numpy as np
 import pytest
 from mergex.params import NOT_FOUND, evaluate, gradient, layer_index, lookup, rename_layer, to_f32
 from mergex.planner import build_job
+from support import models
 
 
 def f32(x: float) -> float:
@@ -362,7 +362,7 @@ def test_glob_filters_match_the_whole_name_and_plain_ones_a_substring():
 
 
 def test_mixed_input_dtypes_promote_as_torch_does(make_model, run_merge, out_dir, tmp_path):
-    import reference as ref
+    from support import reference as ref
 
     a, b = make_model("a", "bf16", seed=1), make_model("b", "f16", seed=2)
     cfg = {
@@ -385,7 +385,7 @@ def test_mixed_input_dtypes_promote_as_torch_does(make_model, run_merge, out_dir
 
 
 def test_a_slice_can_name_its_own_base_and_residual_weight_is_accepted(make_model, run_merge, out_dir):
-    import reference as ref
+    from support import reference as ref
 
     a, b, c = (make_model(n, seed=s) for n, s in (("a", 1), ("b", 2), ("c", 3)))
     cfg = {

@@ -7,8 +7,8 @@ tensor of these models fits in one chunk, with the smaller one each spans many.
 
 from __future__ import annotations
 
-import models
 import pytest
+from support import models
 
 # (budget, threads) settings compared with the first one.
 SETTINGS = [("64KiB", 1), ("2MiB", 1), ("64KiB", 2), ("256KiB", 3), ("2MiB", 2)]

@@ -8,10 +8,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import models
 import numpy as np
 import pytest
 from mergex import ConfigError
+from support import models
 
 BIG = "model.layers.0.mlp.up_proj.weight"
 SHAPE = (1536, 768)  # 4.5 MiB in f32: larger than the 4 MiB budget below

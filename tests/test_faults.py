@@ -14,9 +14,9 @@ import time
 from pathlib import Path
 
 import mergex
-import models
 import numpy as np
 import pytest
+from support import models
 
 
 def _write_models(root: Path) -> list[Path]:

@@ -27,13 +27,13 @@ import struct
 from pathlib import Path
 
 import mergex
-import models
 import numpy as np
 import pytest
 import yaml
 from hypothesis import HealthCheck, example, given, seed, settings
 from hypothesis import strategies as st
 from mergex.config import _TOP_KEYS
+from support import models
 
 EXAMPLES = int(os.environ.get("MERGEX_FUZZ_EXAMPLES", "200"))
 SEED = os.environ.get("MERGEX_FUZZ_SEED")

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import mergex
-import models
 import pytest
+from support import models
 
 HOSTILE = Path(__file__).resolve().parent / "hostile"
 

@@ -10,11 +10,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import models
 import pytest
 import yaml
-from hub_server import HubServer, folder_files
 from mergex import CheckpointError, ModelNotFoundError
+from support import models
+from support.hub_server import HubServer, folder_files
 
 SHARDS = 4
 

@@ -14,78 +14,13 @@ import json
 import mmap
 import os
 import struct
-import subprocess
 import sys
 from pathlib import Path
 
-import models
 import numpy as np
-import reference as ref
-
-MiB = 1 << 20
-BUDGET = 32 * MiB
-SLACK = 200 * MiB  # interpreter, imports, thread stacks, allocator slop
-SHAPE = (6144, 1024)  # 6.3M elements, 24 MiB in f32
-NAMES = [
-    "model.embed_tokens.weight",
-    "model.layers.0.mlp.up_proj.weight",
-    "model.layers.1.mlp.up_proj.weight",
-    "lm_head.weight",
-]
-
-
-def write_big_model(path: Path, seed: int) -> int:
-    """A f32 model folder written tensor by tensor (the test process stays small)."""
-    path.mkdir(parents=True)
-    nbytes = SHAPE[0] * SHAPE[1] * 4
-    header = {"__metadata__": {"format": "pt"}}
-    for i, name in enumerate(NAMES):
-        header[name] = {
-            "dtype": "F32",
-            "shape": list(SHAPE),
-            "data_offsets": [i * nbytes, (i + 1) * nbytes],
-        }
-    hbytes = json.dumps(header).encode()
-    hbytes += b" " * (-len(hbytes) % 8)
-    rng = np.random.default_rng(seed)
-    with open(path / "model.safetensors", "wb") as f:
-        f.write(struct.pack("<Q", len(hbytes)) + hbytes)
-        for _ in NAMES:
-            rng.standard_normal(SHAPE, dtype=np.float32).tofile(f)
-    cfg = models.model_config(layers=2, dtype="f32", hidden_size=SHAPE[1], vocab_size=SHAPE[0])
-    (path / "config.json").write_text(json.dumps(cfg))
-    return nbytes * len(NAMES)
-
-
-def tensor_view(folder: Path, name: str) -> np.ndarray:
-    """A memory map of one tensor of a safetensors file (f32 only)."""
-    return raw_view(folder, name, np.dtype("<f4"), "F32")
-
-
-def raw_view(folder: Path, name: str, dtype: np.dtype | type, expect: str | None = None) -> np.ndarray:
-    """A memory map of one tensor of a safetensors file, as ``dtype``."""
-    f = folder / "model.safetensors"
-    with open(f, "rb") as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(n))
-    info = header[name]
-    assert expect is None or info["dtype"] == expect
-    a, _b = info["data_offsets"]
-    return np.memmap(f, dtype=dtype, mode="r", offset=8 + n + a, shape=tuple(info["shape"]))
-
-
-# Runs the command and prints its peak RSS (KiB) as read by wait4. The launcher matters:
-# Linux keeps the largest RSS a process had *before* exec in its ru_maxrss, and a child
-# spawned straight from pytest starts out as a copy of (or shares) pytest's address space,
-# so its ru_maxrss would be at least pytest's own RSS. A child of this small launcher
-# starts from the launcher's few MiB instead.
-LAUNCHER = """
-import os, subprocess, sys
-proc = subprocess.Popen(sys.argv[1:])
-_pid, status, usage = os.wait4(proc.pid, 0)
-print(usage.ru_maxrss)
-sys.exit(os.waitstatus_to_exitcode(status))
-"""
+from support import models
+from support import reference as ref
+from support.memory import BUDGET, NAMES, SHAPE, SLACK, MiB, peak_rss, raw_view, tensor_view, write_big_model
 
 
 def resident_bytes(path: Path) -> int:
@@ -129,21 +64,6 @@ def drops_written_pages(folder: Path) -> bool:
     dropped = resident_bytes(probe) < MiB
     probe.unlink()
     return dropped
-
-
-def peak_rss(cmd: list[str], cwd: Path) -> tuple[int, int, str]:
-    """Run ``cmd``; return (exit code, its peak RSS in bytes, stderr)."""
-    res = subprocess.run(
-        [sys.executable, "-c", LAUNCHER, *cmd],
-        check=False,
-        capture_output=True,
-        text=True,
-        cwd=cwd,
-        timeout=600,
-    )
-    lines = res.stdout.split()
-    assert lines, f"launcher printed nothing; stderr:\n{res.stderr}"
-    return res.returncode, int(lines[-1]) * 1024, res.stderr  # KiB on Linux
 
 
 def big_models(root: Path) -> tuple[list[Path], int]:
@@ -295,7 +215,7 @@ def test_peak_rss_within_budget_on_fp8_inputs(tmp_path):
 def test_peak_rss_within_budget_writing_fp8(tmp_path):
     # The same merge written back as block FP8 (out_quantization: base): a chunk is whole
     # blocks of 128 rows, encoded from its own merged values, within the same budget.
-    import quant_ref
+    from support import quant_ref
 
     folders, total_in = [], 0
     for k in range(3):

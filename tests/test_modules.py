@@ -6,10 +6,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import models
 import pytest
-import reference as ref
 from mergex import ConfigError
+from support import models
+from support import reference as ref
 
 SHAPES = {
     "model.embed_tokens.weight": (40, 16),

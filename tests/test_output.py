@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import re
 
-import models
 import numpy as np
 import pytest
-import reference as ref
 import yaml
 from safetensors import safe_open
 from safetensors.numpy import load_file
+from support import models
+from support import reference as ref
 
 
 def linear_cfg(*ms, out_dtype=None, weights=None):

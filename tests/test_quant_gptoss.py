@@ -9,12 +9,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import models
 import numpy as np
 import pytest
-import quant_ref as qref
-import reference as ref
 from mergex import CheckpointError
+from support import models
+from support import quant_ref as qref
+from support import reference as ref
 
 F32 = np.float32
 EXPERTS, HIDDEN, INTER = 3, 64, 64

@@ -10,10 +10,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import models
 import numpy as np
 import pytest
 from mergex import CheckpointError
+from support import models
 
 PROJ = "model.layers.0.mlp.up_proj.weight"  # (INTERMEDIATE, HIDDEN) = (250, 96)
 PREFIX = PROJ[: -len("weight")]

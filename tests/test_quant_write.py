@@ -14,13 +14,13 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-import models
 import numpy as np
 import pytest
-import quant_ref as qref
-import reference as ref
-import test_quant_read as qr
 from mergex import ConfigError, MergexError
+from support import models
+from support import quant_models as qm
+from support import quant_ref as qref
+from support import reference as ref
 
 F32 = np.float32
 
@@ -29,7 +29,7 @@ def _fp8(kind: str) -> Callable[[Path, int], tuple[Path, dict[str, np.ndarray]]]
     scales = {"f32": "F32", "bf16": "BF16", "e8m0": "E8M0", "tensor": "F32"}[kind]
 
     def build(root: Path, seed: int) -> tuple[Path, dict[str, np.ndarray]]:
-        m = qr.Fp8Model(root, f"fp8-{kind}", seed, scales, per_tensor=kind == "tensor")
+        m = qm.Fp8Model(root, f"fp8-{kind}", seed, scales, per_tensor=kind == "tensor")
         return m.path, m.values
 
     return build
@@ -60,19 +60,19 @@ CASES = {
     "fp8_bf16": (_fp8("bf16"), "amax", (32, 64), None, "fp8", "bytes"),
     "fp8_e8m0": (_fp8("e8m0"), "ue8m0", (32, 64), None, "fp8", "bytes"),
     "fp8_tensor": (_fp8("tensor"), "amax", None, None, "fp8", "bytes"),
-    "ct_tensor": (_layout(qr.scaled_model, "ct_tensor"), "amax", None, None, "ct8", "bytes"),
-    "ct_channel": (_layout(qr.scaled_model, "ct_channel"), "amax", CHANNEL, None, "ct8", "bytes"),
-    "ct_group": (_layout(qr.scaled_model, "ct_group"), "amax", (1, 32), None, "ct8", "bytes"),
-    "ct_block": (_layout(qr.scaled_model, "ct_block"), "amax", (32, 64), None, "ct8", "bytes"),
-    "mxfp8": (_layout(qr.scaled_model, "mxfp8"), "mx", (1, 32), None, "ct8", "values"),
-    "modelopt_fp8": (_layout(qr.scaled_model, "modelopt_fp8"), "amax", None, None, "ct8", "bytes"),
-    "ct_nvfp4": (_layout(qr.fp4_model, "ct_nvfp4"), "nvfp4", (1, 16), None, "ct4", None),
-    "modelopt_nvfp4": (_layout(qr.fp4_model, "modelopt_nvfp4"), "nvfp4_modelopt", (1, 16), None, "mo4", None),
-    "ct_mxfp4": (_layout(qr.fp4_model, "ct_mxfp4"), "mx", (1, 32), 4, "mx4", "values"),
-    "ct_int4_group": (_layout(qr.int_model, "ct_int4_group"), "int", (1, 32), 4, "int", "bytes"),
-    "ct_int8_channel": (_layout(qr.int_model, "ct_int8_channel"), "int", CHANNEL, 8, "int", "bytes"),
+    "ct_tensor": (_layout(qm.scaled_model, "ct_tensor"), "amax", None, None, "ct8", "bytes"),
+    "ct_channel": (_layout(qm.scaled_model, "ct_channel"), "amax", CHANNEL, None, "ct8", "bytes"),
+    "ct_group": (_layout(qm.scaled_model, "ct_group"), "amax", (1, 32), None, "ct8", "bytes"),
+    "ct_block": (_layout(qm.scaled_model, "ct_block"), "amax", (32, 64), None, "ct8", "bytes"),
+    "mxfp8": (_layout(qm.scaled_model, "mxfp8"), "mx", (1, 32), None, "ct8", "values"),
+    "modelopt_fp8": (_layout(qm.scaled_model, "modelopt_fp8"), "amax", None, None, "ct8", "bytes"),
+    "ct_nvfp4": (_layout(qm.fp4_model, "ct_nvfp4"), "nvfp4", (1, 16), None, "ct4", None),
+    "modelopt_nvfp4": (_layout(qm.fp4_model, "modelopt_nvfp4"), "nvfp4_modelopt", (1, 16), None, "mo4", None),
+    "ct_mxfp4": (_layout(qm.fp4_model, "ct_mxfp4"), "mx", (1, 32), 4, "mx4", "values"),
+    "ct_int4_group": (_layout(qm.int_model, "ct_int4_group"), "int", (1, 32), 4, "int", "bytes"),
+    "ct_int8_channel": (_layout(qm.int_model, "ct_int8_channel"), "int", CHANNEL, 8, "int", "bytes"),
     "ct_int4_asymmetric": (
-        _layout(qr.int_model, "ct_int4_asymmetric"),
+        _layout(qm.int_model, "ct_int4_asymmetric"),
         "int_asym",
         (1, 32),
         4,
@@ -121,7 +121,7 @@ def quantized_names(case: str, base: models.Output, values: dict) -> list[str]:
 def test_requantized_merge_equals_the_numpy_encoder(mergex_mod, tmp_path, case):
     build = CASES[case][0]
     path, values = build(tmp_path, 21)
-    plain, pv = qr.plain_model(tmp_path, "plain", 22)
+    plain, pv = qm.plain_model(tmp_path, "plain", 22)
     base = models.read_output(path)
     cfg = {
         "merge_method": "linear",
@@ -225,7 +225,7 @@ def test_nvfp4_global_scales_follow_the_fusion_group(mergex_mod, tmp_path):
         tensors[stem + ".weight_packed"] = ("U8", (x.shape[0], x.shape[1] // 2), qref.pack_fp4(enc["codes"]))
         tensors[n + "_scale"] = ("F8_E4M3", enc["scales"].shape, enc["scales"].astype(np.uint8).tobytes())
         tensors[n + "_global_scale"] = ("F32", (1,), F32(enc["global"]).tobytes())
-    quant = qr.ct_config("nvfp4-pack-quantized", num_bits=4, strategy="tensor_group", group_size=16)
+    quant = qm.ct_config("nvfp4-pack-quantized", num_bits=4, strategy="tensor_group", group_size=16)
     path = models.write_quantized(tmp_path / "nvfp4", tensors, quant, layers=1)
     plain = models.write_model(tmp_path / "plain", models.random_tensors(shapes, "bf16", 6), "bf16", layers=1)
     cfg = {
@@ -252,7 +252,7 @@ def test_nvfp4_global_scales_follow_the_fusion_group(mergex_mod, tmp_path):
 
 def test_a_merged_value_that_cannot_be_quantized_is_an_error(mergex_mod, tmp_path):
     path, _ = _fp8("f32")(tmp_path, 25)
-    plain, _ = qr.plain_model(tmp_path, "plain", 26)
+    plain, _ = qm.plain_model(tmp_path, "plain", 26)
     cfg = {
         "merge_method": "task_arithmetic",
         "base_model": str(path),

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import models
 import pytest
 import yaml
 from mergex import ConfigError
+from support import models
 
 
 def write_recipe(path: Path, docs: list[dict]) -> Path:

@@ -7,9 +7,9 @@ rounding is round-to-nearest-even, so the expected bytes are exact for every out
 
 from __future__ import annotations
 
-import models
 import pytest
-import reference as ref
+from support import models
+from support import reference as ref
 
 IN_DTYPES = ["bf16", "f16", "f32"]
 OUT_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}

@@ -10,12 +10,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import models
 import numpy as np
 import pytest
-import reference
 from mergex import METHODS, _mergex
 from mergex.errors import ConfigError
+from support import models, reference
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 

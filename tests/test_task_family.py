@@ -15,76 +15,26 @@ of models feed the comparisons:
 
 from __future__ import annotations
 
-import json
 import math
-import struct
 from pathlib import Path
 
-import models
 import numpy as np
 import pytest
-import reference as ref
-import test_memory
-
-LAYERS = 3  # p = 0, 0.5, 1 for layers 0, 1, 2 (dyadic, so gradients are exact)
-SHAPES = models.llama_shapes(layers=LAYERS)
-TASK_METHODS = [
-    "ties",
-    "dare_ties",
-    "dare_linear",
-    "breadcrumbs",
-    "breadcrumbs_ties",
-    "della",
-    "della_linear",
-]
-RANDOM_METHODS = ["dare_ties", "dare_linear", "della", "della_linear"]
-GRID = 2.0**-6
-
+from support import memory, models
+from support import reference as ref
+from support.memory import MEM_SHAPE, bf16_view, write_one_tensor_model
+from support.task_cases import (
+    GRID,
+    LAYERS,
+    RANDOM_METHODS,
+    SHAPES,
+    TASK_METHODS,
+    planted_family,
+    random_family,
+    wd,
+)
 
 # --------------------------------------------------------------------------- models
-
-
-def planted_family(root: Path, experts: int = 3, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    base_t = {n: (rng.integers(-64, 65, s) * GRID).astype(np.float32) for n, s in SHAPES.items()}
-    base = models.write_model(root / "base", base_t, "bf16", layers=LAYERS)
-    xs = []
-    for i in range(experts):
-        t = {
-            n: (v + rng.choice(np.array([-3, -2, -1, 1, 2, 3]), v.shape) * GRID).astype(np.float32)
-            for n, v in base_t.items()
-        }
-        xs.append(models.write_model(root / f"expert_{i}", t, "bf16", layers=LAYERS))
-    for x in xs:
-        for n in base.tensors:
-            d = x.tensors[n] - base.tensors[n]
-            assert set(np.unique(np.abs(d) / GRID)) == {1.0, 2.0, 3.0}, n
-    return base, xs
-
-
-def random_family(root: Path, seed: int = 10, shapes: dict | None = None, layers: int = LAYERS):
-    """A bf16 base and bf16, f16 and f32 experts near it with no zero deltas (``shapes``:
-    this module's by default; the torch tests pass their own)."""
-    base = models.write_model(
-        root / "base", models.random_tensors(shapes or SHAPES, "bf16", seed), "bf16", layers=layers
-    )
-    rng = np.random.default_rng(seed + 1)
-    xs = []
-    for i, dtype in enumerate(("bf16", "f16", "f32")):
-        t = {}
-        for n, b in base.tensors.items():
-            x = ref.round_to(
-                b + np.float32(0.01) * rng.standard_normal(b.shape, dtype=np.float32), models.SHORT[dtype]
-            )
-            # Where rounding gave the base value back, move it clearly away: no zero deltas.
-            away = b * np.float32(1.125) + np.copysign(np.float32(0.01), b)
-            x = np.where(x == b, ref.round_to(away, models.SHORT[dtype]), x)
-            t[n] = x
-        xs.append(models.write_model(root / f"expert_{i}", t, dtype, layers=layers))
-    for x in xs:
-        for n in base.tensors:
-            assert np.all(x.tensors[n] != base.tensors[n]), n
-    return base, xs
 
 
 @pytest.fixture(scope="module")
@@ -142,13 +92,6 @@ def expected_outputs(cfg: dict, base: models.Model, xs: list, seed: int = 0) -> 
             seed=seed,
         )
     return out
-
-
-def wd(weight, density=None, **more):
-    p = {"weight": weight, **more}
-    if density is not None:
-        p["density"] = density
-    return p
 
 
 # name -> (method, per-expert parameters, top-level parameters, base weight if listed, seed)
@@ -437,34 +380,6 @@ def test_kept_fraction(families, run_merge, out_dir, method):
 
 MiB = 1 << 20
 MEM_BUDGET = 16 * MiB
-MEM_SHAPE = (8192, 8192)  # 64M elements, 128 MiB in bf16: 8x the budget
-MEM_NAME = "model.layers.0.mlp.up_proj.weight"
-
-
-def write_one_tensor_model(path: Path, bits: np.ndarray) -> None:
-    path.mkdir()
-    n = bits.size
-    header = {
-        "__metadata__": {"format": "pt"},
-        MEM_NAME: {"dtype": "BF16", "shape": list(MEM_SHAPE), "data_offsets": [0, 2 * n]},
-    }
-    hbytes = json.dumps(header).encode()
-    hbytes += b" " * (-len(hbytes) % 8)
-    with open(path / "model.safetensors", "wb") as f:
-        f.write(struct.pack("<Q", len(hbytes)) + hbytes)
-        bits.tofile(f)
-    (path / "config.json").write_text(json.dumps(models.model_config(layers=1, dtype="bf16")))
-
-
-def bf16_view(folder: Path) -> np.ndarray:
-    f = folder / "model.safetensors"
-    with open(f, "rb") as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(n))
-    info = header[MEM_NAME]
-    assert info["dtype"] == "BF16" and info["shape"] == list(MEM_SHAPE)
-    a, b = info["data_offsets"]
-    return np.memmap(f, dtype="<u2", mode="r", offset=8 + n + a, shape=((b - a) // 2,))
 
 
 def test_ties_peak_rss_within_budget(tmp_path):
@@ -491,14 +406,14 @@ def test_ties_peak_rss_within_budget(tmp_path):
     cfg_path = models.dump_yaml(cfg, tmp_path / "merge.yml")
     out = tmp_path / "merged"
     cmd = [*models.mergex_cmd(), "merge", str(cfg_path), str(out), "--ram-budget", "16MiB", "--quiet"]
-    rc, rss, stderr = test_memory.peak_rss(cmd, tmp_path)
+    rc, rss, stderr = memory.peak_rss(cmd, tmp_path)
     assert rc == 0, stderr
     msg = (
         f"ties peak RSS {rss / MiB:.1f} MiB, budget {MEM_BUDGET / MiB:.0f} MiB, "
         f"inputs {total_in / MiB:.0f} MiB"
     )
     print(msg)
-    assert rss < MEM_BUDGET + test_memory.SLACK, msg
+    assert rss < MEM_BUDGET + memory.SLACK, msg
     assert rss < 0.8 * total_in, msg
 
     # And it is the exact top-k: k elements replaced by the expert's, chosen by |δ| with the
@@ -539,14 +454,6 @@ def test_ties_peak_rss_within_budget(tmp_path):
 
 
 # --------------------------------------------------------------------------- 5. config errors
-
-
-def error_line(stderr: str) -> str:
-    lines = [ln for ln in stderr.splitlines() if ln.strip()]
-    assert "Traceback" not in stderr, stderr
-    assert len(lines) == 1, f"expected exactly one line on stderr, got:\n{stderr}"
-    assert lines[0].startswith("error: "), lines[0]
-    return lines[0]
 
 
 def bad_della_low(a, b, c):
@@ -631,7 +538,7 @@ def test_config_error_cli(tmp_path, trio, case):
     outs = tmp_path / "outs"
     outs.mkdir()
     res = models.run_cli(["merge", cfg_path, outs / "merged", "--ram-budget", "64KiB", "--quiet"])
-    line = error_line(res.stderr)
+    line = models.error_line(res.stderr)
     assert res.returncode == 2, f"exit {res.returncode}: {line}"
     assert any(p in line for p in params), f"none of {params} named in: {line}"
     if model is not None:

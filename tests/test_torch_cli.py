@@ -8,10 +8,10 @@ import os
 import subprocess
 from pathlib import Path
 
-import models
 import pytest
 import torch
 from mergex.errors import ConfigError
+from support import models
 
 
 def setup(tmp_path: Path) -> Path:

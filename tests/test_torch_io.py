@@ -13,7 +13,6 @@ from types import SimpleNamespace
 
 import mergex
 import mergex.units
-import models
 import numpy as np
 import pytest
 import torch
@@ -21,6 +20,7 @@ from mergex import api
 from mergex.errors import ConfigError
 from mergex.job import EngineJob, InputRef, TensorJob
 from mergex.torch_engine import driver
+from support import models
 
 # Each stored dtype, paired with the dtype the other model stores the same tensor in, so
 # that one chunk holds inputs of different widths.

@@ -6,12 +6,12 @@ METHODS.md's test vectors and against literal element-by-element versions of the
 from __future__ import annotations
 
 import math
-from fractions import Fraction
 
 import numpy as np
-import reference as ref
 import torch
 from mergex.torch_engine import kit
+from support import reference as ref
+from support.sums import exact, rust_block_sums
 
 NAME = "model.layers.0.mlp.up_proj.weight"
 
@@ -47,22 +47,6 @@ def test_mix_wraps_as_u32():
 
 
 # --------------------------------------------------------------------------- block sums
-
-
-def rust_block_sums(values: np.ndarray) -> list[float]:
-    """engine/reduce.rs ``block_sum`` literally: per block of 256 from the first value,
-    element ``t`` into lane ``t % 8`` in order, the lanes folded in the fixed tree."""
-    sums = []
-    for s in range(0, values.size, kit.BLOCK):
-        x = [0.0] * 8
-        for t, v in enumerate(values[s : s + kit.BLOCK].tolist()):
-            x[t % 8] += v
-        sums.append(((x[0] + x[1]) + (x[2] + x[3])) + ((x[4] + x[5]) + (x[6] + x[7])))
-    return sums
-
-
-def exact(values) -> float:
-    return float(sum((Fraction(v) for v in values), Fraction(0)))
 
 
 def test_block_sums_follow_the_rust_lanes():

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import sys
 
-import models
 import numpy as np
 import pytest
-from test_memory import BUDGET, NAMES, MiB, peak_rss, tensor_view, write_big_model
+from support import models
+from support.memory import BUDGET, NAMES, MiB, peak_rss, tensor_view, write_big_model
 
 SLACK = 300 * MiB
 

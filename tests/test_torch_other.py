@@ -1,11 +1,11 @@
 """The torch engine's sce, ram, ramplus_tl, nearswap and arcee_fusion against the Rust engine.
 
-Every case of ``test_methods_more`` for these methods runs through both engines, with the
-smallest RAM budget (each tensor spans many chunks, and the exact top-k and quartile
-selections take several passes) and with a budget that holds whole tensors. The torch
-engine mirrors the Rust code operation by operation, so the outputs must agree within one
-unit in the last place of the output dtype; each comparison prints how many elements are
-not bit-identical (arcee_fusion's must all be: it only chooses between b and x). The
+Every case of ``support/method_cases.py`` for these methods runs through both engines,
+with the smallest RAM budget (each tensor spans many chunks, and the exact top-k and
+quartile selections take several passes) and with a budget that holds whole tensors. The
+torch engine mirrors the Rust code operation by operation, so the outputs must agree within
+one unit in the last place of the output dtype; each comparison prints how many elements
+are not bit-identical (arcee_fusion's must all be: it only chooses between b and x). The
 torch outputs are also checked against the numpy references.
 
 arcee_fusion gets data of its own: rows with an exact tie at the threshold whose side
@@ -17,16 +17,16 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import models
 import numpy as np
 import pytest
-import reference as ref
-import test_methods_more as tm
 import torch
 from mergex.torch_engine import kernels
+from support import method_cases as mc
+from support import models
+from support import reference as ref
 
 METHODS = ("sce", "ram", "ramplus_tl", "nearswap", "arcee_fusion")
-CASES = [name for name, c in tm.CASES.items() if c.method in METHODS]
+CASES = [name for name, c in mc.CASES.items() if c.method in METHODS]
 SMALL, LARGE = "64KiB", "8MiB"
 
 
@@ -34,11 +34,11 @@ SMALL, LARGE = "64KiB", "8MiB"
 def family(tmp_path_factory):
     cache: dict = {}
 
-    def get(kind_map: str, dtype: str) -> tm.Family:
+    def get(kind_map: str, dtype: str) -> mc.Family:
         if (kind_map, dtype) not in cache:
             root = tmp_path_factory.mktemp(f"{kind_map}-{dtype}")
-            seed = sorted(tm.MAPS).index(kind_map)
-            cache[kind_map, dtype] = tm.build_family(root, tm.MAPS[kind_map], dtype, seed=seed)
+            seed = sorted(mc.MAPS).index(kind_map)
+            cache[kind_map, dtype] = mc.build_family(root, mc.MAPS[kind_map], dtype, seed=seed)
         return cache[kind_map, dtype]
 
     return get
@@ -79,7 +79,7 @@ def compare(rust: models.Output, torch_out: models.Output, label: str) -> tuple[
 @pytest.mark.parametrize("dtype", ["bf16", "f32"])
 @pytest.mark.parametrize("name", CASES)
 def test_torch_matches_rust(family, mergex_mod, tmp_path, name, dtype):
-    case = tm.CASES[name]
+    case = mc.CASES[name]
     f = family(case.kind_map, dtype)
     cfg, expected, *either = case.build(f)
     # float32 output at both budgets; the stored dtype (bf16 inputs) at the small one.
@@ -97,7 +97,7 @@ def test_torch_matches_rust(family, mergex_mod, tmp_path, name, dtype):
             # in, and where x and b are one ulp apart a wrong decision is within one ulp.
             assert differ == 0, label
         if budget == SMALL:
-            tm.check(got, expected, out_dtype, case.exact, f, either[0] if either else None)
+            mc.check(got, expected, out_dtype, case.exact, f, either[0] if either else None)
 
 
 # --------------------------------------------------------------------------- arcee_fusion

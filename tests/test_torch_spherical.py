@@ -3,11 +3,11 @@ the Rust engine: the same configs, the same inputs, outputs equal to one unit in
 place of the output dtype, and bit for bit on all but a sliver of elements (in practice
 all of them: run with ``-s`` for the count).
 
-The inputs are test_methods_more's families, whose tensors plant the situations these
-methods branch on (exactly parallel and opposite vectors, zero-norm inputs, rows and
-columns of different kinds, all-zero tensors). With the smallest RAM budget every tensor
-spans many chunks, so the whole-tensor and per-column statistics are gathered across
-chunks; with a larger one each tensor is a single chunk.
+The inputs are the method cases' families (``support/method_cases.py``), whose tensors
+plant the situations these methods branch on (exactly parallel and opposite vectors,
+zero-norm inputs, rows and columns of different kinds, all-zero tensors). With the
+smallest RAM budget every tensor spans many chunks, so the whole-tensor and per-column
+statistics are gathered across chunks; with a larger one each tensor is a single chunk.
 """
 
 from __future__ import annotations
@@ -15,17 +15,17 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-import models
 import numpy as np
 import pytest
-import test_methods_more as tm
 import torch
 from mergex.errors import CheckpointError, ConfigError
 from mergex.torch_engine import kernels
-from test_torch_kit import exact, rust_block_sums
+from support import method_cases as mc
+from support import models
+from support.sums import exact, rust_block_sums
 
 METHODS = ("slerp", "nuslerp", "multislerp", "karcher", "model_stock")
-CASES = [name for name, c in tm.CASES.items() if c.method in METHODS]
+CASES = [name for name, c in mc.CASES.items() if c.method in METHODS]
 # One case per method and mode, also run with a budget that holds every tensor in one chunk.
 ONE_CHUNK = [
     "slerp",
@@ -46,14 +46,14 @@ MAX_OFF_BY_ONE = 0.01
 
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
-    """test_methods_more's families (same kinds and seeds), written once per module."""
+    """The method cases' families (same kinds and seeds), written once per module."""
     cache: dict = {}
 
-    def get(kind_map: str, dtype: str) -> tm.Family:
+    def get(kind_map: str, dtype: str) -> mc.Family:
         key = (kind_map, dtype)
         if key not in cache:
             root = tmp_path_factory.mktemp(f"{kind_map}-{dtype}")
-            cache[key] = tm.build_family(root, tm.MAPS[kind_map], dtype, seed=sorted(tm.MAPS).index(kind_map))
+            cache[key] = mc.build_family(root, mc.MAPS[kind_map], dtype, seed=sorted(mc.MAPS).index(kind_map))
         return cache[key]
 
     return get
@@ -117,7 +117,7 @@ def tally():
 
 
 def run_case(family, tmp_path: Path, name: str, dtype: str, budget: str, tally) -> None:
-    c = tm.CASES[name]
+    c = mc.CASES[name]
     f = family(c.kind_map, dtype)
     cfg, *_ = c.build(f)
     # float32 output (the working values), and for bf16 inputs also the default bf16 output.
@@ -146,7 +146,7 @@ def test_matches_rust_engine_one_chunk(family, tmp_path, tally, name):
 
 
 def test_cases_cover_every_method_and_mode():
-    assert {tm.CASES[n].method for n in CASES} == set(METHODS)
+    assert {mc.CASES[n].method for n in CASES} == set(METHODS)
     modes = {"nuslerp_base_whole", "nuslerp_rows", "nuslerp_columns", "model_stock_two_filter_wise"}
     assert modes <= set(CASES)
     assert set(ONE_CHUNK) <= set(CASES)
@@ -157,13 +157,13 @@ def test_cases_cover_every_method_and_mode():
     ["slerp", "nuslerp_base_columns", "model_stock_three_filter_wise", "karcher_base", "multislerp_base"],
 )
 def test_matches_numpy_reference(family, tmp_path, name):
-    c = tm.CASES[name]
+    c = mc.CASES[name]
     f = family(c.kind_map, "bf16")
     cfg, expected, *either = c.build(f)
     _, out = merge({**cfg, "out_dtype": "float32"}, tmp_path / "f32", "torch")
-    tm.check(out, expected, "F32", c.exact, f, either[0] if either else None)
+    mc.check(out, expected, "F32", c.exact, f, either[0] if either else None)
     _, out = merge(cfg, tmp_path / "bf16", "torch")
-    tm.check(out, expected, "BF16", c.exact, f, either[0] if either else None)
+    mc.check(out, expected, "BF16", c.exact, f, either[0] if either else None)
 
 
 @pytest.fixture(scope="module")
@@ -193,24 +193,24 @@ WIDE = {
     "nuslerp_columns": lambda b, xs: {
         "merge_method": "nuslerp",
         "base_model": b,
-        "models": tm.entries(xs[:2], [{"weight": 0.4}, {"weight": 0.6}]),
+        "models": mc.entries(xs[:2], [{"weight": 0.4}, {"weight": 0.6}]),
         "parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": True},
     },
     "nuslerp_rows": lambda b, xs: {
         "merge_method": "nuslerp",
-        "models": tm.entries(xs[:2], [{"weight": 0.4}, {"weight": 0.6}]),
+        "models": mc.entries(xs[:2], [{"weight": 0.4}, {"weight": 0.6}]),
         "parameters": {"nuslerp_flatten": False},
     },
     "multislerp": lambda b, xs: {
         "merge_method": "multislerp",
         "base_model": b,
-        "models": tm.entries(xs, [{"weight": 0.5}, {"weight": 0.3}, {"weight": 0.2}]),
+        "models": mc.entries(xs, [{"weight": 0.5}, {"weight": 0.3}, {"weight": 0.2}]),
     },
-    "karcher": lambda b, xs: {"merge_method": "karcher", "models": tm.entries(xs)},
+    "karcher": lambda b, xs: {"merge_method": "karcher", "models": mc.entries(xs)},
     "model_stock_filter_wise": lambda b, xs: {
         "merge_method": "model_stock",
         "base_model": b,
-        "models": tm.entries(xs),
+        "models": mc.entries(xs),
         "parameters": {"filter_wise": True},
     },
 }
@@ -222,7 +222,7 @@ def test_f64_inputs_match_rust_engine(wide_family, tmp_path, tally, name):
     cfg = WIDE[name](base, xs)
     for tag, config in (("f64", cfg), ("f32", {**cfg, "out_dtype": "float32"})):
         (_, rust), (_, got) = (merge(config, tmp_path / f"{tag}-{e}", e) for e in ("rust", "torch"))
-        assert rust.dtype(tm.EMBED) == tag.upper()
+        assert rust.dtype(mc.EMBED) == tag.upper()
         off, total = compare(rust, got)
         tally[f"{name} f64 inputs, {tag} output, {SMALL}"] = (off, total)
         assert off <= MAX_OFF_BY_ONE * total
@@ -236,31 +236,31 @@ def antipodal(tmp_path_factory):
     """Three models equal but for one tensor: v, -v and 0 (multislerp's mean direction is 0)."""
     root = tmp_path_factory.mktemp("antipodal")
     rng = np.random.default_rng(7)
-    common = models.random_tensors(tm.SHAPES, "f32", 3)
-    v = tm._grid_base(rng, tm.SHAPES[tm.ANTIPODAL])
+    common = models.random_tensors(mc.SHAPES, "f32", 3)
+    v = mc._grid_base(rng, mc.SHAPES[mc.ANTIPODAL])
     out = []
     for i, special in enumerate((v, -v, np.zeros_like(v))):
         t = dict(common)
-        t[tm.ANTIPODAL] = special
-        out.append(models.write_model(root / f"m{i}", t, "bf16", layers=tm.LAYERS))
+        t[mc.ANTIPODAL] = special
+        out.append(models.write_model(root / f"m{i}", t, "bf16", layers=mc.LAYERS))
     return out
 
 
 def test_multislerp_antipodal_raises_like_rust(tmp_path, antipodal):
-    cfg = tm.antipodal_config(antipodal)
+    cfg = mc.antipodal_config(antipodal)
     for engine in ("rust", "torch"):
         out = tmp_path / engine / "merged"
         out.parent.mkdir()
         with pytest.raises(CheckpointError) as info:
             merge(cfg, out, engine)
         msg = str(info.value)
-        assert tm.ANTIPODAL in msg and "antipodal" in msg, msg
+        assert mc.ANTIPODAL in msg and "antipodal" in msg, msg
         assert list(out.parent.iterdir()) == []
 
 
 def test_wrong_model_count_is_a_config_error(tmp_path, family):
     f = family("geo", "bf16")
-    cfg = {"merge_method": "nuslerp", "models": tm.entries(f.xs, [{"weight": 1.0}] * 3)}
+    cfg = {"merge_method": "nuslerp", "models": mc.entries(f.xs, [{"weight": 1.0}] * 3)}
     with pytest.raises(ConfigError, match="nuslerp"):
         merge(cfg, tmp_path / "merged", "torch")
 

@@ -25,13 +25,13 @@ import json
 from collections import Counter
 from pathlib import Path
 
-import models
 import numpy as np
 import pytest
-import reference as ref
 import torch
 from mergex.torch_engine import driver as torch_driver
-from test_task_family import GRID, RANDOM_METHODS, TASK_METHODS, random_family, wd
+from support import models
+from support import reference as ref
+from support.task_cases import GRID, RANDOM_METHODS, TASK_METHODS, random_family, wd
 
 LAYERS = 2
 SHAPES = models.llama_shapes(layers=LAYERS, vocab=160, hidden=64, inter=96)

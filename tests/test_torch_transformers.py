@@ -9,9 +9,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import reference as ref
 import torch
 import transformers
+from support import reference as ref
 
 ARCHS = {
     "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),

@@ -8,11 +8,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import models
 import numpy as np
 import pytest
-import reference as ref
 from mergex import ConfigError
+from support import models
+from support import reference as ref
 
 HIDDEN = 16
 EMB, HEAD = "model.embed_tokens.weight", "lm_head.weight"

@@ -7,7 +7,8 @@ code, saturating at the largest). Written from the spec, not from the engine."""
 from __future__ import annotations
 
 import numpy as np
-import reference as ref
+
+from support import reference as ref
 
 F32 = np.float32
 

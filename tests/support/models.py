@@ -19,7 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import reference as ref
+
+from support import reference as ref
 
 # Sizes: the big tensors hold tens of thousands of elements, so that with the smallest
 # budget (64KiB, a chunk of ~1-3k elements) each spans many chunks. None of them is a
@@ -362,6 +363,14 @@ def run_cli(args: Iterable[str], cwd: os.PathLike | str | None = None, timeout: 
         env=env,
         timeout=timeout,
     )
+
+
+def error_line(stderr: str) -> str:
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert "Traceback" not in stderr, stderr
+    assert len(lines) == 1, f"expected exactly one line on stderr, got:\n{stderr}"
+    assert lines[0].startswith("error: "), lines[0]
+    return lines[0]
 
 
 def dump_yaml(cfg: Mapping, path: os.PathLike | str) -> Path:
