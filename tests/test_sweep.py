@@ -13,12 +13,12 @@ import sys
 from pathlib import Path
 
 import mergex
-import models
 import pytest
 import yaml
 from mergex import _mergex
 from mergex.errors import ConfigError, OutputExistsError
 from mergex.sweeps import MAX_MEMBERS, expand, sweep_plan
+from support import models
 
 SMALL = "256KiB"  # four members' shares of 64 KiB: many chunks per tensor
 
