@@ -210,6 +210,9 @@ class RunSummary:
     @property
     def output_seconds(self) -> float: ...
     @property
+    def checksums(self) -> dict[str, str]:
+        """The checksum of each output file written, by name (as :func:`checksum`)."""
+    @property
     def kernels(self) -> str: ...
     def with_timings(
         self, sample_seconds: float, stat_pass_seconds: list[float], output_seconds: float, kernels: str

@@ -249,11 +249,28 @@ def _prepare(
         try:
             cfg = load_config(raw, source_dir)
             cfg, job, _ = _resolve_hub(session, cfg, download=download, **kw)
-            _mergex.MergeJob(job.spec.to_json())  # the engine's checks (parameter ranges, …)
         except MergexError as e:
-            raise type(e)(f"sweep member {member.name}: {e}") from None
+            raise _named(e, member) from None
         out.append(_Prepared(member, cfg, job))
     return out
+
+
+def _named(e: MergexError, member: Member) -> MergexError:
+    return type(e)(f"sweep member {member.name}: {e}")
+
+
+def _engines(todo: list[_Prepared]) -> tuple[list[list[int]], list[_mergex.MergeJob]]:
+    """The members grouped by their inputs, their budget shares set, and their prepared
+    engines (whose checks, e.g. parameter ranges, run here: before anything is read)."""
+    groups = _groups(todo)
+    _split_budget(todo, groups)
+    cores = []
+    for p in todo:
+        try:
+            cores.append(_mergex.MergeJob(p.job.spec.to_json()))
+        except MergexError as e:
+            raise _named(e, p.member) from None
+    return groups, cores
 
 
 def _groups(prepared: list[_Prepared]) -> list[list[int]]:
@@ -276,6 +293,13 @@ def _split_budget(prepared: list[_Prepared], groups: list[list[int]]) -> None:
                     f"{share} each, under the {_mergex.MIN_RAM_BUDGET} a merge needs"
                 )
             spec.ram_budget = share
+
+
+@dataclass
+class _MemberResult:
+    result: MergeResult
+    checksums: dict[str, str]
+    """Of the safetensors files written, as the engine computed them while writing."""
 
 
 @dataclass
@@ -432,15 +456,18 @@ def sweep(
     results: dict[str, MergeResult] = {}
     with hub.hub_session(offline) as hs:
         waves = _waves(path, members, out)
-        # Every member that does not build on another is checked before anything is read.
-        _prepare(hs, waves[0], path.resolve().parent, kw, download=False)
-        out.mkdir(parents=True, exist_ok=True)
+        source = path.resolve().parent
+        for wave in waves:  # every member's config checked first
+            for m, raw in wave:
+                try:
+                    load_config(raw, source)
+                except MergexError as e:
+                    raise _named(e, m) from None
         record = _recorded(out) if resume else {}
         entries: dict[str, dict[str, Any]] = {m.name: {"name": m.name, "values": m.values} for m in members}
         for wave in waves:
-            prepared = _prepare(hs, wave, path.resolve().parent, kw, download=True)
             todo = []
-            for p in prepared:
+            for p in _prepare(hs, wave, source, kw, download=False):
                 p.fingerprint = _fingerprint(p.job)
                 name = p.member.name
                 entries[name] |= {"config": p.cfg.raw, "fingerprint": p.fingerprint}
@@ -456,35 +483,49 @@ def sweep(
                         f"sweep member {name}: {folder} already exists (pass --overwrite)"
                     )
                 todo.append(p)
+            if not todo:
+                continue
+            groups, cores = _engines(todo)
+            if hs.models and not hs.fetched:  # Hub inputs: fetch what the members read
+                todo = _prepare(hs, [(p.member, p.cfg.raw) for p in todo], source, kw, download=True)
+                for p in todo:
+                    p.fingerprint = _fingerprint(p.job)
+                    entries[p.member.name] |= {"config": p.cfg.raw, "fingerprint": p.fingerprint}
+                groups, cores = _engines(todo)
+            out.mkdir(parents=True, exist_ok=True)
             _record(out, entries)
-            if todo:
-                for r, p in zip(_run_wave(todo, out, progress, start), todo, strict=True):
-                    results[p.member.name] = r
-                    entries[p.member.name]["checksums"] = _checksums(r.out_dir)
-                _record(out, entries)
+            for r, p in zip(_run_wave(todo, groups, cores, out, progress, start), todo, strict=True):
+                results[p.member.name] = r.result
+                entries[p.member.name]["checksums"] = r.checksums
+            _record(out, entries)
+        out.mkdir(parents=True, exist_ok=True)
+        _record(out, entries)
     return [results[m.name] for m in members]
 
 
 def _run_wave(
-    todo: list[_Prepared], out: Path, progress: ProgressCallback | None, start: float
-) -> list[MergeResult]:
-    """Run the members of one wave, grouped by their inputs, into their folders."""
-    groups = _groups(todo)
-    _split_budget(todo, groups)
+    todo: list[_Prepared],
+    groups: list[list[int]],
+    cores: list[_mergex.MergeJob],
+    out: Path,
+    progress: ProgressCallback | None,
+    start: float,
+) -> list[_MemberResult]:
+    """Run the members of one wave, each group reading its inputs once, into their folders."""
     folders: list[OutputFolder] = []
     try:
         for p in todo:
             target = check_output_path(out / p.member.name, [m.path for m in p.job.models], True)
             target.parent.mkdir(parents=True, exist_ok=True)
             folders.append(OutputFolder(target, p.fingerprint, False))
-        cores = [_mergex.MergeJob(p.job.spec.to_json()) for p in todo]
         runner = _mergex.Sweep(cores)
         dirs = [str(f.tmp) for f in folders]
         summaries = _run(runner, lambda: runner.run(groups, dirs), progress)
         results = []
         for p, folder, summary in zip(todo, folders, summaries, strict=True):
             finish_output(folder, p.cfg, p.job)
-            results.append(merge_result(folder.target, summary, start, folder.notes + p.job.warnings))
+            result = merge_result(folder.target, summary, start, folder.notes + p.job.warnings)
+            results.append(_MemberResult(result, dict(summary.checksums)))
         return results
     except BaseException:
         for f in folders:

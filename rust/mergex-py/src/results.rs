@@ -55,6 +55,8 @@ pub struct RunSummary {
     stat_pass_seconds: Vec<f64>,
     output_seconds: f64,
     kernels: String,
+    /// The checksum of each output file written, by name (`checksum()`'s value).
+    checksums: BTreeMap<String, String>,
 }
 
 impl From<CoreRun> for RunSummary {
@@ -68,6 +70,7 @@ impl From<CoreRun> for RunSummary {
             stat_pass_seconds: r.stat_pass_seconds,
             output_seconds: r.output_seconds,
             kernels: r.kernels,
+            checksums: r.checksums,
         }
     }
 }

@@ -45,6 +45,9 @@ pub struct RunSummary {
     pub output_seconds: f64,
     /// The build of the CPU kernels that ran (`avx512`, `avx2` or `portable`).
     pub kernels: String,
+    /// The checksum of each output file this run wrote (as `format::writer::checksum`
+    /// computes it), by file name.
+    pub checksums: BTreeMap<String, String>,
 }
 
 /// Wall time of the samples and of each pass, summed over tensors.

@@ -292,7 +292,7 @@ impl Engine {
             v.file.check_unchanged()?;
         }
         let mut files: Vec<String> = self.layout.shards.iter().map(|s| s.file_name.clone()).collect();
-        sink.writer.finish()?;
+        let checksums = sink.writer.finish()?;
         if self.layout.shards.len() > 1 {
             write_index(dir, &self.out, &self.layout)?;
             files.push(crate::format::checkpoint::INDEX_NAME.to_string());
@@ -306,6 +306,7 @@ impl Engine {
             stat_pass_seconds: Vec::new(),
             output_seconds: 0.0,
             kernels: crate::kernels::dispatch::level().name().to_string(),
+            checksums,
         })
     }
 

@@ -25,7 +25,7 @@ use crate::format::dtype::Dtype;
 use crate::format::encode::Encoded;
 use crate::kernels::real::Real;
 use crate::kernels::sums::SumInputs;
-use crate::methods::{ChunkInputs, Stats, TensorCtx, TensorMerge};
+use crate::methods::{ChunkInputs, Stage, Stats, TensorCtx, TensorMerge};
 
 /// One member's buffers in a worker.
 struct Own<T> {
@@ -313,6 +313,40 @@ pub fn planned_bytes(members: &[&Engine]) -> u64 {
         .sum()
 }
 
+/// For each member (by index), the member whose statistics of `stage` it takes: the first
+/// of `members` whose kernel for that stage is the same ([`TensorMerge::kernel`]: what a
+/// chunk computes, so equal kernels give equal statistics), itself when none before it.
+fn sources<T: Real>(
+    mergers: &[Box<dyn TensorMerge<T>>],
+    members: &[usize],
+    stage: Stage,
+    starts: &[u64],
+) -> Vec<usize> {
+    let mut source: Vec<usize> = (0..mergers.len()).collect();
+    let kernels: Vec<Option<serde_json::Value>> =
+        members.iter().map(|&m| serde_json::to_value(mergers[m].kernel(stage, starts)).ok()).collect();
+    for (j, &m) in members.iter().enumerate() {
+        let same = (0..j).find(|&i| kernels[i].is_some() && kernels[i] == kernels[j]);
+        if let Some(i) = same {
+            source[m] = members[i];
+        }
+    }
+    source
+}
+
+/// Each of `members`' statistics: its own, or a copy of its source's ([`sources`]).
+fn shared_stats<T: Real>(pool: &Pool<T>, members: &[usize], source: &[usize]) -> Vec<(usize, Stats)> {
+    let mut own: Vec<(usize, Stats)> =
+        members.iter().filter(|&&m| source[m] == m).map(|&m| (m, pool.take_stats(m))).collect();
+    let copies: Vec<(usize, Stats)> = members
+        .iter()
+        .filter(|&&m| source[m] != m)
+        .map(|&m| (m, own.iter().find(|(o, _)| *o == source[m]).map(|(_, s)| s.clone()).unwrap_or_default()))
+        .collect();
+    own.extend(copies);
+    own
+}
+
 /// Merge tensor `ts` of every member: the samples, the statistics passes any member
 /// wants (each chunk read once for all of them), then one output pass.
 fn sweep_tensor<T: Real>(
@@ -340,6 +374,7 @@ where
         (0..numel.div_ceil(chunk)).map(|c| (c * chunk, chunk.min(numel - c * chunk))).collect();
     let dtypes: Vec<Dtype> = lead.views().map(View::dtype).collect();
     let none = vec![false; members.len()];
+    let starts: Vec<u64> = chunks.iter().map(|c| c.0).collect();
 
     // The samples: a few small ranges, outside the counted passes, read once for the
     // members that take the same ranges.
@@ -356,12 +391,13 @@ where
         for &o in &same {
             taken[o] = true;
         }
-        let (ms, pass) = (&mergers, Pass { active: &same, stored: &none, encode: false });
+        let source = sources(&mergers, &same, Stage::Sample, &starts);
+        let computing: Vec<usize> = same.iter().copied().filter(|&o| source[o] == o).collect();
+        let (ms, pass) = (&mergers, Pass { active: &computing, stored: &none, encode: false });
         samples[m].par_iter().try_for_each(|&range| {
             pool.with(|s| shared_chunk(ts, pass, s, range, &quiet, |o, x, _, st| ms[o].sample_chunk(x, st)))
         })?;
-        for &o in &same {
-            let stats = pool.take_stats(o);
+        for (o, stats) in shared_stats(pool, &same, &source) {
             mergers[o].end_sample(stats)?;
         }
     }
@@ -381,12 +417,13 @@ where
             progress.bytes_total.fetch_add(lead.pass_bytes(), Ordering::Relaxed);
         }
         let stored: Vec<bool> = mergers.iter().map(|mg| mg.takes_stored(&dtypes)).collect();
-        let (ms, p) = (&mergers, Pass { active: &active, stored: &stored, encode: false });
+        let source = sources(&mergers, &active, Stage::Pass, &starts);
+        let computing: Vec<usize> = active.iter().copied().filter(|&m| source[m] == m).collect();
+        let (ms, p) = (&mergers, Pass { active: &computing, stored: &stored, encode: false });
         chunks.par_iter().try_for_each(|&c| {
             pool.with(|s| shared_chunk(ts, p, s, c, progress, |m, x, _, st| ms[m].stat_chunk(x, st)))
         })?;
-        for &m in &active {
-            let stats = pool.take_stats(m);
+        for (m, stats) in shared_stats(pool, &active, &source) {
             mergers[m].end_pass(stats)?;
         }
         if times.stats.len() < pass {

@@ -297,14 +297,16 @@ impl Writer {
         self.shard(shard)?.seal()
     }
 
-    /// Flush everything to disk, checking that every byte of every shard was written.
-    pub fn finish(self) -> Result<Vec<PathBuf>> {
-        let mut out = Vec::with_capacity(self.shards.len());
+    /// Flush everything to disk, checking that every byte of every shard was written;
+    /// the checksum ([`checksum`]) of each shard written, by file name.
+    pub fn finish(self) -> Result<BTreeMap<String, String>> {
+        let mut out = BTreeMap::new();
         for shard in self.shards {
             if shard.file.is_some() {
-                shard.seal()?;
+                let sum = shard.seal()?;
+                let name = shard.path.file_name().map(|n| n.to_string_lossy().into_owned());
+                out.insert(name.unwrap_or_default(), sum);
             }
-            out.push(shard.path);
         }
         Ok(out)
     }
