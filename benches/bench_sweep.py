@@ -50,7 +50,8 @@ def linear_sweep(models: bench.ModelSet) -> list[dict[str, object]]:
                 "name": f"weighting_{j}",
                 "merge_method": "linear",
                 "models": [
-                    {"model": str(e), "parameters": {"weight": w}} for e, w in zip(models.experts, weights)
+                    {"model": str(e), "parameters": {"weight": w}}
+                    for e, w in zip(models.experts, weights, strict=True)
                 ],
             }
         )
