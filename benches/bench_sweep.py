@@ -110,7 +110,6 @@ def main(argv: list[str] | None = None) -> int:
         "ties": write_docs(work / "ties.yml", [ties_sweep(models)]),
         "linear": write_docs(work / "linear.yml", linear_sweep(models)),
     }
-    rows = []
     for name, config in sweeps.items():
         if args.only and name != args.only:
             continue
@@ -136,13 +135,14 @@ def main(argv: list[str] | None = None) -> int:
             separate_rss = max(separate_rss, run.peak_rss)
             if not same_bytes(work / name / member, out):
                 raise SystemExit(f"error: sweep member {member} differs from its own merge")
-        rows.append((name, len(listed), one, swept, separate_s, separate_rss))
+        mib = 2**20
         print(
-            f"{name}: {len(listed)} members; one merge {one.seconds:.2f} s ({one.seconds / read_s:.2f}x read), "
-            f"{one.peak_rss / 2**20:.0f} MiB; sweep {swept.seconds:.2f} s = {swept.seconds / one.seconds:.2f}x one "
-            f"merge ({swept.seconds / read_s:.2f}x read), {swept.peak_rss / 2**20:.0f} MiB; one by one "
-            f"{separate_s:.2f} s ({separate_s / swept.seconds:.2f}x the sweep), {separate_rss / 2**20:.0f} MiB; "
-            "outputs identical",
+            f"{name}: {len(listed)} members; one merge {one.seconds:.2f} s "
+            f"({one.seconds / read_s:.2f}x read), {one.peak_rss / mib:.0f} MiB; "
+            f"sweep {swept.seconds:.2f} s = {swept.seconds / one.seconds:.2f}x one merge "
+            f"({swept.seconds / read_s:.2f}x read), {swept.peak_rss / mib:.0f} MiB; "
+            f"one by one {separate_s:.2f} s ({separate_s / swept.seconds:.2f}x the sweep), "
+            f"{separate_rss / mib:.0f} MiB; outputs identical",
             flush=True,
         )
     return 0
