@@ -14,6 +14,9 @@ step "install the torch extra (CPU tests of the torch engine), transformers and 
 python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore \
     "torch>=2.2" "transformers>=4.40" accelerate peft
 
+step "install the ray extra (merges and sweeps on a local Ray cluster in the tests)"
+python3 -m pip install --quiet --disable-pip-version-check --root-user-action=ignore "ray>=2.9"
+
 step "rust: format and lint"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings

@@ -60,6 +60,8 @@ class MergeResult:
     """What computed the merge: the Rust engine's CPU kernels (``avx512``, ``avx2`` or
     ``portable``, the widest the CPU has unless ``MERGEX_SIMD`` asks for less), or ``torch``
     and its device."""
+    nodes: list[Any] = field(default_factory=list)
+    """On Ray: each node's tasks, bytes read and seconds (``distributed.NodeThroughput``)."""
 
 
 @dataclass
@@ -390,6 +392,7 @@ def merge(
     intermediate_dir: str | os.PathLike[str] | None = None,
     lazy: bool = False,
     keep_intermediates: bool = False,
+    ray: str | None = None,
 ) -> MergeResult:
     """Merge the models of ``config`` into the folder ``out``.
 
@@ -425,6 +428,9 @@ def merge(
             the named stages are written (default: ``.OUT.stages`` beside ``out``).
         lazy: Reuse a stage already complete in ``intermediate_dir`` (and keep the stages).
         keep_intermediates: Keep the stages' folders after the final merge.
+        ray: Run on a Ray cluster (``pip install 'mergex[ray]'``): its address, ``auto`` (the
+            cluster this machine belongs to) or ``local`` (start one here). One task per
+            output shard; ``out`` must be on a filesystem every node sees, as the inputs.
 
     Returns:
         What was written, read and how long it took.
@@ -443,7 +449,7 @@ def merge(
     if path is not None and stages is not None:
         kw: dict[str, Any] = {"ram_budget": ram_budget, "threads": threads, "shard_size": shard_size}
         kw |= {"seed": seed, "progress": progress, "engine": engine, "device": device}
-        kw |= {"gpu_budget": gpu_budget, "offline": offline}
+        kw |= {"gpu_budget": gpu_budget, "offline": offline, "ray": ray}
         return _merge_recipe(
             path, stages, Path(out), overwrite, intermediate_dir, lazy, keep_intermediates, kw
         )
@@ -453,7 +459,7 @@ def merge(
         progress = None
     with hub.hub_session(offline) as hs:
         cfg, job, _ = _resolve_hub(hs, config, ram_budget, threads, shard_size, seed, True, progress)
-        return _merge(cfg, job, start, out, overwrite, progress, resume, engine, device, gpu_budget)
+        return _merge(cfg, job, start, out, overwrite, progress, resume, engine, device, gpu_budget, ray)
 
 
 def _merge_recipe(
@@ -503,8 +509,11 @@ def _merge(
     engine: str | None,
     device: str | None,
     gpu_budget: Size | None,
+    ray: str | None = None,
 ) -> MergeResult:
     backend = _backend(engine, device, gpu_budget)
+    if ray is not None and backend.engine != "rust":
+        raise ConfigError("--ray runs the Rust engine; it does not take --engine torch or --device cuda")
     target = check_output_path(Path(out), [m.path for m in job.models], overwrite)
     fingerprint = _fingerprint(job)
     folder = OutputFolder(target, fingerprint, resume)
@@ -515,12 +524,19 @@ def _merge(
         folder.discard()
         raise
     try:
-        summary = _run_engine(core, folder.tmp, progress, backend, job.spec)
+        if ray is not None:
+            from .distributed import merge_on_ray
+
+            summary: Any = merge_on_ray(ray, job.spec, folder.tmp, fingerprint)
+        else:
+            summary = _run_engine(core, folder.tmp, progress, backend, job.spec)
         finish_output(folder, cfg, job)
     except BaseException:
         folder.discard()
         raise
-    return merge_result(target, summary, start, folder.notes + job.warnings)
+    result = merge_result(target, summary, start, folder.notes + job.warnings)
+    result.nodes = list(getattr(summary, "nodes", []))
+    return result
 
 
 def finish_output(folder: OutputFolder, cfg: MergeConfig, job: Job) -> None:
@@ -546,7 +562,7 @@ def finish_output(folder: OutputFolder, cfg: MergeConfig, job: Job) -> None:
     folder.commit()
 
 
-def merge_result(target: Path, summary: _mergex.RunSummary, start: float, warnings: list[str]) -> MergeResult:
+def merge_result(target: Path, summary: Any, start: float, warnings: list[str]) -> MergeResult:
     """The :class:`MergeResult` of an output written into ``target``."""
     return MergeResult(
         out_dir=target,

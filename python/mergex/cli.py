@@ -20,10 +20,11 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 import typer
 from typer.core import TyperCommand
 
+from .display import ProgressBar, plan_sweep, print_nodes
 from .errors import ConfigError, MergexError
 
 if TYPE_CHECKING:
-    from .api import MergeProgress
+    pass
 
 app = typer.Typer(
     name="mergex",
@@ -55,6 +56,16 @@ RamBudget = Annotated[
     ),
 ]
 Threads = Annotated[int | None, typer.Option("--threads", help="Worker threads \\[default: all CPUs].")]
+RayAddress = Annotated[
+    str | None,
+    typer.Option(
+        "--ray",
+        metavar="[ADDRESS]",
+        help="Run on a Ray cluster (pip install 'mergex\\[ray]'): auto (the cluster this machine is "
+        "in), an address, or nothing to start one here; outputs and inputs on a filesystem every "
+        "node sees.",
+    ),
+]
 Offline = Annotated[
     bool, typer.Option("--offline", help="Hub models from the Hugging Face cache only (as HF_HUB_OFFLINE=1).")
 ]
@@ -97,54 +108,6 @@ def _errors(verbose: bool) -> Iterator[None]:
 
 def _sigterm(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
-
-
-class _ProgressBar:
-    """The merge's progress bar (rich, on stderr): bytes over all passes, their rate, the
-    tensors finished and the time left."""
-
-    def __init__(self) -> None:
-        from rich.console import Console
-        from rich.progress import (
-            BarColumn,
-            DownloadColumn,
-            Progress,
-            TextColumn,
-            TimeRemainingColumn,
-            TransferSpeedColumn,
-        )
-
-        self.bar = Progress(
-            TextColumn("[bold]{task.fields[stage]}[/]"),
-            BarColumn(),
-            DownloadColumn(binary_units=True),
-            TransferSpeedColumn(),
-            TextColumn("{task.fields[tensors]}"),
-            TimeRemainingColumn(),
-            console=Console(stderr=True),
-        )
-        self.task = self.bar.add_task("merge", total=None, tensors="", stage="merging")
-        self.stage = "merging"
-
-    def __enter__(self) -> _ProgressBar:
-        self.bar.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.bar.stop()
-
-    def update(self, p: MergeProgress) -> None:
-        if p.stage == "downloading":
-            count = f"{p.files_done}/{p.files_total} files"
-        else:
-            count = f"{p.tensors_done}/{p.tensors_total} tensors"
-        if p.stage != self.stage:
-            # A new stage starts its bar (and rate) from zero.
-            self.stage = p.stage
-            self.bar.reset(self.task)
-        self.bar.update(
-            self.task, completed=p.bytes_done, total=p.bytes_total or None, tensors=count, stage=p.stage
-        )
 
 
 @app.command(cls=_Command)
@@ -190,6 +153,7 @@ def merge(
     keep_intermediates: Annotated[
         bool, typer.Option("--keep-intermediates", help="Keep a recipe's stage folders.")
     ] = False,
+    ray: RayAddress = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
     verbose: Verbose = False,
 ) -> None:
@@ -199,7 +163,7 @@ def merge(
     from .units import format_size
 
     signal.signal(signal.SIGTERM, _sigterm)
-    bar = _ProgressBar() if not quiet and sys.stderr.isatty() else None
+    bar = ProgressBar() if not quiet and sys.stderr.isatty() else None
     with _errors(verbose), bar or nullcontext():
         result = run_merge(
             config,
@@ -218,9 +182,12 @@ def merge(
             intermediate_dir=intermediate_dir,
             lazy=lazy,
             keep_intermediates=keep_intermediates,
+            ray=ray,
         )
         for w in result.warnings:
             typer.echo(f"warning: {w}", err=True)
+        if not quiet:
+            print_nodes(result.nodes)
         if not quiet:
             rate = result.bytes_read / result.seconds / 1e9 if result.seconds > 0 else 0.0
             typer.echo(
@@ -256,6 +223,7 @@ def sweep(
         typer.Option("--resume", help="Finish an interrupted sweep: keep the verified complete members."),
     ] = False,
     offline: Offline = False,
+    ray: RayAddress = None,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
     verbose: Verbose = False,
 ) -> None:
@@ -266,7 +234,7 @@ def sweep(
     from .units import format_size
 
     signal.signal(signal.SIGTERM, _sigterm)
-    bar = _ProgressBar() if not quiet and sys.stderr.isatty() else None
+    bar = ProgressBar() if not quiet and sys.stderr.isatty() else None
     with _errors(verbose), bar or nullcontext():
         clock = time.perf_counter()
         results = run_sweep(
@@ -280,6 +248,7 @@ def sweep(
             resume=resume,
             progress=bar.update if bar is not None else None,
             offline=offline,
+            ray=ray,
         )
         for r in results:
             for w in r.warnings:
@@ -290,6 +259,7 @@ def sweep(
             seconds = time.perf_counter() - clock
             read = max((r.bytes_read for r in results), default=0)
             typer.echo(f"sweep of {len(results)} members in {seconds:.1f} s; read {format_size(read)} in all")
+            print_nodes([n for r in results for n in r.nodes])
 
 
 @app.command(cls=_Command)
@@ -325,7 +295,7 @@ def plan(
         from .sweeps import is_sweep
 
         if sweep or is_sweep(config):
-            _plan_sweep(config, ram_budget, threads, shard_size, offline)
+            plan_sweep(config, ram_budget, threads, shard_size, offline)
             return
         p = make_plan(config, ram_budget=ram_budget, threads=threads, shard_size=shard_size, offline=offline)
         c = Console()
@@ -360,23 +330,6 @@ def plan(
             )
         for w in p.warnings:
             c.print(f"[yellow]warning:[/] {w}")
-
-
-def _plan_sweep(
-    config: Path, ram_budget: str | None, threads: int | None, shard_size: str | None, offline: bool
-) -> None:
-    from .sweeps import sweep_plan
-    from .units import format_size
-
-    p = sweep_plan(config, ram_budget=ram_budget, threads=threads, shard_size=shard_size, offline=offline)
-    typer.echo(f"sweep of {len(p.members)} members in {len(p.groups)} group(s) reading the same inputs")
-    for g in p.groups:
-        typer.echo(f"  together: {', '.join(g)}")
-    ratio = p.separate_bytes_read / p.bytes_read if p.bytes_read else 0.0
-    typer.echo(
-        f"reads {format_size(p.bytes_read)} over all passes; merged one by one they would read "
-        f"{format_size(p.separate_bytes_read)} ({ratio:.1f}x); writes {format_size(p.bytes_written)}"
-    )
 
 
 @app.command(cls=_Command)
@@ -552,10 +505,20 @@ def methods() -> None:
     Console().print(t)
 
 
+def _bare_ray(args: list[str]) -> list[str]:
+    """``--ray`` with no address (last, or before another option) starts a local cluster."""
+    out = []
+    for i, a in enumerate(args):
+        out.append(a)
+        if a == "--ray" and (i + 1 == len(args) or args[i + 1].startswith("-")):
+            out.append("local")
+    return out
+
+
 def main() -> None:
     """Console entry point: usage errors are one line too (``error: …``, exit 2)."""
     try:
-        code = app(standalone_mode=False)
+        code = app(args=_bare_ray(sys.argv[1:]), standalone_mode=False)
     except Exception as e:
         # Typer's (vendored) click exceptions: usage errors carry a message and an exit code.
         message, exit_code = getattr(e, "format_message", None), getattr(e, "exit_code", None)

@@ -423,6 +423,7 @@ def sweep(
     resume: bool = False,
     progress: ProgressCallback | None = None,
     offline: bool = False,
+    ray: str | None = None,
 ) -> list[MergeResult]:
     """Run every member of the sweep config ``config`` into ``outdir/NAME``.
 
@@ -436,6 +437,9 @@ def sweep(
         resume: Keep the members an interrupted run of the same sweep finished (after
             verifying their files' checksums) and run the others.
         overwrite: Replace members' folders that exist (else an existing one is an error).
+        ray: Run on a Ray cluster (as :func:`mergex.merge`): one task per output shard of
+            each group whose members lay out their shards alike, reading the inputs once
+            for all of them.
         The others: as :func:`mergex.merge`.
 
     Returns:
@@ -494,7 +498,8 @@ def sweep(
                 groups, cores = _engines(todo)
             out.mkdir(parents=True, exist_ok=True)
             _record(out, entries)
-            for r, p in zip(_run_wave(todo, groups, cores, out, progress, start), todo, strict=True):
+            ran = _run_wave(todo, groups, cores, out, progress, start, ray)
+            for r, p in zip(ran, todo, strict=True):
                 results[p.member.name] = r.result
                 entries[p.member.name]["checksums"] = r.checksums
             _record(out, entries)
@@ -510,6 +515,7 @@ def _run_wave(
     out: Path,
     progress: ProgressCallback | None,
     start: float,
+    ray: str | None,
 ) -> list[_MemberResult]:
     """Run the members of one wave, each group reading its inputs once, into their folders."""
     folders: list[OutputFolder] = []
@@ -518,13 +524,21 @@ def _run_wave(
             target = check_output_path(out / p.member.name, [m.path for m in p.job.models], True)
             target.parent.mkdir(parents=True, exist_ok=True)
             folders.append(OutputFolder(target, p.fingerprint, False))
-        runner = _mergex.Sweep(cores)
-        dirs = [str(f.tmp) for f in folders]
-        summaries = _run(runner, lambda: runner.run(groups, dirs), progress)
+        summaries: list[Any]
+        if ray is not None:
+            from .distributed import sweep_on_ray
+
+            specs, tmps = [p.job.spec for p in todo], [f.tmp for f in folders]
+            summaries = sweep_on_ray(ray, specs, tmps, groups, [p.fingerprint for p in todo])
+        else:
+            runner = _mergex.Sweep(cores)
+            dirs = [str(f.tmp) for f in folders]
+            summaries = _run(runner, lambda: runner.run(groups, dirs), progress)
         results = []
         for p, folder, summary in zip(todo, folders, summaries, strict=True):
             finish_output(folder, p.cfg, p.job)
             result = merge_result(folder.target, summary, start, folder.notes + p.job.warnings)
+            result.nodes = list(getattr(summary, "nodes", []))
             results.append(_MemberResult(result, dict(summary.checksums)))
         return results
     except BaseException:

@@ -237,6 +237,11 @@ pub fn run_sweep(members: &[&Engine], dirs: &[&Path], progress: &Progress) -> Re
         .build()
         .map_err(|e| Error::job("threads", e.to_string()))?;
     let quiet = Progress::default();
+    // Tensors an earlier run (or another task) finished: the same for every member.
+    let kept = lead.kept_flags();
+    if members.iter().any(|e| e.kept_flags() != kept) {
+        return Err(Error::job("sweep", "the members of a sweep group must keep the same finished tensors"));
+    }
     let mut sinks = Vec::with_capacity(members.len());
     for (e, dir) in members.iter().zip(dirs) {
         sinks.push(e.open_sink(dir, &quiet)?);
@@ -249,9 +254,13 @@ pub fn run_sweep(members: &[&Engine], dirs: &[&Path], progress: &Progress) -> Re
         let mut amax = Vec::with_capacity(members.len());
         for e in members {
             let scratch = (&Scratches::<f32>::new(threads), &Scratches::<f64>::new(threads));
-            amax.push(e.amax_values(&[], &quiet, scratch, &mut times)?);
+            amax.push(e.amax_values(&kept, &quiet, scratch, &mut times)?);
         }
         for i in 0..lead.tensors.len() {
+            if kept.get(i) == Some(&true) {
+                progress.tensors_done.fetch_add(1, Ordering::Relaxed);
+                continue;
+            }
             for e in members {
                 e.begin_tensor(i)?;
             }
@@ -301,7 +310,9 @@ pub fn run_sweep(members: &[&Engine], dirs: &[&Path], progress: &Progress) -> Re
 /// member takes (a copied tensor once per member).
 pub fn planned_bytes(members: &[&Engine]) -> u64 {
     let Some(lead) = members.first() else { return 0 };
+    let kept = lead.kept_flags();
     (0..lead.tensors.len())
+        .filter(|&i| kept.get(i) != Some(&true))
         .map(|i| {
             let ts = members.iter().filter_map(|e| e.tensors.get(i));
             match lead.tensors.get(i) {

@@ -469,7 +469,11 @@ pub fn write_index(dir: &Path, tensors: &[OutTensor], layout: &Layout) -> Result
     let index = json!({"metadata": {"total_size": layout.total_size}, "weight_map": weight_map});
     let path = dir.join(INDEX_NAME);
     let text = serde_json::to_string_pretty(&index).map_err(|e| Error::job("index", e.to_string()))?;
-    std::fs::write(&path, text + "\n").map_err(|e| Error::io(&path, "write", e))?;
+    // Written beside and renamed into place: tasks that each write a shard of the same
+    // output (Ray) may all write this same index at once.
+    let tmp = dir.join(format!(".{INDEX_NAME}.{}.{:?}.tmp", std::process::id(), std::thread::current().id()));
+    std::fs::write(&tmp, text + "\n").map_err(|e| Error::io(&tmp, "write", e))?;
+    std::fs::rename(&tmp, &path).map_err(|e| Error::io(&path, "write", e))?;
     Ok(path)
 }
 
