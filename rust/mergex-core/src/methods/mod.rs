@@ -17,6 +17,7 @@ mod ram;
 mod sce;
 pub mod select;
 mod slerp;
+pub mod slots;
 pub mod sparsify;
 pub mod spec;
 mod sphere;

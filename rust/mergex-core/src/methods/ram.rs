@@ -5,6 +5,7 @@
 use super::inputs::ChunkInputs;
 use super::kernel::{values, Kernel, Stage, StatOp, Vectors, NO_STATS};
 use super::merge::{TensorCtx, TensorMerge};
+use super::slots::RamSlots;
 use super::spec::{spec, BaseUse, Default, MethodSpec, ParamSpec, Passes};
 use super::stats::Stats;
 use crate::error::Result;
@@ -101,8 +102,8 @@ impl<T: Real> TensorMerge<T> for Ram<T> {
                     }
                 }
             }
-            acc.sum(2 * i).add(shared as f64);
-            acc.sum(2 * i + 1).add(unique as f64);
+            acc.sum(RamSlots::shared(i)).add(shared as f64);
+            acc.sum(RamSlots::unique(i)).add(unique as f64);
         }
         Ok(())
     }
@@ -121,7 +122,8 @@ impl<T: Real> TensorMerge<T> for Ram<T> {
         self.lambdas = Some(
             (0..self.k)
                 .map(|i| {
-                    let (shared, unique) = (stats.total(2 * i), stats.total(2 * i + 1));
+                    let (shared, unique) =
+                        (stats.total(RamSlots::shared(i)), stats.total(RamSlots::unique(i)));
                     let rho = shared / unique.max(eps);
                     T::from_f64((1.0 + r * rho.clamp(0.0, alpha)) as f32 as f64)
                 })

@@ -6,6 +6,7 @@ use super::inputs::ChunkInputs;
 use super::kernel::{values, Collect, Kernel, Keys, Mask, Stage, StatOp, Vectors, NO_STATS};
 use super::merge::{TensorCtx, TensorMerge};
 use super::select::{Selector, Side};
+use super::slots::{SceSlots, TaskSlots};
 use super::sparsify::Sparsifier;
 use super::spec::{spec, BaseUse, Default, MethodSpec, ParamSpec, Passes};
 use super::stats::Stats;
@@ -25,8 +26,6 @@ struct Sce<T> {
     gather_cap: u64,
     pass: usize,
 }
-
-const COUNT_SLOT: usize = 0;
 
 pub(super) const SCE: MethodSpec = spec!(build {
     name: "sce",
@@ -126,15 +125,20 @@ impl<T: Real> TensorMerge<T> for Sce<T> {
             None => {
                 // First pass: count v ≠ 0 and histogram v (level 0 of the selection).
                 let nonzero = var.iter().filter(|&&v| v != T::ZERO).count() as u64;
-                acc.sum(COUNT_SLOT).add(nonzero as f64);
+                acc.sum(SceSlots::NONZERO).add(nonzero as f64);
                 let probe = Selector::new(0, Side::TopK, T::KEY_BITS, self.gather_cap);
-                probe.collect(0, x.start, var.iter().map(|v| v.mag_key()), acc);
+                probe.collect(
+                    TaskSlots::cut(SceSlots::SELECTION, 0),
+                    x.start,
+                    var.iter().map(|v| v.mag_key()),
+                    acc,
+                );
             }
-            Some(sel) if sel.pending() => sel.collect(0, x.start, &var, acc),
+            Some(sel) if sel.pending() => sel.collect(SceSlots::SELECTION, x.start, &var, acc),
             Some(_) => {
                 self.apply_selection(x, &var);
                 for (i, m) in x.models.iter().enumerate() {
-                    block_sum(m.iter().map(|&v| v.to_f64() * v.to_f64()), acc.sum(1 + i));
+                    block_sum(m.iter().map(|&v| v.to_f64() * v.to_f64()), acc.sum(SceSlots::squares(i)));
                 }
             }
         }
@@ -150,14 +154,24 @@ impl<T: Real> TensorMerge<T> for Sce<T> {
                 return Kernel::Sce { weights: values(self.weights.as_deref().unwrap_or(&[])), mask };
             }
             (None, Stage::Pass) => {
-                let collect = Collect::Hist { slot: 0, shift: T::KEY_BITS - 16, prefix: None };
-                vec![StatOp::Nonzero { slot: COUNT_SLOT }, StatOp::Collect { keys, collect }]
+                let collect = Collect::Hist {
+                    slot: TaskSlots::cut(SceSlots::SELECTION, 0),
+                    shift: T::KEY_BITS - 16,
+                    prefix: None,
+                };
+                vec![StatOp::Nonzero { slot: SceSlots::NONZERO }, StatOp::Collect { keys, collect }]
             }
-            (Some(sel), Stage::Pass) if sel.pending() => {
-                sel.describe(0).into_iter().map(|collect| StatOp::Collect { keys, collect }).collect()
-            }
+            (Some(sel), Stage::Pass) if sel.pending() => sel
+                .describe(SceSlots::SELECTION)
+                .into_iter()
+                .map(|collect| StatOp::Collect { keys, collect })
+                .collect(),
             (Some(sel), Stage::Pass) => (0..self.k)
-                .map(|model| StatOp::Squares { model, slot: 1 + model, mask: sel.view(starts) })
+                .map(|model| StatOp::Squares {
+                    model,
+                    slot: SceSlots::squares(model),
+                    mask: sel.view(starts),
+                })
                 .collect(),
         };
         Kernel::Stats { vectors: Vectors::Variance, ops }
@@ -167,7 +181,7 @@ impl<T: Real> TensorMerge<T> for Sce<T> {
         self.pass += 1;
         match &mut self.select {
             None => {
-                let nonzero = stats.total(COUNT_SLOT) as u64;
+                let nonzero = stats.total(SceSlots::NONZERO) as u64;
                 let k = (self.topk * nonzero as f64).floor() as u64;
                 self.select = Some(if k == 0 {
                     Sparsifier::Nothing
@@ -175,14 +189,15 @@ impl<T: Real> TensorMerge<T> for Sce<T> {
                     Sparsifier::All
                 } else {
                     let mut sel = Selector::new(self.n - k, Side::TopK, T::KEY_BITS, self.gather_cap);
-                    sel.advance(0, &mut stats);
+                    sel.advance(TaskSlots::cut(SceSlots::SELECTION, 0), &mut stats);
                     Sparsifier::Select { lower: Some(Box::new(sel)), upper: None }
                 });
             }
-            Some(sel) if sel.pending() => sel.advance(0, &mut stats),
+            Some(sel) if sel.pending() => sel.advance(SceSlots::SELECTION, &mut stats),
             Some(_) => {
                 let k = self.k;
-                let c: Vec<f64> = (0..k).map(|i| stats.total(1 + i) / self.n.max(1) as f64).collect();
+                let c: Vec<f64> =
+                    (0..k).map(|i| stats.total(SceSlots::squares(i)) / self.n.max(1) as f64).collect();
                 let sum: f64 = c.iter().sum();
                 let c: Vec<f64> = if sum < 1e-6 {
                     vec![1.0 / k.max(1) as f64; k]

@@ -7,6 +7,7 @@ use super::gram;
 use super::inputs::ChunkInputs;
 use super::kernel::{Kernel, Stage, StatOp, Vectors as KernelVectors, NO_STATS};
 use super::merge::{TensorCtx, TensorMerge};
+use super::slots::ColumnSlots;
 use super::spec::{spec, BaseUse, Default, MethodSpec, ParamSpec, Passes};
 use super::stats::Stats;
 use crate::error::Result;
@@ -180,15 +181,16 @@ impl<T: Real> TensorMerge<T> for Nuslerp<T> {
             Vectors::Columns(cols) => {
                 // Per column: ‖v1‖², ‖v2‖², v1·v2 as exact sums (each product is exact in f64).
                 let cols = cols as usize;
-                if acc.sums.len() < 3 * cols {
-                    acc.sums.resize(3 * cols, ExactSum::default());
+                if acc.sums.len() < ColumnSlots::count(cols) {
+                    acc.sums.resize(ColumnSlots::count(cols), ExactSum::default());
                 }
                 for (j, (&p, &q)) in v1.iter().zip(v2.iter()).enumerate() {
                     let c = j % cols;
                     let (p, q) = (p.to_f64(), q.to_f64());
-                    acc.sums[3 * c].add(p * p);
-                    acc.sums[3 * c + 1].add(q * q);
-                    acc.sums[3 * c + 2].add(p * q);
+                    let at = ColumnSlots::column(c);
+                    acc.sums[at].add(p * p);
+                    acc.sums[at + 1].add(q * q);
+                    acc.sums[at + 2].add(p * q);
                 }
             }
             Vectors::Rows(_) => {}
@@ -224,7 +226,8 @@ impl<T: Real> TensorMerge<T> for Nuslerp<T> {
         self.coef = Some(match self.mode {
             Vectors::Columns(cols) => (0..cols as usize)
                 .map(|c| {
-                    let (a, b, d) = (stats.total(3 * c), stats.total(3 * c + 1), stats.total(3 * c + 2));
+                    let at = ColumnSlots::column(c);
+                    let (a, b, d) = (stats.total(at), stats.total(at + 1), stats.total(at + 2));
                     self.coefficients(&[vec![a, d], vec![d, b]])
                 })
                 .collect(),

@@ -4,6 +4,7 @@
 
 use super::kernel::{Collect, Mask};
 use super::select::{passes, top_mask, Selector, Side};
+use super::slots::TaskSlots;
 use super::stats::Stats;
 use crate::kernels::real::Real;
 use crate::numeric::random::{mix, stream, threshold};
@@ -169,7 +170,7 @@ impl Sparsifier {
         if let Sparsifier::Select { lower, upper } = self {
             for (i, sel) in [lower, upper].into_iter().enumerate() {
                 if let Some(sel) = sel.as_ref().filter(|s| s.pending()) {
-                    sel.collect_values(2 * model + i, start, delta, acc);
+                    sel.collect_values(TaskSlots::cut(model, i), start, delta, acc);
                 }
             }
         }
@@ -193,7 +194,7 @@ impl Sparsifier {
         if let Sparsifier::Select { lower, upper } = self {
             for (i, sel) in [lower, upper].into_iter().enumerate() {
                 if let Some(sel) = sel.as_ref().filter(|s| s.pending()) {
-                    sel.collect_stored_bf16(2 * model + i, start, x, base, acc);
+                    sel.collect_stored_bf16(TaskSlots::cut(model, i), start, x, base, acc);
                 }
             }
         }
@@ -215,7 +216,7 @@ impl Sparsifier {
         if let Sparsifier::Select { lower, upper } = self {
             for (i, sel) in [lower, upper].into_iter().enumerate() {
                 if let Some(sel) = sel.as_ref() {
-                    sel.sample(2 * model + i, delta.iter().map(|v| v.mag_key()), acc);
+                    sel.sample(TaskSlots::cut(model, i), delta.iter().map(|v| v.mag_key()), acc);
                 }
             }
         }
@@ -226,7 +227,7 @@ impl Sparsifier {
         if let Sparsifier::Select { lower, upper } = self {
             for (i, sel) in [lower, upper].into_iter().enumerate() {
                 if let Some(sel) = sel.as_mut().filter(|s| s.wants_sample(n)) {
-                    sel.plan_band(2 * model + i, n, stats);
+                    sel.plan_band(TaskSlots::cut(model, i), n, stats);
                 }
             }
         }
@@ -237,7 +238,7 @@ impl Sparsifier {
         if let Sparsifier::Select { lower, upper } = self {
             for (i, sel) in [lower, upper].into_iter().enumerate() {
                 if let Some(sel) = sel.as_mut().filter(|s| s.pending()) {
-                    sel.advance(2 * model + i, stats);
+                    sel.advance(TaskSlots::cut(model, i), stats);
                 }
             }
         }
@@ -297,7 +298,7 @@ impl Sparsifier {
         [lower, upper]
             .into_iter()
             .enumerate()
-            .filter_map(|(i, s)| s.as_ref().and_then(|s| s.describe(2 * model + i)))
+            .filter_map(|(i, s)| s.as_ref().and_then(|s| s.describe(TaskSlots::cut(model, i))))
             .collect()
     }
 
@@ -308,7 +309,7 @@ impl Sparsifier {
             .into_iter()
             .enumerate()
             .filter(|(_, s)| s.is_some())
-            .map(|(i, _)| 2 * model + i)
+            .map(|(i, _)| TaskSlots::cut(model, i))
             .collect()
     }
 

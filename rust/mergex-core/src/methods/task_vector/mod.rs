@@ -7,6 +7,7 @@ use super::inputs::ChunkInputs;
 use super::kernel::{values, Kernel, Keys, Stage, StatOp, Vectors};
 use super::l1::reduce_abs;
 use super::merge::{param, TensorCtx, TensorMerge, WeightedSum};
+use super::slots::TaskSlots;
 use super::sparsify::{Kind, Setup, Sparsifier};
 use super::spec::{spec, BaseUse, Default, MethodSpec, ParamSpec, Passes};
 use super::stats::Stats;
@@ -144,10 +145,6 @@ member!(
     RANDOM
 );
 
-/// Sum slots per model: ‖δ‖₁ and ‖δ ⊙ mask‖₁ (adjacent: [`Stats::sum_pair`] takes both).
-const L1_ALL: usize = 0;
-const L1_KEPT: usize = L1_ALL + 1;
-
 struct TaskVector<T> {
     family: Family,
     weights: Vec<T>,
@@ -273,7 +270,7 @@ impl<T: Real> TaskVector<T> {
     /// The L1 rescale factor ‖δ‖₁ / ‖δ ⊙ mask‖₁, rounded to f32 (1 if either is tiny).
     fn scale_from(&mut self, i: usize, stats: &Stats) {
         let all = self.l1_all.get(i).copied().unwrap_or(0.0);
-        let kept = stats.total(2 * i + L1_KEPT);
+        let kept = stats.total(TaskSlots::l1_kept(i));
         if let Some(s) = self.scales.get_mut(i) {
             *s = if all < 1e-7 || kept < 1e-7 { T::ONE } else { T::from_f64((all / kept) as f32 as f64) };
         }
@@ -320,7 +317,7 @@ impl<T: Real> TensorMerge<T> for TaskVector<T> {
         // Each model's bands come from its own slots: in parallel.
         let n = self.numel;
         let mut parts: Vec<Stats> =
-            (0..self.sparsifiers.len()).map(|i| stats.take_slots(2 * i..2 * i + 2)).collect();
+            (0..self.sparsifiers.len()).map(|i| stats.take_slots(TaskSlots::model(i))).collect();
         self.sparsifiers.par_iter_mut().zip(parts.par_iter_mut()).enumerate().for_each(|(i, (sp, part))| {
             sp.plan_bands(i, n, part);
         });
@@ -352,12 +349,16 @@ impl<T: Real> TensorMerge<T> for TaskVector<T> {
                 let mut ops = Vec::new();
                 for (i, sp) in models {
                     if rescaling && first {
-                        ops.push(StatOp::L1 { model: i, slot: 2 * i + L1_ALL, mask: None });
+                        ops.push(StatOp::L1 { model: i, slot: TaskSlots::l1_all(i), mask: None });
                     }
                     let keys = Keys::Model { model: i };
                     ops.extend(sp.describe(i).into_iter().map(|collect| StatOp::Collect { keys, collect }));
                     if rescaling && ((first && sp.random()) || (selected_l1 && sp.is_selection())) {
-                        ops.push(StatOp::L1 { model: i, slot: 2 * i + L1_KEPT, mask: Some(sp.view(starts)) });
+                        ops.push(StatOp::L1 {
+                            model: i,
+                            slot: TaskSlots::l1_kept(i),
+                            mask: Some(sp.view(starts)),
+                        });
                     }
                 }
                 ops
@@ -382,11 +383,11 @@ impl<T: Real> TensorMerge<T> for TaskVector<T> {
         let first = self.pass == 0;
         if first && self.rescaling() {
             // ‖δ‖₁ of every model comes from the first pass.
-            self.l1_all = (0..self.sparsifiers.len()).map(|i| stats.total(2 * i + L1_ALL)).collect();
+            self.l1_all = (0..self.sparsifiers.len()).map(|i| stats.total(TaskSlots::l1_all(i))).collect();
         }
         // The selections resolve independently (each from its own slots): in parallel.
         let mut parts: Vec<Stats> =
-            (0..self.sparsifiers.len()).map(|i| stats.take_slots(2 * i..2 * i + 2)).collect();
+            (0..self.sparsifiers.len()).map(|i| stats.take_slots(TaskSlots::model(i))).collect();
         self.sparsifiers.par_iter_mut().zip(parts.par_iter_mut()).enumerate().for_each(|(i, (sp, part))| {
             sp.advance(i, part);
         });
@@ -475,13 +476,13 @@ impl<T: Real> TaskVector<T> {
         for (i, (delta, sp)) in x.models.iter().zip(&self.sparsifiers).enumerate() {
             let delta: &[T] = delta;
             if self.rescaling() && first {
-                reduce_abs(delta, None, acc.sum(2 * i + L1_ALL));
+                reduce_abs(delta, None, acc.sum(TaskSlots::l1_all(i)));
             }
             sp.collect(i, x.start, delta, acc);
             let random = sp.random();
             if self.rescaling() && ((first && random) || (selected_l1 && sp.is_selection())) {
                 sp.mask(x.start, delta, &hashes, &mut mask);
-                reduce_abs(delta, Some(&mask), acc.sum(2 * i + L1_KEPT));
+                reduce_abs(delta, Some(&mask), acc.sum(TaskSlots::l1_kept(i)));
             }
         }
         Ok(())

@@ -2,6 +2,7 @@
 //! the same numbers as the semantic pipeline in `task_vector`, computed without decoding
 //! every input first. Each is chosen only where it gives identical results.
 
+use super::super::slots::TaskSlots;
 use super::*;
 
 impl<T: Real> TaskVector<T> {
@@ -88,7 +89,7 @@ impl<T: Real> TaskVector<T> {
         index_hashes(x.start, base.bytes.len() / 2, &mut hashes);
         for (i, (m, sp)) in models.iter().zip(&self.sparsifiers).enumerate() {
             let Some(draw) = sp.draws() else { continue };
-            let (all, kept) = acc.sum_pair(2 * i + L1_ALL);
+            let (all, kept) = acc.sum_pair(TaskSlots::l1_all(i));
             let done = crate::kernels::dispatch::dare_l1_bf16(
                 m.bytes,
                 base.bytes,
