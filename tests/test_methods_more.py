@@ -66,20 +66,22 @@ def family(tmp_path_factory):
 # --------------------------------------------------------------------------- 1. reference
 
 
+@pytest.mark.parametrize("engine", ["rust", "torch"])
 @pytest.mark.parametrize("dtype", ["bf16", "f32"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_matches_reference(family, run_merge, out_dir, name, dtype):
+def test_matches_reference(family, run_merge, out_dir, name, dtype, engine):
+    # Both engines: the torch engine's kernels under the Rust engine's control.
     c = CASES[name]
     f = family(c.kind_map, dtype)
     cfg, expected, *either = c.build(f)
     either = either[0] if either else None
     assert cfg["merge_method"] == c.method
     # float32 output: the engine's working values themselves.
-    out = run_merge({**cfg, "out_dtype": "float32"}, out_dir.parent / "f32")
+    out = run_merge({**cfg, "out_dtype": "float32"}, out_dir.parent / "f32", engine=engine)
     check(out, expected, "F32", c.exact, f, either)
     if dtype == "bf16":
         # No dtype set: the base's (bf16; the first model's without a base), rounded once.
-        out = run_merge(cfg, out_dir.parent / "bf16")
+        out = run_merge(cfg, out_dir.parent / "bf16", engine=engine)
         check(out, expected, "BF16", c.exact, f, either)
 
 

@@ -188,18 +188,21 @@ def test_cases_cover_every_method():
     assert {c[0] for c in CASES.values()} == set(TASK_METHODS)
 
 
+@pytest.mark.parametrize("engine", ["rust", "torch"])
 @pytest.mark.parametrize("family", ["planted", "random"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_matches_reference(families, run_merge, out_dir, case, family):
+def test_matches_reference(families, run_merge, out_dir, case, family, engine):
+    # Both engines: the torch engine's kernels under the Rust engine's control.
     base, xs = families[family]
     cfg, seed = case_config(case, base, xs)
     expected = expected_outputs(cfg, base, xs, seed)
+    kw = {"seed": seed, "engine": engine}
     # float32 output: the engine's working values themselves, bit for bit.
-    check(run_merge({**cfg, "out_dtype": "float32"}, out_dir.parent / "f32", seed=seed), expected, "F32")
+    check(run_merge({**cfg, "out_dtype": "float32"}, out_dir.parent / "f32", **kw), expected, "F32")
     # No dtype set: the inputs' own (bf16) when they agree, else torch's promotion (the
     # random family mixes bf16, f16 and f32: f32), rounded once to nearest even.
     dtype = "BF16" if family == "planted" else "F32"
-    check(run_merge(cfg, out_dir.parent / "bf16", seed=seed), expected, dtype)
+    check(run_merge(cfg, out_dir.parent / "bf16", **kw), expected, dtype)
 
 
 def test_reference_draw_matches_spec_vectors():

@@ -81,7 +81,7 @@ def compare(rust: models.Output, torch_out: models.Output, label: str) -> tuple[
 def test_torch_matches_rust(family, mergex_mod, tmp_path, name, dtype):
     case = mc.CASES[name]
     f = family(case.kind_map, dtype)
-    cfg, expected, *either = case.build(f)
+    cfg, _, *_ = case.build(f)
     # float32 output at both budgets; the stored dtype (bf16 inputs) at the small one.
     runs = [(SMALL, {**cfg, "out_dtype": "float32"}, "F32"), (LARGE, {**cfg, "out_dtype": "float32"}, "F32")]
     if dtype == "bf16":
@@ -96,8 +96,7 @@ def test_torch_matches_rust(family, mergex_mod, tmp_path, name, dtype):
             # Each element is b or b + (x - b), decided by comparisons: no rounding to differ
             # in, and where x and b are one ulp apart a wrong decision is within one ulp.
             assert differ == 0, label
-        if budget == SMALL:
-            mc.check(got, expected, out_dtype, case.exact, f, either[0] if either else None)
+    # Against the numpy reference: test_methods_more.py runs every case on both engines.
 
 
 # --------------------------------------------------------------------------- arcee_fusion

@@ -393,46 +393,4 @@ def test_random_masks_identical(families, mergex_mod, monkeypatch, tmp_path, met
                 assert 0 < kept_torch.sum() < delta.size, name
 
 
-# --------------------------------------------------------------------------- 3. numpy reference
-
-
-@pytest.mark.parametrize("family", ["planted", "random"])
-@pytest.mark.parametrize("case", ["ties", "dare_ties", "della"])
-def test_torch_matches_reference(families, mergex_mod, tmp_path, case, family):
-    base, xs = families[family]
-    cfg, seed = case_config(case, base, xs)
-    method, params, top, _ = CASES[case]
-    mergex_mod.merge(
-        models._plain({**cfg, "out_dtype": "float32"}),
-        tmp_path / "out",
-        engine="torch",
-        ram_budget="64KiB",
-        threads=2,
-        progress=False,
-        seed=seed,
-    )
-    out = models.read_output(tmp_path / "out")
-    top = top or {}
-    for name in base.tensors:
-        if method.startswith("della") and len(SHAPES[name]) > 2:
-            continue  # the reference ranks rows of 1-D and 2-D tensors only
-        p = ref.position(name, LAYERS)
-
-        def per_model(key: str, default: object, name: str = name, p: float = p) -> list:
-            return [ref.lookup([m, top], key, name, p, default) for m in params]
-
-        want = ref.task_family(
-            method,
-            base.tensors[name],
-            [x.tensors[name] for x in xs],
-            name,
-            weights=per_model("weight", None),
-            densities=per_model("density", 1.0),
-            gammas=per_model("gamma", 0.01),
-            epsilons=per_model("epsilon", 0.15),
-            normalize=ref.lookup([top], "normalize", name, p),
-            rescale=ref.lookup([top], "rescale", name, p),
-            lam=ref.lookup([top], "lambda", name, p, 1.0),
-            seed=seed,
-        )
-        models.assert_tensor_equal(out, name, want, "F32")
+# Against the numpy reference: test_task_family.py runs every case on both engines.
