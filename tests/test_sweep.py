@@ -300,3 +300,24 @@ def test_cli_sweep_and_its_plan(trio, tmp_path):
         and again.stderr.startswith("error: sweep member")
         and "Traceback" not in again.stderr
     )
+
+
+@pytest.mark.parametrize("scales", ["block", "tensor"])
+def test_quantized_members_written_back_equal_their_own_merges(tmp_path, scales):
+    # Block FP8 inputs, re-quantized in the base's layout: with per-tensor scales each
+    # member first merges every weight once for its amax, as its own merge does.
+    from support import quant_models as qm
+
+    per_tensor = scales == "tensor"
+    base, a, b = (qm.Fp8Model(tmp_path, f"m{s}", s, "F32", per_tensor=per_tensor) for s in (1, 2, 3))
+    cfg = {
+        "merge_method": "ties",
+        "base_model": str(base.path),
+        "models": [
+            {"model": str(a.path), "parameters": {"weight": 0.5, "density": {"sweep": [0.3, 0.8]}}},
+            {"model": str(b.path), "parameters": {"weight": 0.5, "density": 0.6}},
+        ],
+        "out_quantization": "base",
+    }
+    config = write(tmp_path / "sweep.yml", cfg)
+    assert_members_match_single_merges(config, tmp_path / "out", tmp_path, 2)
