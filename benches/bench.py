@@ -391,6 +391,19 @@ def folder_bytes(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.glob("*.safetensors")) if folder.is_dir() else 0
 
 
+def best_run(cmd: list[str], repeat: int, out: Path) -> ChildRun:
+    """The fastest of ``repeat`` runs of ``cmd`` (``out`` removed before each); exits with
+    the command's stderr if one fails."""
+    runs = []
+    for _ in range(repeat):
+        shutil.rmtree(out, ignore_errors=True)
+        run = run_child(cmd)
+        if run.returncode != 0:
+            raise SystemExit(f"error: {' '.join(cmd)} failed:\n{run.stderr}")
+        runs.append(run)
+    return min(runs, key=lambda r: r.seconds)
+
+
 def best_of(seconds: list[float]) -> float:
     """The fastest of some timings (NaN if there are none)."""
     return min(seconds, default=float("nan"))

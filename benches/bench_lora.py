@@ -50,17 +50,6 @@ def relative_error(adapter: Path, delta: np.ndarray, rank: int) -> float:
     return float(np.linalg.norm(delta - cfg["lora_alpha"] / cfg["r"] * (b @ a))) / best
 
 
-def best_run(cmd: list[str], repeat: int, out: Path) -> bench.ChildRun:
-    runs = []
-    for _ in range(repeat):
-        shutil.rmtree(out, ignore_errors=True)
-        run = bench.run_child(cmd)
-        if run.returncode != 0:
-            raise SystemExit(f"error: {' '.join(cmd)} failed:\n{run.stderr}")
-        runs.append(run)
-    return min(runs, key=lambda r: r.seconds)
-
-
 def merge_config(work: Path, name: str, models: list[str]) -> Path:
     cfg = {"merge_method": "linear", "models": [{"model": m, "parameters": {"weight": 1.0}} for m in models]}
     path = work / f"{name}.yml"
@@ -89,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     delta = tensor(expert, WEIGHT) - tensor(models.base, WEIGHT)
     adapter = work / "mergex-adapter"
     cmd = [*mergex, "extract-lora", str(expert), str(models.base), str(adapter), "--rank", str(args.rank)]
-    run = best_run([*cmd, "--ram-budget", args.ram_budget, "-q"], args.repeat, adapter)
+    run = bench.best_run([*cmd, "--ram-budget", args.ram_budget, "-q"], args.repeat, adapter)
     err = relative_error(adapter, delta, args.rank)
     print(
         f"mergex extract-lora --rank {args.rank} --ram-budget {args.ram_budget}: {run.seconds:.1f} s "
@@ -100,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
         tool = str(Path(args.mergekit).parent / "mergekit-extract-lora")
         out = work / "mergekit-adapter"
         mk = [tool, "--model", str(expert), "--base-model", str(models.base), "--out-path", str(out)]
-        run = best_run([*mk, "--max-rank", str(args.rank)], args.repeat, out)
+        run = bench.best_run([*mk, "--max-rank", str(args.rank)], args.repeat, out)
         err = relative_error(out, delta, args.rank)
         print(
             f"mergekit-extract-lora --max-rank {args.rank}: {run.seconds:.1f} s "
@@ -111,16 +100,16 @@ def main(argv: list[str] | None = None) -> int:
     budget = ["--ram-budget", args.ram_budget, "--quiet", "--overwrite"]
     direct = merge_config(work, "direct", [f"{models.base}+{adapter}", str(other)])
     out = work / "merged"
-    run = best_run([*mergex, "merge", str(direct), str(out), *budget], args.repeat, out)
+    run = bench.best_run([*mergex, "merge", str(direct), str(out), *budget], args.repeat, out)
     print(
         f"linear merge of base+adapter with expert_1: {run.seconds:.2f} s, "
         f"{bench.folder_bytes(out) / 1e6:.0f} MB written"
     )
     pre = merge_config(work, "pre", [f"{models.base}+{adapter}"])
     premerged = work / "premerged"
-    first = best_run([*mergex, "merge", str(pre), str(premerged), *budget], args.repeat, premerged)
+    first = bench.best_run([*mergex, "merge", str(pre), str(premerged), *budget], args.repeat, premerged)
     then = merge_config(work, "then", [str(premerged), str(other)])
-    second = best_run([*mergex, "merge", str(then), str(out), *budget], args.repeat, out)
+    second = bench.best_run([*mergex, "merge", str(then), str(out), *budget], args.repeat, out)
     written = bench.folder_bytes(premerged) + bench.folder_bytes(out)
     print(
         f"the same through a pre-merged model: {first.seconds:.2f} + {second.seconds:.2f} = "

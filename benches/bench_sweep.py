@@ -20,7 +20,6 @@ Example::
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
@@ -69,17 +68,6 @@ def members(config: Path) -> list[tuple[str, dict[str, object]]]:
     return [(m.name, m.raw) for m in expand(config)]
 
 
-def best(cmd: list[str], repeat: int, out: Path) -> bench.ChildRun:
-    runs = []
-    for _ in range(repeat):
-        shutil.rmtree(out, ignore_errors=True)
-        run = bench.run_child(cmd)
-        if run.returncode != 0:
-            raise SystemExit(f"error: {' '.join(cmd)} failed:\n{run.stderr}")
-        runs.append(run)
-    return min(runs, key=lambda r: r.seconds)
-
-
 def same_bytes(a: Path, b: Path) -> bool:
     files = sorted(p.name for p in a.glob("*.safetensors"))
     return bool(files) and all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
@@ -119,18 +107,18 @@ def main(argv: list[str] | None = None) -> int:
             cfg = work / f"{name}-{i}.yml"
             cfg.write_text(bench.to_yaml(raw))
             singles.append((member, cfg))
-        one = best(
+        one = bench.best_run(
             [*cli, "merge", str(singles[0][1]), str(work / "one"), "--overwrite", *common],
             args.repeat,
             work / "one",
         )
-        swept = best(
+        swept = bench.best_run(
             [*cli, "sweep", str(config), str(work / name), "--overwrite", *common], args.repeat, work / name
         )
         separate_s, separate_rss = 0.0, 0
         for member, cfg in singles:
             out = work / "single" / member
-            run = best([*cli, "merge", str(cfg), str(out), "--overwrite", *common], 1, out)
+            run = bench.best_run([*cli, "merge", str(cfg), str(out), "--overwrite", *common], 1, out)
             separate_s += run.seconds
             separate_rss = max(separate_rss, run.peak_rss)
             if not same_bytes(work / name / member, out):

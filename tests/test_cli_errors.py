@@ -211,12 +211,7 @@ CASES = {
 }
 
 
-def error_line(stderr: str) -> str:
-    lines = [ln for ln in stderr.splitlines() if ln.strip()]
-    assert "Traceback" not in stderr, stderr
-    assert len(lines) == 1, f"expected exactly one line on stderr, got:\n{stderr}"
-    assert lines[0].startswith("error: "), lines[0]
-    return lines[0]
+error_line = models.error_line
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -347,13 +347,22 @@ def _run_engine(
     backend: _Backend,
     spec: EngineJob,
 ) -> _mergex.RunSummary:
-    """Run the engine in a worker thread so the main thread stays responsive to Ctrl-C and
-    can draw progress; on KeyboardInterrupt the engine is cancelled and joined."""
+    """Run the engine in a worker thread (see :func:`run_with_progress`)."""
+    summary: _mergex.RunSummary = run_with_progress(
+        engine, lambda: backend.run(engine, spec, out), on_progress
+    )
+    return summary
+
+
+def run_with_progress(target: Any, run: Callable[[], Any], on_progress: ProgressCallback | None) -> Any:
+    """``run()`` in a worker thread, so the main thread stays responsive to Ctrl-C and can
+    report ``target.progress()``; on KeyboardInterrupt (or an exception the callback raises)
+    ``target`` is cancelled and the worker joined."""
     result: dict[str, Any] = {}
 
     def work() -> None:
         try:
-            result["summary"] = backend.run(engine, spec, out)
+            result["value"] = run()
         except BaseException as e:  # handed to the main thread
             result["error"] = e
 
@@ -363,15 +372,14 @@ def _run_engine(
         while t.is_alive():
             t.join(0.1)
             if on_progress is not None:
-                on_progress(MergeProgress(*engine.progress()))
+                on_progress(MergeProgress(*target.progress()))
     except BaseException:
-        engine.cancel()
+        target.cancel()
         t.join()
         raise
     if "error" in result:
         raise result["error"]
-    summary: _mergex.RunSummary = result["summary"]
-    return summary
+    return result["value"]
 
 
 def merge(

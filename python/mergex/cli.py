@@ -47,6 +47,11 @@ ShardSize = Annotated[
     str | None,
     typer.Option("--shard-size", help="Largest output file, e.g. 2GB or 500MiB \\[default: 5GB]."),
 ]
+Seed = Annotated[
+    int | None,
+    typer.Option("--seed", min=0, max=2**32 - 1, help="Seed of random methods \\[default: 0]."),
+]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")]
 Verbose = Annotated[bool, typer.Option("--verbose", "-v", help="Show tracebacks on errors.")]
 RamBudget = Annotated[
     str | None,
@@ -117,10 +122,7 @@ def merge(
     ram_budget: RamBudget = None,
     threads: Threads = None,
     shard_size: ShardSize = None,
-    seed: Annotated[
-        int | None,
-        typer.Option("--seed", min=0, max=2**32 - 1, help="Seed of random methods \\[default: 0]."),
-    ] = None,
+    seed: Seed = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing output folder.")
     ] = False,
@@ -154,7 +156,7 @@ def merge(
         bool, typer.Option("--keep-intermediates", help="Keep a recipe's stage folders.")
     ] = False,
     ray: RayAddress = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
+    quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
     """Merge the models of CONFIG into the folder OUT (a multi-document CONFIG is a recipe of
@@ -211,10 +213,7 @@ def sweep(
     ram_budget: RamBudget = None,
     threads: Threads = None,
     shard_size: ShardSize = None,
-    seed: Annotated[
-        int | None,
-        typer.Option("--seed", min=0, max=2**32 - 1, help="Seed of random methods \\[default: 0]."),
-    ] = None,
+    seed: Seed = None,
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace members' folders that exist.")
     ] = False,
@@ -224,7 +223,7 @@ def sweep(
     ] = False,
     offline: Offline = False,
     ray: RayAddress = None,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
+    quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
     """Run every merge of a sweep CONFIG into OUTDIR/NAME, reading the inputs once per pass for
@@ -419,7 +418,7 @@ def extract_lora(
         bool, typer.Option("--overwrite", help="Replace an existing output folder.")
     ] = False,
     offline: Offline = False,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
+    quiet: Quiet = False,
     verbose: Verbose = False,
 ) -> None:
     """Write a PEFT LoRA adapter to OUT whose B·A approximates MODEL - BASE."""

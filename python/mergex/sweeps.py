@@ -16,9 +16,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
-import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,7 +25,6 @@ import yaml
 
 from . import _mergex, hub
 from .api import (
-    MergeProgress,
     MergeResult,
     ProgressCallback,
     Size,
@@ -35,6 +32,7 @@ from .api import (
     _resolve_hub,
     finish_output,
     merge_result,
+    run_with_progress,
 )
 from .config import MergeConfig, load_config
 from .errors import ConfigError, MergexError, OutputExistsError
@@ -352,33 +350,6 @@ def sweep_plan(
 # --------------------------------------------------------------------------- running
 
 
-def _run(target: Any, run: Callable[[], Any], on_progress: ProgressCallback | None) -> Any:
-    """Run ``run`` in a worker thread, the main thread reporting progress and cancelling on
-    Ctrl-C (as a single merge does)."""
-    result: dict[str, Any] = {}
-
-    def work() -> None:
-        try:
-            result["value"] = run()
-        except BaseException as e:  # handed to the main thread
-            result["error"] = e
-
-    t = threading.Thread(target=work, name="mergex-sweep", daemon=True)
-    t.start()
-    try:
-        while t.is_alive():
-            t.join(0.1)
-            if on_progress is not None:
-                on_progress(MergeProgress(*target.progress()))
-    except BaseException:
-        target.cancel()
-        t.join()
-        raise
-    if "error" in result:
-        raise result["error"]
-    return result["value"]
-
-
 def _record(outdir: Path, entries: dict[str, dict[str, Any]]) -> None:
     text = yaml.safe_dump({"members": list(entries.values())}, sort_keys=False, allow_unicode=True)
     tmp = outdir / f".{_RECORD}.tmp"
@@ -533,7 +504,7 @@ def _run_wave(
         else:
             runner = _mergex.Sweep(cores)
             dirs = [str(f.tmp) for f in folders]
-            summaries = _run(runner, lambda: runner.run(groups, dirs), progress)
+            summaries = run_with_progress(runner, lambda: runner.run(groups, dirs), progress)
         results = []
         for p, folder, summary in zip(todo, folders, summaries, strict=True):
             finish_output(folder, p.cfg, p.job)
