@@ -321,3 +321,34 @@ def test_quantized_members_written_back_equal_their_own_merges(tmp_path, scales)
     }
     config = write(tmp_path / "sweep.yml", cfg)
     assert_members_match_single_merges(config, tmp_path / "out", tmp_path, 2)
+
+
+def test_members_with_other_adapters_read_apart(trio, tmp_path):
+    # The same base under two different LoRA adapters: the same model indices, other files.
+    # They must not be grouped (each reads its own adapter), and each equals its own merge.
+    import numpy as np
+
+    base, a, _ = trio
+    rng = np.random.default_rng(5)
+    shapes = models.llama_shapes()
+    adapters = []
+    for k in range(2):
+        module = "model.layers.0.self_attn.q_proj"
+        out_dim, in_dim = shapes[f"{module}.weight"]
+        factors = {module: (rng.standard_normal((2, in_dim)) * 0.1, rng.standard_normal((out_dim, 2)) * 0.1)}
+        cfg = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]}
+        adapters.append(models.write_adapter(tmp_path / f"adapter{k}", factors, cfg))
+    docs = [
+        {
+            "name": f"with{k}",
+            "merge_method": "linear",
+            "models": [
+                {"model": f"{base.path}+{adapters[k]}", "parameters": {"weight": 0.5}},
+                {"model": a, "parameters": {"weight": 0.5}},
+            ],
+        }
+        for k in range(2)
+    ]
+    config = write(tmp_path / "sweep.yml", *docs)
+    assert sweep_plan(config, ram_budget="128KiB").groups == [["with0"], ["with1"]]
+    assert_members_match_single_merges(config, tmp_path / "out", tmp_path, 2)

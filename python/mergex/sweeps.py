@@ -14,6 +14,7 @@ checksums (what ``--resume`` verifies).
 from __future__ import annotations
 
 import copy
+import dataclasses
 import itertools
 import json
 import time
@@ -219,20 +220,24 @@ class _Prepared:
 
 def _signature(job: Job) -> str:
     """What a member reads: per output tensor, its inputs (file, tensor, scales, adapters,
-    row maps), without the parameters. Members of equal signatures read together."""
+    row maps, every model index resolved to its path), without the per-model parameters and
+    draw positions. Members of equal signatures read together."""
     models = job.spec.models
 
-    def ref(r: Any) -> Any:
-        if r is None:
-            return None
-        d = {k: v for k, v in vars(r).items() if k not in ("params", "position", "model")}
-        return [models[r.model], json.loads(json.dumps(d, default=lambda o: vars(o)))]
+    def plain(v: Any) -> Any:
+        if dataclasses.is_dataclass(v) and not isinstance(v, type):
+            v = {f.name: getattr(v, f.name) for f in dataclasses.fields(v)}
+        if isinstance(v, dict):
+            out = {k: plain(x) for k, x in v.items() if k not in ("params", "position")}
+            if isinstance(out.get("model"), int):
+                out["model"] = models[out["model"]]
+            return out
+        if isinstance(v, list | tuple):
+            return [plain(x) for x in v]
+        return v
 
-    return json.dumps(
-        [[t.name, t.shape, t.copy, ref(t.base), [ref(r) for r in t.inputs]] for t in job.spec.tensors],
-        sort_keys=True,
-        default=str,
-    )
+    tensors = [[t.name, t.shape, t.copy, plain(t.base), plain(t.inputs)] for t in job.spec.tensors]
+    return json.dumps(tensors, sort_keys=True, default=str)
 
 
 def _prepare(

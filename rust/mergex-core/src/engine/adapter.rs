@@ -55,6 +55,11 @@ fn bad(path: &Path, tensor: &str, message: String) -> Error {
 }
 
 impl Lora {
+    /// The adapter file, its factors and scale: what a sweep compares.
+    pub(crate) fn source(&self) -> (&Path, &str, &str, u64) {
+        (self.path.as_path(), self.a.1.name.as_str(), self.b.1.name.as_str(), self.scale.to_bits())
+    }
+
     /// The factors `a` and `b` (of the adapter file `path`) of a weight stored as `shape`.
     pub fn new(
         path: &Path,

@@ -38,6 +38,19 @@ pub struct View {
 }
 
 impl View {
+    /// Whether `other` reads the same values: the same tensor of the same file, cut alike,
+    /// with the same adapter (a sweep reads its members' inputs through one of them).
+    pub(crate) fn same_source(&self, other: &View) -> bool {
+        fn lora(v: &View) -> Option<(&Path, &str, &str, u64)> {
+            v.lora.as_ref().map(|l| l.source())
+        }
+        self.file.path() == other.file.path()
+            && self.entry.name == other.entry.name
+            && (self.in_cols, self.out_cols, self.packed) == (other.in_cols, other.out_cols, other.packed)
+            && lora(self) == lora(other)
+            && self.rows.is_some() == other.rows.is_some()
+    }
+
     /// The whole tensor `entry`, as stored.
     fn whole(file: Arc<SafeFile>, entry: TensorEntry) -> View {
         View {

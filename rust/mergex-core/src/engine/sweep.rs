@@ -211,9 +211,7 @@ fn check_group(members: &[&Engine]) -> Result<()> {
                     && a.wide == b.wide
                     && a.base.is_some() == b.base.is_some()
                     && a.views().count() == b.views().count()
-                    && a.views()
-                        .zip(b.views())
-                        .all(|(x, y)| x.dtype() == y.dtype() && x.entry.name == y.entry.name)
+                    && a.views().zip(b.views()).all(|(x, y)| x.dtype() == y.dtype() && x.same_source(y))
             });
         if !same {
             return Err(Error::job("sweep", "the members of a sweep group must read the same inputs"));
