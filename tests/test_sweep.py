@@ -183,6 +183,8 @@ def test_stages_used_by_later_documents_run_first(trio, tmp_path):
         },
     ]
     config = write(tmp_path / "sweep.yml", *docs)
+    plan = sweep_plan(config, ram_budget=SMALL)
+    assert plan.groups == [["first"]] and plan.later == ["blend"]
     out = tmp_path / "out"
     results = mergex.sweep(config, out, ram_budget=SMALL, threads=2)
     assert [r.out_dir.name for r in results] == ["blend", "first"]

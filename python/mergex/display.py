@@ -82,6 +82,8 @@ def plan_sweep(
     typer.echo(f"sweep of {len(p.members)} members in {len(p.groups)} group(s) reading the same inputs")
     for g in p.groups:
         typer.echo(f"  together: {', '.join(g)}")
+    if p.later:
+        typer.echo(f"  built on other members, planned once those exist: {', '.join(p.later)}")
     ratio = p.separate_bytes_read / p.bytes_read if p.bytes_read else 0.0
     typer.echo(
         f"reads {format_size(p.bytes_read)} over all passes; merged one by one they would read "

@@ -315,8 +315,10 @@ class SweepPlan:
     bytes_read: int
     """Input bytes the sweep reads over all passes."""
     separate_bytes_read: int
-    """Input bytes the members would read merged one by one."""
+    """Input bytes the members would read merged one by one (each with the whole budget)."""
     bytes_written: int
+    later: list[str] = field(default_factory=list)
+    """Members that build on other members: planned once those exist (not counted here)."""
 
 
 def sweep_plan(
@@ -337,19 +339,20 @@ def sweep_plan(
     kw = {"ram_budget": ram_budget, "threads": threads, "shard_size": shard_size, "seed": None}
     total = separate = written = 0
     groups: list[list[str]] = []
+    names = {m.name for m in members}
+    later = [m.name for m in members if refs(m.raw) & names - {m.name}]
     with hub.hub_session(offline) as hs:
-        for wave in _waves(path, members, Path("/nonexistent-sweep")):
-            if any(refs(raw) & {m.name for m in members} for _, raw in wave):
-                continue  # a member built on another member: its input is not there yet
-            prepared = _prepare(hs, wave, path.resolve().parent, kw, download=False)
-            for g in _groups(prepared):
-                cores = [_mergex.MergeJob(prepared[i].job.spec.to_json()) for i in g]
-                plans = [c.plan() for c in cores]
-                groups.append([prepared[i].member.name for i in g])
-                separate += sum(p.bytes_read for p in plans)
-                written += sum(p.bytes_written for p in plans)
-                total += _mergex.Sweep(cores).planned_bytes()
-    return SweepPlan([m.name for m in members], groups, total, separate, written)
+        wave = [(m, m.raw) for m in members if m.name not in later]
+        prepared = _prepare(hs, wave, path.resolve().parent, kw, download=False)
+        # One by one, each merge has the whole budget; in the sweep, its group's share.
+        alone = [_mergex.MergeJob(p.job.spec.to_json()).plan() for p in prepared]
+        split, cores = _engines(prepared)
+        for g in split:
+            groups.append([prepared[i].member.name for i in g])
+            separate += sum(alone[i].bytes_read for i in g)
+            written += sum(alone[i].bytes_written for i in g)
+            total += _mergex.Sweep([cores[i] for i in g]).planned_bytes()
+    return SweepPlan([m.name for m in members], groups, total, separate, written, later)
 
 
 # --------------------------------------------------------------------------- running
