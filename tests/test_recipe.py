@@ -1,6 +1,8 @@
 """Multi-stage recipes (mergekit-multi's format): named documents used as models by later
 ones run in dependency order; the final document goes to OUT and equals the same merges run
-one by one; --lazy reuses a complete stage; cycles and duplicate names are errors."""
+one by one; an element-wise stage that feeds one element-wise stage is fused into it (not
+written, the same bytes); --lazy reuses a complete stage; cycles and duplicate names are
+errors."""
 
 from __future__ import annotations
 
@@ -58,6 +60,87 @@ def test_stages_run_in_order_and_equal_the_merges_run_one_by_one(mergex_mod, tri
     # The stage's folder is gone, and nothing else is left beside the output.
     assert not (tmp_path / ".out.stages").exists()
     assert result.out_dir.resolve() == out.resolve()
+    # Both stages are element-wise: the first was computed as the final one read it.
+    assert result.warnings == ["stage first: fused into document 1 (not written)"]
+
+
+def test_fused_stages_give_the_bytes_of_written_ones(mergex_mod, trio, tmp_path):
+    # A chain of three element-wise stages (two fused, one into the other) and a TIES reader
+    # of another stage (not element-wise: that stage is written): the same bytes as the
+    # recipe with every stage written (--keep-intermediates fuses nothing), reading less.
+    from mergex import _mergex
+
+    a, b, c = trio
+    chain = [
+        {
+            "name": "one",
+            "merge_method": "linear",
+            "models": [
+                {"model": str(a.path), "parameters": {"weight": 0.7}},
+                {"model": str(b.path), "parameters": {"weight": 0.3}},
+            ],
+        },
+        {
+            "name": "two",
+            "merge_method": "task_arithmetic",
+            "base_model": str(c.path),
+            "models": [{"model": "one", "parameters": {"weight": 0.5}}],
+            "out_dtype": "float32",
+        },
+        {
+            "name": "three",
+            "merge_method": "linear",
+            "models": [
+                {"model": str(a.path), "parameters": {"weight": 0.5}},
+                {"model": str(c.path), "parameters": {"weight": 0.5}},
+            ],
+        },
+        {
+            "merge_method": "ties",
+            "base_model": str(c.path),
+            "models": [
+                {"model": "two", "parameters": {"weight": 0.5, "density": 0.5}},
+                {"model": "three", "parameters": {"weight": 0.5, "density": 0.5}},
+            ],
+        },
+    ]
+    # "two" feeds TIES: written; "one" feeds "two" (element-wise): fused; "three" too is read
+    # by TIES: written.
+    recipe = write_recipe(tmp_path / "recipe.yml", chain)
+    before = _mergex.bytes_read()
+    fused = mergex_mod.merge(recipe, tmp_path / "fused", ram_budget="64KiB", progress=None)
+    fused_read = _mergex.bytes_read() - before
+    before = _mergex.bytes_read()
+    kept = mergex_mod.merge(
+        recipe, tmp_path / "kept", ram_budget="64KiB", keep_intermediates=True, progress=None
+    )
+    kept_read = _mergex.bytes_read() - before
+    assert fused.warnings == ["stage one: fused into two (not written)"]
+    assert not any("fused" in w for w in kept.warnings)
+    assert models.read_output(tmp_path / "fused").raw == models.read_output(tmp_path / "kept").raw
+    assert fused_read < kept_read
+    # A fused stage of two fused stages: the first stage's tensors computed inside the second's.
+    nested = [
+        chain[0],
+        {**chain[1], "out_dtype": "bfloat16"},
+        {
+            "merge_method": "linear",
+            "models": [
+                {"model": "two", "parameters": {"weight": 1.0}},
+                {"model": str(b.path), "parameters": {"weight": 1.0}},
+            ],
+        },
+    ]
+    recipe = write_recipe(tmp_path / "nested.yml", nested)
+    got = mergex_mod.merge(recipe, tmp_path / "nested", ram_budget="64KiB", progress=None)
+    assert got.warnings == [
+        "stage one: fused into two (not written)",
+        "stage two: fused into document 3 (not written)",
+    ]
+    mergex_mod.merge(
+        recipe, tmp_path / "nested-kept", ram_budget="64KiB", keep_intermediates=True, progress=None
+    )
+    assert models.read_output(tmp_path / "nested").raw == models.read_output(tmp_path / "nested-kept").raw
 
 
 def test_lazy_reuses_a_complete_stage(mergex_mod, trio, tmp_path):

@@ -7,7 +7,6 @@ import json
 import os
 import re
 import resource
-import shutil
 import threading
 import time
 from collections.abc import Callable
@@ -20,9 +19,9 @@ from .config import MergeConfig, load_config
 from .errors import ConfigError
 from .job import EngineJob, Resume
 from .models import Model, TensorInfo
-from .output import OutputFolder, check_output_path
+from .output import OutputFolder, check_output_path, finish_output
 from .planner import Job, build_job
-from .recipe import Stage, read_recipe, remove, resolve_stages
+from .recipe import FUSED_MARK, read_recipe, run_recipe
 from .units import default_ram_budget, default_threads, parse_size
 
 __all__ = ["MergePlan", "MergeProgress", "MergeResult", "inspect", "merge", "plan"]
@@ -458,9 +457,24 @@ def merge(
         kw: dict[str, Any] = {"ram_budget": ram_budget, "threads": threads, "shard_size": shard_size}
         kw |= {"seed": seed, "progress": progress, "engine": engine, "device": device}
         kw |= {"gpu_budget": gpu_budget, "offline": offline, "ray": ray}
-        return _merge_recipe(
-            path, stages, Path(out), overwrite, intermediate_dir, lazy, keep_intermediates, kw
+        folder = (
+            Path(intermediate_dir)
+            if intermediate_dir is not None
+            else Path(out).parent / f".{Path(out).name}.stages"
         )
+        result: MergeResult = run_recipe(
+            path,
+            stages,
+            Path(out),
+            folder,
+            overwrite=overwrite,
+            lazy=lazy,
+            keep=keep_intermediates,
+            merge_one=lambda cfg, target, ow, fused: _recipe_stage(cfg, target, ow, fused, kw),
+            lay_out=lambda cfg, dest, fused: _lay_out(cfg, dest, fused, kw),
+            load=load_config,
+        )
+        return result
     if isinstance(progress, bool):  # the bar moved to the CLI; False still means none
         if progress:
             raise ConfigError("progress: expected a callback taking a MergeProgress (or None)")
@@ -470,40 +484,48 @@ def merge(
         return _merge(cfg, job, start, out, overwrite, progress, resume, engine, device, gpu_budget, ray)
 
 
-def _merge_recipe(
-    path: Path,
-    stages: list[Stage],
-    out: Path,
-    overwrite: bool,
-    intermediate_dir: str | os.PathLike[str] | None,
-    lazy: bool,
-    keep: bool,
-    kw: dict[str, Any],
+def _recipe_stage(
+    cfg: MergeConfig, target: Path, overwrite: bool, fused: dict[str, Any], kw: dict[str, Any]
 ) -> MergeResult:
-    """A multi-stage recipe: its stages in dependency order, the final one into ``out``."""
-    folder = Path(intermediate_dir) if intermediate_dir is not None else out.parent / f".{out.name}.stages"
-    plan = resolve_stages(path, stages, folder.absolute())
-    made: list[Path] = []
-    notes: list[str] = []
-    try:
-        for stage, raw, dest in plan:
-            cfg = load_config(raw, path.resolve().parent)
-            if dest is not None and lazy and (dest / "mergex_config.yml").is_file():
-                notes.append(f"stage {stage.label}: reused {dest} (--lazy)")
-                continue
-            target = out if dest is None else dest
-            result = merge(cfg, target, overwrite=overwrite if dest is None else True, **kw)
-            notes += [f"stage {stage.label}: {w}" for w in result.warnings]
-            if dest is not None:
-                made.append(dest)
-    finally:
-        if not (keep or lazy):
-            remove(made, folder)
-    # The final document names stage folders that may be gone: the whole recipe goes along.
-    shutil.copyfile(path, result.out_dir / "mergex_recipe.yml")
-    result.files = sorted(result.out_dir.iterdir())
-    result.warnings = notes
-    return result
+    """One stage of a recipe; ``fused``: the stages fused into it, by folder (their jobs)."""
+    if not fused:
+        return merge(cfg, target, overwrite=overwrite, **kw)
+    start = time.perf_counter()
+    run = {k: kw[k] for k in ("ram_budget", "threads", "shard_size", "seed")}
+    with hub.hub_session(kw["offline"]) as hs:
+        cfg, job, _ = _resolve_hub(hs, cfg, **run, download=True, progress=kw["progress"])
+        _fuse(job, fused)
+        rest = (kw["engine"], kw["device"], kw["gpu_budget"], kw["ray"])
+        return _merge(cfg, job, start, target, overwrite, kw["progress"], False, *rest)
+
+
+def _fuse(job: Job, fused: dict[str, Any]) -> None:
+    """Mark the job's models that are fused stages' folders with those stages' jobs."""
+    wanted = {os.path.realpath(f): spec for f, spec in fused.items()}
+    folders = [os.path.realpath(m.folder) for m in job.models]
+    job.spec.stages = {i: wanted[f] for i, f in enumerate(folders) if f in wanted}
+    missing = set(wanted) - set(folders)
+    if missing:  # never read a laid-out stage's (unwritten) files
+        raise ConfigError(f"fused stage {sorted(missing)[0]} is not among the inputs of the stage it feeds")
+
+
+def _lay_out(cfg: MergeConfig, dest: Path, fused: dict[str, Any], kw: dict[str, Any]) -> EngineJob:
+    """A fused stage's folder: its output laid out, not written (``recipe`` module); its job
+    (with the stages fused into it in turn)."""
+    run = {k: kw[k] for k in ("ram_budget", "threads", "shard_size", "seed")}
+    with hub.hub_session(kw["offline"]) as hs:
+        cfg, job, _ = _resolve_hub(hs, cfg, **run, download=True)
+        _fuse(job, fused)
+        folder = OutputFolder(check_output_path(dest, [m.path for m in job.models], True), "", False)
+        try:
+            _mergex.MergeJob(job.spec.to_json()).write_layout(str(folder.tmp))
+            # Marks the folder as laid out only: never reused (--lazy) as a written stage.
+            (folder.tmp / FUSED_MARK).write_text("computed as read by the stage it feeds\n")
+            finish_output(folder, cfg, job)
+        except BaseException:
+            folder.discard()
+            raise
+        return job.spec
 
 
 def _merge(
@@ -545,29 +567,6 @@ def _merge(
     result = merge_result(target, summary, start, folder.notes + job.warnings)
     result.nodes = list(getattr(summary, "nodes", []))
     return result
-
-
-def finish_output(folder: OutputFolder, cfg: MergeConfig, job: Job) -> None:
-    """Write everything beside the tensors (model config, tokenizer, chat template, the run's
-    config, model card) into ``folder`` and rename it into place."""
-    layers = job.total_layers if job.layered else None
-    folder.write_model_config(job.reference, job.output_dtype, layers, job.quantized_like, job.config_keys)
-    tok_ref = cfg.tokenizer_source
-    tok = job.reference if tok_ref in (None, "base") else Model.open(tok_ref, cfg.source_dir)
-    from .templates import resolve_template
-
-    inputs = [job.reference.folder, *(m.folder for m in job.models)]
-    template, notes = resolve_template(cfg.chat_template, inputs)
-    job.warnings += notes
-    folder.copy_tokenizer(tok, template if job.vocabulary is None else None)
-    if job.vocabulary is not None:
-        # The output vocabulary's tokenizer, consistent with the rows written.
-        folder.save_tokenizer(job.vocabulary.tokenizer)
-        if template is not None:
-            folder.set_chat_template(template, tok.folder / "tokenizer_config.json")
-    folder.write_run_config(cfg.raw, job.spec.seed)
-    folder.write_card(cfg.merge_method, job.models, job.base, job.output_dtype)
-    folder.commit()
 
 
 def merge_result(target: Path, summary: Any, start: float, warnings: list[str]) -> MergeResult:

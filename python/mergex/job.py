@@ -6,7 +6,7 @@ once)."""
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
 __all__ = [
@@ -161,10 +161,17 @@ class EngineJob:
     resume: Resume | None = None
     partial: list[int] = field(default_factory=list)
     """Indices of models that are partial Hub snapshots (only the shards the merge reads)."""
+    stages: dict[int, EngineJob] = field(default_factory=dict)
+    """Recipe stages fused into this merge, by the index of the model that is their output
+    (laid out, not written): their tensors are computed from these jobs as they are read."""
 
     def to_dict(self) -> dict[str, Any]:
         """The job as the engine's JSON reads it (fields left at their default omitted)."""
-        out = asdict(self)
+        stages = {str(k): v.to_dict() for k, v in self.stages.items()}
+        out = asdict(replace(self, stages={}))
+        out["stages"] = stages
+        if not stages:
+            del out["stages"]
         if self.resume is None:
             del out["resume"]
         if not self.partial:

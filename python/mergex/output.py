@@ -10,7 +10,7 @@ import os
 import secrets
 import shutil
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
@@ -18,7 +18,11 @@ from . import _mergex
 from .errors import CheckpointError, ConfigError, MergexIOError, OutputExistsError
 from .models import Model
 
-__all__ = ["OutputFolder", "check_output_path"]
+if TYPE_CHECKING:
+    from .config import MergeConfig
+    from .planner import Job
+
+__all__ = ["OutputFolder", "check_output_path", "finish_output"]
 
 TORCH_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
 _TOKENIZER_FILES = (
@@ -280,3 +284,26 @@ class OutputFolder:
             lines.append(f"- `{m.ref}`{role}")
         lines += ["", "The exact configuration is in `mergex_config.yml`.", ""]
         (self.tmp / "README.md").write_text("\n".join(lines), encoding="utf-8")
+
+
+def finish_output(folder: OutputFolder, cfg: MergeConfig, job: Job) -> None:
+    """Write everything beside the tensors (model config, tokenizer, chat template, the run's
+    config, model card) into ``folder`` and rename it into place."""
+    layers = job.total_layers if job.layered else None
+    folder.write_model_config(job.reference, job.output_dtype, layers, job.quantized_like, job.config_keys)
+    tok_ref = cfg.tokenizer_source
+    tok = job.reference if tok_ref in (None, "base") else Model.open(tok_ref, cfg.source_dir)
+    from .templates import resolve_template
+
+    inputs = [job.reference.folder, *(m.folder for m in job.models)]
+    template, notes = resolve_template(cfg.chat_template, inputs)
+    job.warnings += notes
+    folder.copy_tokenizer(tok, template if job.vocabulary is None else None)
+    if job.vocabulary is not None:
+        # The output vocabulary's tokenizer, consistent with the rows written.
+        folder.save_tokenizer(job.vocabulary.tokenizer)
+        if template is not None:
+            folder.set_chat_template(template, tok.folder / "tokenizer_config.json")
+    folder.write_run_config(cfg.raw, job.spec.seed)
+    folder.write_card(cfg.merge_method, job.models, job.base, job.output_dtype)
+    folder.commit()

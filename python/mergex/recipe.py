@@ -2,11 +2,17 @@
 separated by ``---``; a document with a ``name:`` is a stage that later documents use as a
 model (``model: first-merge``, ``base_model: first-merge``). Stages run in dependency order,
 each written to the intermediate folder; the final document (the one without a name, else
-the last) is written to the output. Every stage is an ordinary merge (nothing is fused)."""
+the last) is written to the output.
+
+An element-wise stage (linear, task_arithmetic) that only feeds one element-wise stage is
+fused into it: its folder holds its output laid out (headers, config, tokenizer) but not
+written, and the later stage computes its tensors chunk by chunk as it reads them, exactly
+as it would read them from the written files."""
 
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,7 +21,16 @@ import yaml
 
 from .errors import ConfigError
 
-__all__ = ["Stage", "read_recipe", "refs", "resolve_stages", "substitute"]
+__all__ = [
+    "ELEMENTWISE",
+    "Stage",
+    "fusable",
+    "read_recipe",
+    "refs",
+    "resolve_stages",
+    "run_recipe",
+    "substitute",
+]
 
 _REF_KEYS = ("model", "base_model", "tokenizer_source", "source")
 
@@ -128,3 +143,81 @@ def remove(folders: list[Path], parent: Path) -> None:
         shutil.rmtree(f, ignore_errors=True)
     if parent.is_dir() and not any(parent.iterdir()):
         parent.rmdir()
+
+
+FUSED_MARK = "mergex_fused_stage"
+"""A file in a fused stage's folder: its tensors were never written."""
+ELEMENTWISE = ("linear", "task_arithmetic")
+"""Methods whose output element depends on the same element of the inputs alone."""
+
+
+def _elementwise(raw: dict[str, Any]) -> bool:
+    dtype = str(raw.get("out_dtype") or raw.get("dtype") or "")
+    plain = raw.get("out_quantization") in (None, "none") and dtype not in ("float64", "f64", "F64")
+    return raw.get("merge_method") in ELEMENTWISE and plain
+
+
+def fusable(plan: list[tuple[Stage, dict[str, Any], Path | None]]) -> dict[str, str]:
+    """The stages fused into their one reader: stage name → that reader's label. A stage is
+    fused when it and the only stage that reads it are element-wise (and plain: not
+    quantized, not F64)."""
+    fused = {}
+    for stage, raw, dest in plan:
+        if dest is None or stage.name is None:
+            continue
+        readers = [(s, r) for s, r, _ in plan if s is not stage and stage.name in refs(s.raw)]
+        if len(readers) == 1 and _elementwise(raw) and _elementwise(readers[0][1]):
+            fused[stage.name] = readers[0][0].label
+    return fused
+
+
+def run_recipe(
+    path: Path,
+    stages: list[Stage],
+    out: Path,
+    folder: Path,
+    *,
+    overwrite: bool,
+    lazy: bool,
+    keep: bool,
+    merge_one: Callable[[Any, Path, bool, dict[str, Any]], Any],
+    lay_out: Callable[[Any, Path, dict[str, Any]], Any],
+    load: Callable[[dict[str, Any], Path], Any],
+) -> Any:
+    """Run a recipe's stages: ``merge_one(cfg, target, overwrite, fused)`` merges one (with
+    ``fused``: the stages fused into it, by folder, as ``lay_out(cfg, dest, fused)`` returned
+    them);
+    the final stage's result, with notes of what was reused and fused."""
+    plan = resolve_stages(path, stages, folder.absolute())
+    fused = {} if keep or lazy else fusable(plan)
+    laid: dict[str, Any] = {}
+    made: list[Path] = []
+    notes: list[str] = []
+    try:
+        for stage, raw, dest in plan:
+            cfg = load(raw, path.resolve().parent)
+            written = (
+                (dest / "mergex_config.yml").is_file() and not (dest / FUSED_MARK).exists() if dest else False
+            )
+            if dest is not None and lazy and written:
+                notes.append(f"stage {stage.label}: reused {dest} (--lazy)")
+                continue
+            mine = {d: job for d, job in laid.items() if d in {str(Path(p)) for p in refs(raw)}}
+            if dest is not None and stage.name in fused:
+                laid[str(dest)] = lay_out(cfg, dest, mine)
+                made.append(dest)
+                notes.append(f"stage {stage.label}: fused into {fused[stage.name]} (not written)")
+                continue
+            target = out if dest is None else dest
+            result = merge_one(cfg, target, overwrite if dest is None else True, mine)
+            notes += [f"stage {stage.label}: {w}" for w in result.warnings]
+            if dest is not None:
+                made.append(dest)
+    finally:
+        if not (keep or lazy):
+            remove(made, folder)
+    # The final document names stage folders that may be gone: the whole recipe goes along.
+    shutil.copyfile(path, result.out_dir / "mergex_recipe.yml")
+    result.files = sorted(result.out_dir.iterdir())
+    result.warnings = notes
+    return result

@@ -31,13 +31,12 @@ from .api import (
     Size,
     _fingerprint,
     _resolve_hub,
-    finish_output,
     merge_result,
     run_with_progress,
 )
 from .config import MergeConfig, load_config
 from .errors import ConfigError, MergexError, OutputExistsError
-from .output import OutputFolder, check_output_path
+from .output import OutputFolder, check_output_path, finish_output
 from .planner import Job
 from .recipe import refs, substitute
 

@@ -37,6 +37,11 @@ pub struct Job {
     /// Resumable runs: where to record finished shards, and those already finished.
     #[serde(default)]
     pub resume: Option<Resume>,
+    /// Recipe stages fused into this merge, by the index of the model that is their output:
+    /// that model's folder holds the stage's output laid out but not written, and its
+    /// tensors are computed from the stage's job as they are read (`engine::stage`).
+    #[serde(default)]
+    pub stages: BTreeMap<usize, Job>,
 }
 
 /// The state of a resumable merge.

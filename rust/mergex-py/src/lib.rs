@@ -86,6 +86,12 @@ impl MergeJob {
         Ok(control::TensorControl(Mutex::new(core)))
     }
 
+    /// Lay the output out in `out_dir` (an existing folder) without writing its tensors:
+    /// headers, sparse files of the full length, the index. The files' names.
+    fn write_layout(&self, py: Python<'_>, out_dir: PathBuf) -> PyResult<Vec<String>> {
+        py.detach(|| self.engine.write_layout(&out_dir)).map_err(|e| to_py(py, e))
+    }
+
     /// (bytes done, bytes total, tensors done, tensors total).
     fn progress(&self) -> (u64, u64, u64, u64) {
         self.progress.snapshot()

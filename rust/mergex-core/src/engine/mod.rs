@@ -7,6 +7,7 @@ pub mod plan;
 pub mod progress;
 pub mod read;
 mod run;
+pub mod stage;
 pub mod stream;
 pub mod sweep;
 mod values;

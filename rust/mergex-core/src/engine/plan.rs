@@ -3,11 +3,13 @@
 
 use std::collections::{BTreeMap, HashSet};
 use std::path::Path;
+use std::sync::Arc;
 
 use serde::Serialize;
 
 use super::adapter::Lora;
 use super::read::{Rows, View};
+use super::stage::{StageSum, StageTensor};
 
 use crate::error::{Error, Result};
 use crate::format::checkpoint::Checkpoint;
@@ -205,11 +207,17 @@ impl Engine {
             })
             .collect::<Result<Vec<_>>>()?;
         let paths: Vec<&Path> = job.models.iter().map(|p| p.as_path()).collect();
+        let stages = job
+            .stages
+            .iter()
+            .map(|(&k, j)| Engine::prepare(j.clone()).map(|e| (k, e)))
+            .collect::<Result<BTreeMap<usize, Engine>>>()?;
+        let inputs = Inputs { models: &models, paths: &paths, stages: &stages };
         let mut names = HashSet::new();
         let mut tensors = Vec::with_capacity(job.tensors.len());
         let (mut out, mut joined) = (Vec::new(), Vec::new());
         for t in &job.tensors {
-            let mut p = prepare_tensor(&job, method, &models, &paths, t)?;
+            let mut p = prepare_tensor(&job, method, &inputs, t)?;
             p.first_out = out.len();
             for (k, o) in std::iter::once(&p.out).chain(&p.companions).enumerate() {
                 if !names.insert(o.name.clone()) {
@@ -259,11 +267,52 @@ fn chunks(t: &Prepared) -> usize {
     t.numel().div_ceil(t.chunk.max(1)) as usize
 }
 
-fn view(models: &[Checkpoint], paths: &[&Path], r: &InputRef, shape: &[u64]) -> Result<View> {
+/// What the views of a job's inputs are made from.
+struct Inputs<'a> {
+    models: &'a [Checkpoint],
+    paths: &'a [&'a Path],
+    /// Fused recipe stages, by the index of the model that is their output.
+    stages: &'a BTreeMap<usize, Engine>,
+}
+
+/// The view of tensor `r.tensor` of a fused stage's output (`stage`): computed as read.
+fn stage_view(models: &[Checkpoint], stage: &Engine, r: &InputRef, shape: &[u64]) -> Result<View> {
+    let refuse = |why: &str| Error::job("stages", format!("tensor '{}' of a fused stage: {why}", r.tensor));
+    if r.rows.is_some() || r.lora.is_some() || r.scale.is_some() {
+        return Err(refuse("read with a row map, an adapter or scales"));
+    }
+    let m = models.get(r.model).ok_or_else(|| refuse("model index out of range"))?;
+    let (file, entry) = m.require(&r.tensor)?;
+    let p =
+        stage.tensors.iter().find(|t| t.out.name == r.tensor).ok_or_else(|| refuse("not in the stage"))?;
+    if p.copy || p.enc.is_some() || p.out.dtype == Dtype::F64 || p.shape != shape {
+        return Err(refuse("copied, quantized, F64 or of another shape"));
+    }
+    let paths: Vec<&Path> = stage.job.models.iter().map(|p| p.as_path()).collect();
+    let ctx =
+        TensorCtx { job: &p.job, models: &paths, seed: stage.job.seed, ram_budget: stage.job.ram_budget };
+    let sum = if p.wide {
+        StageSum::F64(
+            (stage.method.build_f64)(&ctx)?.weighted_sum().ok_or_else(|| refuse("not element-wise"))?,
+        )
+    } else {
+        StageSum::F32(
+            (stage.method.build_f32)(&ctx)?.weighted_sum().ok_or_else(|| refuse("not element-wise"))?,
+        )
+    };
+    let tensor = StageTensor::new(&r.tensor, p.views().cloned().collect(), sum, p.out.dtype);
+    Ok(View::computed(file.clone(), entry.clone(), Arc::new(tensor)))
+}
+
+fn view(inputs: &Inputs<'_>, r: &InputRef, shape: &[u64]) -> Result<View> {
+    let (models, paths) = (inputs.models, inputs.paths);
+    if let Some(stage) = inputs.stages.get(&r.model) {
+        return stage_view(models, stage, r, shape);
+    }
     if let Some(map) = &r.rows {
         let source = |(s, shape): &(InputRef, Vec<u64>)| match s.rows {
             Some(_) => Err(Error::job("tensors", "a row source cannot have a row map of its own")),
-            None => view(models, paths, s, shape),
+            None => view(inputs, s, shape),
         };
         let sources = map.sources.iter().map(source).collect::<Result<Vec<_>>>()?;
         let model = paths.get(r.model).copied().unwrap_or(Path::new(""));
@@ -378,14 +427,14 @@ fn one_value(m: &Checkpoint, model: &Path, name: &str) -> Result<f32> {
 fn prepare_tensor(
     job: &Job,
     method: &'static MethodSpec,
-    models: &[Checkpoint],
-    paths: &[&Path],
+    inputs: &Inputs<'_>,
     t: &TensorJob,
 ) -> Result<Prepared> {
+    let paths = inputs.paths;
     let dtype = Dtype::from_name(&t.dtype)
         .ok_or_else(|| Error::job("dtype", format!("tensor '{}': unknown dtype '{}'", t.name, t.dtype)))?;
-    let base = t.base.as_ref().map(|r| view(models, paths, r, &t.shape)).transpose()?;
-    let inputs = t.inputs.iter().map(|r| view(models, paths, r, &t.shape)).collect::<Result<Vec<_>>>()?;
+    let base = t.base.as_ref().map(|r| view(inputs, r, &t.shape)).transpose()?;
+    let inputs = t.inputs.iter().map(|r| view(inputs, r, &t.shape)).collect::<Result<Vec<_>>>()?;
     if inputs.is_empty() {
         return Err(Error::job("tensors", format!("tensor '{}' has no inputs", t.name)));
     }

@@ -35,6 +35,20 @@ pub struct View {
     lora: Option<Lora>,
     /// A vocabulary-indexed tensor gathered row by row from other views.
     rows: Option<Arc<Rows>>,
+    /// Values computed from other inputs as they are read (a fused recipe stage's output):
+    /// `file` and `entry` are then the stage's output as laid out, never read.
+    computed: Option<Arc<dyn Computed>>,
+}
+
+/// Values an input computes instead of reading them from its file (f32, exactly the values
+/// its file would hold).
+pub trait Computed: std::fmt::Debug + Send + Sync {
+    /// Elements `[start, start + values.len())`.
+    fn read(&self, start: u64, values: &mut [f32]) -> Result<()>;
+    /// Bytes of input files read for `len` elements.
+    fn bytes_for(&self, len: u64) -> u64;
+    /// Identifies the computation (sweeps compare inputs by it).
+    fn describe(&self) -> String;
 }
 
 impl View {
@@ -49,6 +63,7 @@ impl View {
             && (self.in_cols, self.out_cols, self.packed) == (other.in_cols, other.out_cols, other.packed)
             && lora(self) == lora(other)
             && self.rows.is_some() == other.rows.is_some()
+            && self.computed.as_ref().map(|c| c.describe()) == other.computed.as_ref().map(|c| c.describe())
     }
 
     /// The whole tensor `entry`, as stored.
@@ -63,7 +78,13 @@ impl View {
             transposed: None,
             lora: None,
             rows: None,
+            computed: None,
         }
+    }
+
+    /// `entry` of `file` (laid out, never read) with values `computed` as they are read.
+    pub fn computed(file: Arc<SafeFile>, entry: TensorEntry, computed: Arc<dyn Computed>) -> View {
+        View { computed: Some(computed), ..View::whole(file, entry) }
     }
 
     /// A view of `entry` as a tensor of `shape`; `None` when `shape` is neither the
@@ -136,7 +157,7 @@ impl View {
     /// The dtype of what [`View::read_raw`] hands out: the stored one, or F32 for a
     /// quantized weight (decoded in the reader) or a weight with a LoRA adapter.
     pub fn dtype(&self) -> Dtype {
-        if self.lora.is_some() || self.rows.is_some() {
+        if self.lora.is_some() || self.rows.is_some() || self.computed.is_some() {
             return Dtype::F32;
         }
         self.values_dtype()
@@ -177,6 +198,9 @@ impl View {
     pub fn read_raw(&self, start: u64, out: &mut [u8]) -> Result<()> {
         if let Some(rows) = &self.rows {
             return with_f32s(out, |values| rows.read(start, values));
+        }
+        if let Some(c) = &self.computed {
+            return with_f32s(out, |values| c.read(start, values));
         }
         let Some(lora) = &self.lora else { return self.read_values(start, out) };
         with_f32s(out, |values| {
@@ -265,6 +289,9 @@ impl View {
         if let Some(rows) = &self.rows {
             return rows.bytes_for(len);
         }
+        if let Some(c) = &self.computed {
+            return c.bytes_for(len);
+        }
         let adapter = self.lora.as_ref().map_or(0, |l| l.bytes_for(len));
         if let Some(t) = &self.transposed {
             return t.bytes_for(len) + adapter;
@@ -277,7 +304,7 @@ impl View {
     /// (a chunk is announced whole before it is read piece by piece, so cold reads are
     /// large and queued deep while the merge works through the first pieces).
     pub fn will_need(&self, start: u64, len: u64) {
-        if self.rows.is_some() {
+        if self.rows.is_some() || self.computed.is_some() {
             return;
         }
         let (b, e) = self.span(start, len);
@@ -287,7 +314,7 @@ impl View {
     /// [`View::will_need`] for element ranges `(start, len)`, in ascending order, skipped
     /// when the first and the last are in the page cache already.
     pub fn will_need_all(&self, ranges: &[(u64, u64)]) {
-        if self.rows.is_some() {
+        if self.rows.is_some() || self.computed.is_some() {
             return;
         }
         let spans: Vec<(u64, u64)> = ranges.iter().map(|&(start, len)| self.span(start, len)).collect();
@@ -297,7 +324,7 @@ impl View {
     /// Release the mapped pages behind output elements `[start, start+len)` (after
     /// [`View::raw`]).
     pub fn release(&self, start: u64, len: u64) {
-        if self.rows.is_some() {
+        if self.rows.is_some() || self.computed.is_some() {
             return;
         }
         let (b, e) = self.span(start, len);

@@ -310,6 +310,26 @@ impl Engine {
         })
     }
 
+    /// Lay out the output in `dir` without its tensors' values: every shard with its header
+    /// and its whole length (sparse), and the index. A fused recipe stage's output is so, for
+    /// the stage that reads it to plan on (its tensors are computed as they are read).
+    pub fn write_layout(&self, dir: &Path) -> Result<Vec<String>> {
+        use std::os::unix::fs::FileExt;
+        let mut files = Vec::new();
+        for shard in &self.layout.shards {
+            let path = dir.join(&shard.file_name);
+            let file = std::fs::File::create(&path).map_err(|e| Error::io(&path, "create", e))?;
+            file.write_all_at(&shard.header, 0).map_err(|e| Error::io(&path, "write", e))?;
+            file.set_len(shard.len).map_err(|e| Error::io(&path, "write", e))?;
+            files.push(shard.file_name.clone());
+        }
+        if self.layout.shards.len() > 1 {
+            write_index(dir, &self.out, &self.layout)?;
+            files.push(crate::format::checkpoint::INDEX_NAME.to_string());
+        }
+        Ok(files)
+    }
+
     /// Bytes of all output files.
     fn bytes_written(&self) -> u64 {
         self.layout.shards.iter().map(|s| s.len).sum()
