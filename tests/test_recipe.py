@@ -116,6 +116,12 @@ def test_fused_stages_give_the_bytes_of_written_ones(mergex_mod, trio, tmp_path)
     )
     kept_read = _mergex.bytes_read() - before
     assert fused.warnings == ["stage one: fused into two (not written)"]
+    # The torch engine reads the fused stage's tensors through the same reader.
+    torch_run = mergex_mod.merge(
+        recipe, tmp_path / "torch", ram_budget="64KiB", engine="torch", progress=None
+    )
+    assert torch_run.warnings == fused.warnings
+    assert models.read_output(tmp_path / "torch").raw == models.read_output(tmp_path / "fused").raw
     assert not any("fused" in w for w in kept.warnings)
     assert models.read_output(tmp_path / "fused").raw == models.read_output(tmp_path / "kept").raw
     assert fused_read < kept_read
@@ -154,6 +160,14 @@ def test_lazy_reuses_a_complete_stage(mergex_mod, trio, tmp_path):
     )
     assert (stages / "first" / "model.safetensors").stat().st_mtime_ns == stamp
     assert any("stage first: reused" in w for w in result.warnings)
+    # A folder left by a fused stage (killed before it was removed) holds no tensors: never
+    # reused.
+    (stages / "first" / "mergex_fused_stage").write_text("laid out only\n")
+    result = mergex_mod.merge(
+        recipe, tmp_path / "out", intermediate_dir=stages, lazy=True, overwrite=True, progress=None
+    )
+    assert not any("reused" in w for w in result.warnings)
+    assert not (stages / "first" / "mergex_fused_stage").exists()
 
 
 def test_cycles_and_duplicate_names_are_errors(mergex_mod, trio, tmp_path):
