@@ -62,13 +62,17 @@ def test_merge_on_ray_gives_the_local_bytes(cluster, trio, tmp_path):
     c, _ = cluster
     kw = {"ram_budget": "64KiB", "threads": 1, "shard_size": SHARD}
     local = mergex.merge(ties(trio), tmp_path / "local", **kw)
-    remote = mergex.merge(ties(trio), tmp_path / "ray", ray=c.address, **kw)
+    seen = []
+    remote = mergex.merge(ties(trio), tmp_path / "ray", ray=c.address, progress=seen.append, **kw)
     got, want = files(tmp_path / "ray"), files(tmp_path / "local")
     assert len(want) > 3 and got == want
     assert remote.kernels.startswith("ray") and remote.bytes_read == local.bytes_read
     assert sum(n.tasks for n in remote.nodes) == len(want) - 1  # one task per shard
     assert all(n.bytes_read > 0 and n.rate > 0 for n in remote.nodes)
     assert not list((tmp_path / "ray").glob(".ray-*"))
+    # Progress as the shards' tasks finish: it ends with every byte and tensor counted.
+    last = seen[-1]
+    assert last.bytes_done == last.bytes_total > 0 and last.tensors_done == last.tensors_total > 0
 
 
 def test_sweep_on_ray_gives_the_local_bytes(cluster, trio, tmp_path):

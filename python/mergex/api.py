@@ -353,6 +353,11 @@ def _run_engine(
     return summary
 
 
+def _counts(progress: ProgressCallback) -> Callable[..., None]:
+    """``progress`` fed the engine's four counts."""
+    return lambda *counts: progress(MergeProgress(*counts))
+
+
 def run_with_progress(target: Any, run: Callable[[], Any], on_progress: ProgressCallback | None) -> Any:
     """``run()`` in a worker thread, so the main thread stays responsive to Ctrl-C and can
     report ``target.progress()``; on KeyboardInterrupt (or an exception the callback raises)
@@ -557,7 +562,8 @@ def _merge(
         if ray is not None:
             from .distributed import merge_on_ray
 
-            summary: Any = merge_on_ray(ray, job.spec, folder.tmp, fingerprint)
+            report = None if progress is None else _counts(progress)
+            summary: Any = merge_on_ray(ray, job.spec, folder.tmp, fingerprint, report)
         else:
             summary = _run_engine(core, folder.tmp, progress, backend, job.spec)
         finish_output(folder, cfg, job)

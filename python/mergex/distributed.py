@@ -121,8 +121,10 @@ def _run_tasks(
     ray: ModuleType,
     units: list[tuple[list[str], list[str], str]],
     threads: int,
-    on_done: Callable[[int, int], None] | None,
+    on_done: Callable[[dict[str, Any]], None],
 ) -> list[dict[str, Any]]:
+    """Run every unit ``(job JSONs, folders, shard)`` as a Ray task; ``on_done`` sees each
+    result as it comes. On an interruption the tasks still pending are cancelled."""
     cpus = max((int(n.get("Resources", {}).get("CPU", 1)) for n in ray.nodes() if n.get("Alive")), default=1)
     task = ray.remote(
         num_cpus=max(1, min(threads, cpus)), max_retries=_RETRIES, retry_exceptions=[MergexIOError]
@@ -133,9 +135,8 @@ def _run_tasks(
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=0.2)
             for ref in ready:
-                results[pending.pop(ref)] = ray.get(ref)
-            if on_done is not None:
-                on_done(len(units) - len(pending), len(units))
+                r = results[pending.pop(ref)] = ray.get(ref)
+                on_done(r)
     except BaseException:
         for ref in pending:
             ray.cancel(ref, force=True)
@@ -152,7 +153,7 @@ def _verify(results: list[dict[str, Any]], dirs: list[str]) -> None:
                 raise MergexIOError(f"{path}: its checksum differs from what its Ray task wrote")
 
 
-def _summary(results: list[dict[str, Any]], plan: Any, member: int) -> RaySummary:
+def _summary(results: list[dict[str, Any]], plan: Any) -> RaySummary:
     nodes: dict[str, NodeThroughput] = {}
     stats: list[float] = []
     sample = output = 0.0
@@ -166,7 +167,7 @@ def _summary(results: list[dict[str, Any]], plan: Any, member: int) -> RaySummar
         stats = [
             a + b for a, b in zip(stats + [0.0] * len(passes), passes + [0.0] * len(stats), strict=False)
         ]
-    checksums = {r["shard"]: r["checksums"][member] for r in results}
+    checksums = {r["shard"]: r["checksums"][0] for r in results}
     return RaySummary(
         files=[name for name, _, _ in plan.shards]
         + (["model.safetensors.index.json"] if len(plan.shards) > 1 else []),
@@ -181,7 +182,30 @@ def _summary(results: list[dict[str, Any]], plan: Any, member: int) -> RaySummar
     )
 
 
-def merge_on_ray(address: str, spec: EngineJob, folder: Path, fingerprint: str) -> RaySummary:
+Progress = Callable[[int, int, int, int], None]
+"""Told (bytes read, bytes to read, tensors done, tensors) as the tasks finish."""
+
+
+def _progress(plans: list[Any], progress: Progress | None) -> Callable[[dict[str, Any]], None]:
+    """The ``on_done`` of :func:`_run_tasks` that reports to ``progress``: a shard's bytes and
+    tensors count once its task is done."""
+    tensors = {name: n for p in plans for name, _, n in p.shards}
+    total_bytes = sum(p.bytes_read for p in plans)
+    total = sum(tensors.values())
+    done = [0, 0]
+
+    def on_done(r: dict[str, Any]) -> None:
+        done[0] += r["bytes_read"]
+        done[1] += tensors.get(r["shard"], 0)
+        if progress is not None:
+            progress(min(done[0], total_bytes), total_bytes, min(done[1], total), total)
+
+    return on_done
+
+
+def merge_on_ray(
+    address: str, spec: EngineJob, folder: Path, fingerprint: str, progress: Progress | None = None
+) -> RaySummary:
     """Run the merge ``spec`` into ``folder`` (the temporary output folder, on a filesystem
     every node sees) as one Ray task per output shard not already finished."""
     ray = connect(address)
@@ -193,11 +217,11 @@ def merge_on_ray(address: str, spec: EngineJob, folder: Path, fingerprint: str) 
         for s in shards
         if s not in done
     ]
-    results = _run_tasks(ray, units, spec.threads, None)
+    results = _run_tasks(ray, units, spec.threads, _progress([plan], progress))
     _verify(results, [str(folder)])
     for s in shards:
         (folder / f".ray-{s}.json").unlink(missing_ok=True)
-    return _summary(results, plan, 0)
+    return _summary(results, plan)
 
 
 def sweep_on_ray(
@@ -206,6 +230,7 @@ def sweep_on_ray(
     folders: list[Path],
     groups: list[list[int]],
     fingerprints: list[str],
+    progress: Progress | None = None,
 ) -> list[RaySummary]:
     """Run sweep members (``specs``, grouped by their inputs) into their ``folders`` on Ray:
     one task per output shard of a group whose members lay out their shards alike (the
@@ -223,7 +248,9 @@ def sweep_on_ray(
                 task_specs = [_shard_spec(specs[i], shards, s, folders[i], fingerprints[i]) for i in part]
                 units.append((task_specs, [str(folders[i]) for i in part], s))
                 owners.append(part)
-    results = _run_tasks(ray, units, max(s.threads for s in specs), None)
+    results = _run_tasks(
+        ray, units, max(s.threads for s in specs), _progress([plans[g[0]] for g in groups], progress)
+    )
     per_member: list[list[dict[str, Any]]] = [[] for _ in specs]
     for unit, owner, r in zip(units, owners, results, strict=True):
         _verify([r], unit[1])
@@ -232,4 +259,4 @@ def sweep_on_ray(
     for plan, folder in zip(plans, folders, strict=True):
         for name, _, _ in plan.shards:
             (folder / f".ray-{name}.json").unlink(missing_ok=True)
-    return [_summary(per_member[i], plans[i], 0) for i in range(len(specs))]
+    return [_summary(per_member[i], plans[i]) for i in range(len(specs))]

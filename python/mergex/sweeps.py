@@ -29,6 +29,7 @@ from .api import (
     MergeResult,
     ProgressCallback,
     Size,
+    _counts,
     _fingerprint,
     _resolve_hub,
     merge_result,
@@ -507,7 +508,8 @@ def _run_wave(
             from .distributed import sweep_on_ray
 
             specs, tmps = [p.job.spec for p in todo], [f.tmp for f in folders]
-            summaries = sweep_on_ray(ray, specs, tmps, groups, [p.fingerprint for p in todo])
+            report = None if progress is None else _counts(progress)
+            summaries = sweep_on_ray(ray, specs, tmps, groups, [p.fingerprint for p in todo], report)
         else:
             runner = _mergex.Sweep(cores)
             dirs = [str(f.tmp) for f in folders]
