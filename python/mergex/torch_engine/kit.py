@@ -1,4 +1,5 @@
-"""Shared arithmetic of the torch methods: the §3 random draw in torch integer arithmetic,
+"""Shared arithmetic of the torch kernels: the §3 random draw in torch integer arithmetic
+(the draw streams and keep thresholds come from the Rust engine, in the kernels' masks),
 and whole-tensor f64 sums taken the Rust engine's way (``engine/reduce.rs``), which do not
 depend on how the tensor is cut into chunks:
 
@@ -22,16 +23,6 @@ _M32 = 0xFFFFFFFF
 # --------------------------------------------------------------------------- §3 random draws
 
 
-def _mix_int(x: int) -> int:
-    x &= _M32
-    x ^= x >> 16
-    x = (x * 0x7FEB352D) & _M32
-    x ^= x >> 15
-    x = (x * 0x846CA68B) & _M32
-    x ^= x >> 16
-    return x
-
-
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:
     """``x · c mod 2^32`` for int64 tensors holding u32 values, without overflowing int64
     (signed overflow is undefined behaviour in C++ kernels): ``c`` is replaced by the number
@@ -50,18 +41,6 @@ def mix(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def fnv1a(name: str) -> int:
-    h = 0x811C9DC5
-    for b in name.encode():
-        h = ((h ^ b) * 0x01000193) & _M32
-    return h
-
-
-def stream(seed: int, tensor: str, model_pos: int) -> int:
-    """The draw stream of one (seed, output tensor, model position)."""
-    return _mix_int(_mix_int(_mix_int((seed ^ 0x9E3779B9) & _M32) ^ fnv1a(tensor)) ^ ((model_pos + 1) & _M32))
-
-
 def index_hashes(j: torch.Tensor) -> torch.Tensor:
     """The stream-independent half of a draw: ``mix(lo32(j)) ^ mix(hi32(j) ^ 0x85ebca6b)``."""
     return mix(j & _M32) ^ mix((j >> 32) ^ 0x85EBCA6B)
@@ -71,13 +50,6 @@ def draws(stream_: int, hashes: torch.Tensor) -> torch.Tensor:
     """``r_j`` for every element, given :func:`index_hashes` of their indices (int64 values
     in 0 ... 2^32-1)."""
     return mix(hashes ^ stream_)
-
-
-def threshold(p: float) -> int:
-    """``floor(p · 2^32)`` in f64, clamped: element kept iff ``r_j < threshold``."""
-    if math.isnan(p) or p <= 0.0:
-        return 0
-    return int(min(math.floor(p * 4294967296.0), 4294967296.0))
 
 
 # --------------------------------------------------------------------------- block sums
