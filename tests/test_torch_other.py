@@ -165,15 +165,13 @@ def test_arcee_fusion_exact_ties_and_negative_kl(mergex_mod, tmp_path):
 
 def test_order_keys_rank_numerically():
     # f64 values of both signs (and both zeros): their order keys, as unsigned numbers, sort
-    # as the values do (the quartile selections rank them), and give the values back.
+    # as the values do (the quartile selections rank them).
     rng = np.random.default_rng(3)
     values = np.concatenate([rng.standard_normal(3000), np.zeros(50), -np.zeros(50), np.full(40, 0.5)])
     rng.shuffle(values)
     keys = kernels.order_keys(torch.from_numpy(values.copy())).numpy().view(np.uint64)
     order = np.argsort(keys, kind="stable")
     assert np.array_equal(values[order], np.sort(values))
-    back = [kernels.key_value(int(k)) for k in keys[:200]]
-    assert np.array_equal(np.array(back).view(np.uint64), values[:200].view(np.uint64))
 
 
 @pytest.mark.parametrize("engine", ["rust", "torch"])

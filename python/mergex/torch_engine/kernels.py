@@ -10,7 +10,6 @@ same bits.
 from __future__ import annotations
 
 import math
-import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -272,12 +271,6 @@ class Importance:
             self.kl[rows] = _seq_sum(p * _libm(math.log, p / q)).to(self.kl.device)
             self.known.add(x.start)
         return ((m - b).abs() * self.kl[rows, None]).view(-1)
-
-
-def key_value(key: int) -> float:
-    """The f64 value of an :func:`order_keys` key."""
-    bits = key & ~(1 << 63) if key >> 63 else ~key & ((1 << 64) - 1)
-    return float(struct.unpack("<d", struct.pack("<Q", bits))[0])
 
 
 # --------------------------------------------------------------------------- statistics
