@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from ._mergex import __version__
-from .api import MergePlan, MergeProgress, MergeResult, inspect, merge, plan
+from .api import MergePlan, MergeResult, inspect, merge, plan
 from .config import MergeConfig, load_config
 from .errors import (
     CheckpointError,
@@ -18,6 +18,7 @@ from .errors import (
 )
 from .methods import METHODS
 from .models import TensorInfo
+from .progress import MergeProgress
 from .sweeps import SweepPlan, sweep, sweep_plan
 from .units import parse_size
 

@@ -7,9 +7,7 @@ import json
 import os
 import re
 import resource
-import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,6 +19,7 @@ from .job import EngineJob, Resume
 from .models import Model, TensorInfo
 from .output import OutputFolder, check_output_path, finish_output
 from .planner import Job, build_job
+from .progress import MergeProgress, ProgressCallback, counts, run_with_progress
 from .recipe import FUSED_MARK, read_recipe, run_recipe
 from .units import default_ram_budget, default_threads, parse_size
 
@@ -279,27 +278,6 @@ def quantized_format(model: Model) -> str:
     return f"{'/'.join(kinds)} ({len(qs)} weights, {size}, {'/'.join(scales)} scales)"
 
 
-@dataclass(frozen=True)
-class MergeProgress:
-    """Where a running merge stands, as handed to a ``progress`` callback about ten times a
-    second."""
-
-    bytes_done: int
-    """Input bytes processed, over all passes."""
-    bytes_total: int
-    """Input bytes to process, over all passes (0 until known)."""
-    tensors_done: int
-    tensors_total: int
-    stage: str = "merging"
-    """``downloading`` while Hub files are fetched (bytes then count the download, and
-    :attr:`files_done` / :attr:`files_total` the files), then ``merging``."""
-    files_done: int = 0
-    files_total: int = 0
-
-
-ProgressCallback = Callable[[MergeProgress], None]
-
-
 @dataclass
 class _Backend:
     """Which engine does the arithmetic: the Rust engine, or torch on ``device``."""
@@ -351,39 +329,6 @@ def _run_engine(
         engine, lambda: backend.run(engine, spec, out), on_progress
     )
     return summary
-
-
-def _counts(progress: ProgressCallback) -> Callable[..., None]:
-    """``progress`` fed the engine's four counts."""
-    return lambda *counts: progress(MergeProgress(*counts))
-
-
-def run_with_progress(target: Any, run: Callable[[], Any], on_progress: ProgressCallback | None) -> Any:
-    """``run()`` in a worker thread, so the main thread stays responsive to Ctrl-C and can
-    report ``target.progress()``; on KeyboardInterrupt (or an exception the callback raises)
-    ``target`` is cancelled and the worker joined."""
-    result: dict[str, Any] = {}
-
-    def work() -> None:
-        try:
-            result["value"] = run()
-        except BaseException as e:  # handed to the main thread
-            result["error"] = e
-
-    t = threading.Thread(target=work, name="mergex-engine", daemon=True)
-    t.start()
-    try:
-        while t.is_alive():
-            t.join(0.1)
-            if on_progress is not None:
-                on_progress(MergeProgress(*target.progress()))
-    except BaseException:
-        target.cancel()
-        t.join()
-        raise
-    if "error" in result:
-        raise result["error"]
-    return result["value"]
 
 
 def merge(
@@ -562,7 +507,7 @@ def _merge(
         if ray is not None:
             from .distributed import merge_on_ray
 
-            report = None if progress is None else _counts(progress)
+            report = None if progress is None else counts(progress)
             summary: Any = merge_on_ray(ray, job.spec, folder.tmp, fingerprint, report)
         else:
             summary = _run_engine(core, folder.tmp, progress, backend, job.spec)

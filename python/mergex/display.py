@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 if TYPE_CHECKING:
-    from .api import MergeProgress
+    from .progress import MergeProgress
 
 __all__ = ["ProgressBar", "plan_sweep", "print_nodes"]
 

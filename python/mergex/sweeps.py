@@ -27,18 +27,16 @@ import yaml
 from . import _mergex, hub
 from .api import (
     MergeResult,
-    ProgressCallback,
     Size,
-    _counts,
     _fingerprint,
     _resolve_hub,
     merge_result,
-    run_with_progress,
 )
 from .config import MergeConfig, load_config
 from .errors import ConfigError, MergexError, OutputExistsError
 from .output import OutputFolder, check_output_path, finish_output
 from .planner import Job
+from .progress import ProgressCallback, counts, run_with_progress
 from .recipe import refs, substitute
 
 __all__ = ["MAX_MEMBERS", "Member", "SweepPlan", "expand", "is_sweep", "sweep", "sweep_plan"]
@@ -508,7 +506,7 @@ def _run_wave(
             from .distributed import sweep_on_ray
 
             specs, tmps = [p.job.spec for p in todo], [f.tmp for f in folders]
-            report = None if progress is None else _counts(progress)
+            report = None if progress is None else counts(progress)
             summaries = sweep_on_ray(ray, specs, tmps, groups, [p.fingerprint for p in todo], report)
         else:
             runner = _mergex.Sweep(cores)
