@@ -139,6 +139,13 @@ def test_documents_with_different_methods_run_together(trio, tmp_path, threads):
     assert plan.groups == [["ties", "dare", "002"], ["other"]]
     assert plan.bytes_read < plan.separate_bytes_read
     assert_members_match_single_merges(config, tmp_path / "out", tmp_path, threads)
+    if threads == 1:  # the plan of a file of several documents, from the CLI
+        cli = [sys.executable, "-m", "mergex", "plan", str(config), "--sweep", "--ram-budget", budget(config)]
+        shown = subprocess.run(cli, capture_output=True, text=True)
+        assert shown.returncode == 0, shown.stderr
+        assert (
+            "sweep of 4 members in 2 group(s)" in shown.stdout and "together: ties, dare, 002" in shown.stdout
+        )
 
 
 def test_each_input_byte_is_read_once_per_pass(trio, tmp_path):

@@ -124,11 +124,6 @@ impl TensorControl {
         self.with(py, |c| Ok(c.wants_pass()))
     }
 
-    /// Statistics passes taken so far.
-    fn passes(&self, py: Python<'_>) -> PyResult<usize> {
-        self.with(py, |c| Ok(c.passes()))
-    }
-
     /// The chunk kernel of the coming `stage` ("sample", "pass" or "output") as a dict:
     /// `kernel` names it, the other keys are its arguments (`methods/kernel.rs`).
     fn kernel<'py>(&self, py: Python<'py>, stage_name: &str) -> PyResult<Bound<'py, PyAny>> {

@@ -39,16 +39,11 @@ pub struct TensorControl {
     merger: Merger,
     /// Start of every chunk of the driving engine's passes.
     starts: Vec<u64>,
-    /// Statistics passes taken.
-    passes: usize,
 }
 
 impl std::fmt::Debug for TensorControl {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("TensorControl")
-            .field("starts", &self.starts.len())
-            .field("passes", &self.passes)
-            .finish()
+        f.debug_struct("TensorControl").field("starts", &self.starts.len()).finish()
     }
 }
 
@@ -79,7 +74,7 @@ impl Engine {
             Merger::F32((self.method.build_f32)(&ctx)?)
         };
         let starts = (0..p.numel()).step_by(chunk as usize).collect();
-        Ok(TensorControl { merger, starts, passes: 0 })
+        Ok(TensorControl { merger, starts })
     }
 }
 
@@ -94,11 +89,6 @@ impl TensorControl {
         with!(self, m => m.wants_pass())
     }
 
-    /// Statistics passes taken so far.
-    pub fn passes(&self) -> usize {
-        self.passes
-    }
-
     /// The chunk kernel of `stage`, which must be the coming one.
     pub fn kernel(&self, stage: Stage) -> Kernel {
         with!(self, m => m.kernel(stage, &self.starts))
@@ -111,7 +101,6 @@ impl TensorControl {
 
     /// Take the statistics of the pass just finished.
     pub fn end_pass(&mut self, stats: Stats) -> Result<()> {
-        self.passes += 1;
         with!(mut self, m => m.end_pass(stats))
     }
 
